@@ -1,0 +1,430 @@
+//! A running channel: its source supervisor and its publisher.
+//!
+//! ```text
+//! plugin ──emit──▶ bounded mpsc ──▶ publisher: parse once, validate once,
+//!                                   frame once ──▶ broker ──▶ session queues
+//! ```
+//!
+//! The supervisor owns the plugin instance: it creates it, polls it on its
+//! interval (on a blocking thread) or starts it (push), and restarts it with
+//! exponential backoff and jitter when it fails or panics.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, Message, Subscriber, SubscriptionId, Topic};
+use crate::config::{ChannelCfg, Limits, SourceMode};
+use crate::metrics::{ChannelMetrics, Metrics};
+use crate::plugin::{Instance, InstanceParams, PluginFailure, SourceEvent};
+use crate::queue::SessionQueue;
+
+/// First restart delay.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest restart delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// An instance that ran this long without failing resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+enum SourceCmd {
+    OpenKey(Arc<str>, Vec<u8>),
+    CloseKey(Arc<str>),
+}
+
+/// A channel at run time.
+pub struct ChannelRuntime {
+    /// Its configuration.
+    pub cfg: Arc<ChannelCfg>,
+    /// Its metrics.
+    pub metrics: Arc<ChannelMetrics>,
+    /// Set once the plugin instance started for the first time.
+    pub started: AtomicBool,
+    broker: Arc<dyn Broker>,
+    cmd_tx: mpsc::UnboundedSender<SourceCmd>,
+    key_refs: Mutex<HashMap<Arc<str>, usize>>,
+}
+
+/// Unsubscribes when dropped.
+pub struct Subscription {
+    rt: Arc<ChannelRuntime>,
+    topic: Topic,
+    id: SubscriptionId,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.rt.broker.unsubscribe(&self.topic, self.id);
+        self.rt.metrics.subscribers.fetch_sub(1, Relaxed);
+        if let Some(key) = &self.topic.key {
+            let mut refs = self.rt.key_refs.lock();
+            if let Some(n) = refs.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    refs.remove(key);
+                    let _ = self.rt.cmd_tx.send(SourceCmd::CloseKey(key.clone()));
+                }
+            }
+        }
+    }
+}
+
+impl ChannelRuntime {
+    /// Subscribe a session queue to the channel (or to one keyed stream,
+    /// opening it at the plugin for its first subscriber).
+    pub fn subscribe(
+        self: &Arc<Self>,
+        key: Option<(Arc<str>, Vec<u8>)>,
+        queue: Arc<SessionQueue>,
+    ) -> Subscription {
+        let topic = Topic {
+            channel: self.cfg.name.clone(),
+            key: key.as_ref().map(|(k, _)| k.clone()),
+        };
+        // Subscribe before asking the plugin for the stream, so its first
+        // message cannot be published to nobody.
+        let (id, _) = self.broker.subscribe(
+            &topic,
+            Subscriber {
+                queue,
+                on_full: self.cfg.on_full,
+                metrics: self.metrics.clone(),
+            },
+        );
+        self.metrics.subscribers.fetch_add(1, Relaxed);
+        if let Some((k, params)) = key {
+            let mut refs = self.key_refs.lock();
+            let n = refs.entry(k.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                let _ = self.cmd_tx.send(SourceCmd::OpenKey(k, params));
+            }
+        }
+        Subscription {
+            rt: self.clone(),
+            topic,
+            id,
+        }
+    }
+}
+
+/// Start a channel's publisher and source supervisor.
+pub fn start(
+    cfg: Arc<ChannelCfg>,
+    limits: &Limits,
+    metrics: &Metrics,
+    broker: Arc<dyn Broker>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Arc<ChannelRuntime> {
+    let cm = metrics.channel(&cfg.name, &cfg.source.plugin.name);
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (ev_tx, ev_rx) = mpsc::channel(limits.source_buffer);
+    let rt = Arc::new(ChannelRuntime {
+        cfg: cfg.clone(),
+        metrics: cm,
+        started: AtomicBool::new(false),
+        broker,
+        cmd_tx,
+        key_refs: Mutex::new(HashMap::new()),
+    });
+    tracker.spawn(publish_loop(rt.clone(), ev_rx));
+    tracker.spawn(supervise(
+        rt.clone(),
+        ev_tx,
+        cmd_rx,
+        limits.max_message_size.max(1 << 20),
+        shutdown,
+    ));
+    rt
+}
+
+/// Parse, validate and frame each message once, then hand it to the broker.
+async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEvent>) {
+    let cfg = &rt.cfg;
+    let log_limit: DefaultDirectRateLimiter = RateLimiter::direct(
+        Quota::per_second(NonZeroU32::MIN)
+            .allow_burst(NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN)),
+    );
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        for ev in batch.drain(..) {
+            match ev {
+                SourceEvent::Message { key, json } => {
+                    if let Some(msg) = prepare(&rt, json, &log_limit) {
+                        rt.metrics.published.fetch_add(1, Relaxed);
+                        let topic = Topic {
+                            channel: cfg.name.clone(),
+                            key,
+                        };
+                        rt.broker.publish(&topic, &msg);
+                    }
+                }
+                SourceEvent::End { key } => {
+                    let topic = Topic {
+                        channel: cfg.name.clone(),
+                        key: Some(key),
+                    };
+                    rt.broker.end(&topic);
+                }
+            }
+        }
+    }
+}
+
+/// The one parse and one validation of a message. Invalid messages are
+/// dropped, counted and logged (rate-limited), never delivered.
+fn prepare(
+    rt: &ChannelRuntime,
+    json: Bytes,
+    log_limit: &DefaultDirectRateLimiter,
+) -> Option<Message> {
+    let cfg = &rt.cfg;
+    let plugin = &cfg.source.plugin.name;
+    let value: serde_json::Value = match serde_json::from_slice(&json) {
+        Ok(v) => v,
+        Err(e) => {
+            rt.metrics.invalid_json.fetch_add(1, Relaxed);
+            if log_limit.check().is_ok() {
+                tracing::warn!(channel = %cfg.name, plugin = %plugin, error = %e, "dropped a plugin message that is not JSON");
+            }
+            return None;
+        }
+    };
+    if let Err(e) = cfg.validator.validate(&value) {
+        rt.metrics.schema_failures.fetch_add(1, Relaxed);
+        if log_limit.check().is_ok() {
+            let at = e.instance_path().to_string();
+            let at = if at.is_empty() { "/".to_string() } else { at };
+            tracing::warn!(channel = %cfg.name, plugin = %plugin, instance_path = %at, error = %e, "dropped a message that fails the channel schema");
+        }
+        return None;
+    }
+    // Parsing succeeded, so the bytes are valid UTF-8 JSON: forward them as
+    // they are (no re-serialization).
+    match Utf8Bytes::try_from(json) {
+        Ok(text) => Some(Message { text }),
+        Err(_) => {
+            rt.metrics.invalid_json.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16));
+    let d = exp.min(BACKOFF_MAX);
+    // Full jitter in [d/2, d]: instances that failed together do not restart together.
+    let half = d / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
+/// Run the channel's plugin for as long as the gateway runs.
+async fn supervise(
+    rt: Arc<ChannelRuntime>,
+    tx: mpsc::Sender<SourceEvent>,
+    mut cmds: mpsc::UnboundedReceiver<SourceCmd>,
+    max_message: usize,
+    shutdown: CancellationToken,
+) {
+    let cfg = rt.cfg.clone();
+    let plugin = cfg.source.plugin.clone();
+    let (ch, pname) = (cfg.name.clone(), plugin.name.clone());
+    let mut open_keys: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
+    let mut attempt: u32 = 0;
+    let handle = tokio::runtime::Handle::current();
+
+    'outer: while !shutdown.is_cancelled() {
+        let params = InstanceParams {
+            channel: ch.clone(),
+            config: cfg.source.config_json.clone(),
+            tx: tx.clone(),
+            max_message,
+            metrics: rt.metrics.clone(),
+            rt: handle.clone(),
+        };
+        let p2 = plugin.clone();
+        let created = blocking(move || Instance::create(p2, params)).await;
+        let failure: Option<PluginFailure>;
+        let began = Instant::now();
+        match created {
+            None | Some(Err(_)) => {
+                failure = Some(match created {
+                    Some(Err(f)) => f,
+                    _ => PluginFailure {
+                        code: 2,
+                        message: "create did not return".into(),
+                    },
+                });
+            }
+            Some(Ok((inst, exited))) => {
+                let inst = Arc::new(inst);
+                // Re-open the keyed streams subscribers still want.
+                let mut fail = None;
+                for (k, p) in open_keys.clone() {
+                    let i = inst.clone();
+                    if let Some(Err(f)) = blocking(move || i.open_key(&k, &p)).await {
+                        fail = Some(f);
+                    }
+                }
+                if fail.is_none() && cfg.source.mode == SourceMode::Push {
+                    let i = inst.clone();
+                    if let Some(Err(f)) = blocking(move || i.start()).await {
+                        fail = Some(f);
+                    }
+                }
+                if fail.is_none() {
+                    rt.metrics.plugin_up.store(true, Relaxed);
+                    if !rt.started.swap(true, Relaxed) {
+                        tracing::info!(channel = %ch, plugin = %pname, mode = %cfg.source.mode, "source started");
+                    }
+                    fail = run_instance(&rt, &inst, exited, &mut cmds, &mut open_keys, &shutdown)
+                        .await;
+                    rt.metrics.plugin_up.store(false, Relaxed);
+                }
+                failure = fail;
+                // Stop and free the instance off the async workers. A call
+                // still running inside the plugin holds a clone; the last
+                // holder frees it.
+                let _ = blocking(move || {
+                    if let Ok(i) = Arc::try_unwrap(inst) {
+                        i.shutdown();
+                    }
+                })
+                .await;
+            }
+        }
+        let Some(f) = failure else { break 'outer };
+        if shutdown.is_cancelled() {
+            break;
+        }
+        rt.metrics.plugin_failures.fetch_add(1, Relaxed);
+        if began.elapsed() >= HEALTHY_AFTER {
+            attempt = 0;
+        }
+        let delay = backoff(attempt);
+        attempt = attempt.saturating_add(1);
+        if attempt >= 5 {
+            tracing::error!(channel = %ch, plugin = %pname, failures_in_a_row = attempt, retry_in = ?delay, "plugin keeps failing: {f}");
+        } else {
+            tracing::warn!(channel = %ch, plugin = %pname, retry_in = ?delay, "plugin failed: {f}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        rt.metrics.plugin_restarts.fetch_add(1, Relaxed);
+    }
+}
+
+/// Drive one instance until it fails (Some) or the gateway stops / a push
+/// plugin finishes by itself (None).
+async fn run_instance(
+    rt: &Arc<ChannelRuntime>,
+    inst: &Arc<Instance>,
+    mut exited: tokio::sync::oneshot::Receiver<PluginFailure>,
+    cmds: &mut mpsc::UnboundedReceiver<SourceCmd>,
+    open_keys: &mut HashMap<Arc<str>, Vec<u8>>,
+    shutdown: &CancellationToken,
+) -> Option<PluginFailure> {
+    let cfg = &rt.cfg;
+    let poll = cfg.source.mode == SourceMode::Poll;
+    let mut tick = tokio::time::interval(cfg.source.interval.unwrap_or(Duration::from_secs(3600)));
+    // A poll that overruns its interval delays the next one; polls never pile up.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut finished = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            r = &mut exited, if !poll && !finished => {
+                match r {
+                    Ok(f) if f.code == 0 => {
+                        tracing::info!(channel = %cfg.name, plugin = %cfg.source.plugin.name, "push plugin finished");
+                        finished = true;
+                    }
+                    Ok(f) => return Some(f),
+                    Err(_) => finished = true,
+                }
+            }
+            cmd = cmds.recv() => {
+                let cmd = cmd?;
+                match cmd {
+                    SourceCmd::OpenKey(k, params) => {
+                        open_keys.insert(k.clone(), params.clone());
+                        let i = inst.clone();
+                        let k2 = k.clone();
+                        let r = blocking(move || {
+                            i.open_key(&k2, &params)?;
+                            // The first value now, not an interval later.
+                            if poll { i.poll(Some(&k2)) } else { Ok(()) }
+                        }).await;
+                        if let Some(Err(f)) = r {
+                            return Some(f);
+                        }
+                    }
+                    SourceCmd::CloseKey(k) => {
+                        open_keys.remove(&k);
+                        let i = inst.clone();
+                        if let Some(Err(f)) = blocking(move || i.close_key(&k)).await {
+                            tracing::warn!(channel = %cfg.name, "close_key failed: {f}");
+                        }
+                    }
+                }
+            }
+            _ = tick.tick(), if poll => {
+                let keys: Vec<Option<Arc<str>>> = if cfg.keyed {
+                    open_keys.keys().cloned().map(Some).collect()
+                } else {
+                    vec![None]
+                };
+                let i = inst.clone();
+                let r = blocking(move || {
+                    for k in keys {
+                        i.poll(k.as_deref())?;
+                    }
+                    Ok::<(), PluginFailure>(())
+                }).await;
+                match r {
+                    Some(Ok(())) => {}
+                    Some(Err(f)) => return Some(f),
+                    None => return Some(PluginFailure { code: 2, message: "poll thread failed".into() }),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            let full = BACKOFF_BASE
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(BACKOFF_MAX);
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d:?} not in [{:?}, {full:?}]",
+                full / 2
+            );
+        }
+        assert!(backoff(30) <= BACKOFF_MAX);
+    }
+}

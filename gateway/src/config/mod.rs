@@ -1,0 +1,686 @@
+//! Configuration: parse, then validate, then compile into runtime objects.
+//!
+//! [`load`] reads `gateway.yaml` and every channel spec it names, checks
+//! everything (schemas compile, plugins exist and speak our ABI, paths are
+//! unique per listener, ...) and returns either a [`Config`] ready to serve or
+//! every error found, each located as `file:line:col: field.path: message`.
+
+mod error;
+pub mod types;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_saphyr::Spanned;
+
+use error::Sink;
+pub use error::{ConfigError, ConfigErrors};
+use types::{AuthFile, ChannelFile, GatewayFile};
+pub use types::{LogFormat, OnFull, SourceMode};
+
+use crate::auth::Auth;
+use crate::plugin::{LoadedPlugin, PluginRegistry};
+use crate::router::PathPattern;
+
+/// Overrides applied on top of the files (from the command line or tests).
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Replace `plugins.dirs` (paths used as given).
+    pub plugin_dirs: Option<Vec<PathBuf>>,
+    /// Replace listener bind addresses by name, e.g. `main` → `127.0.0.1:0`.
+    pub listen: BTreeMap<String, String>,
+}
+
+/// Where a setting was written, for errors raised after loading (e.g. bind failures).
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// File.
+    pub file: PathBuf,
+    /// Line.
+    pub line: u64,
+    /// Column.
+    pub col: u64,
+    /// Field path.
+    pub field: String,
+}
+
+impl Origin {
+    /// A located error at this origin.
+    pub fn error(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: self.line,
+            col: self.col,
+            field: self.field.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn of<T>(file: &Path, span: &Spanned<T>, field: impl Into<String>) -> Origin {
+        Origin {
+            file: file.to_path_buf(),
+            line: span.referenced.line(),
+            col: span.referenced.column(),
+            field: field.into(),
+        }
+    }
+}
+
+/// A compiled, validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The gateway.yaml this came from.
+    pub file: PathBuf,
+    /// Listeners, sorted by name.
+    pub listeners: Vec<ListenerCfg>,
+    /// Listener serving `/healthz`, `/readyz`, `/metrics` (None: admin routes disabled).
+    pub admin_listener: Option<String>,
+    /// Limits.
+    pub limits: Limits,
+    /// Log level filter.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Shutdown deadline.
+    pub shutdown_deadline: Duration,
+    /// Channels in load order.
+    pub channels: Vec<Arc<ChannelCfg>>,
+    /// WebSocket endpoints.
+    pub endpoints: Vec<Arc<EndpointCfg>>,
+    /// Non-fatal findings (e.g. a plugin built with `panic = "abort"`).
+    pub warnings: Vec<String>,
+}
+
+/// One listener.
+#[derive(Clone, Debug)]
+pub struct ListenerCfg {
+    /// Name.
+    pub name: String,
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Where `bind` was written.
+    pub origin: Origin,
+}
+
+/// Compiled limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// Largest inbound client message.
+    pub max_message_size: usize,
+    /// Frames queued per session.
+    pub session_queue: usize,
+    /// Frames per flush.
+    pub write_batch: usize,
+    /// Read buffer per connection.
+    pub read_buffer: usize,
+    /// Plugin → publisher buffer.
+    pub source_buffer: usize,
+}
+
+/// A channel ready to run.
+pub struct ChannelCfg {
+    /// Name.
+    pub name: Arc<str>,
+    /// Description.
+    pub description: String,
+    /// Spec file.
+    pub spec_file: PathBuf,
+    /// Schema file.
+    pub schema_file: PathBuf,
+    /// The compiled schema.
+    pub validator: jsonschema::Validator,
+    /// Source.
+    pub source: SourceCfg,
+    /// Slow-consumer policy.
+    pub on_full: OnFull,
+    /// Whether the channel is made of keyed streams (its endpoints have path parameters).
+    pub keyed: bool,
+}
+
+impl std::fmt::Debug for ChannelCfg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelCfg")
+            .field("name", &self.name)
+            .field("spec_file", &self.spec_file)
+            .field("schema_file", &self.schema_file)
+            .field("source", &self.source)
+            .field("on_full", &self.on_full)
+            .field("keyed", &self.keyed)
+            .finish()
+    }
+}
+
+/// A channel's source.
+#[derive(Debug)]
+pub struct SourceCfg {
+    /// The plugin library.
+    pub plugin: Arc<LoadedPlugin>,
+    /// Poll or push.
+    pub mode: SourceMode,
+    /// Poll interval.
+    pub interval: Option<Duration>,
+    /// Plugin config as JSON bytes.
+    pub config_json: Vec<u8>,
+}
+
+/// A WebSocket endpoint.
+#[derive(Debug)]
+pub struct EndpointCfg {
+    /// Listener name.
+    pub listener: String,
+    /// Path pattern.
+    pub path: PathPattern,
+    /// The channel it streams.
+    pub channel: Arc<ChannelCfg>,
+    /// Authentication before the upgrade.
+    pub auth: Auth,
+}
+
+/// Parse one YAML document strictly, locating any error.
+fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    let mut track = serde_path_to_error::Track::new();
+    let opts = serde_saphyr::options! { with_snippet: false };
+    let res = serde_saphyr::with_deserializer_from_str_with_options(text, opts, |de| {
+        T::deserialize(serde_path_to_error::Deserializer::new(de, &mut track))
+    });
+    res.map_err(|e| {
+        let (line, col) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let mut message = e.to_string();
+        // serde-saphyr appends the location we already print in front.
+        if let Some(i) = message.rfind(" at line ") {
+            message.truncate(i);
+        }
+        let mut field = track.path().to_string();
+        if field == "?" || field.is_empty() {
+            field = ".".into();
+        }
+        ConfigError {
+            file: file.to_path_buf(),
+            line,
+            col,
+            field,
+            message,
+        }
+    })
+}
+
+fn read_text(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file).map_err(|e| ConfigError {
+        file: file.to_path_buf(),
+        line: 0,
+        col: 0,
+        field: ".".into(),
+        message: format!("cannot read file: {e}"),
+    })
+}
+
+/// Load, validate and compile `gateway.yaml` and everything it names.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
+    let registry = PluginRegistry::global();
+    let mut errors = Vec::new();
+    let text = read_text(path).map_err(|e| ConfigErrors(vec![e]))?;
+    let gw: GatewayFile = parse_yaml(path, &text).map_err(|e| ConfigErrors(vec![e]))?;
+    let base = path.parent().unwrap_or(Path::new(""));
+    let mut sink = Sink {
+        file: path,
+        errors: &mut errors,
+    };
+
+    // Listeners.
+    let mut listeners = Vec::new();
+    for (name, l) in &gw.listeners {
+        let field = format!("listeners.{name}.bind");
+        let origin = Origin::of(path, &l.bind, &field);
+        let text = opts.listen.get(name).unwrap_or(&l.bind.value);
+        match resolve_addr(text) {
+            Ok(bind) => listeners.push(ListenerCfg {
+                name: name.clone(),
+                bind,
+                origin,
+            }),
+            Err(m) => sink.at(&l.bind, field, m),
+        }
+    }
+    if gw.listeners.is_empty() {
+        sink.push(
+            1,
+            1,
+            "listeners",
+            "at least one listener is needed, e.g. `listeners: {main: {bind: \"127.0.0.1:8080\"}}`",
+        );
+    }
+    for name in opts.listen.keys() {
+        if !gw.listeners.contains_key(name) {
+            sink.push(
+                0,
+                0,
+                format!("listeners.{name}"),
+                format!(
+                    "--listen names listener {name:?}, which {} does not define",
+                    path.display()
+                ),
+            );
+        }
+    }
+    let listener_names: Vec<&str> = gw.listeners.keys().map(String::as_str).collect();
+
+    let admin_listener = if !gw.admin.enabled {
+        None
+    } else if let Some(l) = &gw.admin.listener {
+        if !gw.listeners.contains_key(&l.value) {
+            sink.at(
+                l,
+                "admin.listener",
+                unknown_listener(&l.value, &listener_names),
+            );
+        }
+        Some(l.value.clone())
+    } else {
+        listener_names.first().map(|s| s.to_string())
+    };
+
+    let limits = Limits {
+        max_connections: gw.limits.max_connections,
+        max_message_size: gw.limits.max_message_size.0,
+        session_queue: gw.limits.session_queue.max(1),
+        write_batch: gw.limits.write_batch.max(1),
+        read_buffer: gw.limits.read_buffer.0.max(256),
+        source_buffer: gw.limits.source_buffer.max(1),
+    };
+
+    // Plugin directories.
+    let plugin_dirs: Vec<PathBuf> = match &opts.plugin_dirs {
+        Some(d) => d.clone(),
+        None => gw
+            .plugins
+            .dirs
+            .iter()
+            .map(|d| base.join(&d.value))
+            .collect(),
+    };
+    if plugin_dirs.is_empty() {
+        sink.push(
+            0,
+            0,
+            "plugins.dirs",
+            "no plugin directory configured; add e.g. `plugins: {dirs: [target/release]}`",
+        );
+    }
+
+    // Channel spec files.
+    let mut spec_files = Vec::new();
+    for (i, pat) in gw.channels.iter().enumerate() {
+        let full = base.join(&pat.value);
+        let full_s = full.to_string_lossy();
+        match glob::glob(&full_s) {
+            Err(e) => sink.at(
+                pat,
+                format!("channels[{i}]"),
+                format!("invalid glob {:?}: {e}", pat.value),
+            ),
+            Ok(paths) => {
+                let mut found: Vec<PathBuf> = paths.filter_map(Result::ok).collect();
+                found.sort();
+                if found.is_empty() {
+                    sink.at(
+                        pat,
+                        format!("channels[{i}]"),
+                        format!("no file matches {full_s:?}"),
+                    );
+                }
+                for f in found {
+                    if !spec_files.contains(&f) {
+                        spec_files.push(f);
+                    }
+                }
+            }
+        }
+    }
+
+    let mut warnings = Vec::new();
+    let mut channels: Vec<Arc<ChannelCfg>> = Vec::new();
+    let mut channel_origin: HashMap<String, Origin> = HashMap::new();
+    let mut endpoints: Vec<Arc<EndpointCfg>> = Vec::new();
+    let mut path_origin: HashMap<(String, String), (String, Origin)> = HashMap::new();
+
+    for spec_path in &spec_files {
+        let text = match read_text(spec_path) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let spec: ChannelFile = match parse_yaml(spec_path, &text) {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let mut sink = Sink {
+            file: spec_path,
+            errors: &mut errors,
+        };
+        let spec_dir = spec_path.parent().unwrap_or(Path::new(""));
+        let name = spec.channel.value.clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            sink.at(
+                &spec.channel,
+                "channel",
+                format!("invalid channel name {name:?}: use letters, digits, '-', '_' and '.'"),
+            );
+        }
+        if let Some(prev) = channel_origin.get(&name) {
+            sink.at(
+                &spec.channel,
+                "channel",
+                format!(
+                    "channel {name:?} is already defined at {}:{}:{}",
+                    prev.file.display(),
+                    prev.line,
+                    prev.col
+                ),
+            );
+        } else {
+            channel_origin.insert(
+                name.clone(),
+                Origin::of(spec_path, &spec.channel, "channel"),
+            );
+        }
+
+        let schema_file = spec_dir.join(&spec.schema.value);
+        let validator = compile_schema(&schema_file)
+            .map_err(|m| sink.at(&spec.schema, "schema", m))
+            .ok();
+
+        // Source.
+        let src = &spec.source;
+        let mode = src.mode.value;
+        let plugin = match registry.find(&src.plugin.value, &plugin_dirs) {
+            Ok(p) => Some(p),
+            Err(m) => {
+                sink.at(&src.plugin, "source.plugin", m);
+                None
+            }
+        };
+        if let Some(p) = &plugin {
+            if !p.supports(mode) {
+                sink.at(
+                    &src.mode,
+                    "source.mode",
+                    format!(
+                        "plugin {:?} does not support {mode} mode (it supports: {})",
+                        p.name,
+                        p.modes_text()
+                    ),
+                );
+            }
+            if !p.panic_unwind {
+                let w = format!(
+                    "{}: plugin {:?} ({}) was built with panic = \"abort\": a panic in it ends the whole gateway; build it with panic = \"unwind\"",
+                    spec_path.display(),
+                    p.name,
+                    p.path.display()
+                );
+                if !warnings.contains(&w) {
+                    warnings.push(w);
+                }
+            }
+        }
+        let interval = match (mode, &src.interval) {
+            (SourceMode::Poll, None) => {
+                sink.at(
+                    &src.mode,
+                    "source.interval",
+                    "poll sources need an interval, e.g. `interval: 5s`",
+                );
+                None
+            }
+            (SourceMode::Poll, Some(i)) => Some(i.value.0),
+            (SourceMode::Push, Some(i)) => {
+                sink.at(
+                    i,
+                    "source.interval",
+                    "interval applies to poll sources only; remove it or use `mode: poll`",
+                );
+                None
+            }
+            (SourceMode::Push, None) => None,
+        };
+        let config_json = serde_json::to_vec(
+            src.config
+                .as_ref()
+                .unwrap_or(&serde_json::Value::Object(Default::default())),
+        )
+        .unwrap_or_else(|_| b"{}".to_vec());
+
+        // Endpoints.
+        let mut eps = Vec::new();
+        let mut keyed = None::<bool>;
+        for (i, ep) in spec.endpoints.iter().enumerate() {
+            let pattern = match PathPattern::parse(&ep.path.value) {
+                Ok(p) => p,
+                Err(m) => {
+                    sink.at(&ep.path, format!("endpoints[{i}].path"), m);
+                    continue;
+                }
+            };
+            let has_params = !pattern.params().is_empty();
+            match keyed {
+                None => keyed = Some(has_params),
+                Some(k) if k != has_params => sink.at(&ep.path, format!("endpoints[{i}].path"), "either every endpoint of a channel has path parameters (a keyed channel) or none has"),
+                _ => {}
+            }
+            if has_params {
+                if let Some(p) = &plugin {
+                    if !p.keyed() {
+                        sink.at(&ep.path, format!("endpoints[{i}].path"), format!("path parameters select keyed streams, but plugin {:?} has none (it supports: {})", p.name, p.modes_text()));
+                    }
+                }
+            }
+            let listener = match &ep.listener {
+                Some(l) => {
+                    if !gw.listeners.contains_key(&l.value) {
+                        sink.at(
+                            l,
+                            format!("endpoints[{i}].listener"),
+                            unknown_listener(&l.value, &listener_names),
+                        );
+                        continue;
+                    }
+                    l.value.clone()
+                }
+                None if listener_names.len() == 1 => listener_names[0].to_string(),
+                None => {
+                    sink.at(
+                        &ep.path,
+                        format!("endpoints[{i}].listener"),
+                        format!(
+                            "several listeners are defined ({}); name one with `listener:`",
+                            listener_names.join(", ")
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let key = (listener.clone(), pattern.shape());
+            let origin = Origin::of(spec_path, &ep.path, format!("endpoints[{i}].path"));
+            if let Some((other, prev)) = path_origin.get(&key) {
+                sink.at(&ep.path, format!("endpoints[{i}].path"), format!("path {:?} on listener {listener:?} is already served by channel {other:?} ({}:{}:{})", ep.path.value, prev.file.display(), prev.line, prev.col));
+                continue;
+            }
+            path_origin.insert(key, (name.clone(), origin));
+            let auth = match &ep.auth {
+                None => Auth::None,
+                Some(a) => match compile_auth(&a.value, spec_dir) {
+                    Ok(a) => a,
+                    Err(m) => {
+                        sink.at(a, format!("endpoints[{i}].auth"), m);
+                        continue;
+                    }
+                },
+            };
+            eps.push((listener, pattern, auth));
+        }
+
+        if let (Some(validator), Some(plugin)) = (validator, plugin) {
+            let ch = Arc::new(ChannelCfg {
+                name: name.clone().into(),
+                description: spec.description.clone(),
+                spec_file: spec_path.clone(),
+                schema_file,
+                validator,
+                source: SourceCfg {
+                    plugin,
+                    mode,
+                    interval,
+                    config_json,
+                },
+                on_full: spec.queue.on_full,
+                keyed: keyed.unwrap_or(false),
+            });
+            for (listener, path, auth) in eps {
+                endpoints.push(Arc::new(EndpointCfg {
+                    listener,
+                    path,
+                    channel: ch.clone(),
+                    auth,
+                }));
+            }
+            channels.push(ch);
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Config {
+        file: path.to_path_buf(),
+        listeners,
+        admin_listener,
+        limits,
+        log_level: gw.log.level,
+        log_format: gw.log.format,
+        shutdown_deadline: gw.shutdown.deadline.0,
+        channels,
+        endpoints,
+        warnings,
+    })
+}
+
+fn unknown_listener(name: &str, known: &[&str]) -> String {
+    format!("no listener named {name:?}; defined: {}", known.join(", "))
+}
+
+fn resolve_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    match text.to_socket_addrs() {
+        Ok(mut it) => it
+            .next()
+            .ok_or_else(|| format!("{text:?} resolves to no address")),
+        Err(_) => Err(format!(
+            "invalid address {text:?}: write host:port, e.g. 127.0.0.1:8080"
+        )),
+    }
+}
+
+/// Read and compile a JSON Schema with format checks on.
+pub fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {
+    let text =
+        std::fs::read(file).map_err(|e| format!("cannot read schema {}: {e}", file.display()))?;
+    let schema: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("schema {} is not valid JSON: {e}", file.display()))?;
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .map_err(|e| {
+            let at = e.instance_path().to_string();
+            let at = if at.is_empty() { "/".to_string() } else { at };
+            format!(
+                "schema {} is not a valid JSON Schema: {e} (at {at})",
+                file.display()
+            )
+        })
+}
+
+fn compile_auth(a: &AuthFile, spec_dir: &Path) -> Result<Auth, String> {
+    match a {
+        AuthFile::None => Ok(Auth::None),
+        AuthFile::ApiKey {
+            query,
+            header,
+            keys_env,
+            keys_file,
+        } => {
+            if query.is_none() && header.is_none() {
+                return Err(
+                    "api_key needs `query` (e.g. api_key), `header` (e.g. X-Api-Key) or both"
+                        .into(),
+                );
+            }
+            let header = match header {
+                Some(h) => Some(
+                    http::HeaderName::from_bytes(h.as_bytes())
+                        .map_err(|_| format!("invalid header name {h:?}"))?,
+                ),
+                None => None,
+            };
+            let mut keys: Vec<Vec<u8>> = Vec::new();
+            if keys_env.is_none() && keys_file.is_none() {
+                return Err("api_key needs `keys_env` (an environment variable holding comma-separated keys) or `keys_file`".into());
+            }
+            if let Some(var) = keys_env {
+                match std::env::var(var) {
+                    Ok(v) => keys.extend(
+                        v.split(',')
+                            .map(str::trim)
+                            .filter(|k| !k.is_empty())
+                            .map(|k| k.as_bytes().to_vec()),
+                    ),
+                    Err(_) => {
+                        return Err(format!(
+                            "environment variable {var} is not set; it should hold the accepted API keys, comma-separated"
+                        ));
+                    }
+                }
+            }
+            if let Some(f) = keys_file {
+                let p = spec_dir.join(f);
+                let text = std::fs::read_to_string(&p)
+                    .map_err(|e| format!("cannot read keys_file {}: {e}", p.display()))?;
+                keys.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty() && !k.starts_with('#'))
+                        .map(|k| k.as_bytes().to_vec()),
+                );
+            }
+            if keys.is_empty() {
+                return Err(
+                    "api_key has no keys: the configured keys_env/keys_file hold none".into(),
+                );
+            }
+            Ok(Auth::ApiKey {
+                query: query.clone(),
+                header,
+                keys,
+            })
+        }
+    }
+}

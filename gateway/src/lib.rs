@@ -1,0 +1,162 @@
+//! A plugin-driven real-time WebSocket gateway.
+//!
+//! Map of the crate, in the order a message travels:
+//! - [`config`]: `gateway.yaml` + channel specs → a validated [`config::Config`]
+//!   (every error as `file:line:col: field.path: message`).
+//! - [`plugin`]: loads source plugins (ABI v1, `plugin_api::abi`), checks the
+//!   version handshake, and is the host side of every plugin call.
+//! - [`channel`]: per channel, a supervisor drives the plugin (poll or push,
+//!   restart with backoff) and a publisher parses, validates and frames each
+//!   message once.
+//! - [`broker`]: publish/subscribe between publishers and sessions
+//!   (in-memory here; the trait leaves room for a distributed engine).
+//! - [`queue`]: the bounded per-session queue and its slow-consumer policy.
+//! - [`server`]: listeners, HTTP routes (`/healthz`, `/readyz`, `/metrics`),
+//!   auth ([`auth`]) and the WebSocket upgrade, routed by [`router`].
+//! - [`session`]: one task per connection, batched writes, Close codes.
+//! - [`metrics`], [`state`], [`logging`]: shared plumbing.
+//!
+//! The library is in charge and `main` is thin: [`Gateway::start`] takes a
+//! loaded config and serves it, which is also what the tests do (on port 0).
+
+pub mod auth;
+pub mod broker;
+pub mod channel;
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod plugin;
+pub mod queue;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, MemoryBroker};
+use crate::config::{Config, ConfigErrors};
+use crate::metrics::Metrics;
+use crate::state::GatewayState;
+
+/// A running gateway.
+pub struct Gateway {
+    addrs: BTreeMap<String, SocketAddr>,
+    state: Arc<GatewayState>,
+    tracker: TaskTracker,
+}
+
+impl Gateway {
+    /// Bind every listener, start every channel and serve. Bind failures are
+    /// reported like configuration errors, pointing at the listener's `bind`.
+    pub async fn start(config: Config) -> Result<Gateway, ConfigErrors> {
+        let mut bound = HashMap::new();
+        let mut errors = Vec::new();
+        for l in &config.listeners {
+            match tokio::net::TcpListener::bind(l.bind).await {
+                Ok(t) => {
+                    bound.insert(l.name.clone(), t);
+                }
+                Err(e) => errors.push(l.origin.error(format!("cannot listen on {}: {e}", l.bind))),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let config = Arc::new(config);
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::default());
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+        let mut channels = HashMap::new();
+        for ch in &config.channels {
+            let rt = channel::start(
+                ch.clone(),
+                &config.limits,
+                &metrics,
+                broker.clone(),
+                &tracker,
+                shutdown.clone(),
+            );
+            channels.insert(ch.name.clone(), rt);
+        }
+        let state = Arc::new(GatewayState::new(
+            config.clone(),
+            metrics,
+            channels,
+            shutdown.clone(),
+        ));
+        let mut addrs = BTreeMap::new();
+        for (name, listener) in bound {
+            let addr = listener.local_addr().map_err(|e| {
+                ConfigErrors(vec![
+                    config
+                        .listeners
+                        .iter()
+                        .find(|l| l.name == name)
+                        .map(|l| l.origin.error(e.to_string()))
+                        .unwrap_or_else(|| config::ConfigError {
+                            file: config.file.clone(),
+                            line: 0,
+                            col: 0,
+                            field: "listeners".into(),
+                            message: e.to_string(),
+                        }),
+                ])
+            })?;
+            tracing::info!(listener = %name, %addr, "listening");
+            addrs.insert(name.clone(), addr);
+            tracker.spawn(server::serve_listener(
+                listener,
+                name.into(),
+                state.clone(),
+                tracker.clone(),
+                shutdown.clone(),
+            ));
+        }
+        Ok(Gateway {
+            addrs,
+            state,
+            tracker,
+        })
+    }
+
+    /// The bound address of a listener.
+    pub fn addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.addrs.get(listener).copied()
+    }
+
+    /// Every bound address by listener name.
+    pub fn addrs(&self) -> &BTreeMap<String, SocketAddr> {
+        &self.addrs
+    }
+
+    /// Shared state (metrics, channels).
+    pub fn state(&self) -> &Arc<GatewayState> {
+        &self.state
+    }
+
+    /// Shut down: every client gets Close 1001, plugins are stopped. Returns
+    /// false if tasks were still running at the configured deadline.
+    pub async fn shutdown(self) -> bool {
+        let deadline = self.state.config.shutdown_deadline;
+        tracing::info!(?deadline, "shutting down");
+        self.state.shutdown.cancel();
+        self.tracker.close();
+        let done = tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_ok();
+        if !done {
+            tracing::warn!(
+                remaining_tasks = self.tracker.len(),
+                "shutdown deadline reached; exiting anyway"
+            );
+        }
+        done
+    }
+}

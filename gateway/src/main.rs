@@ -1,0 +1,160 @@
+//! The `gateway` binary: a thin shell over the library.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gateway::config::{self, LoadOptions, LogFormat};
+
+/// A plugin-driven real-time WebSocket gateway.
+///
+/// Without a subcommand, serves the configuration. Channels, endpoints and
+/// sources are described in YAML (gateway.yaml and the channel specs it
+/// names); data comes from source plugins loaded from `plugins.dirs`.
+#[derive(Parser, Debug)]
+#[command(name = "gateway", version, about, long_about)]
+struct Cli {
+    /// Path to gateway.yaml.
+    #[arg(long, short, global = true, default_value = "gateway.yaml")]
+    config: PathBuf,
+    /// Replace `plugins.dirs` (repeat for several directories).
+    #[arg(long = "plugin-dir", global = true, value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    /// Override a listener's bind address, e.g. `--listen main=127.0.0.1:0` (repeatable).
+    #[arg(long, global = true, value_name = "NAME=ADDR")]
+    listen: Vec<String>,
+    /// Log format (overrides `log.format`): text or json.
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the configuration (the default).
+    Serve,
+    /// Load, validate and compile everything (schemas, plugins found and
+    /// ABI-checked) without serving; print every error; exit 1 on any.
+    Check,
+}
+
+fn options(cli: &Cli) -> Result<LoadOptions, String> {
+    let mut listen = BTreeMap::new();
+    for l in &cli.listen {
+        let (name, addr) = l
+            .split_once('=')
+            .ok_or_else(|| format!("--listen {l:?}: write NAME=ADDR, e.g. main=127.0.0.1:0"))?;
+        listen.insert(name.to_string(), addr.to_string());
+    }
+    Ok(LoadOptions {
+        plugin_dirs: (!cli.plugin_dirs.is_empty()).then(|| cli.plugin_dirs.clone()),
+        listen,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let opts = match options(&cli) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let format = match cli.log_format.as_deref() {
+        None => None,
+        Some("text") => Some(LogFormat::Text),
+        Some("json") => Some(LogFormat::Json),
+        Some(other) => {
+            eprintln!("error: --log-format {other:?}: use text or json");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match config::load(&cli.config, &opts) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{} error(s) in {}", errors.0.len(), cli.config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    gateway::logging::init(&cfg.log_level, format.unwrap_or(cfg.log_format));
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    if matches!(cli.command, Some(Command::Check)) {
+        let plugins: std::collections::BTreeSet<&str> = cfg
+            .channels
+            .iter()
+            .map(|c| c.source.plugin.name.as_str())
+            .collect();
+        println!(
+            "{}: OK ({} listener(s), {} channel(s), {} endpoint(s), plugins: {})",
+            cli.config.display(),
+            cfg.listeners.len(),
+            cfg.channels.len(),
+            cfg.endpoints.len(),
+            plugins.into_iter().collect::<Vec<_>>().join(", ")
+        );
+        for w in &cfg.warnings {
+            println!("warning: {w}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(serve(cfg));
+    // Plugin threads that ignore stop must not hold the process past the
+    // shutdown deadline.
+    std::process::exit(code)
+}
+
+async fn serve(cfg: config::Config) -> i32 {
+    let gw = match gateway::Gateway::start(cfg).await {
+        Ok(g) => g,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return 1;
+        }
+    };
+    wait_for_signal().await;
+    // A second signal exits at once.
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    if gw.shutdown().await { 0 } else { 1 }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,222 @@
+//! Counters and gauges, rendered in the Prometheus text format at `/metrics`.
+//!
+//! Hot paths hold an `Arc<ChannelMetrics>` and bump plain atomics; nothing
+//! is looked up by name per message.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use parking_lot::RwLock;
+
+/// Per-channel figures.
+#[derive(Debug, Default)]
+pub struct ChannelMetrics {
+    /// Plugin name.
+    pub plugin: String,
+    /// Messages the plugin emitted.
+    pub received: AtomicU64,
+    /// Messages that passed validation and were published.
+    pub published: AtomicU64,
+    /// Frames queued to subscribers (one per subscriber per message).
+    pub deliveries: AtomicU64,
+    /// Messages dropped because they were not JSON.
+    pub invalid_json: AtomicU64,
+    /// Messages dropped because they failed the channel's schema.
+    pub schema_failures: AtomicU64,
+    /// Messages refused at the plugin boundary (too large, key not UTF-8).
+    pub rejected: AtomicU64,
+    /// Frames dropped from full subscriber queues (`on_full: drop_oldest`).
+    pub slow_drops: AtomicU64,
+    /// Subscribers closed because their queue was full (`on_full: close`).
+    pub slow_closes: AtomicU64,
+    /// Plugin instance restarts after a failure.
+    pub plugin_restarts: AtomicU64,
+    /// Plugin failures (errors, panics, failed creates).
+    pub plugin_failures: AtomicU64,
+    /// Whether a plugin instance is running now.
+    pub plugin_up: AtomicBool,
+    /// Current subscribers.
+    pub subscribers: AtomicI64,
+}
+
+/// Process-wide figures.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open WebSocket connections.
+    pub connections: AtomicI64,
+    /// WebSocket connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// Upgrades refused by auth.
+    pub refused_auth: AtomicU64,
+    /// Upgrades refused by the connection limit.
+    pub refused_limit: AtomicU64,
+    /// Requests that were not valid WebSocket upgrades.
+    pub refused_bad_request: AtomicU64,
+    /// Connections closed because an inbound message was too large.
+    pub closed_too_big: AtomicU64,
+    channels: RwLock<BTreeMap<Arc<str>, Arc<ChannelMetrics>>>,
+}
+
+impl Metrics {
+    /// The metrics of one channel (created on first use).
+    pub fn channel(&self, name: &Arc<str>, plugin: &str) -> Arc<ChannelMetrics> {
+        if let Some(m) = self.channels.read().get(name) {
+            return m.clone();
+        }
+        self.channels
+            .write()
+            .entry(name.clone())
+            .or_insert_with(|| {
+                Arc::new(ChannelMetrics {
+                    plugin: plugin.to_string(),
+                    ..Default::default()
+                })
+            })
+            .clone()
+    }
+
+    /// Render everything in the Prometheus text exposition format (0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let g = |out: &mut String, name: &str, kind: &str, help: &str, v: i64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        g(
+            &mut out,
+            "gateway_connections",
+            "gauge",
+            "Open WebSocket connections.",
+            self.connections.load(Relaxed),
+        );
+        g(
+            &mut out,
+            "gateway_connections_total",
+            "counter",
+            "WebSocket connections accepted since start.",
+            self.connections_total.load(Relaxed) as i64,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_connections_refused_total WebSocket upgrades refused, by reason.\n# TYPE gateway_connections_refused_total counter"
+        );
+        for (reason, v) in [
+            ("auth", &self.refused_auth),
+            ("limit", &self.refused_limit),
+            ("bad_request", &self.refused_bad_request),
+        ] {
+            let _ = writeln!(
+                out,
+                "gateway_connections_refused_total{{reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        g(
+            &mut out,
+            "gateway_closed_message_too_big_total",
+            "counter",
+            "Connections closed (1009) for an oversized inbound message.",
+            self.closed_too_big.load(Relaxed) as i64,
+        );
+
+        let chans = self.channels.read();
+        type Get = fn(&ChannelMetrics) -> i64;
+        let series: [(&str, &str, &str, Get); 12] = [
+            (
+                "gateway_messages_received_total",
+                "counter",
+                "Messages emitted by the channel's plugin.",
+                |m| m.received.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_messages_published_total",
+                "counter",
+                "Messages validated and published to subscribers.",
+                |m| m.published.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_deliveries_total",
+                "counter",
+                "Frames queued to subscribers (one per subscriber per message).",
+                |m| m.deliveries.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_invalid_json_total",
+                "counter",
+                "Plugin messages dropped because they were not JSON.",
+                |m| m.invalid_json.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_validation_failures_total",
+                "counter",
+                "Plugin messages dropped because they failed the channel's JSON Schema.",
+                |m| m.schema_failures.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_messages_rejected_total",
+                "counter",
+                "Plugin messages refused at the ABI boundary (too large, bad key).",
+                |m| m.rejected.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_slow_consumer_drops_total",
+                "counter",
+                "Frames dropped from full subscriber queues (on_full: drop_oldest).",
+                |m| m.slow_drops.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_slow_consumer_closes_total",
+                "counter",
+                "Subscribers closed with 1008 because their queue was full (on_full: close).",
+                |m| m.slow_closes.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_plugin_failures_total",
+                "counter",
+                "Plugin errors, panics and failed starts.",
+                |m| m.plugin_failures.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_plugin_restarts_total",
+                "counter",
+                "Plugin instances restarted after a failure.",
+                |m| m.plugin_restarts.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_plugin_up",
+                "gauge",
+                "1 while the channel's plugin instance runs.",
+                |m| m.plugin_up.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_subscribers",
+                "gauge",
+                "Current subscribers of the channel.",
+                |m| m.subscribers.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (ch, m) in chans.iter() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{channel=\"{}\",plugin=\"{}\"}} {}",
+                    escape(ch),
+                    escape(&m.plugin),
+                    get(m)
+                );
+            }
+        }
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

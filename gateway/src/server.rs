@@ -1,0 +1,383 @@
+//! Listeners, HTTP routing and the WebSocket upgrade.
+//!
+//! We run our own accept loop (hyper, HTTP/1.1 with upgrades) so that we know
+//! the peer address and own the upgraded socket: the service wrapper moves
+//! hyper's `OnUpgrade` into a slot that the warp route takes, and the
+//! WebSocket is built with our own small buffers instead of warp's defaults
+//! (about 128 KiB of read buffer per connection).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use http::{HeaderMap, Method, StatusCode};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_service::Service;
+use warp::Filter;
+
+use crate::router::Router;
+use crate::session::{self, SessionCtx};
+use crate::state::GatewayState;
+
+/// The peer and listener of a request.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// Client address.
+    pub peer: SocketAddr,
+    /// Listener name.
+    pub listener: Arc<str>,
+}
+
+/// Holds hyper's upgrade handle until the route decides to upgrade.
+#[derive(Clone)]
+struct UpgradeSlot(Arc<Mutex<Option<OnUpgrade>>>);
+
+type Reply = warp::reply::Response;
+
+/// A JSON reply with a status.
+pub fn json_reply(status: StatusCode, body: &serde_json::Value) -> Reply {
+    let mut r = Reply::new(body.to_string().into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error_reply(status: StatusCode, error: &str, message: &str) -> Reply {
+    json_reply(
+        status,
+        &serde_json::json!({ "error": error, "message": message }),
+    )
+}
+
+/// Serve one listener until `shutdown`.
+pub async fn serve_listener(
+    listener: TcpListener,
+    name: Arc<str>,
+    state: Arc<GatewayState>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let router = Arc::new(Router::new(
+        state
+            .config
+            .endpoints
+            .iter()
+            .filter(|e| *e.listener == *name)
+            .cloned()
+            .collect(),
+    ));
+    let admin = state.config.admin_listener.as_deref() == Some(&*name);
+    let filter = routes(
+        state.clone(),
+        router,
+        admin,
+        tracker.clone(),
+        shutdown.clone(),
+    );
+    let svc = warp::service(filter);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let info = ConnInfo {
+            peer,
+            listener: name.clone(),
+        };
+        let svc = svc.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let hyper_svc =
+                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    let slot =
+                        UpgradeSlot(Arc::new(Mutex::new(Some(hyper::upgrade::on(&mut req)))));
+                    req.extensions_mut().insert(slot);
+                    req.extensions_mut().insert(info.clone());
+                    let mut svc = svc.clone();
+                    async move { svc.call(req).await }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), hyper_svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => { let _ = r; }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+fn routes(
+    state: Arc<GatewayState>,
+    router: Arc<Router>,
+    admin: bool,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) -> warp::filters::BoxedFilter<(Reply,)> {
+    let st = state.clone();
+    let ws = warp::any()
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::ext::get::<ConnInfo>())
+        .and(warp::ext::get::<UpgradeSlot>())
+        .map(
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  headers: HeaderMap,
+                  query: String,
+                  info: ConnInfo,
+                  slot: UpgradeSlot| {
+                handle_endpoint(
+                    &st,
+                    &router,
+                    &tracker,
+                    &shutdown,
+                    method,
+                    path.as_str(),
+                    &headers,
+                    &query,
+                    info,
+                    slot,
+                )
+            },
+        );
+    if !admin {
+        return ws.boxed();
+    }
+    let s1 = state.clone();
+    let s2 = state.clone();
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| json_reply(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+    let readyz = warp::path!("readyz").and(warp::get()).map(move || {
+        let waiting = s1.not_ready();
+        if waiting.is_empty() && !s1.shutting_down() {
+            json_reply(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+        } else {
+            json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"status": if s1.shutting_down() { "stopping" } else { "starting" }, "waiting_for": waiting}),
+            )
+        }
+    });
+    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
+        let mut r = Reply::new(s2.metrics.render().into());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
+    });
+    healthz
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(ws)
+        .unify()
+        .boxed()
+}
+
+fn header_has(headers: &HeaderMap, name: http::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn handle_endpoint(
+    state: &Arc<GatewayState>,
+    router: &Router,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    query: &str,
+    info: ConnInfo,
+    slot: UpgradeSlot,
+) -> Reply {
+    let m = &state.metrics;
+    let Some((endpoint, params)) = router.find(path) else {
+        return error_reply(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("nothing is served at {path}"),
+        );
+    };
+    if method != Method::GET {
+        m.refused_bad_request.fetch_add(1, Relaxed);
+        return error_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "WebSocket endpoints accept GET upgrades only",
+        );
+    }
+    if !header_has(headers, http::header::UPGRADE, "websocket")
+        || !header_has(headers, http::header::CONNECTION, "upgrade")
+    {
+        m.refused_bad_request.fetch_add(1, Relaxed);
+        let mut r = error_reply(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            &format!("{path} is a WebSocket endpoint: connect with a WebSocket client"),
+        );
+        r.headers_mut().insert(
+            http::header::UPGRADE,
+            http::HeaderValue::from_static("websocket"),
+        );
+        return r;
+    }
+    if headers
+        .get(http::header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        m.refused_bad_request.fetch_add(1, Relaxed);
+        let mut r = error_reply(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported_version",
+            "only WebSocket version 13 is supported",
+        );
+        r.headers_mut().insert(
+            http::header::SEC_WEBSOCKET_VERSION,
+            http::HeaderValue::from_static("13"),
+        );
+        return r;
+    }
+    let Some(key) = headers.get(http::header::SEC_WEBSOCKET_KEY) else {
+        m.refused_bad_request.fetch_add(1, Relaxed);
+        return error_reply(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "missing Sec-WebSocket-Key",
+        );
+    };
+    let principal = match endpoint.auth.check(headers, query) {
+        Ok(p) => p,
+        Err(e) => {
+            m.refused_auth.fetch_add(1, Relaxed);
+            tracing::debug!(peer = %info.peer, path, error = e.error, "connection refused by auth");
+            return error_reply(e.status, e.error, &e.message);
+        }
+    };
+    if shutdown.is_cancelled() {
+        return error_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the gateway is shutting down",
+        );
+    }
+    let Some(permit) = state.try_connection() else {
+        m.refused_limit.fetch_add(1, Relaxed);
+        return error_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "the gateway is at its connection limit; retry later",
+        );
+    };
+    let Some(on_upgrade) = slot.0.lock().take() else {
+        return error_reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "upgrade unavailable",
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let Some(channel) = state.channels.get(&endpoint.channel.name).cloned() else {
+        return error_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "channel not running",
+        );
+    };
+    let key = if endpoint.channel.keyed {
+        let values: Vec<&str> = params.iter().map(|(_, v)| v.as_str()).collect();
+        let obj: serde_json::Map<String, serde_json::Value> = params
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        let params_json = serde_json::to_vec(&obj).unwrap_or_default();
+        Some((Arc::<str>::from(values.join("/")), params_json))
+    } else {
+        None
+    };
+    let limits = &state.config.limits;
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(limits.read_buffer)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(Some(limits.max_message_size))
+        .max_frame_size(Some(limits.max_message_size));
+    let ctx = SessionCtx {
+        conn_id: state.next_conn_id(),
+        peer: info.peer,
+        endpoint: endpoint.clone(),
+        channel,
+        key,
+        principal,
+        state: state.clone(),
+        shutdown: shutdown.clone(),
+    };
+    tracker.spawn(async move {
+        let _permit = permit;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                session::run(ws, ctx).await;
+            }
+            Err(e) => tracing::debug!(peer = %info.peer, error = %e, "upgrade failed"),
+        }
+    });
+    let mut r = Reply::new(Default::default());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&accept) {
+        h.insert(http::header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+/// Bound listeners by name.
+pub type BoundListeners = HashMap<String, TcpListener>;

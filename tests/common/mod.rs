@@ -1,0 +1,235 @@
+//! Test harness: builds the real plugins, writes configs into a temp dir,
+//! starts the real gateway on 127.0.0.1:0 and talks to it with real clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gateway::Gateway;
+use gateway::config::{self, LoadOptions};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Generous bound for anything that should happen "soon"; reaching it fails
+/// the test, it never paces it.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// target/<profile>, where cargo puts the plugin libraries and the binary.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Build the gateway binary and every plugin the tests load, once per test binary.
+pub fn build_plugins() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = target_dir();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(repo_root()).args([
+                "build",
+                "-q",
+                "-p",
+                "gateway",
+                "-p",
+                "system-metrics",
+                "-p",
+                "ticker",
+                "-p",
+                "test-faults",
+                "-p",
+                "test-abi-mismatch",
+            ]);
+            if dir.file_name().and_then(|s| s.to_str()) == Some("release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
+            assert!(status.success(), "building plugins failed");
+            dir
+        })
+        .clone()
+}
+
+/// A directory holding a gateway.yaml, channel specs and schemas.
+pub struct Deployment {
+    pub dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    pub fn new() -> Deployment {
+        build_plugins();
+        Deployment {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, text: &str) -> &Self {
+        let p = self.path(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(p, text).expect("write");
+        self
+    }
+
+    /// Copy a schema shipped in channel-specs/schemas.
+    pub fn shipped_schema(&self, name: &str) -> &Self {
+        let text = std::fs::read_to_string(repo_root().join("channel-specs/schemas").join(name))
+            .expect("read shipped schema");
+        self.write(&format!("specs/schemas/{name}"), &text)
+    }
+
+    /// A gateway.yaml with one listener `main` on port 0 loading specs/*.yaml.
+    pub fn gateway_yaml(&self, extra: &str) -> &Self {
+        self.write(
+            "gateway.yaml",
+            &format!(
+                "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n{extra}",
+                target_dir().display()
+            ),
+        )
+    }
+
+    pub fn load(&self) -> Result<config::Config, config::ConfigErrors> {
+        config::load(&self.path("gateway.yaml"), &LoadOptions::default())
+    }
+
+    pub async fn start(&self) -> Gateway {
+        let cfg = self
+            .load()
+            .unwrap_or_else(|e| panic!("config should load:\n{e}"));
+        Gateway::start(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("gateway should start:\n{e}"))
+    }
+}
+
+/// The schema test-faults messages satisfy: `{"seq": integer >= 1}` plus keyed fields.
+pub const SEQ_SCHEMA: &str = r#"{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "required": ["seq"],
+  "properties": { "seq": { "type": "integer", "minimum": 1 } }
+}"#;
+
+pub async fn connect(addr: SocketAddr, path: &str) -> Ws {
+    let url = format!("ws://{addr}{path}");
+    let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect timed out")
+        .expect("connect");
+    ws
+}
+
+/// The next text message as JSON (skipping pings).
+pub async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("no message in time")
+            .expect("stream ended")
+            .expect("read error");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).expect("server sent JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+/// Read until the server closes; returns the close code (None: no Close frame).
+pub async fn close_code(ws: &mut Ws) -> Option<u16> {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("no close in time");
+        match msg {
+            Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+pub async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(text.into())).await.expect("send");
+}
+
+/// A plain HTTP/1.1 request; returns (status, headers, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    (status, head.to_string(), body.to_string())
+}
+
+/// Read one metric sample, e.g. `gateway_validation_failures_total{channel="x",plugin="y"}`.
+pub async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    let (_, _, body) = http(addr, "GET", "/metrics", &[]).await;
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l[series.len()..].trim().parse().ok())
+}
+
+/// Poll `check` until it returns Some, failing after PATIENCE.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
