@@ -1,0 +1,83 @@
+//! Shutdown: every client gets Close 1001 and the process exits within its deadline.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn ticker_deployment() -> Deployment {
+    let dep = Deployment::new();
+    dep.gateway_yaml("shutdown:\n  deadline: 5s\n")
+        .shipped_schema("ticker.json")
+        .write(
+            "specs/ticker.yaml",
+            "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {rate: 200}\nendpoints:\n  - path: /ticker\n",
+        );
+    dep
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_every_client_with_1001() {
+    let dep = ticker_deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut ws = connect(addr, "/ticker").await;
+        next_json(&mut ws).await;
+        clients.push(ws);
+    }
+    let state = gw.state().clone();
+    let done = tokio::spawn(gw.shutdown());
+    for ws in &mut clients {
+        assert_eq!(close_code(ws).await, Some(1001));
+    }
+    assert!(done.await.unwrap(), "every task finished before the deadline");
+    assert_eq!(state.metrics.connections.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_clients_with_1001_and_the_process_exits() {
+    let dep = ticker_deployment();
+    let bin = target_dir().join("gateway");
+    let mut child = Command::new(&bin)
+        .args(["--config", dep.path("gateway.yaml").to_str().unwrap(), "--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gateway binary");
+    // The binary logs its bound address (port 0 picks one).
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr: std::net::SocketAddr = loop {
+        let line = rx.recv_timeout(PATIENCE).expect("gateway logged nothing");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("log line is not JSON: {line}"));
+        if v["message"] == "listening" {
+            break v["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    let mut ws = connect(addr, "/ticker").await;
+    next_json(&mut ws).await;
+    let started = Instant::now();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert_eq!(close_code(&mut ws).await, Some(1001));
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5) + PATIENCE, "process did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code.code(), Some(0), "clean shutdown exits 0");
+    let logs: Vec<String> = rx.try_iter().collect();
+    assert!(logs.iter().any(|l| l.contains("shutting down")), "shutdown is logged: {logs:?}");
+}
