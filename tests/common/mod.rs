@@ -233,3 +233,20 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Connect with a tiny socket receive buffer, so a client that stops reading
+/// pushes back on the gateway after kilobytes instead of megabytes.
+pub async fn connect_stalling(addr: SocketAddr, path: &str) -> Ws {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = sock.connect(addr).await.expect("connect");
+    let url = format!("ws://{addr}{path}");
+    let (ws, _) = tokio::time::timeout(
+        PATIENCE,
+        tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp)),
+    )
+    .await
+    .expect("handshake timed out")
+    .expect("handshake");
+    ws
+}
