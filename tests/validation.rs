@@ -1,0 +1,30 @@
+//! Channel schemas are compiled with format checks on.
+
+use gateway::config::compile_schema;
+use serde_json::json;
+
+#[test]
+fn formats_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.json");
+    std::fs::write(
+        &file,
+        r#"{"type":"object","properties":{"at":{"type":"string","format":"date-time"},"mail":{"type":"string","format":"email"}}}"#,
+    )
+    .unwrap();
+    let v = compile_schema(&file).unwrap();
+    assert!(v.validate(&json!({"at": "2026-11-23T10:00:00.123Z", "mail": "a@example.org"})).is_ok());
+    let bad = json!({"at": "2026-13-45T99:00:00Z"});
+    let err = v.validate(&bad).unwrap_err();
+    assert_eq!(err.instance_path().to_string(), "/at");
+    assert!(v.validate(&json!({"mail": "not an address"})).is_err());
+}
+
+#[test]
+fn the_shipped_schemas_accept_what_the_shipped_plugins_describe() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("channel-specs/schemas");
+    let ticker = compile_schema(&root.join("ticker.json")).unwrap();
+    assert!(ticker.validate(&json!({"seq": 1, "ts": 1_763_892_000_000_000_000u64})).is_ok());
+    assert!(ticker.validate(&json!({"seq": "1", "ts": 1})).is_err());
+    assert!(ticker.validate(&json!({"seq": 1, "ts": 1, "extra": true})).is_err());
+}
