@@ -35,8 +35,17 @@ async fn shutdown_closes_every_client_with_1001() {
     for ws in &mut clients {
         assert_eq!(close_code(ws).await, Some(1001));
     }
-    assert!(done.await.unwrap(), "every task finished before the deadline");
-    assert_eq!(state.metrics.connections.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(
+        done.await.unwrap(),
+        "every task finished before the deadline"
+    );
+    assert_eq!(
+        state
+            .metrics
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,7 +53,12 @@ async fn sigterm_closes_clients_with_1001_and_the_process_exits() {
     let dep = ticker_deployment();
     let bin = target_dir().join("gateway");
     let mut child = Command::new(&bin)
-        .args(["--config", dep.path("gateway.yaml").to_str().unwrap(), "--log-format", "json"])
+        .args([
+            "--config",
+            dep.path("gateway.yaml").to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -57,9 +71,12 @@ async fn sigterm_closes_clients_with_1001_and_the_process_exits() {
             let _ = tx.send(line);
         }
     });
+    let mut early = Vec::new();
     let addr: std::net::SocketAddr = loop {
         let line = rx.recv_timeout(PATIENCE).expect("gateway logged nothing");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("log line is not JSON: {line}"));
+        early.push(line.clone());
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("log line is not JSON: {line}"));
         if v["message"] == "listening" {
             break v["addr"].as_str().unwrap().parse().unwrap();
         }
@@ -67,17 +84,26 @@ async fn sigterm_closes_clients_with_1001_and_the_process_exits() {
     let mut ws = connect(addr, "/ticker").await;
     next_json(&mut ws).await;
     let started = Instant::now();
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     assert_eq!(close_code(&mut ws).await, Some(1001));
     let code = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(5) + PATIENCE, "process did not exit");
+        assert!(
+            started.elapsed() < Duration::from_secs(5) + PATIENCE,
+            "process did not exit"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code.code(), Some(0), "clean shutdown exits 0");
     let logs: Vec<String> = rx.try_iter().collect();
-    assert!(logs.iter().any(|l| l.contains("shutting down")), "shutdown is logged: {logs:?}");
+    assert!(
+        logs.iter().any(|l| l.contains("shutting down")),
+        "shutdown is logged: {logs:?}"
+    );
 }
