@@ -32,7 +32,11 @@ async fn admin_routes_answer() {
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
     let (status, head, body) = http(addr, "GET", "/metrics", &[]).await;
     assert_eq!(status, 200);
-    assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
     for series in [
         "gateway_connections ",
         "gateway_messages_received_total{channel=\"ticker\",plugin=\"ticker\"}",
@@ -46,7 +50,14 @@ async fn admin_routes_answer() {
     let mut ws = connect(addr, "/open").await;
     next_json(&mut ws).await;
     assert_eq!(metric(addr, "gateway_connections").await, Some(1.0));
-    assert_eq!(metric(addr, "gateway_subscribers{channel=\"ticker\",plugin=\"ticker\"}").await, Some(1.0));
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_subscribers{channel=\"ticker\",plugin=\"ticker\"}"
+        )
+        .await,
+        Some(1.0)
+    );
     gw.shutdown().await;
 }
 
@@ -57,17 +68,26 @@ async fn requests_that_cannot_upgrade_get_json_errors() {
     let addr = gw.addr("main").unwrap();
     let (status, _, body) = http(addr, "GET", "/nowhere", &[]).await;
     assert_eq!(status, 404);
-    assert_eq!(body, r#"{"error":"not_found","message":"nothing is served at /nowhere"}"#);
+    assert_eq!(
+        body,
+        r#"{"error":"not_found","message":"nothing is served at /nowhere"}"#
+    );
     let (status, _, body) = http(addr, "GET", "/open", &[]).await;
     assert_eq!(status, 426);
-    assert_eq!(body, r#"{"error":"upgrade_required","message":"/open is a WebSocket endpoint: connect with a WebSocket client"}"#);
+    assert_eq!(
+        body,
+        r#"{"error":"upgrade_required","message":"/open is a WebSocket endpoint: connect with a WebSocket client"}"#
+    );
     let (status, _, _) = http(addr, "POST", "/open", &UPGRADE).await;
     assert_eq!(status, 405);
     let mut old = UPGRADE;
     old[2] = ("Sec-WebSocket-Version", "8");
     let (status, head, _) = http(addr, "GET", "/open", &old).await;
     assert_eq!(status, 426);
-    assert!(head.to_ascii_lowercase().contains("sec-websocket-version: 13"));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13")
+    );
     gw.shutdown().await;
 }
 
@@ -78,24 +98,42 @@ async fn api_keys_are_required_and_checked() {
     let addr = gw.addr("main").unwrap();
     let (status, _, body) = http(addr, "GET", "/secret", &UPGRADE).await;
     assert_eq!(status, 401);
-    assert_eq!(body, r#"{"error":"missing_api_key","message":"an API key is required in the query parameter `api_key` or header `x-api-key`"}"#);
+    assert_eq!(
+        body,
+        r#"{"error":"missing_api_key","message":"an API key is required in the query parameter `api_key` or header `x-api-key`"}"#
+    );
     let (status, _, body) = http(addr, "GET", "/secret?api_key=wrong", &UPGRADE).await;
     assert_eq!(status, 403);
-    assert_eq!(body, r#"{"error":"invalid_api_key","message":"the API key is not valid"}"#);
+    assert_eq!(
+        body,
+        r#"{"error":"invalid_api_key","message":"the API key is not valid"}"#
+    );
     let mut with_header = UPGRADE.to_vec();
     with_header.push(("X-Api-Key", "key-one-but-longer"));
     let (status, _, _) = http(addr, "GET", "/secret", &with_header).await;
-    assert_eq!(status, 403, "a key that merely starts with a valid key is refused");
-    assert_eq!(metric(addr, "gateway_connections_refused_total{reason=\"auth\"}").await, Some(3.0));
+    assert_eq!(
+        status, 403,
+        "a key that merely starts with a valid key is refused"
+    );
+    assert_eq!(
+        metric(addr, "gateway_connections_refused_total{reason=\"auth\"}").await,
+        Some(3.0)
+    );
 
     // Accepted by query parameter and by header; the data flows.
     let mut ws = connect(addr, "/secret?api_key=key-two").await;
     next_json(&mut ws).await;
-    let req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/secret")).map(|mut r| {
-        r.headers_mut().insert("X-Api-Key", "key-one".parse().unwrap());
+    let req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{addr}/secret"),
+    )
+    .map(|mut r| {
+        r.headers_mut()
+            .insert("X-Api-Key", "key-one".parse().unwrap());
         r
     });
-    let (mut ws2, _) = tokio_tungstenite::connect_async(req.unwrap()).await.expect("header key accepted");
+    let (mut ws2, _) = tokio_tungstenite::connect_async(req.unwrap())
+        .await
+        .expect("header key accepted");
     next_json(&mut ws2).await;
     gw.shutdown().await;
 }
@@ -108,7 +146,12 @@ async fn stream_endpoints_ignore_client_messages() {
     let mut ws = connect(addr, "/open").await;
     send_text(&mut ws, "not json at all").await;
     send_text(&mut ws, r#"{"type":"subscribe","channel":"x"}"#).await;
-    futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::Binary(vec![0, 1, 2].into())).await.unwrap();
+    futures_util::SinkExt::send(
+        &mut ws,
+        tokio_tungstenite::tungstenite::Message::Binary(vec![0, 1, 2].into()),
+    )
+    .await
+    .unwrap();
     // Still streaming, in order, after the client's chatter.
     let a = next_json(&mut ws).await["seq"].as_i64().unwrap();
     let b = next_json(&mut ws).await["seq"].as_i64().unwrap();

@@ -18,7 +18,7 @@ fn seq(v: &serde_json::Value) -> i64 {
 async fn an_abi_mismatched_plugin_is_refused_naming_both_versions() {
     let dir = build_plugins();
     let err = PluginRegistry::global()
-        .find("test-abi-mismatch", &[dir.clone()])
+        .find("test-abi-mismatch", std::slice::from_ref(&dir))
         .expect_err("an ABI v2 plugin must be refused");
     let path = dir.join("libtest_abi_mismatch.so").canonicalize().unwrap();
     assert_eq!(

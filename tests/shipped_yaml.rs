@@ -27,22 +27,37 @@ fn every_shipped_yaml_loads() {
     let root = repo_root();
     let mut all = Vec::new();
     yaml_files(&root, &mut all);
-    let gateways: Vec<&PathBuf> = all.iter().filter(|p| p.file_name().is_some_and(|n| n == "gateway.yaml")).collect();
-    assert!(gateways.iter().any(|p| p.parent() == Some(root.as_path())), "the default gateway.yaml exists");
+    let gateways: Vec<&PathBuf> = all
+        .iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "gateway.yaml"))
+        .collect();
+    assert!(
+        gateways.iter().any(|p| p.parent() == Some(root.as_path())),
+        "the default gateway.yaml exists"
+    );
     let mut covered = Vec::new();
     for g in &gateways {
         let opts = LoadOptions {
             plugin_dirs: Some(vec![plugins.clone()]),
             ..Default::default()
         };
-        let cfg = config::load(g, &opts).unwrap_or_else(|e| panic!("{} does not load:\n{e}", g.display()));
-        assert!(!cfg.channels.is_empty(), "{} defines no channel", g.display());
+        let cfg = config::load(g, &opts)
+            .unwrap_or_else(|e| panic!("{} does not load:\n{e}", g.display()));
+        assert!(
+            !cfg.channels.is_empty(),
+            "{} defines no channel",
+            g.display()
+        );
         covered.push(g.canonicalize().unwrap());
         for ch in &cfg.channels {
             covered.push(ch.spec_file.canonicalize().unwrap());
         }
     }
     for y in &all {
-        assert!(covered.contains(&y.canonicalize().unwrap()), "{} is shipped but no gateway.yaml loads it", y.display());
+        assert!(
+            covered.contains(&y.canonicalize().unwrap()),
+            "{} is shipped but no gateway.yaml loads it",
+            y.display()
+        );
     }
 }

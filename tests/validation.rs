@@ -13,7 +13,10 @@ fn formats_are_checked() {
     )
     .unwrap();
     let v = compile_schema(&file).unwrap();
-    assert!(v.validate(&json!({"at": "2026-11-23T10:00:00.123Z", "mail": "a@example.org"})).is_ok());
+    assert!(
+        v.validate(&json!({"at": "2026-11-23T10:00:00.123Z", "mail": "a@example.org"}))
+            .is_ok()
+    );
     let bad = json!({"at": "2026-13-45T99:00:00Z"});
     let err = v.validate(&bad).unwrap_err();
     assert_eq!(err.instance_path().to_string(), "/at");
@@ -24,7 +27,15 @@ fn formats_are_checked() {
 fn the_shipped_schemas_accept_what_the_shipped_plugins_describe() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("channel-specs/schemas");
     let ticker = compile_schema(&root.join("ticker.json")).unwrap();
-    assert!(ticker.validate(&json!({"seq": 1, "ts": 1_763_892_000_000_000_000u64})).is_ok());
+    assert!(
+        ticker
+            .validate(&json!({"seq": 1, "ts": 1_763_892_000_000_000_000u64}))
+            .is_ok()
+    );
     assert!(ticker.validate(&json!({"seq": "1", "ts": 1})).is_err());
-    assert!(ticker.validate(&json!({"seq": 1, "ts": 1, "extra": true})).is_err());
+    assert!(
+        ticker
+            .validate(&json!({"seq": 1, "ts": 1, "extra": true}))
+            .is_err()
+    );
 }

@@ -1,8 +1,6 @@
 //! tracing setup: human text by default, JSON on request; `RUST_LOG` wins
 //! over the configured level.
 
-use std::io::IsTerminal;
-
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;

@@ -138,10 +138,10 @@ where
     loop {
         if writing.is_none() && !close_sent {
             queue.take(&mut batch, batch_max);
-            if !batch.is_empty() {
-                if let Some(s) = sink.take() {
-                    writing = Some(write_batch(s, std::mem::take(&mut batch)));
-                }
+            if !batch.is_empty()
+                && let Some(s) = sink.take()
+            {
+                writing = Some(write_batch(s, std::mem::take(&mut batch)));
             }
         }
         if client_closed && writing.is_none() && queue.is_empty() {

@@ -195,14 +195,16 @@ fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigE
             .map(|l| (l.line(), l.column()))
             .unwrap_or((0, 0));
         let mut message = e.to_string();
-        // serde-saphyr appends the location we already print in front.
-        if let Some(i) = message.rfind(" at line ") {
-            message.truncate(i);
+        // serde-saphyr appends the location we already print in front; strip
+        // exactly that suffix, never text the operator wrote.
+        let suffix = format!(" at line {line}, column {col}");
+        if message.ends_with(&suffix) {
+            message.truncate(message.len() - suffix.len());
         }
-        let mut field = track.path().to_string();
-        if field == "?" || field.is_empty() {
-            field = ".".into();
+        if let Some(better) = friendlier_message(&e, text, line, col) {
+            message = better;
         }
+        let field = field_path(&track.path());
         ConfigError {
             file: file.to_path_buf(),
             line,
@@ -211,6 +213,122 @@ fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigE
             message,
         }
     })
+}
+
+/// The dotted field path of a parse error, without the `value` step that
+/// `Spanned<T>` adds (`source.mode`, not `source.mode.value`). Inside the
+/// free-form `source.config` a key named `value` is kept.
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if key == "value" && !out.starts_with("source.config") {
+                    continue;
+                }
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    if out.is_empty() || out == "?" {
+        out = ".".into();
+    }
+    out
+}
+
+/// Rewrite serde-saphyr's terse type errors ("invalid u64", "expected string
+/// scalar") as "expected <what>, got <what was written>", and say so when a
+/// file is empty (instead of "unexpected end of input").
+fn friendlier_message(e: &serde_saphyr::Error, text: &str, line: u64, col: u64) -> Option<String> {
+    use serde_saphyr::Error as E;
+    let mut e = e;
+    while let E::WithSnippet { error, .. } = e {
+        e = error;
+    }
+    let expected = match e {
+        E::InvalidScalar { ty, .. } => match *ty {
+            "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a non-negative integer",
+            "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "an integer",
+            "floating point" | "f32" | "f64" => "a number",
+            "boolean" => "true or false",
+            _ => return None,
+        },
+        E::Unexpected { expected, .. } => match *expected {
+            // Any scalar target (string, number, boolean) met a list or mapping.
+            "string scalar" | "scalar" => "a single value",
+            "sequence start" => "a list",
+            "mapping start" => "a mapping",
+            _ => return None,
+        },
+        E::Eof { .. }
+            if text
+                .lines()
+                .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) =>
+        {
+            return Some("the file is empty".into());
+        }
+        _ => return None,
+    };
+    Some(match value_at(text, line, col) {
+        Some(got) => format!("expected {expected}, got {got}"),
+        None => format!("expected {expected}"),
+    })
+}
+
+/// Describe the YAML value written at `line:col` (1-based): "a list",
+/// "a mapping" or the scalar as written, in backticks.
+fn value_at(text: &str, line: u64, col: u64) -> Option<String> {
+    let l = text
+        .lines()
+        .nth(usize::try_from(line.checked_sub(1)?).ok()?)?;
+    let skip = usize::try_from(col.checked_sub(1)?).ok()?;
+    let before: String = l.chars().take(skip).collect();
+    let rest: String = l.chars().skip(skip).collect();
+    let rest = rest.trim_end();
+    let first = rest.chars().next()?;
+    // An empty value is located at the colon after its key.
+    if rest == ":" || rest.starts_with(": #") {
+        return Some("an empty value".into());
+    }
+    if first == '[' || rest == "-" || rest.starts_with("- ") {
+        return Some("a list".into());
+    }
+    if first == '{' {
+        return Some("a mapping".into());
+    }
+    if first == '"' || first == '\'' {
+        let end = rest[1..].find(first)? + 2;
+        return Some(format!("`{}`", &rest[..end]));
+    }
+    let mut scalar = rest;
+    if let Some(i) = scalar.find(" #") {
+        scalar = &scalar[..i];
+    }
+    // In a flow collection the scalar ends at the next `,`, `]` or `}`.
+    if before.contains(['[', '{'])
+        && let Some(i) = scalar.find([',', ']', '}'])
+    {
+        scalar = &scalar[..i];
+    }
+    let scalar = scalar.trim();
+    if scalar.ends_with(':') || scalar.contains(": ") {
+        return Some("a mapping".into());
+    }
+    if scalar.is_empty() || matches!(scalar, "~" | "null" | "Null" | "NULL") {
+        return Some("an empty value".into());
+    }
+    Some(format!("`{scalar}`"))
 }
 
 fn read_text(file: &Path) -> Result<String, ConfigError> {
@@ -410,8 +528,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         // Source.
         let src = &spec.source;
         let mode = src.mode.value;
+        // With no plugin directory (reported above) there is nowhere to look.
         let plugin = match registry.find(&src.plugin.value, &plugin_dirs) {
             Ok(p) => Some(p),
+            Err(_) if plugin_dirs.is_empty() => None,
             Err(m) => {
                 sink.at(&src.plugin, "source.plugin", m);
                 None
@@ -485,12 +605,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 Some(k) if k != has_params => sink.at(&ep.path, format!("endpoints[{i}].path"), "either every endpoint of a channel has path parameters (a keyed channel) or none has"),
                 _ => {}
             }
-            if has_params {
-                if let Some(p) = &plugin {
-                    if !p.keyed() {
-                        sink.at(&ep.path, format!("endpoints[{i}].path"), format!("path parameters select keyed streams, but plugin {:?} has none (it supports: {})", p.name, p.modes_text()));
-                    }
-                }
+            if has_params
+                && let Some(p) = &plugin
+                && !p.keyed()
+            {
+                sink.at(&ep.path, format!("endpoints[{i}].path"), format!("path parameters select keyed streams, but plugin {:?} has none (it supports: {})", p.name, p.modes_text()));
             }
             let listener = match &ep.listener {
                 Some(l) => {

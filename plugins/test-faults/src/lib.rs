@@ -110,7 +110,7 @@ impl Config {
 
 /// True when `n` is a multiple of `every`.
 fn hits(every: Option<u64>, n: u64) -> bool {
-    every.is_some_and(|every| n % every == 0)
+    every.is_some_and(|every| n.is_multiple_of(every))
 }
 
 #[derive(Debug)]

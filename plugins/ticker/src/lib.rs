@@ -161,8 +161,10 @@ impl Plugin for Ticker {
     }
 
     fn run(&self, out: Emitter) -> Result<(), PluginError> {
-        out.host()
-            .info(&format!("emitting {} messages per second", self.config.rate));
+        out.host().info(&format!(
+            "emitting {} messages per second",
+            self.config.rate
+        ));
         let pad = "x".repeat(self.config.pad);
         let mut buf: Vec<u8> = Vec::with_capacity(64 + pad.len());
         let start = Instant::now();

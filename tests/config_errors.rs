@@ -1,0 +1,1020 @@
+//! Configuration mistakes and the exact error lines they produce
+//! (`file:line:col: field.path: message`), through the library and through
+//! `gateway check`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use common::*;
+use gateway::Gateway;
+use gateway::config::{self, LoadOptions};
+
+/// A valid push channel on the `ticker` plugin (needs `shipped_schema("ticker.json")`).
+const TICKER_SPEC: &str = "\
+channel: ticker
+schema: schemas/ticker.json
+source:
+  plugin: ticker
+  mode: push
+endpoints:
+  - path: /ws/ticker
+";
+
+/// A deployment with the harness gateway.yaml (plus `extra`) and the ticker schema.
+fn deployment(extra: &str) -> Deployment {
+    let dep = Deployment::new();
+    dep.gateway_yaml(extra).shipped_schema("ticker.json");
+    dep
+}
+
+/// Absolute path of a file in the deployment, as error lines print it.
+fn at(dep: &Deployment, rel: &str) -> String {
+    dep.path(rel).display().to_string()
+}
+
+/// Every error line of a load that must fail.
+fn errors(dep: &Deployment) -> Vec<String> {
+    errors_with(dep, &LoadOptions::default())
+}
+
+fn errors_with(dep: &Deployment, opts: &LoadOptions) -> Vec<String> {
+    match config::load(&dep.path("gateway.yaml"), opts) {
+        Ok(_) => panic!("the configuration should not load"),
+        Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// A plugin directory holding only a copy of libticker.so, so that the list
+/// of available plugins does not depend on what else is in target/.
+fn ticker_only_plugin_dir(dep: &Deployment, rel: &str, file: &str) -> PathBuf {
+    let dir = dep.path(rel);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::copy(target_dir().join("libticker.so"), dir.join(file)).expect("copy libticker.so");
+    dir
+}
+
+// --- Parse errors: the YAML does not fit the schema. ---
+
+#[test]
+fn unknown_key_in_a_channel_spec_lists_the_expected_keys() {
+    let dep = deployment("");
+    dep.write(
+        "specs/system.yaml",
+        "channel: system\nschema: schemas/ticker.json\nsource:\n  plugin: system-metrics\n  mode: poll\n  intervl: 5s\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:6:3: source.intervl: unknown field `intervl`, expected one of plugin, mode, interval, config",
+            at(&dep, "specs/system.yaml")
+        )]
+    );
+}
+
+#[test]
+fn unknown_top_level_key_in_gateway_yaml() {
+    let dep = deployment("limts:\n  max_connections: 10\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:8:1: limts: unknown field `limts`, expected one of listeners, plugins, channels, admin, limits, log, shutdown",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn word_where_an_integer_is_expected() {
+    let dep = deployment("limits:\n  max_connections: lots\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:20: limits.max_connections: expected a non-negative integer, got `lots`",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn negative_number_where_a_count_is_expected() {
+    let dep = deployment("limits:\n  session_queue: -5\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:18: limits.session_queue: expected a non-negative integer, got `-5`",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn empty_value_where_an_integer_is_expected() {
+    let dep = deployment("limits:\n  max_connections:\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:18: limits.max_connections: expected a non-negative integer, got an empty value",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn list_where_a_single_value_is_expected() {
+    let dep = deployment("log:\n  level: [info, debug]\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:10: log.level: expected a single value, got a list",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn single_value_where_a_list_is_expected() {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        "listeners:\n  main:\n    bind: 127.0.0.1:0\nchannels: specs/*.yaml\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:4:11: channels: expected a list, got `specs/*.yaml`",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn mapping_where_a_list_is_expected() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  path: /ws/ticker\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:7:3: endpoints: expected a list, got a mapping",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn word_where_a_boolean_is_expected() {
+    let dep = deployment("admin:\n  enabled: maybe\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:12: admin.enabled: expected true or false, got `maybe`",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn unknown_enum_value_lists_the_choices() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: pull\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:5:9: source.mode: unknown variant `pull`, expected one of poll, push",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn unknown_on_full_policy_lists_the_choices() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nqueue:\n  on_full: block\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:7:12: queue.on_full: unknown variant `block`, expected one of drop_oldest, close",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn unknown_auth_mode_lists_the_choices() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /ws/ticker\n    auth:\n      mode: basic\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:7: endpoints[0].auth.mode: unknown variant `basic`, expected one of none, api_key",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let dep = deployment("");
+    dep.write(
+        "specs/system.yaml",
+        "channel: system\nschema: schemas/ticker.json\nsource:\n  plugin: system-metrics\n  mode: poll\n  interval: five seconds\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:6:13: source.interval: invalid duration \"five seconds\": write a number and a unit, e.g. 250ms, 5s, 1m, 24h",
+            at(&dep, "specs/system.yaml")
+        )]
+    );
+}
+
+#[test]
+fn duration_without_a_unit() {
+    let dep = deployment("");
+    dep.write(
+        "specs/system.yaml",
+        "channel: system\nschema: schemas/ticker.json\nsource:\n  plugin: system-metrics\n  mode: poll\n  interval: 5\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:6:13: source.interval: invalid duration \"5\": write a number and a unit, e.g. 250ms, 5s, 1m, 24h",
+            at(&dep, "specs/system.yaml")
+        )]
+    );
+}
+
+#[test]
+fn zero_duration() {
+    let dep = deployment("shutdown:\n  deadline: 0s\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:13: shutdown.deadline: invalid duration \"0s\": must be greater than zero",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn durations_and_sizes_in_human_units_load() {
+    // humantime accepts a space and long unit names: `5 sec` is 5 seconds.
+    let dep = deployment(
+        "limits:\n  max_message_size: 1MiB\n  read_buffer: 8192\nshutdown:\n  deadline: 5 sec\n",
+    );
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let cfg = dep.load().unwrap_or_else(|e| panic!("should load:\n{e}"));
+    assert_eq!(cfg.shutdown_deadline, std::time::Duration::from_secs(5));
+    assert_eq!(cfg.limits.max_message_size, 1024 * 1024);
+    assert_eq!(cfg.limits.read_buffer, 8192);
+}
+
+#[test]
+fn bad_size() {
+    let dep = deployment("limits:\n  max_message_size: 64 kilobytes\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:21: limits.max_message_size: invalid size \"64 kilobytes\": write bytes as an integer or with a unit, e.g. 4096, 64KiB, 1MiB",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn missing_required_key() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nsource:\n  plugin: ticker\n  mode: push\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:2:1: .: missing field `schema`",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn empty_channel_spec() {
+    let dep = deployment("");
+    dep.write("specs/ticker.yaml", "# nothing yet\n");
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:2:1: .: the file is empty",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn missing_gateway_yaml() {
+    let dep = Deployment::new();
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:0:0: .: cannot read file: No such file or directory (os error 2)",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+// --- Schemas. ---
+
+#[test]
+fn missing_schema_file() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/tick.json\nsource:\n  plugin: ticker\n  mode: push\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:2:9: schema: cannot read schema {}: No such file or directory (os error 2)",
+            at(&dep, "specs/ticker.yaml"),
+            at(&dep, "specs/schemas/tick.json")
+        )]
+    );
+}
+
+#[test]
+fn schema_that_is_not_a_json_schema() {
+    let dep = deployment("");
+    dep.write("specs/schemas/bad.json", r#"{"type": 12}"#);
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/bad.json\nsource:\n  plugin: ticker\n  mode: push\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:2:9: schema: schema {} is not a valid JSON Schema: 12 is not valid under any of the schemas listed in the 'anyOf' keyword (at /type)",
+            at(&dep, "specs/ticker.yaml"),
+            at(&dep, "specs/schemas/bad.json")
+        )]
+    );
+}
+
+#[test]
+fn schema_that_is_not_json() {
+    let dep = deployment("");
+    dep.write("specs/schemas/bad.json", "{\"type\": ");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/bad.json\nsource:\n  plugin: ticker\n  mode: push\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:2:9: schema: schema {} is not valid JSON: EOF while parsing a value at line 1 column 9",
+            at(&dep, "specs/ticker.yaml"),
+            at(&dep, "specs/schemas/bad.json")
+        )]
+    );
+}
+
+// --- Plugins. ---
+
+#[test]
+fn unknown_plugin_names_the_directory_and_the_available_plugins() {
+    let dep = Deployment::new();
+    // plugins.dirs is relative to gateway.yaml.
+    ticker_only_plugin_dir(&dep, "plugins", "libticker.so");
+    dep.write(
+        "gateway.yaml",
+        "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [plugins]\nchannels:\n  - specs/*.yaml\n",
+    );
+    dep.shipped_schema("ticker.json");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: tickr\n  mode: push\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:4:11: source.plugin: no plugin \"tickr\": looked for libtickr.so in {}; available: ticker",
+            at(&dep, "specs/ticker.yaml"),
+            at(&dep, "plugins")
+        )]
+    );
+}
+
+#[test]
+fn unknown_plugin_with_plugin_dirs_overridden() {
+    let dep = deployment("");
+    let dir = ticker_only_plugin_dir(&dep, "only-ticker", "libticker.so");
+    let empty = dep.path("empty");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    dep.write(
+        "specs/faults.yaml",
+        "channel: faults\nschema: schemas/ticker.json\nsource:\n  plugin: test-faults\n  mode: push\n",
+    );
+    let opts = LoadOptions {
+        plugin_dirs: Some(vec![empty.clone(), dir.clone()]),
+        ..LoadOptions::default()
+    };
+    assert_eq!(
+        errors_with(&dep, &opts),
+        [format!(
+            "{}:4:11: source.plugin: no plugin \"test-faults\": looked for libtest_faults.so in {}, {}; available: ticker",
+            at(&dep, "specs/faults.yaml"),
+            empty.display(),
+            dir.display()
+        )]
+    );
+}
+
+#[test]
+fn no_plugin_directory() {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        "listeners:\n  main:\n    bind: 127.0.0.1:0\nchannels:\n  - specs/*.yaml\n",
+    );
+    dep.shipped_schema("ticker.json");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:0:0: plugins.dirs: no plugin directory configured; add e.g. `plugins: {{dirs: [target/release]}}`",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn plugin_declaring_another_name() {
+    let dep = deployment("");
+    let dir = ticker_only_plugin_dir(&dep, "plugins", "libnot_ticker.so");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: not-ticker\n  mode: push\n",
+    );
+    let opts = LoadOptions {
+        plugin_dirs: Some(vec![dir.clone()]),
+        ..LoadOptions::default()
+    };
+    assert_eq!(
+        errors_with(&dep, &opts),
+        [format!(
+            "{}:4:11: source.plugin: {} declares plugin name \"ticker\", not \"not-ticker\"",
+            at(&dep, "specs/ticker.yaml"),
+            dir.join("libnot_ticker.so").display()
+        )]
+    );
+}
+
+#[test]
+fn abi_mismatched_plugin_names_both_versions() {
+    let dep = deployment("");
+    dep.write(
+        "specs/old.yaml",
+        "channel: old\nschema: schemas/ticker.json\nsource:\n  plugin: test-abi-mismatch\n  mode: poll\n  interval: 1s\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:4:11: source.plugin: plugin {} speaks plugin ABI v2; this gateway speaks v1: rebuild the plugin against plugin-api for ABI v1",
+            at(&dep, "specs/old.yaml"),
+            target_dir().join("libtest_abi_mismatch.so").display()
+        )]
+    );
+}
+
+#[test]
+fn mode_the_plugin_does_not_support() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: poll\n  interval: 1s\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:5:9: source.mode: plugin \"ticker\" does not support poll mode (it supports: push, command)",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn poll_source_without_interval() {
+    let dep = deployment("");
+    dep.write(
+        "specs/system.yaml",
+        "channel: system\nschema: schemas/ticker.json\nsource:\n  plugin: system-metrics\n  mode: poll\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:5:9: source.interval: poll sources need an interval, e.g. `interval: 5s`",
+            at(&dep, "specs/system.yaml")
+        )]
+    );
+}
+
+#[test]
+fn push_source_with_interval() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  interval: 1s\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:6:13: source.interval: interval applies to poll sources only; remove it or use `mode: poll`",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+// --- Channels and endpoints. ---
+
+#[test]
+fn duplicate_path_on_a_listener_names_the_other_channel() {
+    let dep = deployment("");
+    dep.write(
+        "specs/a.yaml",
+        "channel: a\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /ws/a\n",
+    );
+    dep.write(
+        "specs/b.yaml",
+        "channel: b\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /ws/b\n  - path: /ws/a\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:8:11: endpoints[1].path: path \"/ws/a\" on listener \"main\" is already served by channel \"a\" ({}:7:11)",
+            at(&dep, "specs/b.yaml"),
+            at(&dep, "specs/a.yaml")
+        )]
+    );
+}
+
+#[test]
+fn path_parameters_with_different_names_still_collide() {
+    let dep = deployment("");
+    dep.write(
+        "specs/a.yaml",
+        "channel: a\nschema: schemas/ticker.json\nsource:\n  plugin: test-faults\n  mode: push\nendpoints:\n  - path: /jobs/{id}\n",
+    );
+    dep.write(
+        "specs/b.yaml",
+        "channel: b\nschema: schemas/ticker.json\nsource:\n  plugin: test-faults\n  mode: push\nendpoints:\n  - path: /jobs/{job_id}\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:7:11: endpoints[0].path: path \"/jobs/{{job_id}}\" on listener \"main\" is already served by channel \"a\" ({}:7:11)",
+            at(&dep, "specs/b.yaml"),
+            at(&dep, "specs/a.yaml")
+        )]
+    );
+}
+
+#[test]
+fn duplicate_channel_name_across_files() {
+    let dep = deployment("");
+    dep.write("specs/a.yaml", TICKER_SPEC);
+    dep.write(
+        "specs/b.yaml",
+        "# the same channel again\nchannel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:2:10: channel: channel \"ticker\" is already defined at {}:1:10",
+            at(&dep, "specs/b.yaml"),
+            at(&dep, "specs/a.yaml")
+        )]
+    );
+}
+
+#[test]
+fn invalid_channel_name() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: my ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:1:10: channel: invalid channel name \"my ticker\": use letters, digits, '-', '_' and '.'",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn channel_glob_matching_no_file() {
+    let dep = deployment("  - more-specs/*.yaml\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:8:5: channels[1]: no file matches \"{}\"",
+            at(&dep, "gateway.yaml"),
+            at(&dep, "more-specs/*.yaml")
+        )]
+    );
+}
+
+#[test]
+fn endpoint_on_an_unknown_listener() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /ws/ticker\n    listener: public\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:8:15: endpoints[0].listener: no listener named \"public\"; defined: main",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn endpoint_without_listener_when_several_are_defined() {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\n  internal:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n",
+            target_dir().display()
+        ),
+    );
+    dep.shipped_schema("ticker.json");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:7:11: endpoints[0].listener: several listeners are defined (internal, main); name one with `listener:`",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn admin_on_an_unknown_listener() {
+    let dep = deployment("admin:\n  listener: admin\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:13: admin.listener: no listener named \"admin\"; defined: main",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn path_not_starting_with_a_slash() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: ws/ticker\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:7:11: endpoints[0].path: path \"ws/ticker\" must start with '/'",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn path_parameters_on_a_plugin_without_keyed_streams() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /ws/ticker/{symbol}\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:7:11: endpoints[0].path: path parameters select keyed streams, but plugin \"ticker\" has none (it supports: push, command)",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn api_key_auth_without_query_or_header() {
+    let dep = deployment("");
+    dep.write("specs/keys.txt", "secret\n");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /ws/ticker\n    auth:\n      mode: api_key\n      keys_file: keys.txt\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:7: endpoints[0].auth: api_key needs `query` (e.g. api_key), `header` (e.g. X-Api-Key) or both",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn api_key_auth_without_keys() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /ws/ticker\n    auth:\n      mode: api_key\n      header: X-Api-Key\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:7: endpoints[0].auth: api_key needs `keys_env` (an environment variable holding comma-separated keys) or `keys_file`",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn api_key_auth_with_an_unset_environment_variable() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /ws/ticker\n    auth:\n      mode: api_key\n      query: api_key\n      keys_env: CONFIG_ERRORS_TEST_NEVER_SET_KEYS\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:7: endpoints[0].auth: environment variable CONFIG_ERRORS_TEST_NEVER_SET_KEYS is not set; it should hold the accepted API keys, comma-separated",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn api_key_auth_with_a_missing_keys_file() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /ws/ticker\n    auth:\n      mode: api_key\n      query: api_key\n      keys_file: keys.txt\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:7: endpoints[0].auth: cannot read keys_file {}: No such file or directory (os error 2)",
+            at(&dep, "specs/ticker.yaml"),
+            at(&dep, "specs/keys.txt")
+        )]
+    );
+}
+
+#[test]
+fn api_key_auth_with_an_unknown_key() {
+    // `auth` is an internally tagged enum (`mode:` picks the variant), which
+    // serde buffers: the error points at the `auth:` key, not at the typo.
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /ws/ticker\n    auth:\n      mode: api_key\n      querry: api_key\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:8:5: endpoints[0].auth: unknown field `querry`, expected one of query, header, keys_env, keys_file",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+// --- Listeners. ---
+
+#[test]
+fn invalid_listener_address() {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: localhost\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n",
+            target_dir().display()
+        ),
+    );
+    dep.shipped_schema("ticker.json");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:3:11: listeners.main.bind: invalid address \"localhost\": write host:port, e.g. 127.0.0.1:8080",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[test]
+fn listen_override_naming_an_unknown_listener() {
+    let dep = deployment("");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let opts = LoadOptions {
+        listen: BTreeMap::from([("public".to_string(), "127.0.0.1:0".to_string())]),
+        ..LoadOptions::default()
+    };
+    assert_eq!(
+        errors_with(&dep, &opts),
+        [format!(
+            "{}:0:0: listeners.public: --listen names listener \"public\", which {} does not define",
+            at(&dep, "gateway.yaml"),
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+#[tokio::test]
+async fn listener_address_already_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = taken.local_addr().expect("local addr");
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: \"{addr}\"\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n",
+            target_dir().display()
+        ),
+    );
+    dep.shipped_schema("ticker.json");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let cfg = dep.load().unwrap_or_else(|e| panic!("should load:\n{e}"));
+    let Err(errors) = Gateway::start(cfg).await else {
+        panic!("the gateway should not start on a port in use");
+    };
+    assert_eq!(
+        errors.to_string(),
+        format!(
+            "{}:3:11: listeners.main.bind: cannot listen on {addr}: Address already in use (os error 98)",
+            at(&dep, "gateway.yaml")
+        )
+    );
+    drop(taken);
+}
+
+// --- Several mistakes at once. ---
+
+#[test]
+fn mistakes_in_several_files_are_reported_together_in_order() {
+    let dep = deployment("admin:\n  listener: admin\n");
+    // b.yaml: a parse error stops at the first mistake of that file.
+    dep.write(
+        "specs/b.yaml",
+        "channel: b\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  intervl: 1s\n",
+    );
+    // a.yaml: three independent mistakes, all reported.
+    dep.write(
+        "specs/a.yaml",
+        "channel: a\nschema: schemas/missing.json\nsource:\n  plugin: system-metrics\n  mode: poll\nendpoints:\n  - path: /ws/a\n  - path: /ws/a2\n    listener: public\n",
+    );
+    // c.yaml: a mistake of its own, and a path a.yaml already serves.
+    dep.write(
+        "specs/c.yaml",
+        "channel: c\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  interval: 2s\nendpoints:\n  - path: /ws/a\n",
+    );
+    let gw = at(&dep, "gateway.yaml");
+    let a = at(&dep, "specs/a.yaml");
+    let b = at(&dep, "specs/b.yaml");
+    let c = at(&dep, "specs/c.yaml");
+    let missing = at(&dep, "specs/schemas/missing.json");
+    // gateway.yaml first, then the spec files in name order, each in file order.
+    let expected = [
+        format!("{gw}:9:13: admin.listener: no listener named \"admin\"; defined: main"),
+        format!(
+            "{a}:2:9: schema: cannot read schema {missing}: No such file or directory (os error 2)"
+        ),
+        format!("{a}:5:9: source.interval: poll sources need an interval, e.g. `interval: 5s`"),
+        format!("{a}:9:15: endpoints[1].listener: no listener named \"public\"; defined: main"),
+        format!(
+            "{b}:6:3: source.intervl: unknown field `intervl`, expected one of plugin, mode, interval, config"
+        ),
+        format!(
+            "{c}:6:13: source.interval: interval applies to poll sources only; remove it or use `mode: poll`"
+        ),
+        format!(
+            "{c}:8:11: endpoints[0].path: path \"/ws/a\" on listener \"main\" is already served by channel \"a\" ({a}:7:11)"
+        ),
+    ];
+    assert_eq!(errors(&dep), expected);
+    // The whole list prints one error per line.
+    let all = dep.load().expect_err("should fail").to_string();
+    assert_eq!(all, expected.join("\n"));
+}
+
+// --- The binary. ---
+
+fn gateway_bin(args: &[&std::ffi::OsStr]) -> Output {
+    build_plugins();
+    Command::new(target_dir().join("gateway"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the gateway binary")
+}
+
+#[test]
+fn check_reports_every_error_and_exits_1() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  interval: 1s\nendpoints:\n  - path: /ws/ticker\n    listener: public\n",
+    );
+    let gw = dep.path("gateway.yaml");
+    let out = gateway_bin(&["check".as_ref(), "--config".as_ref(), gw.as_os_str()]);
+    let spec = at(&dep, "specs/ticker.yaml");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "{spec}:6:13: source.interval: interval applies to poll sources only; remove it or use `mode: poll`\n\
+             {spec}:9:15: endpoints[0].listener: no listener named \"public\"; defined: main\n\
+             2 error(s) in {}\n",
+            gw.display()
+        )
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+}
+
+#[test]
+fn check_on_a_good_config_says_ok_and_exits_0() {
+    let dep = deployment("");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let gw = dep.path("gateway.yaml");
+    let out = gateway_bin(&["check".as_ref(), "--config".as_ref(), gw.as_os_str()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "{}: OK (1 listener(s), 1 channel(s), 1 endpoint(s), plugins: ticker)\n",
+            gw.display()
+        )
+    );
+}
+
+#[test]
+fn check_honours_plugin_dir_override() {
+    let dep = deployment("");
+    let dir = ticker_only_plugin_dir(&dep, "only-ticker", "libticker.so");
+    dep.write(
+        "specs/system.yaml",
+        "channel: system\nschema: schemas/ticker.json\nsource:\n  plugin: system-metrics\n  mode: poll\n  interval: 1s\n",
+    );
+    let gw = dep.path("gateway.yaml");
+    let out = gateway_bin(&[
+        "check".as_ref(),
+        "--config".as_ref(),
+        gw.as_os_str(),
+        "--plugin-dir".as_ref(),
+        dir.as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "{}:4:11: source.plugin: no plugin \"system-metrics\": looked for libsystem_metrics.so in {}; available: ticker\n\
+             1 error(s) in {}\n",
+            at(&dep, "specs/system.yaml"),
+            dir.display(),
+            gw.display()
+        )
+    );
+}
+
+#[test]
+fn help_mentions_check_and_config() {
+    let out = gateway_bin(&["--help".as_ref()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("check"), "{help}");
+    assert!(help.contains("--config"), "{help}");
+}
