@@ -31,6 +31,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod ws;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
