@@ -9,9 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use bytes::Bytes;
 use parking_lot::RwLock;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::config::OnFull;
 use crate::metrics::ChannelMetrics;
@@ -29,8 +28,9 @@ pub struct Topic {
 /// A published message: its frame is shared by every subscriber.
 #[derive(Clone, Debug)]
 pub struct Message {
-    /// The serialized JSON, ready to send as a text frame.
-    pub text: Utf8Bytes,
+    /// The complete WebSocket text frame (header and JSON), written as is to
+    /// every subscriber's socket.
+    pub frame: Bytes,
 }
 
 /// A subscriber: a session's queue and the channel's slow-consumer policy.
@@ -90,7 +90,7 @@ impl Broker for MemoryBroker {
         let metrics = &first.metrics;
         let (mut delivered, mut dropped, mut closed) = (0u64, 0u64, 0u64);
         for (_, s) in subs.iter() {
-            match s.queue.push(msg.text.clone(), s.on_full) {
+            match s.queue.push(msg.frame.clone(), s.on_full) {
                 Pushed::Queued => delivered += 1,
                 Pushed::DroppedOldest => {
                     delivered += 1;
@@ -113,7 +113,7 @@ impl Broker for MemoryBroker {
     fn end(&self, topic: &Topic) {
         let Some(subs) = self.subs(topic) else { return };
         for (_, s) in subs.read().iter() {
-            s.queue.close(CloseCode::Normal, "stream ended");
+            s.queue.close(crate::ws::close::NORMAL, "stream ended");
         }
     }
 
@@ -170,7 +170,7 @@ mod tests {
             ids.push(id);
         }
         let msg = Message {
-            text: Utf8Bytes::from_static("{\"a\":1}"),
+            frame: crate::ws::frame(crate::ws::OP_TEXT, b"{\"a\":1}"),
         };
         b.publish(&topic, &msg);
         assert_eq!(m.deliveries.load(Relaxed), 3);
@@ -178,9 +178,9 @@ mod tests {
             let mut out = Vec::new();
             q.take(&mut out, 10);
             match &out[..] {
-                [Outbound::Text(t)] => {
+                [Outbound::Frame(f)] => {
                     // Same allocation, not a copy.
-                    assert_eq!(t.as_str().as_ptr(), msg.text.as_str().as_ptr());
+                    assert_eq!(f.as_ptr(), msg.frame.as_ptr());
                 }
                 other => panic!("unexpected {other:?}"),
             }

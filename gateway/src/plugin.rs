@@ -268,8 +268,11 @@ pub enum SourceEvent {
     Message {
         /// Stream key.
         key: Option<Arc<str>>,
-        /// JSON as the plugin emitted it.
-        json: Bytes,
+        /// A complete WebSocket text frame: header, then the JSON exactly as
+        /// the plugin emitted it (built in the one copy at the boundary).
+        frame: Bytes,
+        /// Where the JSON starts in `frame`.
+        header: usize,
     },
     /// The plugin ended a keyed stream.
     End {
@@ -378,9 +381,14 @@ extern "C" fn host_emit(ctx: *mut c_void, key: GwSlice, json: GwSlice) -> i32 {
             h.metrics.rejected.fetch_add(1, Relaxed);
             return GW_REJECTED;
         };
+        let header = crate::ws::header_len(json.len());
+        let mut frame = bytes::BytesMut::with_capacity(header + json.len());
+        crate::ws::put_header(&mut frame, crate::ws::OP_TEXT, json.len());
+        frame.extend_from_slice(json);
         h.send(SourceEvent::Message {
             key,
-            json: Bytes::copy_from_slice(json),
+            frame: frame.freeze(),
+            header,
         })
     }))
     .unwrap_or(GW_ERROR)

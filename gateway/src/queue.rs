@@ -7,22 +7,19 @@
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::config::OnFull;
 
 /// One item for the socket writer.
 #[derive(Clone, Debug)]
 pub enum Outbound {
-    /// A text frame (shared bytes).
-    Text(Utf8Bytes),
-    /// Send a Close frame and stop writing.
-    Close(CloseCode, &'static str),
-    /// Flush whatever tungstenite has queued (e.g. an automatic Pong).
-    Flush,
+    /// A complete frame (shared bytes).
+    Frame(Bytes),
+    /// Send a Close frame with this code and reason, then stop writing.
+    Close(u16, &'static str),
 }
 
 /// What a push did.
@@ -64,7 +61,7 @@ impl SessionQueue {
     }
 
     /// Queue a data frame, applying `on_full` when the queue is full.
-    pub fn push(&self, frame: Utf8Bytes, on_full: OnFull) -> Pushed {
+    pub fn push(&self, frame: Bytes, on_full: OnFull) -> Pushed {
         let mut g = self.inner.lock();
         if g.closing {
             return Pushed::Ignored;
@@ -73,17 +70,18 @@ impl SessionQueue {
         let outcome = if g.items.len() >= self.cap {
             match on_full {
                 OnFull::DropOldest => {
-                    // Control items (Close/Flush) are never dropped; only data.
-                    if let Some(pos) = g.items.iter().position(|i| matches!(i, Outbound::Text(_))) {
+                    // A Close is never dropped; only data.
+                    if let Some(pos) = g.items.iter().position(|i| matches!(i, Outbound::Frame(_)))
+                    {
                         g.items.remove(pos);
                     }
-                    g.items.push_back(Outbound::Text(frame));
+                    g.items.push_back(Outbound::Frame(frame));
                     Pushed::DroppedOldest
                 }
                 OnFull::Close => {
                     g.items.clear();
                     g.items.push_back(Outbound::Close(
-                        CloseCode::Policy,
+                        crate::ws::close::POLICY,
                         "slow consumer: queue full",
                     ));
                     g.closing = true;
@@ -91,7 +89,7 @@ impl SessionQueue {
                 }
             }
         } else {
-            g.items.push_back(Outbound::Text(frame));
+            g.items.push_back(Outbound::Frame(frame));
             Pushed::Queued
         };
         drop(g);
@@ -101,20 +99,9 @@ impl SessionQueue {
         outcome
     }
 
-    /// Queue a control item past the bound (replies, flushes).
-    pub fn push_control(&self, item: Outbound) {
-        let mut g = self.inner.lock();
-        if g.closing {
-            return;
-        }
-        g.items.push_back(item);
-        drop(g);
-        self.notify.notify_one();
-    }
-
     /// Close after the frames already queued; later pushes are ignored.
     /// Returns false if the queue was already closing.
-    pub fn close(&self, code: CloseCode, reason: &'static str) -> bool {
+    pub fn close(&self, code: u16, reason: &'static str) -> bool {
         let mut g = self.inner.lock();
         if g.closing {
             return false;
@@ -152,8 +139,8 @@ impl SessionQueue {
 mod tests {
     use super::*;
 
-    fn t(s: &'static str) -> Utf8Bytes {
-        Utf8Bytes::from_static(s)
+    fn t(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
     }
 
     fn texts(q: &SessionQueue) -> Vec<String> {
@@ -161,9 +148,8 @@ mod tests {
         q.take(&mut out, 100);
         out.into_iter()
             .map(|o| match o {
-                Outbound::Text(t) => t.to_string(),
-                Outbound::Close(c, r) => format!("close {} {r}", u16::from(c)),
-                Outbound::Flush => "flush".into(),
+                Outbound::Frame(t) => String::from_utf8(t.to_vec()).unwrap(),
+                Outbound::Close(c, r) => format!("close {c} {r}"),
             })
             .collect()
     }
@@ -190,8 +176,8 @@ mod tests {
     fn close_comes_after_queued_frames_and_stops_pushes() {
         let q = SessionQueue::new(8);
         q.push(t("1"), OnFull::DropOldest);
-        assert!(q.close(CloseCode::Away, "bye"));
-        assert!(!q.close(CloseCode::Normal, "again"));
+        assert!(q.close(1001, "bye"));
+        assert!(!q.close(1000, "again"));
         assert_eq!(q.push(t("2"), OnFull::DropOldest), Pushed::Ignored);
         assert_eq!(texts(&q), ["1", "close 1001 bye"]);
     }

@@ -16,12 +16,10 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
+use tungstenite::handshake::derive_accept_key;
 use warp::Filter;
 
 use crate::router::Router;
@@ -331,12 +329,6 @@ fn handle_endpoint(
     } else {
         None
     };
-    let limits = &state.config.limits;
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(limits.read_buffer)
-        .write_buffer_size(16 * 1024)
-        .max_message_size(Some(limits.max_message_size))
-        .max_frame_size(Some(limits.max_message_size));
     let ctx = SessionCtx {
         conn_id: state.next_conn_id(),
         peer: info.peer,
@@ -350,15 +342,14 @@ fn handle_endpoint(
     tracker.spawn(async move {
         let _permit = permit;
         match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(ws_config),
-                )
-                .await;
-                session::run(ws, ctx).await;
-            }
+            // Take the socket back from hyper: the session owns it, with no
+            // buffering layer in between.
+            Ok(upgraded) => match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+                Ok(parts) => session::run(parts.io.into_inner(), parts.read_buf, ctx).await,
+                Err(_) => {
+                    tracing::error!(peer = %info.peer, "upgraded connection is not a TCP stream")
+                }
+            },
             Err(e) => tracing::debug!(peer = %info.peer, error = %e, "upgrade failed"),
         }
     });

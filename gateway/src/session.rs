@@ -1,20 +1,16 @@
-//! One WebSocket session: a single task that reads the client and writes
-//! queued frames in batches (several frames, one flush).
+//! One WebSocket session: a single task that reads the client and writes its
+//! queue. Frames arrive pre-built and shared; up to `limits.write_batch` of
+//! them go out per vectored write. Nothing is buffered while idle.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{Future, SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use bytes::Bytes;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
@@ -22,6 +18,7 @@ use crate::channel::ChannelRuntime;
 use crate::config::EndpointCfg;
 use crate::queue::{Outbound, SessionQueue};
 use crate::state::GatewayState;
+use crate::ws::{self, FrameReader, FrameWriter, Incoming, ReadError, close};
 
 /// How long to wait for the client's Close reply after ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -46,56 +43,6 @@ pub struct SessionCtx {
     pub shutdown: CancellationToken,
 }
 
-type WriteResult<S> = (
-    SplitSink<WebSocketStream<S>, WsMessage>,
-    Vec<Outbound>,
-    Result<bool, WsError>,
-);
-type WriteFut<S> = Pin<Box<dyn Future<Output = WriteResult<S>> + Send>>;
-
-/// Write one batch and flush once. Returns whether a Close frame was sent.
-fn write_batch<S>(
-    mut sink: SplitSink<WebSocketStream<S>, WsMessage>,
-    mut batch: Vec<Outbound>,
-) -> WriteFut<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    Box::pin(async move {
-        let mut res = Ok(false);
-        for item in batch.drain(..) {
-            let r = match item {
-                Outbound::Text(t) => sink.feed(WsMessage::Text(t)).await,
-                Outbound::Flush => Ok(()),
-                Outbound::Close(code, reason) => {
-                    let frame = CloseFrame {
-                        code,
-                        reason: reason.into(),
-                    };
-                    res = sink.send(WsMessage::Close(Some(frame))).await.map(|_| true);
-                    break;
-                }
-            };
-            if let Err(e) = r {
-                res = Err(e);
-                break;
-            }
-        }
-        batch.clear();
-        if matches!(res, Ok(false)) {
-            res = sink.flush().await.map(|_| false);
-        }
-        (sink, batch, res)
-    })
-}
-
-async fn maybe<F: Future + Unpin>(f: &mut Option<F>) -> F::Output {
-    match f {
-        Some(f) => f.await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn maybe_sleep(s: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     match s {
         Some(s) => s.await,
@@ -103,19 +50,30 @@ async fn maybe_sleep(s: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     }
 }
 
-enum Event<S> {
+enum Event {
     Shutdown,
-    Written(WriteResult<S>),
+    Written(std::io::Result<()>),
     Queued,
-    Read(Option<Result<WsMessage, WsError>>),
+    Read(std::io::Result<Result<bool, ReadError>>),
     LingerOver,
 }
 
+/// Per-session state of the close handshake and the client side.
+#[derive(Default)]
+struct Flags {
+    /// A Close frame is in the writer; nothing else may follow it.
+    close_queued: bool,
+    /// Our Close frame was written.
+    close_sent: bool,
+    /// The client sent Close, broke the protocol, or its side ended.
+    read_done: bool,
+    /// Shutdown has begun.
+    shutting: bool,
+}
+
 /// Run a session until either side closes or the gateway shuts down.
-pub async fn run<S>(ws: WebSocketStream<S>, ctx: SessionCtx)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// `early` holds bytes the client sent right behind its handshake.
+pub async fn run(mut tcp: TcpStream, early: Bytes, ctx: SessionCtx) {
     let m = ctx.state.metrics.clone();
     m.connections.fetch_add(1, Relaxed);
     m.connections_total.fetch_add(1, Relaxed);
@@ -125,101 +83,136 @@ where
 
     let queue = Arc::new(SessionQueue::new(limits.session_queue));
     let subscription = ctx.channel.subscribe(ctx.key.clone(), queue.clone());
-    let (sink, mut stream) = ws.split::<WsMessage>();
-    let mut sink: Option<SplitSink<WebSocketStream<S>, WsMessage>> = Some(sink);
-    let mut batch: Vec<Outbound> = Vec::new();
-    let mut writing: Option<WriteFut<S>> = None;
+    let mut reader = FrameReader::new(limits.max_message_size);
+    let mut writer = FrameWriter::new();
+    let mut incoming = Vec::new();
+    let mut batch = Vec::new();
     let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    let mut close_sent = false;
-    let mut client_closed = false;
-    let mut shutting = false;
-    let stream: &mut SplitStream<WebSocketStream<S>> = &mut stream;
+    let mut f = Flags::default();
+    let (mut rd, mut wr) = tcp.split();
+
+    if !early.is_empty() {
+        let r = reader.feed(&early, &mut incoming);
+        handle_read(
+            Ok(r.map(|_| true)),
+            &mut incoming,
+            &mut writer,
+            &mut f,
+            &ctx,
+        );
+    }
 
     loop {
-        if writing.is_none() && !close_sent {
-            queue.take(&mut batch, batch_max);
-            if !batch.is_empty()
-                && let Some(s) = sink.take()
-            {
-                writing = Some(write_batch(s, std::mem::take(&mut batch)));
+        // Move queued frames to the writer: one batch, one vectored write.
+        if !f.close_queued && writer.len() < batch_max {
+            queue.take(&mut batch, batch_max - writer.len());
+            for item in batch.drain(..) {
+                match item {
+                    Outbound::Frame(frame) => writer.push(frame),
+                    Outbound::Close(code, reason) => {
+                        writer.push(ws::close_frame(code, reason));
+                        f.close_queued = true;
+                        break;
+                    }
+                }
             }
         }
-        if client_closed && writing.is_none() && queue.is_empty() {
+        if f.close_sent && f.read_done {
             break;
         }
         let ev = tokio::select! {
             biased;
-            _ = ctx.shutdown.cancelled(), if !shutting => Event::Shutdown,
-            r = maybe(&mut writing) => Event::Written(r),
-            _ = queue.notified(), if writing.is_none() && !close_sent => Event::Queued,
-            r = stream.next(), if !client_closed => Event::Read(r),
+            _ = ctx.shutdown.cancelled(), if !f.shutting => Event::Shutdown,
+            r = poll_fn(|cx| writer.poll_write_all(cx, &mut wr)), if !writer.is_empty() => Event::Written(r),
+            _ = queue.notified(), if writer.is_empty() && !f.close_queued => Event::Queued,
+            r = poll_fn(|cx| ws::poll_read_frames(cx, &mut rd, &mut reader, &mut incoming)), if !f.read_done => Event::Read(r),
             _ = maybe_sleep(&mut linger) => Event::LingerOver,
         };
         match ev {
             Event::Shutdown => {
-                shutting = true;
-                queue.close(CloseCode::Away, "server shutting down");
+                f.shutting = true;
+                queue.close(close::GOING_AWAY, "server shutting down");
                 linger = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
             }
-            Event::Written((s, b, r)) => {
-                writing = None;
-                sink = Some(s);
-                batch = b;
-                match r {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        close_sent = true;
-                        if linger.is_none() {
-                            linger = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(conn_id = ctx.conn_id, error = %e, "write failed");
-                        break;
-                    }
+            Event::Written(Ok(())) => {
+                if f.close_queued && writer.is_empty() {
+                    f.close_sent = true;
+                    linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_LINGER)));
                 }
+            }
+            Event::Written(Err(e)) => {
+                tracing::debug!(conn_id = ctx.conn_id, error = %e, "write failed");
+                break;
             }
             Event::Queued => {}
-            Event::Read(None) => break,
-            Event::Read(Some(Err(WsError::Capacity(e)))) => {
-                let too_big = matches!(e, CapacityError::MessageTooLong { .. });
-                if too_big {
-                    m.closed_too_big.fetch_add(1, Relaxed);
-                }
-                tracing::debug!(conn_id = ctx.conn_id, error = %e, "inbound message too large");
-                queue.close(CloseCode::Size, "message too big");
-                client_closed = true;
-            }
-            Event::Read(Some(Err(e))) => {
-                tracing::debug!(conn_id = ctx.conn_id, error = %e, "read failed");
-                if close_sent {
+            Event::Read(r) => {
+                if !handle_read(r, &mut incoming, &mut writer, &mut f, &ctx) {
                     break;
                 }
-                queue.close(CloseCode::Protocol, "protocol error");
-                client_closed = true;
             }
-            Event::Read(Some(Ok(msg))) => match msg {
-                WsMessage::Close(_) => {
-                    // tungstenite queued the Close reply; flush it out.
-                    if close_sent {
-                        break;
-                    }
-                    queue.push_control(Outbound::Flush);
-                    client_closed = true;
-                }
-                WsMessage::Ping(_) => queue.push_control(Outbound::Flush),
-                // Stream endpoints ignore what clients send (never an error,
-                // never a close); control protocols come with the endpoint
-                // protocols.
-                WsMessage::Text(_)
-                | WsMessage::Binary(_)
-                | WsMessage::Pong(_)
-                | WsMessage::Frame(_) => {}
-            },
             Event::LingerOver => break,
         }
     }
     drop(subscription);
     m.connections.fetch_sub(1, Relaxed);
     tracing::debug!(conn_id = ctx.conn_id, "session closed");
+}
+
+/// React to what one read produced. Returns false when the connection is gone.
+fn handle_read(
+    r: std::io::Result<Result<bool, ReadError>>,
+    incoming: &mut Vec<Incoming>,
+    writer: &mut FrameWriter,
+    f: &mut Flags,
+    ctx: &SessionCtx,
+) -> bool {
+    let queue_close = |writer: &mut FrameWriter, f: &mut Flags, code: u16, reason: &str| {
+        if !f.close_queued {
+            writer.push(ws::close_frame(code, reason));
+            f.close_queued = true;
+        }
+    };
+    // Messages parsed before an error are still handled.
+    for msg in incoming.drain(..) {
+        match msg {
+            Incoming::Ping(p) if !f.close_queued => writer.push(ws::frame(ws::OP_PONG, &p)),
+            Incoming::Close(c) => {
+                f.read_done = true;
+                // Echo the client's code, as RFC 6455 asks.
+                let code = c.map_or(close::NORMAL, |(code, _)| code);
+                let code =
+                    if (1000..5000).contains(&code) && ![1004, 1005, 1006, 1015].contains(&code) {
+                        code
+                    } else {
+                        close::PROTOCOL
+                    };
+                queue_close(writer, f, code, "");
+            }
+            // Stream endpoints ignore what clients send: never an error,
+            // never a close.
+            Incoming::Text(_) | Incoming::Binary(_) | Incoming::Pong(_) | Incoming::Ping(_) => {}
+        }
+    }
+    match r {
+        Ok(Ok(true)) => true,
+        // The client's side ended without a Close: nothing more to say.
+        Ok(Ok(false)) => {
+            f.read_done = true;
+            f.close_queued
+        }
+        Ok(Err(e)) => {
+            let (code, reason) = e.close();
+            if e == ReadError::TooBig {
+                ctx.state.metrics.closed_too_big.fetch_add(1, Relaxed);
+            }
+            tracing::debug!(conn_id = ctx.conn_id, ?e, "closing on a bad client frame");
+            f.read_done = true;
+            queue_close(writer, f, code, reason);
+            true
+        }
+        Err(e) => {
+            tracing::debug!(conn_id = ctx.conn_id, error = %e, "read failed");
+            false
+        }
+    }
 }
