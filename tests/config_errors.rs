@@ -281,13 +281,13 @@ fn zero_duration() {
 fn durations_and_sizes_in_human_units_load() {
     // humantime accepts a space and long unit names: `5 sec` is 5 seconds.
     let dep = deployment(
-        "limits:\n  max_message_size: 1MiB\n  read_buffer: 8192\nshutdown:\n  deadline: 5 sec\n",
+        "limits:\n  max_message_size: 1MiB\n  session_queue: 64\nshutdown:\n  deadline: 5 sec\n",
     );
     dep.write("specs/ticker.yaml", TICKER_SPEC);
     let cfg = dep.load().unwrap_or_else(|e| panic!("should load:\n{e}"));
     assert_eq!(cfg.shutdown_deadline, std::time::Duration::from_secs(5));
     assert_eq!(cfg.limits.max_message_size, 1024 * 1024);
-    assert_eq!(cfg.limits.read_buffer, 8192);
+    assert_eq!(cfg.limits.session_queue, 64);
 }
 
 #[test]

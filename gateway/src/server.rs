@@ -345,7 +345,14 @@ fn handle_endpoint(
             // Take the socket back from hyper: the session owns it, with no
             // buffering layer in between.
             Ok(upgraded) => match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
-                Ok(parts) => session::run(parts.io.into_inner(), parts.read_buf, ctx).await,
+                Ok(parts) => {
+                    // `read_buf` is a view into hyper's connection buffer
+                    // (kilobytes): keep a copy of what the client already
+                    // sent, not the buffer.
+                    let early = parts.read_buf.to_vec();
+                    drop(parts.read_buf);
+                    session::run(parts.io.into_inner(), early, ctx).await
+                }
                 Err(_) => {
                     tracing::error!(peer = %info.peer, "upgraded connection is not a TCP stream")
                 }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -73,7 +72,7 @@ struct Flags {
 
 /// Run a session until either side closes or the gateway shuts down.
 /// `early` holds bytes the client sent right behind its handshake.
-pub async fn run(mut tcp: TcpStream, early: Bytes, ctx: SessionCtx) {
+pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
     let m = ctx.state.metrics.clone();
     m.connections.fetch_add(1, Relaxed);
     m.connections_total.fetch_add(1, Relaxed);

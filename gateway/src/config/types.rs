@@ -161,10 +161,6 @@ pub struct LimitsFile {
     /// Most frames written to one socket per flush.
     #[serde(default = "default_write_batch")]
     pub write_batch: usize,
-    /// Read buffer per connection, allocated for its whole life (small keeps
-    /// idle connections cheap; larger client messages take several reads).
-    #[serde(default = "default_read_buffer")]
-    pub read_buffer: ByteSize,
     /// Messages buffered between a plugin and its channel's publisher; a full
     /// buffer blocks the plugin's `emit` (backpressure).
     #[serde(default = "default_source_buffer")]
@@ -178,7 +174,6 @@ impl Default for LimitsFile {
             max_message_size: default_max_message_size(),
             session_queue: default_session_queue(),
             write_batch: default_write_batch(),
-            read_buffer: default_read_buffer(),
             source_buffer: default_source_buffer(),
         }
     }
@@ -195,11 +190,6 @@ fn default_session_queue() -> usize {
 }
 fn default_write_batch() -> usize {
     64
-}
-fn default_read_buffer() -> ByteSize {
-    // Measured: 6.6 KiB per idle connection with 4 KiB, 3.3 KiB with 512 B.
-    // Client messages are small; a larger one just takes more reads.
-    ByteSize(1024)
 }
 fn default_source_buffer() -> usize {
     1024
