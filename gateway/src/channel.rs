@@ -180,40 +180,72 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
     }
 }
 
-/// The one parse and one validation of a message. Invalid messages are
-/// dropped, counted and logged (rate-limited), never delivered.
+/// Why a plugin message was not published.
+#[derive(Debug)]
+pub enum Dropped {
+    /// The bytes are not JSON.
+    NotJson(serde_json::Error),
+    /// The JSON fails the channel's schema.
+    Invalid {
+        /// JSON pointer of the failing value (`/` for the root).
+        instance_path: String,
+        /// What is wrong.
+        error: String,
+    },
+}
+
+/// The publisher's per-message step: the one parse and the one validation.
+/// On success the frame built at the plugin boundary is the message, sent as
+/// it is to every subscriber: parsing succeeded, so its payload is UTF-8 JSON
+/// (serde_json checks the UTF-8 of every string, everything else is ASCII),
+/// and nothing is re-serialized.
+pub fn check_message(
+    validator: &jsonschema::Validator,
+    frame: Bytes,
+    header: usize,
+) -> Result<Message, Dropped> {
+    let value: serde_json::Value =
+        serde_json::from_slice(&frame[header..]).map_err(Dropped::NotJson)?;
+    if let Err(e) = validator.validate(&value) {
+        let at = e.instance_path().to_string();
+        return Err(Dropped::Invalid {
+            instance_path: if at.is_empty() { "/".into() } else { at },
+            error: e.to_string(),
+        });
+    }
+    drop(value);
+    Ok(Message { frame })
+}
+
+/// [`check_message`], counting and logging (rate-limited) what is dropped.
 fn prepare(
     rt: &ChannelRuntime,
     frame: Bytes,
     header: usize,
     log_limit: &DefaultDirectRateLimiter,
 ) -> Option<Message> {
-    let json = &frame[header..];
     let cfg = &rt.cfg;
     let plugin = &cfg.source.plugin.name;
-    let value: serde_json::Value = match serde_json::from_slice(json) {
-        Ok(v) => v,
-        Err(e) => {
+    match check_message(&cfg.validator, frame, header) {
+        Ok(m) => Some(m),
+        Err(Dropped::NotJson(e)) => {
             rt.metrics.invalid_json.fetch_add(1, Relaxed);
             if log_limit.check().is_ok() {
                 tracing::warn!(channel = %cfg.name, plugin = %plugin, error = %e, "dropped a plugin message that is not JSON");
             }
-            return None;
+            None
         }
-    };
-    if let Err(e) = cfg.validator.validate(&value) {
-        rt.metrics.schema_failures.fetch_add(1, Relaxed);
-        if log_limit.check().is_ok() {
-            let at = e.instance_path().to_string();
-            let at = if at.is_empty() { "/".to_string() } else { at };
-            tracing::warn!(channel = %cfg.name, plugin = %plugin, instance_path = %at, error = %e, "dropped a message that fails the channel schema");
+        Err(Dropped::Invalid {
+            instance_path,
+            error,
+        }) => {
+            rt.metrics.schema_failures.fetch_add(1, Relaxed);
+            if log_limit.check().is_ok() {
+                tracing::warn!(channel = %cfg.name, plugin = %plugin, instance_path = %instance_path, error = %error, "dropped a message that fails the channel schema");
+            }
+            None
         }
-        return None;
     }
-    // Parsing succeeded, so the bytes are UTF-8 JSON (serde_json checks the
-    // UTF-8 of every string; everything else is ASCII): the frame built at
-    // the boundary is sent as it is, no re-serialization.
-    Some(Message { frame })
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -407,6 +439,47 @@ async fn run_instance(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn validator() -> jsonschema::Validator {
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build(&serde_json::json!({"type":"object","required":["seq"],"properties":{"seq":{"type":"integer"},"at":{"format":"date-time"}}}))
+            .unwrap()
+    }
+
+    #[test]
+    fn check_message_forwards_the_frame_built_at_the_boundary() {
+        let (frame, header) = crate::ws::text_frame(br#"{"seq": 1}"#);
+        let m = check_message(&validator(), frame.clone(), header).unwrap();
+        assert_eq!(
+            m.frame.as_ptr(),
+            frame.as_ptr(),
+            "no copy, no re-serialization"
+        );
+        assert_eq!(&m.frame[..], b"\x81\x0a{\"seq\": 1}");
+    }
+
+    #[test]
+    fn check_message_drops_what_is_not_json_or_fails_the_schema() {
+        let v = validator();
+        for bad in [&b"{\"seq\": 1"[..], b"not json", b"{\"seq\": \"\xff\"}"] {
+            let (frame, header) = crate::ws::text_frame(bad);
+            assert!(
+                matches!(check_message(&v, frame, header), Err(Dropped::NotJson(_))),
+                "{bad:?}"
+            );
+        }
+        let (frame, header) = crate::ws::text_frame(br#"{"seq": 1, "at": "yesterday"}"#);
+        match check_message(&v, frame, header) {
+            Err(Dropped::Invalid { instance_path, .. }) => assert_eq!(instance_path, "/at"),
+            other => panic!("{other:?}"),
+        }
+        let (frame, header) = crate::ws::text_frame(b"[]");
+        match check_message(&v, frame, header) {
+            Err(Dropped::Invalid { instance_path, .. }) => assert_eq!(instance_path, "/"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {

@@ -381,15 +381,8 @@ extern "C" fn host_emit(ctx: *mut c_void, key: GwSlice, json: GwSlice) -> i32 {
             h.metrics.rejected.fetch_add(1, Relaxed);
             return GW_REJECTED;
         };
-        let header = crate::ws::header_len(json.len());
-        let mut frame = bytes::BytesMut::with_capacity(header + json.len());
-        crate::ws::put_header(&mut frame, crate::ws::OP_TEXT, json.len());
-        frame.extend_from_slice(json);
-        h.send(SourceEvent::Message {
-            key,
-            frame: frame.freeze(),
-            header,
-        })
+        let (frame, header) = crate::ws::text_frame(json);
+        h.send(SourceEvent::Message { key, frame, header })
     }))
     .unwrap_or(GW_ERROR)
 }

@@ -63,6 +63,16 @@ pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
     b.freeze()
 }
 
+/// A text frame for `json`, and where the payload starts in it: the one copy
+/// a message gets at the plugin boundary.
+pub fn text_frame(json: &[u8]) -> (Bytes, usize) {
+    let header = header_len(json.len());
+    let mut b = BytesMut::with_capacity(header + json.len());
+    put_header(&mut b, OP_TEXT, json.len());
+    b.extend_from_slice(json);
+    (b.freeze(), header)
+}
+
 /// A Close frame with a status code and a reason (truncated to fit 125 bytes).
 pub fn close_frame(code: u16, reason: &str) -> Bytes {
     let mut r = reason;
