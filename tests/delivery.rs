@@ -13,8 +13,17 @@ fn seq(v: &serde_json::Value) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_clients_receive_every_message_in_order() {
+    ordered_delivery("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_writes_lose_and_reorder_nothing() {
+    ordered_delivery("limits:\n  write_coalesce: 5ms\n").await;
+}
+
+async fn ordered_delivery(extra: &str) {
     let dep = Deployment::new();
-    dep.gateway_yaml("")
+    dep.gateway_yaml(extra)
         .shipped_schema("ticker.json")
         .write(
             "specs/ticker.yaml",
@@ -131,6 +140,62 @@ async fn a_keyed_stream_delivers_its_steps_then_closes_normally() {
             Some(1000),
             "terminal state closes normally"
         );
+    }
+    gw.shutdown().await;
+}
+
+fn keyed_deployment(path: &str, steps: u32) -> Deployment {
+    let dep = Deployment::new();
+    dep.gateway_yaml("")
+        .write("specs/schemas/step.json", r#"{"type":"object","required":["key","step","params"]}"#)
+        .write(
+            "specs/jobs.yaml",
+            &format!("channel: jobs\nschema: schemas/step.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  config: {{steps: {steps}}}\nendpoints:\n  - path: {path}\n"),
+        );
+    dep
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_joining_an_ended_stream_while_others_still_close_gets_a_fresh_stream() {
+    let dep = keyed_deployment("/v1/jobs/{job_id}/ws", 1);
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    // A reads its stream to the end but never answers the Close, so its
+    // session lingers, still subscribed, for a while.
+    let mut a = connect(addr, "/v1/jobs/j1/ws").await;
+    assert_eq!(next_json(&mut a).await["step"], 1);
+    let raw = a.into_inner();
+    // B asks for the same key meanwhile: the plugin must open it again.
+    let mut b = connect(addr, "/v1/jobs/j1/ws").await;
+    let m = next_json(&mut b).await;
+    assert_eq!(
+        (m["key"].as_str(), m["step"].as_i64()),
+        (Some("j1"), Some(1))
+    );
+    assert_eq!(close_code(&mut b).await, Some(1000));
+    drop(raw);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_path_parameters_never_share_a_stream() {
+    let dep = keyed_deployment("/t/{tenant}/{job}", 3);
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut a = connect(addr, "/t/acme/secret%2F1").await;
+    let mut b = connect(addr, "/t/acme%2Fsecret/1").await;
+    for _ in 0..3 {
+        let ma = next_json(&mut a).await;
+        assert_eq!(
+            ma["params"],
+            serde_json::json!({"tenant": "acme", "job": "secret/1"})
+        );
+        let mb = next_json(&mut b).await;
+        assert_eq!(
+            mb["params"],
+            serde_json::json!({"tenant": "acme/secret", "job": "1"})
+        );
+        assert_ne!(ma["key"], mb["key"]);
     }
     gw.shutdown().await;
 }

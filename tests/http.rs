@@ -80,6 +80,18 @@ async fn requests_that_cannot_upgrade_get_json_errors() {
     );
     let (status, _, _) = http(addr, "POST", "/open", &UPGRADE).await;
     assert_eq!(status, 405);
+    for bad_key in [
+        "",
+        "short",
+        "dGhlIHNhbXBsZSBub25jZQ=",
+        "dGhlIHNhbXBsZSBub25jZQ!!",
+    ] {
+        let mut req = UPGRADE;
+        req[3] = ("Sec-WebSocket-Key", bad_key);
+        let (status, _, body) = http(addr, "GET", "/open", &req).await;
+        assert_eq!(status, 400, "key {bad_key:?}");
+        assert!(body.contains("Sec-WebSocket-Key"), "{body}");
+    }
     let mut old = UPGRADE;
     old[2] = ("Sec-WebSocket-Version", "8");
     let (status, head, _) = http(addr, "GET", "/open", &old).await;

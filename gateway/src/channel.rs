@@ -50,7 +50,16 @@ pub struct ChannelRuntime {
     pub started: AtomicBool,
     broker: Arc<dyn Broker>,
     cmd_tx: mpsc::UnboundedSender<SourceCmd>,
-    key_refs: Mutex<HashMap<Arc<str>, usize>>,
+    /// Per open key: (generation, subscribers). A key that ends is
+    /// forgotten, so its next subscriber opens it afresh; the generation
+    /// keeps sessions of the ended stream from counting against the new one.
+    key_refs: Mutex<KeyRefs>,
+}
+
+#[derive(Default)]
+struct KeyRefs {
+    open: HashMap<Arc<str>, (u64, usize)>,
+    next_gen: u64,
 }
 
 /// Unsubscribes when dropped.
@@ -58,6 +67,7 @@ pub struct Subscription {
     rt: Arc<ChannelRuntime>,
     topic: Topic,
     id: SubscriptionId,
+    key_gen: u64,
 }
 
 impl Drop for Subscription {
@@ -66,10 +76,12 @@ impl Drop for Subscription {
         self.rt.metrics.subscribers.fetch_sub(1, Relaxed);
         if let Some(key) = &self.topic.key {
             let mut refs = self.rt.key_refs.lock();
-            if let Some(n) = refs.get_mut(key) {
+            if let Some((g, n)) = refs.open.get_mut(key)
+                && *g == self.key_gen
+            {
                 *n -= 1;
                 if *n == 0 {
-                    refs.remove(key);
+                    refs.open.remove(key);
                     let _ = self.rt.cmd_tx.send(SourceCmd::CloseKey(key.clone()));
                 }
             }
@@ -100,10 +112,16 @@ impl ChannelRuntime {
             },
         );
         self.metrics.subscribers.fetch_add(1, Relaxed);
+        let mut key_gen = 0;
         if let Some((k, params)) = key {
             let mut refs = self.key_refs.lock();
-            let n = refs.entry(k.clone()).or_insert(0);
+            let refs = &mut *refs;
+            let (g, n) = refs.open.entry(k.clone()).or_insert_with(|| {
+                refs.next_gen += 1;
+                (refs.next_gen, 0)
+            });
             *n += 1;
+            key_gen = *g;
             if *n == 1 {
                 let _ = self.cmd_tx.send(SourceCmd::OpenKey(k, params));
             }
@@ -112,7 +130,20 @@ impl ChannelRuntime {
             rt: self.clone(),
             topic,
             id,
+            key_gen,
         }
+    }
+
+    /// The plugin ended `key`: its subscribers get Close 1000 after what was
+    /// published before, and the next subscriber opens the key again.
+    fn end_key(&self, key: Arc<str>) {
+        if self.key_refs.lock().open.remove(&key).is_some() {
+            let _ = self.cmd_tx.send(SourceCmd::CloseKey(key.clone()));
+        }
+        self.broker.end(&Topic {
+            channel: self.cfg.name.clone(),
+            key: Some(key),
+        });
     }
 }
 
@@ -134,7 +165,7 @@ pub fn start(
         started: AtomicBool::new(false),
         broker,
         cmd_tx,
-        key_refs: Mutex::new(HashMap::new()),
+        key_refs: Mutex::new(KeyRefs::default()),
     });
     tracker.spawn(publish_loop(rt.clone(), ev_rx));
     tracker.spawn(supervise(
@@ -168,13 +199,7 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
                         rt.broker.publish(&topic, &msg);
                     }
                 }
-                SourceEvent::End { key } => {
-                    let topic = Topic {
-                        channel: cfg.name.clone(),
-                        key: Some(key),
-                    };
-                    rt.broker.end(&topic);
-                }
+                SourceEvent::End { key } => rt.end_key(key),
             }
         }
     }

@@ -113,15 +113,40 @@ impl SessionQueue {
         true
     }
 
+    /// Hand up to `max` items to `each`, in order; stops early when `each`
+    /// returns false (that item is consumed).
+    pub fn take_each(&self, max: usize, mut each: impl FnMut(Outbound) -> bool) {
+        let mut g = self.inner.lock();
+        for _ in 0..max {
+            let Some(item) = g.items.pop_front() else {
+                break;
+            };
+            if !each(item) {
+                break;
+            }
+        }
+        if g.items.is_empty() && g.items.capacity() > 4 {
+            // A burst grew the ring; give the memory back once it drains.
+            g.items.shrink_to(4);
+        }
+    }
+
     /// Move up to `max` items into `out`.
     pub fn take(&self, out: &mut Vec<Outbound>, max: usize) {
-        let mut g = self.inner.lock();
-        let n = g.items.len().min(max);
-        out.extend(g.items.drain(..n));
-        if g.items.is_empty() && g.items.capacity() > 64 {
-            // A burst grew the ring; give the memory back once it drains.
-            g.items.shrink_to(16);
-        }
+        self.take_each(max, |item| {
+            out.push(item);
+            true
+        });
+    }
+
+    /// Whether a Close is queued (the session is ending).
+    pub fn is_closing(&self) -> bool {
+        self.inner.lock().closing
+    }
+
+    /// How many items are queued.
+    pub fn len(&self) -> usize {
+        self.inner.lock().items.len()
     }
 
     /// Whether nothing is queued.

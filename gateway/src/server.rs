@@ -26,6 +26,11 @@ use crate::router::Router;
 use crate::session::{self, SessionCtx};
 use crate::state::GatewayState;
 
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long HTTP requests in flight get to finish at shutdown.
+const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The peer and listener of a request.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
@@ -115,15 +120,21 @@ pub async fn serve_listener(
                     let mut svc = svc.clone();
                     async move { svc.call(req).await }
                 });
+            // A client that never finishes its request headers is dropped
+            // after HEADER_TIMEOUT (hyper needs a timer for that).
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), hyper_svc)
                 .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => { let _ = r; }
                 _ = shutdown.cancelled() => {
+                    // Let a request in flight finish, briefly; upgraded
+                    // sessions have their own shutdown.
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    let _ = tokio::time::timeout(HTTP_DRAIN, conn).await;
                 }
             }
         });
@@ -272,12 +283,15 @@ fn handle_endpoint(
         );
         return r;
     }
-    let Some(key) = headers.get(http::header::SEC_WEBSOCKET_KEY) else {
+    let Some(key) = headers
+        .get(http::header::SEC_WEBSOCKET_KEY)
+        .filter(|k| valid_ws_key(k.as_bytes()))
+    else {
         m.refused_bad_request.fetch_add(1, Relaxed);
         return error_reply(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "missing Sec-WebSocket-Key",
+            "missing or malformed Sec-WebSocket-Key (base64 of 16 bytes)",
         );
     };
     let principal = match endpoint.auth.check(headers, query) {
@@ -319,7 +333,17 @@ fn handle_endpoint(
         );
     };
     let key = if endpoint.channel.keyed {
-        let values: Vec<&str> = params.iter().map(|(_, v)| v.as_str()).collect();
+        // One parameter: its value is the key. Several: values joined by '/'
+        // with '%' and '/' escaped, so that {a: "x/y", b: "z"} and
+        // {a: "x", b: "y/z"} are different streams.
+        let values: Vec<String> = if params.len() == 1 {
+            vec![params[0].1.clone()]
+        } else {
+            params
+                .iter()
+                .map(|(_, v)| v.replace('%', "%25").replace('/', "%2F"))
+                .collect()
+        };
         let obj: serde_json::Map<String, serde_json::Value> = params
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
@@ -375,6 +399,15 @@ fn handle_endpoint(
         h.insert(http::header::SEC_WEBSOCKET_ACCEPT, v);
     }
     r
+}
+
+/// RFC 6455 §4.1: the key is 16 random bytes, base64-encoded (24 characters).
+fn valid_ws_key(k: &[u8]) -> bool {
+    k.len() == 24
+        && k.ends_with(b"==")
+        && k[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
 /// Bound listeners by name.

@@ -1,6 +1,8 @@
 //! One WebSocket session: a single task that reads the client and writes its
 //! queue. Frames arrive pre-built and shared; up to `limits.write_batch` of
-//! them go out per vectored write. Nothing is buffered while idle.
+//! them go out per vectored write. Nothing is buffered while idle, and
+//! nothing a client does can make a session hold more than a bounded amount
+//! of memory or outlive its close deadline.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -10,6 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
@@ -19,7 +22,8 @@ use crate::queue::{Outbound, SessionQueue};
 use crate::state::GatewayState;
 use crate::ws::{self, FrameReader, FrameWriter, Incoming, ReadError, close};
 
-/// How long to wait for the client's Close reply after ours.
+/// Once a Close is queued, the session ends within this long, whether or not
+/// the client reads it or answers.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Everything a session needs.
@@ -42,7 +46,7 @@ pub struct SessionCtx {
     pub shutdown: CancellationToken,
 }
 
-async fn maybe_sleep(s: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+async fn maybe_sleep(s: &mut Option<Pin<Box<Sleep>>>) {
     match s {
         Some(s) => s.await,
         None => std::future::pending().await,
@@ -53,21 +57,37 @@ enum Event {
     Shutdown,
     Written(std::io::Result<()>),
     Queued,
+    HoldOver,
     Read(std::io::Result<Result<bool, ReadError>>),
     LingerOver,
 }
 
-/// Per-session state of the close handshake and the client side.
+/// What the client side and the close handshake have done so far.
 #[derive(Default)]
 struct Flags {
     /// A Close frame is in the writer; nothing else may follow it.
     close_queued: bool,
     /// Our Close frame was written.
     close_sent: bool,
-    /// The client sent Close, broke the protocol, or its side ended.
+    /// Nothing more will be read: the client sent Close or its side ended.
     read_done: bool,
+    /// After a protocol error: read and drop input until the client goes.
+    discard: bool,
     /// Shutdown has begun.
     shutting: bool,
+    /// The newest unanswered Ping payload: at most one Pong waits (RFC 6455
+    /// §5.5.3), so a client pinging without reading cannot grow our memory.
+    pong: Option<Vec<u8>>,
+}
+
+impl Flags {
+    fn queue_close(&mut self, writer: &mut FrameWriter, code: u16, reason: &str) {
+        if !self.close_queued {
+            writer.push(ws::close_frame(code, reason));
+            self.close_queued = true;
+            self.pong = None;
+        }
+    }
 }
 
 /// Run a session until either side closes or the gateway shuts down.
@@ -85,8 +105,12 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
     let mut reader = FrameReader::new(limits.max_message_size);
     let mut writer = FrameWriter::new();
     let mut incoming = Vec::new();
-    let mut batch = Vec::new();
-    let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut linger: Option<Pin<Box<Sleep>>> = None;
+    // Write coalescing: queued frames wait until `hold` fires.
+    let coalesce = limits.write_coalesce;
+    let mut last_write: Option<Instant> = None;
+    let mut hold: Option<Pin<Box<Sleep>>> = None;
+    let mut holding = false;
     let mut f = Flags::default();
     let (mut rd, mut wr) = tcp.split();
 
@@ -100,43 +124,78 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
             &ctx,
         );
     }
+    drop(early);
 
     loop {
-        // Move queued frames to the writer: one batch, one vectored write.
-        if !f.close_queued && writer.len() < batch_max {
-            queue.take(&mut batch, batch_max - writer.len());
-            for item in batch.drain(..) {
-                match item {
-                    Outbound::Frame(frame) => writer.push(frame),
-                    Outbound::Close(code, reason) => {
-                        writer.push(ws::close_frame(code, reason));
-                        f.close_queued = true;
-                        break;
-                    }
-                }
+        // The close deadline starts when a Close is queued, not when it is
+        // written: a client that stops reading cannot keep the session.
+        if linger.is_none() && (f.close_queued || queue.is_closing()) {
+            linger = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
+        }
+        if let Some(p) = f.pong.take() {
+            if writer.len() < batch_max {
+                writer.push(ws::frame(ws::OP_PONG, &p));
+            } else {
+                f.pong = Some(p);
             }
+        }
+        if let (Some(w), Some(last), false, true) =
+            (coalesce, last_write, holding, writer.is_empty())
+            && !f.close_queued
+            && !f.shutting
+            && Instant::now() < last + w
+            && queue.len() < batch_max
+            && !queue.is_empty()
+        {
+            // Written recently: let more frames gather before the next write.
+            match &mut hold {
+                Some(h) => h.as_mut().reset(last + w),
+                None => hold = Some(Box::pin(tokio::time::sleep_until(last + w))),
+            }
+            holding = true;
+        }
+        // Move queued frames to the writer: one batch, one vectored write.
+        if !f.close_queued && !holding && writer.len() < batch_max {
+            queue.take_each(batch_max - writer.len(), |item| match item {
+                Outbound::Frame(frame) => {
+                    writer.push(frame);
+                    true
+                }
+                Outbound::Close(code, reason) => {
+                    f.queue_close(&mut writer, code, reason);
+                    false
+                }
+            });
         }
         if f.close_sent && f.read_done {
             break;
         }
+        let reading = !f.read_done && !f.discard && writer.len() < batch_max;
+        let discarding = !f.read_done && f.discard;
         let ev = tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled(), if !f.shutting => Event::Shutdown,
+            r = poll_fn(|cx| {
+                if discarding {
+                    ws::poll_discard(cx, &mut rd).map(|r| r.map(Ok))
+                } else {
+                    ws::poll_read_frames(cx, &mut rd, &mut reader, &mut incoming)
+                }
+            }), if reading || discarding => Event::Read(r),
             r = poll_fn(|cx| writer.poll_write_all(cx, &mut wr)), if !writer.is_empty() => Event::Written(r),
-            _ = queue.notified(), if writer.is_empty() && !f.close_queued => Event::Queued,
-            r = poll_fn(|cx| ws::poll_read_frames(cx, &mut rd, &mut reader, &mut incoming)), if !f.read_done => Event::Read(r),
+            _ = queue.notified(), if writer.is_empty() && !f.close_queued && !holding => Event::Queued,
+            _ = maybe_sleep(&mut hold), if holding => Event::HoldOver,
             _ = maybe_sleep(&mut linger) => Event::LingerOver,
         };
         match ev {
             Event::Shutdown => {
                 f.shutting = true;
                 queue.close(close::GOING_AWAY, "server shutting down");
-                linger = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
             }
             Event::Written(Ok(())) => {
+                last_write = Some(Instant::now());
                 if f.close_queued && writer.is_empty() {
                     f.close_sent = true;
-                    linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_LINGER)));
                 }
             }
             Event::Written(Err(e)) => {
@@ -144,9 +203,13 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
                 break;
             }
             Event::Queued => {}
+            Event::HoldOver => holding = false,
             Event::Read(r) => {
                 if !handle_read(r, &mut incoming, &mut writer, &mut f, &ctx) {
                     break;
+                }
+                if incoming.capacity() > 4 {
+                    incoming = Vec::new();
                 }
             }
             Event::LingerOver => break,
@@ -165,27 +228,20 @@ fn handle_read(
     f: &mut Flags,
     ctx: &SessionCtx,
 ) -> bool {
-    let queue_close = |writer: &mut FrameWriter, f: &mut Flags, code: u16, reason: &str| {
-        if !f.close_queued {
-            writer.push(ws::close_frame(code, reason));
-            f.close_queued = true;
-        }
-    };
     // Messages parsed before an error are still handled.
     for msg in incoming.drain(..) {
         match msg {
-            Incoming::Ping(p) if !f.close_queued => writer.push(ws::frame(ws::OP_PONG, &p)),
+            Incoming::Ping(p) if !f.close_queued => f.pong = Some(p),
             Incoming::Close(c) => {
                 f.read_done = true;
-                // Echo the client's code, as RFC 6455 asks.
-                let code = c.map_or(close::NORMAL, |(code, _)| code);
-                let code =
-                    if (1000..5000).contains(&code) && ![1004, 1005, 1006, 1015].contains(&code) {
-                        code
-                    } else {
-                        close::PROTOCOL
-                    };
-                queue_close(writer, f, code, "");
+                // Echo the client's code, as RFC 6455 asks; refuse codes a
+                // client may not send.
+                let code = match c {
+                    None => close::NORMAL,
+                    Some((code, _)) if ws::valid_close_code(code) => code,
+                    Some(_) => close::PROTOCOL,
+                };
+                f.queue_close(writer, code, "");
             }
             // Stream endpoints ignore what clients send: never an error,
             // never a close.
@@ -205,8 +261,8 @@ fn handle_read(
                 ctx.state.metrics.closed_too_big.fetch_add(1, Relaxed);
             }
             tracing::debug!(conn_id = ctx.conn_id, ?e, "closing on a bad client frame");
-            f.read_done = true;
-            queue_close(writer, f, code, reason);
+            f.discard = true;
+            f.queue_close(writer, code, reason);
             true
         }
         Err(e) => {

@@ -347,6 +347,28 @@ pub fn poll_read_frames<R: AsyncRead + Unpin>(
     }
 }
 
+/// Read once and throw the bytes away (after a protocol error, so that the
+/// client's unread data does not turn our Close into a connection reset).
+/// Ready(Ok(false)) means the peer closed the connection.
+pub fn poll_discard<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    rd: &mut R,
+) -> Poll<io::Result<bool>> {
+    let mut tmp = [0u8; 4096];
+    let mut rb = ReadBuf::new(&mut tmp);
+    match Pin::new(rd).poll_read(cx, &mut rb) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(!rb.filled().is_empty())),
+    }
+}
+
+/// Whether a client may send this close code (RFC 6455 §7.4 and the IANA
+/// registry); anything else is answered with 1002.
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 /// Frames waiting to be written, written with vectored writes.
 #[derive(Debug, Default)]
 pub struct FrameWriter {
@@ -404,8 +426,9 @@ impl FrameWriter {
             };
             self.advance(n);
         }
-        if self.pending.capacity() > 64 {
-            self.pending.shrink_to(8);
+        if self.pending.capacity() > 4 {
+            // Idle sessions keep (almost) nothing after a burst.
+            self.pending.shrink_to(4);
         }
         Poll::Ready(Ok(()))
     }
