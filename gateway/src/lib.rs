@@ -45,6 +45,24 @@ use crate::config::{Config, ConfigErrors};
 use crate::metrics::Metrics;
 use crate::state::GatewayState;
 
+/// Most connections waiting to be accepted per listener (the kernel caps it
+/// at `net.core.somaxconn`). tokio's default of 1024 overflows under
+/// connection bursts, and dropped SYNs are only retried after a second.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // Lets a restarted gateway bind while old connections sit in TIME_WAIT;
+    // a listener that is actually running still makes this fail.
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
+}
+
 /// A running gateway.
 pub struct Gateway {
     addrs: BTreeMap<String, SocketAddr>,
@@ -59,7 +77,7 @@ impl Gateway {
         let mut bound = HashMap::new();
         let mut errors = Vec::new();
         for l in &config.listeners {
-            match tokio::net::TcpListener::bind(l.bind).await {
+            match bind(l.bind) {
                 Ok(t) => {
                     bound.insert(l.name.clone(), t);
                 }
