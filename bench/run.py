@@ -1,0 +1,1288 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: the gateway against Node.js `ws`, FastAPI and NATS.
+
+    bench/run.py setup                       # npm, venv + pip, cargo build
+    bench/run.py compare [--servers gateway,node,fastapi,nats] [--quick]
+    bench/run.py summary [--tag 2026-11-23]  # rebuild the markdown from JSON
+
+Every server produces the same stream ({"seq":n,"ts":<ns>,"pad":"x"*100} at
+BENCH_RATE messages per second) and broadcasts it to every WebSocket client;
+the clients are `loadgen` (bench/loadgen). Everything runs on 127.0.0.1 (the
+load generator spreads its sockets over 127.0.0.1-127.0.0.N source addresses
+with --sources). Python 3 standard library only. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as dt
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+VENV = BENCH / ".venv"
+NODE_DIR = BENCH / "peers" / "node-ws"
+FASTAPI_DIR = BENCH / "peers" / "fastapi"
+NATS_TEMPLATE = BENCH / "peers" / "nats" / "nats-ws.conf"
+DEFAULT_RESULTS = BENCH / "results"
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# A rate so low that no message is sent while idle connections are measured
+# (the first message goes out at start-up, before any client; the next one
+# would be due 1000 s later).
+IDLE_RATE = 0.001
+
+SERVER_ORDER = ["gateway", "node", "fastapi", "nats"]
+PORTS = {"gateway": 9900, "node": 9901, "fastapi": 9902, "nats": 9903}
+NATS_CLIENT_PORT = 9904
+
+FULL_RATES = [100, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+QUICK_RATES = [100, 1000]
+FULL_CONNECT_RAMPS = [2000, 5000, 10000, 20000, 50000]
+QUICK_CONNECT_RAMPS = [5000, 20000]
+# These two always run: they are the "100k deliveries/s" and "1M deliveries/s"
+# columns of the summary (with 1000 clients).
+BASE_RATES = (100, 1000)
+
+# Stop rules of the rate ladder.
+MAX_P99_US = 1_000_000
+GROWTH_MIN = 1.05
+MIN_DELIVERY_RATIO = 0.9
+
+# How often the runner polls /proc while waiting (kept low: the runner shares
+# the two cores with the server and the generator).
+POLL = 0.2
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------
+# Processes: every child in its own process group, always stopped.
+
+_LIVE: set["Proc"] = set()
+
+
+class Proc:
+    """A child process in its own process group, stdout/stderr to files."""
+
+    def __init__(self, name: str, argv: list[str], *, results: Path, env: dict | None = None,
+                 cwd: Path = ROOT, capture_stdout: bool = False):
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.log_path = results / f"{name}.log.tmp"
+        self.out_path = results / f"{name}.out.tmp" if capture_stdout else None
+        results.mkdir(parents=True, exist_ok=True)
+        full_env = dict(os.environ)
+        full_env.pop("RUST_LOG", None)
+        full_env.update(env or {})
+        self._log = open(self.log_path, "wb")
+        self._out = open(self.out_path, "wb") if self.out_path else None
+        self.started = time.monotonic()
+        self.popen = subprocess.Popen(
+            self.argv, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+            stdout=self._out or self._log, stderr=self._log, start_new_session=True)
+        self.pid = self.popen.pid
+        _LIVE.add(self)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float) -> bool:
+        """True when the process exited within `timeout` seconds."""
+        try:
+            self.popen.wait(timeout=max(0.0, timeout))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM to the whole group, SIGKILL after `grace` seconds."""
+        if self not in _LIVE:
+            return
+        self._signal_group(signal.SIGTERM)
+        if not self.wait(grace):
+            self._signal_group(signal.SIGKILL)
+            self.wait(5.0)
+        # Children that outlived their leader.
+        self._signal_group(signal.SIGKILL)
+        _LIVE.discard(self)
+        for f in (self._log, self._out):
+            if f:
+                f.close()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stdout_text(self) -> str:
+        if self._out:
+            self._out.flush()
+        return self.out_path.read_text(errors="replace") if self.out_path else ""
+
+
+def stop_all() -> None:
+    for proc in list(_LIVE):
+        proc.stop(grace=2.0)
+
+
+def _on_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+atexit.register(stop_all)
+
+
+# --------------------------------------------------------------------------
+# /proc sampling.
+
+def _ppid_map() -> dict[int, int]:
+    ppids = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                rest = f.read().rsplit(b")", 1)[1].split()
+            ppids[int(entry)] = int(rest[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return ppids
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _ppid_map().items():
+        children.setdefault(parent, []).append(child)
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def cpu_secs(pids: list[int]) -> float:
+    """utime+stime (+ reaped children's) of the processes, in seconds."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                rest = f.read().rsplit(b")", 1)[1].split()
+            # Fields 14-17 of proc(5): utime stime cutime cstime.
+            total += sum(int(x) for x in rest[11:15])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / CLK_TCK
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def fd_count(pids: list[int]) -> int:
+    total = 0
+    for p in pids:
+        try:
+            total += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            continue
+    return total
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    total = sum(vals[:8])
+    return total - idle, total
+
+
+# --------------------------------------------------------------------------
+# Small helpers.
+
+def port_open(port: int, host: str = HOST) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(cond, deadline: float, *, alive=lambda: True, poll: float = POLL) -> bool:
+    """Poll `cond` until it holds (True), the deadline passes or `alive` fails."""
+    while True:
+        if cond():
+            return True
+        if time.monotonic() >= deadline or not alive():
+            return False
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+def sleep_until(t: float, alive=lambda: True) -> bool:
+    """Sleep until monotonic time `t`; False if `alive` failed first."""
+    while time.monotonic() < t:
+        if not alive():
+            return False
+        time.sleep(min(POLL, t - time.monotonic()))
+    return True
+
+
+def secs_arg(seconds: float) -> str:
+    return f"{max(1, int(math.ceil(seconds)))}s"
+
+
+def rate_env(rate: float) -> str:
+    return str(int(rate)) if float(rate).is_integer() else repr(float(rate))
+
+
+def parse_json_line(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise BenchError("loadgen printed no JSON line")
+
+
+def run_checked(argv: list, *, cwd: Path, timeout: float) -> None:
+    log(f"$ {' '.join(str(a) for a in argv)}   (in {cwd})")
+    try:
+        subprocess.run([str(a) for a in argv], cwd=cwd, check=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"timed out after {timeout:.0f} s: {argv[0]}") from e
+    except subprocess.CalledProcessError as e:
+        raise BenchError(f"{argv[0]} failed with exit code {e.returncode}") from e
+
+
+def capture(argv: list, *, cwd: Path = ROOT, timeout: float = 20) -> str:
+    try:
+        r = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True,
+                           text=True, timeout=timeout)
+        return (r.stdout or r.stderr).strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def nats_server_path() -> str | None:
+    return shutil.which("nats-server") or (
+        "/usr/sbin/nats-server" if os.access("/usr/sbin/nats-server", os.X_OK) else None)
+
+
+def venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+# --------------------------------------------------------------------------
+# The servers.
+
+class Server:
+    """How to start one contender and where its clients connect."""
+
+    name = ""
+    label = ""
+
+    def __init__(self, cfg: argparse.Namespace):
+        self.cfg = cfg
+        self.port = PORTS[self.name]
+        self.proc: Proc | None = None
+        self.publisher: Proc | None = None
+
+    # What to run.
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def command(self) -> list:
+        raise NotImplementedError
+
+    def url(self) -> str:
+        return f"ws://{HOST}:{self.port}/bench"
+
+    def client_args(self, mode: str) -> list[str]:
+        """loadgen arguments for a stream (`mode`="stream") or idle run."""
+        return ["--url", self.url(), "--mode", mode]
+
+    def versions(self) -> dict:
+        return {}
+
+    # Lifecycle.
+    def start(self, rate: float) -> Proc:
+        self.check()
+        if port_open(self.port):
+            raise BenchError(f"127.0.0.1:{self.port} is already in use: not starting {self.name}")
+        self.proc = Proc(f"{self.name}-server", self.command(), results=self.cfg.results,
+                         env={"BENCH_RATE": rate_env(rate)})
+        deadline = time.monotonic() + self.cfg.start_timeout
+        if not wait_until(lambda: port_open(self.port), deadline, alive=self.proc.alive):
+            tail = self.proc.log_tail()
+            self.stop()
+            raise BenchError(f"{self.name} did not accept on 127.0.0.1:{self.port} within "
+                             f"{self.cfg.start_timeout:.0f} s\n{tail}")
+        time.sleep(self.cfg.settle)
+        if not self.proc.alive():
+            raise BenchError(f"{self.name} exited after start-up\n{self.proc.log_tail()}")
+        return self.proc
+
+    def start_publisher(self, rate: float, duration: float) -> None:
+        """Only NATS has an external producer."""
+
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc else []
+
+    def stop(self) -> None:
+        if self.publisher:
+            self.publisher.stop()
+            self.publisher = None
+        if self.proc:
+            self.proc.stop()
+            self.proc = None
+
+
+class Gateway(Server):
+    name = "gateway"
+    label = "gateway (this repo)"
+
+    def binary(self) -> Path:
+        return ROOT / "target" / "release" / "gateway"
+
+    def check(self) -> None:
+        if not os.access(self.binary(), os.X_OK):
+            raise BenchError(f"{self.binary()} is missing: run `bench/run.py setup`")
+        if not (ROOT / "examples" / "bench" / "gateway.yaml").is_file():
+            raise BenchError("examples/bench/gateway.yaml is missing")
+
+    def command(self) -> list:
+        return [self.binary(), "--config", "examples/bench/gateway.yaml"]
+
+    def versions(self) -> dict:
+        rev = capture(["git", "rev-parse", "--short", "HEAD"])
+        dirty = capture(["git", "status", "--porcelain", "--", "gateway", "plugins", "examples/bench"])
+        return {"git": rev + ("+dirty" if dirty else "")}
+
+
+class Node(Server):
+    name = "node"
+    label = "Node.js ws"
+
+    def check(self) -> None:
+        if not shutil.which("node"):
+            raise BenchError("node is not on PATH")
+        if not (NODE_DIR / "node_modules" / "ws").is_dir():
+            raise BenchError("bench/peers/node-ws/node_modules is missing: run `bench/run.py setup`")
+
+    def command(self) -> list:
+        return ["node", NODE_DIR / "server.js", str(self.port)]
+
+    def versions(self) -> dict:
+        ws = {}
+        try:
+            ws = json.loads((NODE_DIR / "node_modules" / "ws" / "package.json").read_text())
+        except (OSError, ValueError):
+            pass
+        return {"node": capture(["node", "--version"]), "ws": ws.get("version")}
+
+
+class FastAPI(Server):
+    name = "fastapi"
+    label = "FastAPI (uvicorn, 1 worker)"
+
+    def check(self) -> None:
+        if not os.access(venv_python(), os.X_OK):
+            raise BenchError("bench/.venv is missing: run `bench/run.py setup`")
+
+    def command(self) -> list:
+        return [venv_python(), FASTAPI_DIR / "server.py", str(self.port)]
+
+    def versions(self) -> dict:
+        out = capture([venv_python(), "-c",
+                       "import sys, fastapi, uvicorn, websockets; "
+                       "print(sys.version.split()[0], fastapi.__version__, uvicorn.__version__, "
+                       "websockets.__version__)"])
+        parts = out.split()
+        if len(parts) == 4:
+            return dict(zip(["python", "fastapi", "uvicorn", "websockets"], parts))
+        return {"raw": out}
+
+
+class Nats(Server):
+    name = "nats"
+    label = "NATS (nats-server websocket)"
+
+    def check(self) -> None:
+        if not nats_server_path():
+            raise BenchError("nats-server not found (looked on PATH and /usr/sbin)")
+        if not os.access(self.cfg.loadgen, os.X_OK):
+            raise BenchError(f"{self.cfg.loadgen} is missing (it is also the NATS publisher)")
+        if port_open(NATS_CLIENT_PORT):
+            raise BenchError(f"127.0.0.1:{NATS_CLIENT_PORT} is already in use")
+
+    def command(self) -> list:
+        conf = self.cfg.results / "nats-ws.conf.tmp"
+        text = NATS_TEMPLATE.read_text()
+        text = text.replace("@CLIENT_PORT@", str(NATS_CLIENT_PORT)).replace("@WS_PORT@", str(self.port))
+        conf.write_text(text)
+        return [nats_server_path(), "-c", conf]
+
+    def url(self) -> str:
+        return f"ws://{HOST}:{self.port}"
+
+    def client_args(self, mode: str) -> list[str]:
+        # An idle NATS client is subscribed (CONNECT + SUB, then silent), like
+        # an idle client of the other servers, which is subscribed to /bench
+        # by connecting.
+        nats_mode = "nats" if mode == "stream" else "nats-idle"
+        return ["--url", self.url(), "--mode", nats_mode, "--nats-subject", "bench"]
+
+    def start(self, rate: float) -> Proc:
+        proc = super().start(rate)
+        if not wait_until(lambda: port_open(NATS_CLIENT_PORT), time.monotonic() + 10, alive=proc.alive):
+            raise BenchError(f"nats-server does not accept on 127.0.0.1:{NATS_CLIENT_PORT}")
+        return proc
+
+    def start_publisher(self, rate: float, duration: float) -> None:
+        self.publisher = Proc(
+            "nats-publisher",
+            [self.cfg.loadgen, "publish", "--nats", f"{HOST}:{NATS_CLIENT_PORT}", "--subject", "bench",
+             "--rate", rate_env(rate), "--pad", "100", "--duration", secs_arg(duration)],
+            results=self.cfg.results, capture_stdout=True)
+        time.sleep(0.5)
+        if not self.publisher.alive():
+            raise BenchError(f"loadgen publish exited at once\n{self.publisher.log_tail()}")
+
+    def versions(self) -> dict:
+        out = capture([nats_server_path() or "nats-server", "--version"])
+        return {"nats-server": out.split(":", 1)[-1].strip()}
+
+
+SERVER_CLASSES = {cls.name: cls for cls in (Gateway, Node, FastAPI, Nats)}
+
+
+# --------------------------------------------------------------------------
+# loadgen.
+
+def loadgen_cmd(cfg, server: Server, mode: str, extra: list) -> list:
+    argv = [cfg.loadgen, *server.client_args(mode), "--sources", str(cfg.sources)]
+    if cfg.loadgen_threads:
+        argv += ["--threads", str(cfg.loadgen_threads)]
+    return argv + [str(a) for a in extra]
+
+
+def loadgen_connected(lg: Proc) -> bool:
+    """loadgen's progress (stderr) says its connect phase is over."""
+    try:
+        text = lg.log_path.read_text(errors="replace")
+    except OSError:
+        return False
+    return "then measuring" in text or "loadgen: holding" in text
+
+
+def finish_loadgen(lg: Proc, deadline: float) -> dict:
+    if not lg.wait(deadline - time.monotonic()):
+        lg.stop(grace=2.0)
+        raise BenchError(f"loadgen did not finish in time (killed)\n{lg.log_tail()}")
+    code = lg.popen.returncode
+    text = lg.stdout_text()
+    lg.stop()
+    try:
+        result = parse_json_line(text)
+    except (BenchError, ValueError) as e:
+        raise BenchError(f"loadgen exit code {code}: {e}\n{lg.log_tail()}") from e
+    if code != 0:
+        result.setdefault("exit_code", code)
+    return result
+
+
+class Sample:
+    def __init__(self, server: Server, others: dict[str, Proc | None]):
+        self.t = time.monotonic()
+        self.server_cpu = cpu_secs(server.pids())
+        self.other_cpu = {k: (cpu_secs(process_tree(p.pid)) if p and p.alive() else None)
+                          for k, p in others.items()}
+        self.machine = machine_cpu()
+
+
+def window(a: Sample, b: Sample) -> dict:
+    secs = b.t - a.t
+    busy = b.machine[0] - a.machine[0]
+    total = b.machine[1] - a.machine[1]
+    out = {
+        "window_secs": round(secs, 3),
+        "server_cpu_secs": round(b.server_cpu - a.server_cpu, 3),
+        "machine_cpu_busy_pct": round(100.0 * busy / total, 1) if total else None,
+    }
+    for k in a.other_cpu:
+        if a.other_cpu[k] is not None and b.other_cpu.get(k) is not None:
+            out[f"{k}_cpu_secs"] = round(b.other_cpu[k] - a.other_cpu[k], 3)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Scenario a: throughput and latency at one rate.
+
+def stream_step(cfg, server: Server, rate: float) -> dict:
+    clients, warmup, duration, ramp = cfg.clients, cfg.warmup, cfg.duration, cfg.ramp
+    connect_secs = clients / ramp
+    step = {"rate": rate, "clients": clients, "warmup_secs": warmup, "duration_secs": duration}
+    server.start(rate)
+    lg = None
+    try:
+        if isinstance(server, Nats):
+            server.start_publisher(rate, connect_secs + warmup + duration + 20)
+        pids = server.pids()
+        base_fds = fd_count(pids)
+        step["rss_kib_before"] = rss_kib(pids)
+        lg = Proc(f"{server.name}-loadgen", loadgen_cmd(cfg, server, "stream", [
+            "--clients", clients, "--ramp", ramp, "--warmup", secs_arg(warmup),
+            "--duration", secs_arg(duration), "--expect-rate", rate_env(rate)]),
+            results=cfg.results, capture_stdout=True)
+        t0 = lg.started
+        hard_deadline = t0 + connect_secs + warmup + duration + cfg.step_slack
+        # 1. Wait until the server holds every client (its open fds) or
+        #    loadgen reports its connect phase over, bounded.
+        wait_until(lambda: fd_count(pids) - base_fds >= clients or loadgen_connected(lg),
+                   t0 + connect_secs + cfg.connect_slack, alive=lg.alive)
+        t_conn = time.monotonic()
+        step["server_saw_all_clients"] = fd_count(pids) - base_fds >= clients
+        step["loadgen_connect_phase_over"] = loadgen_connected(lg)
+        step["connect_wait_secs"] = round(t_conn - t0, 3)
+        # 2. Measuring window: starts after loadgen's warm-up, ends 1 s before
+        #    loadgen's own window can end.
+        others = {"loadgen": lg, "publisher": server.publisher}
+        if sleep_until(t_conn + warmup + cfg.window_lead, alive=lg.alive):
+            a = Sample(server, others)
+            sleep_until(a.t + max(1.0, duration - cfg.window_lead - 1.0), alive=lg.alive)
+            b = Sample(server, others)
+            step.update(window(a, b))
+            step["window_inside_loadgen_run"] = lg.alive()
+            step["rss_kib_during"] = rss_kib(pids)
+        else:
+            step["window_inside_loadgen_run"] = False
+        result = finish_loadgen(lg, hard_deadline)
+        lg = None
+        step["loadgen"] = result
+        dps = result.get("deliveries_per_sec") or 0
+        if step.get("window_secs") and dps:
+            deliveries_m = dps * step["window_secs"] / 1e6
+            step["server_cpu_secs_per_1m"] = round(step["server_cpu_secs"] / deliveries_m, 4)
+            if "loadgen_cpu_secs" in step:
+                step["loadgen_cpu_secs_per_1m"] = round(step["loadgen_cpu_secs"] / deliveries_m, 4)
+        step["expected_deliveries_per_sec"] = rate * clients
+        return step
+    finally:
+        if lg:
+            lg.stop(grace=2.0)
+        server.stop()
+
+
+def step_problem(step: dict, best_dps: float) -> str | None:
+    """Why the rate ladder stops after this step (None: go on)."""
+    if "error" in step:
+        return "error"
+    r = step.get("loadgen", {})
+    if r.get("connected", 0) < step["clients"]:
+        return f"only {r.get('connected')} of {step['clients']} clients connected"
+    if r.get("gaps", 0) > 0:
+        return f"{r['gaps']} gaps"
+    if r.get("silent_clients", 0) > 0:
+        return f"{r['silent_clients']} silent clients"
+    if r.get("disconnects", 0) > 0:
+        return f"{r['disconnects']} clients disconnected"
+    # The producers stamp `ts` when they build a message, so a producer that
+    # falls behind shows up here, not in the latency.
+    ratio = r.get("delivery_ratio")
+    if ratio is not None and ratio < MIN_DELIVERY_RATIO:
+        return f"delivered {ratio:.0%} of the offered rate"
+    p99 = (r.get("latency_us") or {}).get("p99")
+    if p99 is None or p99 > MAX_P99_US:
+        return "p99 > 1 s" if p99 is not None else "no latency"
+    if best_dps and (r.get("deliveries_per_sec") or 0) < best_dps * GROWTH_MIN:
+        return "deliveries/s stopped growing"
+    return None
+
+
+def fill_rates(lo: float, hi: float) -> list[int]:
+    """Two rates between lo and hi (geometric thirds, 2 significant digits)."""
+    out = []
+    for k in (1, 2):
+        r = lo * (hi / lo) ** (k / 3)
+        digits = 10 ** max(0, int(math.floor(math.log10(r))) - 1)
+        r = int(round(r / digits) * digits)
+        if lo < r < hi and r not in out:
+            out.append(r)
+    return out
+
+
+def scenario_throughput(cfg, server: Server) -> list[dict]:
+    steps: list[dict] = []
+    best = 0.0
+
+    def run(rate: float, phase: str) -> dict:
+        nonlocal best
+        log(f"{server.name}: stream, {cfg.clients} clients at {rate} msg/s")
+        try:
+            step = stream_step(cfg, server, rate)
+        except BenchError as e:
+            step = {"rate": rate, "clients": cfg.clients, "error": str(e)}
+            log(f"{server.name}: step failed: {e}")
+        step["phase"] = phase
+        step["stop"] = step_problem(step, best if phase == "ladder" else 0.0)
+        r = step.get("loadgen", {})
+        if sustained(step):
+            best = max(best, r.get("deliveries_per_sec") or 0)
+        lat = r.get("latency_us") or {}
+        log(f"{server.name}: {rate} msg/s -> {r.get('deliveries_per_sec')} deliveries/s "
+            f"({r.get('connected')} clients), p99 {lat.get('p99')} us, gaps {r.get('gaps')}, "
+            f"server CPU-s/1M {step.get('server_cpu_secs_per_1m')}"
+            + (f"; stop: {step['stop']}" if step["stop"] else ""))
+        steps.append(step)
+        return step
+
+    last_ok = None   # last sustained ladder rate before the first failure
+    failed = None    # first ladder rate that ended the ladder
+    refine = None    # (lo, hi) to fill in when the ladder ended on a failure
+    for rate in cfg.rates:
+        if failed is not None and rate not in BASE_RATES:
+            break
+        step = run(rate, "ladder")
+        if failed is not None:
+            continue
+        if step["stop"] is None:
+            last_ok = rate
+        else:
+            failed = rate
+            if not sustained(step):
+                # Nothing sustained yet: look below the first rate.
+                refine = (last_ok, rate) if last_ok is not None else (rate / 10, rate)
+    # The ladder jumps (100 -> 1000 -> 2000 -> 5000 ...): when a server fails
+    # a step, two rates in between find its ceiling more closely.
+    if cfg.refine and refine:
+        for rate in fill_rates(*refine):
+            if not sustained(run(rate, "refine")):
+                break
+    return steps
+
+
+# --------------------------------------------------------------------------
+# Scenarios b and c: idle connections and connection rate.
+
+def idle_run(cfg, server: Server, clients: int, ramp: float, hold: float, tag: str) -> dict:
+    """Hold `clients` idle connections; RSS and fds before and while held."""
+    out = {"clients": clients, "ramp": ramp}
+    server.start(IDLE_RATE)
+    lg = None
+    try:
+        pids = server.pids()
+        time.sleep(1.0)
+        base_fds = fd_count(pids)
+        out["rss_kib_before"] = rss_kib(pids)
+        connect_secs = clients / ramp
+        # loadgen's --hold starts once every client is connected; the sample
+        # below is taken 1.5 s after the server holds them all.
+        hold = max(hold, 3)
+        lg = Proc(f"{server.name}-loadgen-{tag}", loadgen_cmd(cfg, server, "idle", [
+            "--clients", clients, "--ramp", ramp, "--hold", secs_arg(hold)]),
+            results=cfg.results, capture_stdout=True)
+        t0 = lg.started
+        a = Sample(server, {})
+        peak = [0]
+
+        def all_held() -> bool:
+            peak[0] = max(peak[0], fd_count(pids) - base_fds)
+            return peak[0] >= clients or loadgen_connected(lg)
+
+        wait_until(all_held, t0 + connect_secs + cfg.connect_slack, alive=lg.alive)
+        out["server_saw_all_clients"] = peak[0] >= clients
+        out["loadgen_connect_phase_over"] = loadgen_connected(lg)
+        out["connect_wait_secs"] = round(time.monotonic() - t0, 3)
+        # Let the server finish its per-connection allocations, then sample.
+        sleep_until(time.monotonic() + 1.5, alive=lg.alive)
+        out["held_by_server"] = fd_count(pids) - base_fds
+        out["held_by_server_peak"] = max(peak[0], out["held_by_server"])
+        out["rss_kib_after"] = rss_kib(pids)
+        out["sampled_while_loadgen_ran"] = lg.alive()
+        b = Sample(server, {})
+        out.update({f"during_{k}": v for k, v in window(a, b).items()})
+        if out["held_by_server"] > 0:
+            out["kib_per_connection"] = round(
+                (out["rss_kib_after"] - out["rss_kib_before"]) / out["held_by_server"], 2)
+        out["loadgen"] = finish_loadgen(lg, t0 + connect_secs + cfg.connect_slack + hold + cfg.step_slack)
+        lg = None
+        return out
+    finally:
+        if lg:
+            lg.stop(grace=2.0)
+        server.stop()
+
+
+def listen_overflows() -> int | None:
+    """TcpExt ListenOverflows: SYNs/ACKs dropped because an accept queue was full."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+        for names, values in zip(lines[::2], lines[1::2]):
+            if names.startswith("TcpExt:"):
+                return int(dict(zip(names.split()[1:], values.split()[1:]))["ListenOverflows"])
+    except (OSError, KeyError, ValueError):
+        pass
+    return None
+
+
+def connect_run(cfg, server: Server, ramp: float) -> dict:
+    clients = cfg.connect_clients
+    out = {"clients": clients, "ramp": ramp}
+    server.start(IDLE_RATE)
+    lg = None
+    try:
+        pids = server.pids()
+        time.sleep(0.5)
+        a = Sample(server, {})
+        overflows = listen_overflows()
+        lg = Proc(f"{server.name}-loadgen-connect", loadgen_cmd(cfg, server, "idle", [
+            "--clients", clients, "--ramp", ramp, "--hold", "1s"]),
+            results=cfg.results, capture_stdout=True)
+        deadline = lg.started + clients / ramp + cfg.connect_slack + cfg.step_slack
+        result = finish_loadgen(lg, deadline)
+        lg = None
+        b = Sample(server, {})
+        if overflows is not None and listen_overflows() is not None:
+            out["listen_overflows"] = listen_overflows() - overflows
+        out["server_cpu_secs"] = round(b.server_cpu - a.server_cpu, 3)
+        out["server_rss_kib_after"] = rss_kib(pids)
+        out["loadgen"] = result
+        return out
+    finally:
+        if lg:
+            lg.stop(grace=2.0)
+        server.stop()
+
+
+def scenario_connect_rate(cfg, server: Server) -> dict:
+    """Connect bursts at increasing --ramp; the best connects/s wins.
+
+    A ramp beyond what the server accepts overflows its listen queue, and the
+    dropped SYNs come back only after TCP's 1 s retransmission timeout, so a
+    single huge ramp measures queue sizes, not accept speed. The ladder stops
+    once the server no longer keeps up with the ramp (connects/s < 90 % of it)
+    or a connection fails.
+    """
+    out = {"clients": cfg.connect_clients, "runs": []}
+    for ramp in cfg.connect_ramps:
+        try:
+            run = connect_run(cfg, server, ramp)
+        except BenchError as e:
+            out["runs"].append({"ramp": ramp, "error": str(e)})
+            log(f"{server.name}: connect run at ramp {ramp} failed: {e}")
+            break
+        out["runs"].append(run)
+        r = run["loadgen"]
+        log(f"{server.name}: ramp {ramp}/s -> {r.get('connects_per_sec')} connects/s, "
+            f"{r.get('connect_failures')} failed, listen overflows {run.get('listen_overflows')}")
+        if r.get("connect_failures") or (r.get("connects_per_sec") or 0) < 0.9 * ramp:
+            break
+    ok = [x for x in out["runs"] if "loadgen" in x and not x["loadgen"].get("connect_failures")]
+    if ok:
+        best = max(ok, key=lambda x: x["loadgen"].get("connects_per_sec") or 0)
+        out["best"] = {"ramp": best["ramp"], "connects_per_sec": best["loadgen"].get("connects_per_sec"),
+                       "server_cpu_secs": best.get("server_cpu_secs")}
+    return out
+
+
+# --------------------------------------------------------------------------
+# compare.
+
+def machine_info() -> dict:
+    info = {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nofile_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            info["mem_kib"] = int(f.readline().split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return info
+
+
+def run_server(cfg, name: str, tag: str) -> dict:
+    server = SERVER_CLASSES[name](cfg)
+    doc = {
+        "server": name, "label": server.label, "tag": tag, "quick": cfg.quick,
+        "started_at": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "settings": {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
+                     for k, v in vars(cfg).items() if k not in ("func",)},
+        "errors": [],
+    }
+    try:
+        doc["versions"] = server.versions()
+    except Exception as e:  # versions are informative only
+        doc["versions"] = {"error": str(e)}
+    try:
+        server.check()
+        if port_open(server.port):
+            raise BenchError(f"127.0.0.1:{server.port} is already in use: {name} skipped")
+    except BenchError as e:
+        doc["errors"].append(str(e))
+        log(f"{name}: skipped: {e}")
+        return doc
+
+    if "stream" in cfg.scenarios:
+        doc["throughput"] = scenario_throughput(cfg, server)
+
+    if "connect" in cfg.scenarios:
+        run_connect_rate(cfg, server, doc)
+    if "idle" in cfg.scenarios:
+        run_idle(cfg, server, doc)
+    if "max-idle" in cfg.scenarios and name in cfg.max_idle_servers:
+        run_max_idle(cfg, server, doc)
+    doc["finished_at"] = dt.datetime.now().isoformat(timespec="seconds")
+    return doc
+
+
+def run_connect_rate(cfg, server: Server, doc: dict) -> None:
+    name = server.name
+    log(f"{name}: connection rate, {cfg.connect_clients} clients at ramps {cfg.connect_ramps}")
+    try:
+        doc["connect_rate"] = scenario_connect_rate(cfg, server)
+        log(f"{name}: best {(doc['connect_rate'].get('best') or {}).get('connects_per_sec')} connects/s")
+    except BenchError as e:
+        doc["errors"].append(f"connect_rate: {e}")
+        log(f"{name}: connection rate failed: {e}")
+
+
+def idle_ramp_for(cfg, doc: dict) -> float:
+    # Idle clients connect no faster than 80 % of the best rate the server
+    # accepted, so a slow acceptor is not measured on timeouts.
+    best_cps = ((doc.get("connect_rate") or {}).get("best") or {}).get("connects_per_sec")
+    return min(cfg.idle_ramp, max(100.0, round(0.8 * best_cps))) if best_cps else cfg.idle_ramp
+
+
+def run_idle(cfg, server: Server, doc: dict) -> None:
+    name = server.name
+    idle_ramp = idle_ramp_for(cfg, doc)
+    log(f"{name}: idle, {cfg.idle_clients} connections at ramp {idle_ramp}/s")
+    try:
+        doc["idle"] = idle_run(cfg, server, cfg.idle_clients, idle_ramp, cfg.hold, "idle")
+        log(f"{name}: idle: {doc['idle'].get('kib_per_connection')} KiB per connection")
+    except BenchError as e:
+        doc["errors"].append(f"idle: {e}")
+        log(f"{name}: idle failed: {e}")
+
+
+def run_max_idle(cfg, server: Server, doc: dict) -> None:
+    name = server.name
+    log(f"{name}: most idle connections, trying {cfg.max_idle_clients}")
+    try:
+        doc["max_idle"] = idle_run(cfg, server, cfg.max_idle_clients, idle_ramp_for(cfg, doc),
+                                   cfg.hold, "max")
+        log(f"{name}: max idle: {doc['max_idle'].get('held_by_server_peak')} held")
+    except BenchError as e:
+        doc["errors"].append(f"max_idle: {e}")
+        log(f"{name}: max idle failed: {e}")
+
+
+def cmd_compare(cfg) -> int:
+    names = [s.strip() for s in cfg.servers.split(",") if s.strip()]
+    cfg.scenarios = {x.strip() for x in cfg.scenarios.split(",") if x.strip()}
+    bad = cfg.scenarios - {"stream", "connect", "idle", "max-idle"}
+    if bad:
+        sys.exit(f"unknown scenario(s): {', '.join(sorted(bad))}")
+    unknown = [n for n in names if n not in SERVER_CLASSES]
+    if unknown:
+        sys.exit(f"unknown server(s): {', '.join(unknown)} (known: {', '.join(SERVER_ORDER)})")
+    cfg.results = Path(cfg.results).resolve()
+    cfg.results.mkdir(parents=True, exist_ok=True)
+    cfg.loadgen = Path(cfg.loadgen).resolve()
+    if not os.access(cfg.loadgen, os.X_OK):
+        sys.exit(f"{cfg.loadgen} is missing: run `bench/run.py setup`")
+    # Quick: shorter windows, two rates, fewer idle connections.
+    if cfg.quick:
+        cfg.rates = cfg.rates or QUICK_RATES
+        cfg.duration = cfg.duration or 3
+        cfg.warmup = cfg.warmup or 1
+        cfg.hold = cfg.hold or 3
+        cfg.idle_clients = cfg.idle_clients or 5000
+        cfg.connect_clients = cfg.connect_clients or 3000
+        cfg.connect_ramps = cfg.connect_ramps or QUICK_CONNECT_RAMPS
+        cfg.max_idle_servers = cfg.max_idle_servers if cfg.max_idle_servers is not None else ""
+        cfg.refine = False
+    cfg.rates = cfg.rates or FULL_RATES
+    cfg.duration = cfg.duration or 10
+    cfg.warmup = cfg.warmup or 2
+    cfg.hold = cfg.hold or 4
+    cfg.idle_clients = cfg.idle_clients or 10000
+    cfg.connect_clients = cfg.connect_clients or 5000
+    cfg.connect_ramps = cfg.connect_ramps or FULL_CONNECT_RAMPS
+    cfg.max_idle_servers = [s for s in (cfg.max_idle_servers if cfg.max_idle_servers is not None
+                                        else "gateway").split(",") if s]
+    tag = cfg.tag or (dt.date.today().isoformat() + ("-quick" if cfg.quick else ""))
+    a = machine_cpu()
+    time.sleep(1.0)
+    b = machine_cpu()
+    cfg.machine_busy_pct_before = round(100.0 * (b[0] - a[0]) / max(1, b[1] - a[1]), 1)
+    if cfg.machine_busy_pct_before > 20:
+        log(f"warning: the machine is already {cfg.machine_busy_pct_before}% busy (of all cores) "
+            "before the benchmark: results will be noisy")
+    docs = []
+    started = time.monotonic()
+    for name in names:
+        doc = run_server(cfg, name, tag)
+        path = cfg.results / f"{tag}-{name}.json"
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        log(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+        docs.append(doc)
+    summary = render_summary(docs, tag)
+    out = cfg.results / f"{tag}-summary.md"
+    out.write_text(summary)
+    print(summary)
+    log(f"wrote {out}; total {time.monotonic() - started:.0f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Markdown.
+
+def fmt_us(us) -> str:
+    if us is None:
+        return "–"
+    if us >= 1_000_000:
+        return f"{us / 1e6:.2f} s"
+    if us >= 1000:
+        return f"{us / 1000:.2f} ms"
+    return f"{us:.0f} µs"
+
+
+def fmt_rate(n) -> str:
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}k"
+    return f"{n:,}"
+
+
+def fmt_int(n) -> str:
+    return "–" if n is None else f"{n:,.0f}"
+
+
+def fmt_num(x, digits=3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def sustained(step: dict) -> bool:
+    return step.get("stop") in (None, "deliveries/s stopped growing")
+
+
+def step_at(doc: dict, rate: float) -> dict | None:
+    for s in doc.get("throughput") or []:
+        if s.get("rate") == rate and "loadgen" in s:
+            return s
+    return None
+
+
+def render_summary(docs: list[dict], tag: str) -> str:
+    lines = [f"# WebSocket fan-out benchmark, {tag}", ""]
+    clients = (docs[0].get("settings") or {}).get("clients", 1000) if docs else 1000
+    if docs:
+        m = docs[0].get("machine", {})
+        st = docs[0].get("settings", {})
+        lines += [
+            f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), "
+            f"{(m.get('mem_kib') or 0) / 1048576:.0f} GiB, Linux {m.get('kernel')}, "
+            f"open files {m.get('nofile_limit')}. Server and load generator share the machine.",
+            f"Stream: {st.get('clients')} clients, ~150-byte messages, warm-up {st.get('warmup')} s, "
+            f"measured {st.get('duration')} s per rate; idle: {st.get('idle_clients')} connections; "
+            f"connection rate: {st.get('connect_clients')} clients per burst at --ramp "
+            f"{', '.join(fmt_int(r) for r in st.get('connect_ramps') or [])} (best kept).",
+            "",
+        ]
+    lines += [
+        f"| server | max deliveries/s reached | p99 at {fmt_rate(100 * clients)} deliveries/s "
+        f"| p99 at {fmt_rate(1000 * clients)} deliveries/s "
+        "| server CPU-s per 1M deliveries | loadgen CPU-s per 1M deliveries | RSS per idle connection "
+        "| new connections/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+    for doc in docs:
+        steps = doc.get("throughput") or []
+        ok = [s for s in steps if "loadgen" in s and sustained(s)]
+        if ok:
+            top = max(ok, key=lambda s: s["loadgen"].get("deliveries_per_sec") or 0)
+            max_cell = f"{fmt_int(top['loadgen'].get('deliveries_per_sec'))} ({fmt_int(top['rate'])} msg/s)"
+        elif steps:
+            max_cell = "none sustained"
+        else:
+            max_cell = "–"
+
+        def p99_cell(rate):
+            s = step_at(doc, rate)
+            if not s:
+                return "–"
+            cell = fmt_us((s["loadgen"].get("latency_us") or {}).get("p99"))
+            if not sustained(s):
+                cell += f" ({s['stop']}; {fmt_int(s['loadgen'].get('deliveries_per_sec'))}/s)"
+            return cell
+
+        s1m = step_at(doc, 1000)
+        cpu_cell = fmt_num(s1m.get("server_cpu_secs_per_1m")) if s1m else "–"
+        lg_cell = fmt_num(s1m.get("loadgen_cpu_secs_per_1m")) if s1m else "–"
+        if doc["server"] == "nats" and s1m and s1m.get("publisher_cpu_secs") is not None:
+            notes.append(f"NATS: the publisher (`loadgen publish`) used {s1m['publisher_cpu_secs']:.3f} CPU-s "
+                         f"in the {s1m.get('window_secs')} s window at 1000 msg/s on top of nats-server.")
+        idle = doc.get("idle") or {}
+        idle_cell = (f"{idle['kib_per_connection']:.1f} KiB" if idle.get("kib_per_connection") is not None
+                     else "–")
+        best = (doc.get("connect_rate") or {}).get("best") or {}
+        conn_cell = fmt_int(best.get("connects_per_sec"))
+        if best:
+            conn_cell += f" (ramp {fmt_int(best.get('ramp'))})"
+        lines.append(f"| {doc.get('label', doc['server'])} | {max_cell} | {p99_cell(100)} | {p99_cell(1000)} "
+                     f"| {cpu_cell} | {lg_cell} | {idle_cell} | {conn_cell} |")
+        mx = doc.get("max_idle")
+        if mx:
+            notes.append(f"{doc.get('label')}: most idle connections held: "
+                         f"{fmt_int(mx.get('held_by_server_peak'))} of {fmt_int(mx.get('clients'))} tried "
+                         f"(loadgen connected {fmt_int((mx.get('loadgen') or {}).get('connected'))}); "
+                         f"RSS {fmt_int(mx.get('rss_kib_after'))} KiB.")
+        for err in doc.get("errors") or []:
+            notes.append(f"{doc.get('label')}: {err.splitlines()[0]}")
+    lines += ["", f"Server CPU-s per 1M deliveries: measured at 1000 msg/s × {clients} clients "
+              f"({fmt_rate(1000 * clients)} deliveries/s offered), over a window inside loadgen's "
+              "measuring window; the loadgen column is the generator's CPU in the same window. "
+              "p99 cells of a rate the server did not sustain say why and what it delivered."]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+
+    lines += ["", "## Stream steps", "",
+              "| server | msg/s | connected | deliveries/s | p50 | p99 | p99.9 | max | gaps "
+              "| server CPU-s/1M | server CPU | loadgen CPU | machine busy | RSS KiB | stop |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for doc in docs:
+        for s in sorted(doc.get("throughput") or [], key=lambda s: s.get("rate") or 0):
+            r = s.get("loadgen") or {}
+            lat = r.get("latency_us") or {}
+            win = s.get("window_secs") or 0
+
+            def pct(key):
+                v = s.get(key)
+                return f"{100 * v / win:.0f}%" if v is not None and win else "–"
+
+            stop = s.get("stop") or ""
+            if "error" in s:
+                stop = "error: " + s["error"].splitlines()[0][:80]
+            lines.append(
+                f"| {doc['server']} | {fmt_int(s.get('rate'))} | {fmt_int(r.get('connected'))} "
+                f"| {fmt_int(r.get('deliveries_per_sec'))} | {fmt_us(lat.get('p50'))} | {fmt_us(lat.get('p99'))} "
+                f"| {fmt_us(lat.get('p999'))} | {fmt_us(lat.get('max'))} | {fmt_int(r.get('gaps'))} "
+                f"| {fmt_num(s.get('server_cpu_secs_per_1m'))} | {pct('server_cpu_secs')} "
+                f"| {pct('loadgen_cpu_secs')} | "
+                f"{'–' if s.get('machine_cpu_busy_pct') is None else str(s['machine_cpu_busy_pct']) + '%'} "
+                f"| {fmt_int(s.get('rss_kib_during'))} | {stop} |")
+    lines += ["", "CPU columns are percent of one core over the measuring window (200% = both cores); "
+              "machine busy is of the whole machine (100% = both cores).", ""]
+
+    lines += ["## Idle connections", "",
+              "| server | idle conns asked | held | RSS before KiB | RSS held KiB | KiB/conn |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for doc in docs:
+        for key in ("idle", "max_idle"):
+            idle = doc.get(key)
+            if not idle:
+                continue
+            lines.append(
+                f"| {doc['server']} | {fmt_int(idle.get('clients'))} | {fmt_int(idle.get('held_by_server_peak'))} "
+                f"| {fmt_int(idle.get('rss_kib_before'))} | {fmt_int(idle.get('rss_kib_after'))} "
+                f"| {fmt_num(idle.get('kib_per_connection'), 1)} |")
+    lines += ["", "## Connection rate", "",
+              "| server | clients | --ramp | connected | failures | connects/s | listen-queue overflows "
+              "| server CPU-s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for doc in docs:
+        conn = doc.get("connect_rate") or {}
+        for run in conn.get("runs") or []:
+            cl = run.get("loadgen") or {}
+            lines.append(
+                f"| {doc['server']} | {fmt_int(conn.get('clients'))} | {fmt_int(run.get('ramp'))} "
+                f"| {fmt_int(cl.get('connected'))} | {fmt_int(cl.get('connect_failures'))} "
+                f"| {fmt_int(cl.get('connects_per_sec'))} | {fmt_int(run.get('listen_overflows'))} "
+                f"| {fmt_num(run.get('server_cpu_secs'), 2)} |"
+                + (f" error: {run['error'].splitlines()[0][:80]}" if "error" in run else ""))
+    lines += ["", "Listen-queue overflows are machine-wide (TcpExt ListenOverflows): SYNs dropped "
+              "because the accept queue was full; those clients retry after 1 s.", ""]
+    versions = [f"{d['server']}: " + ", ".join(f"{k} {v}" for k, v in (d.get("versions") or {}).items())
+                for d in docs]
+    lines += ["Versions: " + "; ".join(versions), ""]
+    return "\n".join(lines)
+
+
+def cmd_summary(cfg) -> int:
+    results = Path(cfg.results).resolve()
+    tag = cfg.tag
+    if not tag:
+        tags = sorted({p.name.rsplit("-", 1)[0] for p in results.glob("*.json")})
+        if not tags:
+            sys.exit(f"no results in {results}")
+        tag = tags[-1]
+    docs = []
+    for name in SERVER_ORDER:
+        path = results / f"{tag}-{name}.json"
+        if path.is_file():
+            docs.append(json.loads(path.read_text()))
+    if not docs:
+        sys.exit(f"no {tag}-<server>.json in {results}")
+    summary = render_summary(docs, tag)
+    (results / f"{tag}-summary.md").write_text(summary)
+    print(summary)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# setup.
+
+def cmd_setup(cfg) -> int:
+    if "node" in cfg.only:
+        if not shutil.which("npm"):
+            raise BenchError("npm is not on PATH")
+        verb = "ci" if (NODE_DIR / "package-lock.json").is_file() else "install"
+        run_checked(["npm", verb, "--no-audit", "--no-fund"], cwd=NODE_DIR, timeout=900)
+    if "fastapi" in cfg.only:
+        if not os.access(venv_python(), os.X_OK):
+            run_checked([sys.executable, "-m", "venv", VENV], cwd=BENCH, timeout=300)
+        run_checked([venv_python(), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                     "-r", FASTAPI_DIR / "requirements.txt"], cwd=BENCH, timeout=1800)
+    if "cargo" in cfg.only:
+        run_checked(["cargo", "build", "--release", "-p", "gateway", "-p", "ticker", "-p", "loadgen"],
+                    cwd=ROOT, timeout=3600)
+    if not nats_server_path():
+        log("warning: nats-server not found; the nats peer will be skipped")
+    log("setup done")
+    return 0
+
+
+# --------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("setup", help="install the peers' dependencies and build the Rust binaries")
+    s.add_argument("--only", default="node,fastapi,cargo",
+                   help="comma-separated subset of node,fastapi,cargo (default: all)")
+    s.set_defaults(func=cmd_setup)
+
+    c = sub.add_parser("compare", help="run every scenario against every server")
+    c.add_argument("--servers", default=",".join(SERVER_ORDER))
+    c.add_argument("--quick", action="store_true",
+                   help="smoke run: 3 s windows, rates 100 and 1000, 5000 idle connections")
+    c.add_argument("--scenarios", default="stream,connect,idle,max-idle",
+                   help="comma-separated subset of stream,connect,idle,max-idle (default: all; "
+                        "max-idle runs only for --max-idle-servers)")
+    c.add_argument("--clients", type=int, default=1000)
+    c.add_argument("--rates", type=lambda v: [float(x) if "." in x else int(x) for x in v.split(",")],
+                   help=f"message rates to try, in order (default {','.join(map(str, FULL_RATES))})")
+    c.add_argument("--duration", type=int, help="loadgen measuring window, s (default 10, quick 3)")
+    c.add_argument("--warmup", type=int, help="loadgen warm-up, s (default 2, quick 1)")
+    c.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="do not try rates between the last sustained and the first failed one")
+    c.add_argument("--ramp", type=float, default=2000, help="connections/s while connecting stream clients")
+    c.add_argument("--idle-clients", type=int, help="idle connections (default 10000, quick 5000)")
+    c.add_argument("--idle-ramp", type=float, default=5000)
+    c.add_argument("--hold", type=int, help="seconds idle connections are held once connected")
+    c.add_argument("--max-idle-servers", default=None,
+                   help="servers tried with --max-idle-clients (default gateway; none with --quick)")
+    c.add_argument("--max-idle-clients", type=int, default=19900,
+                   help="idle connections tried for the most-held figure (open-file limit 20000)")
+    c.add_argument("--connect-clients", type=int, help="clients of the connection-rate run (default 5000)")
+    c.add_argument("--connect-ramps", type=lambda v: [float(x) for x in v.split(",")],
+                   help="--ramp values of the connection-rate runs, in order "
+                        f"(default {','.join(map(str, FULL_CONNECT_RAMPS))}; quick "
+                        f"{','.join(map(str, QUICK_CONNECT_RAMPS))})")
+    c.add_argument("--sources", type=int, default=4, help="loadgen source addresses 127.0.0.1..N")
+    c.add_argument("--loadgen", default=str(ROOT / "target" / "release" / "loadgen"))
+    c.add_argument("--loadgen-threads", type=int, help="loadgen --threads (default: loadgen's own)")
+    c.add_argument("--results", default=str(DEFAULT_RESULTS))
+    c.add_argument("--tag", help="file name prefix (default: today's date, + -quick)")
+    c.add_argument("--start-timeout", type=float, default=30.0)
+    c.add_argument("--settle", type=float, default=0.5, help="seconds after a server accepts")
+    c.add_argument("--connect-slack", type=float, default=15.0,
+                   help="extra seconds allowed for all clients to connect")
+    c.add_argument("--step-slack", type=float, default=30.0,
+                   help="extra seconds before a loadgen run is killed")
+    c.add_argument("--window-lead", type=float, default=0.5,
+                   help="seconds after loadgen's warm-up before the CPU window opens")
+    c.set_defaults(func=cmd_compare)
+
+    m = sub.add_parser("summary", help="rebuild <tag>-summary.md from <tag>-<server>.json")
+    m.add_argument("--results", default=str(DEFAULT_RESULTS))
+    m.add_argument("--tag")
+    m.set_defaults(func=cmd_summary)
+
+    cfg = p.parse_args(argv)
+    if getattr(cfg, "only", None) is not None:
+        cfg.only = {x.strip() for x in cfg.only.split(",")}
+    if getattr(cfg, "sources", 1) < 1 or getattr(cfg, "sources", 1) > 250:
+        sys.exit("--sources must be 1..250 (127.0.0.1..127.0.0.N)")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        return cfg.func(cfg)
+    except BenchError as e:
+        log(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted; stopping every started process")
+        return 130
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
