@@ -16,11 +16,6 @@ async fn several_clients_receive_every_message_in_order() {
     ordered_delivery("").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coalesced_writes_lose_and_reorder_nothing() {
-    ordered_delivery("limits:\n  write_coalesce: 5ms\n").await;
-}
-
 async fn ordered_delivery(extra: &str) {
     let dep = Deployment::new();
     dep.gateway_yaml(extra)

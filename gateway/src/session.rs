@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
@@ -57,7 +57,6 @@ enum Event {
     Shutdown,
     Written(std::io::Result<()>),
     Queued,
-    HoldOver,
     Read(std::io::Result<Result<bool, ReadError>>),
     LingerOver,
 }
@@ -106,11 +105,6 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
     let mut writer = FrameWriter::new();
     let mut incoming = Vec::new();
     let mut linger: Option<Pin<Box<Sleep>>> = None;
-    // Write coalescing: queued frames wait until `hold` fires.
-    let coalesce = limits.write_coalesce;
-    let mut last_write: Option<Instant> = None;
-    let mut hold: Option<Pin<Box<Sleep>>> = None;
-    let mut holding = false;
     let mut f = Flags::default();
     let (mut rd, mut wr) = tcp.split();
 
@@ -139,23 +133,8 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
                 f.pong = Some(p);
             }
         }
-        if let (Some(w), Some(last), false, true) =
-            (coalesce, last_write, holding, writer.is_empty())
-            && !f.close_queued
-            && !f.shutting
-            && Instant::now() < last + w
-            && queue.len() < batch_max
-            && !queue.is_empty()
-        {
-            // Written recently: let more frames gather before the next write.
-            match &mut hold {
-                Some(h) => h.as_mut().reset(last + w),
-                None => hold = Some(Box::pin(tokio::time::sleep_until(last + w))),
-            }
-            holding = true;
-        }
         // Move queued frames to the writer: one batch, one vectored write.
-        if !f.close_queued && !holding && writer.len() < batch_max {
+        if !f.close_queued && writer.len() < batch_max {
             queue.take_each(batch_max - writer.len(), |item| match item {
                 Outbound::Frame(frame) => {
                     writer.push(frame);
@@ -183,8 +162,7 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
                 }
             }), if reading || discarding => Event::Read(r),
             r = poll_fn(|cx| writer.poll_write_all(cx, &mut wr)), if !writer.is_empty() => Event::Written(r),
-            _ = queue.notified(), if writer.is_empty() && !f.close_queued && !holding => Event::Queued,
-            _ = maybe_sleep(&mut hold), if holding => Event::HoldOver,
+            _ = queue.notified(), if writer.is_empty() && !f.close_queued => Event::Queued,
             _ = maybe_sleep(&mut linger) => Event::LingerOver,
         };
         match ev {
@@ -193,7 +171,6 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
                 queue.close(close::GOING_AWAY, "server shutting down");
             }
             Event::Written(Ok(())) => {
-                last_write = Some(Instant::now());
                 if f.close_queued && writer.is_empty() {
                     f.close_sent = true;
                 }
@@ -203,7 +180,6 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
                 break;
             }
             Event::Queued => {}
-            Event::HoldOver => holding = false,
             Event::Read(r) => {
                 if !handle_read(r, &mut incoming, &mut writer, &mut f, &ctx) {
                     break;

@@ -117,8 +117,6 @@ pub struct Limits {
     pub session_queue: usize,
     /// Frames per flush.
     pub write_batch: usize,
-    /// Write coalescing window (None: off).
-    pub write_coalesce: Option<Duration>,
     /// Plugin → publisher buffer.
     pub source_buffer: usize,
 }
@@ -411,7 +409,6 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         max_message_size: gw.limits.max_message_size.0,
         session_queue: gw.limits.session_queue.max(1),
         write_batch: gw.limits.write_batch.max(1),
-        write_coalesce: gw.limits.write_coalesce.map(|d| d.0),
         source_buffer: gw.limits.source_buffer.max(1),
     };
 

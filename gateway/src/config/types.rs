@@ -161,11 +161,6 @@ pub struct LimitsFile {
     /// Most frames written to one socket per flush.
     #[serde(default = "default_write_batch")]
     pub write_batch: usize,
-    /// Coalesce writes: after writing to a socket, wait up to this long for
-    /// more frames before the next write (fewer system calls per delivery,
-    /// at most this much added latency). A frame arriving after a quiet spell
-    /// is written at once. Omitted: every frame is written as soon as it comes.
-    pub write_coalesce: Option<HumanDuration>,
     /// Messages buffered between a plugin and its channel's publisher; a full
     /// buffer blocks the plugin's `emit` (backpressure).
     #[serde(default = "default_source_buffer")]
@@ -179,7 +174,6 @@ impl Default for LimitsFile {
             max_message_size: default_max_message_size(),
             session_queue: default_session_queue(),
             write_batch: default_write_batch(),
-            write_coalesce: None,
             source_buffer: default_source_buffer(),
         }
     }
