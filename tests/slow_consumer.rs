@@ -70,3 +70,41 @@ async fn close_policy_disconnects_a_stalled_client_with_1008() {
     assert_eq!(close_code(&mut stalled).await, Some(1008));
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_client_stopped_reading_still_ends_after_its_close() {
+    let dep = Deployment::new();
+    dep.gateway_yaml("limits:\n  session_queue: 8\n").write("specs/schemas/flood.json", SEQ_SCHEMA).write(
+        "specs/flood.yaml",
+        "channel: flood\nschema: schemas/flood.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {rate: 2000, pad: 30000}\nendpoints:\n  - path: /flood\n",
+    );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let ws = connect_stalling(addr, "/flood").await;
+    let mut tcp = match ws.into_inner() {
+        tokio_tungstenite::MaybeTlsStream::Plain(s) => s,
+        _ => unreachable!(),
+    };
+    use tokio::io::AsyncWriteExt;
+    // Wait until the gateway cannot write to this client any more.
+    eventually("frames dropped for the stalled client", || async {
+        metric(
+            addr,
+            "gateway_slow_consumer_drops_total{channel=\"flood\",plugin=\"ticker\"}",
+        )
+        .await
+        .filter(|v| *v > 0.0)
+    })
+    .await;
+    // The client says goodbye but never reads the echo: the session must
+    // still end (within its 2 s close deadline), freeing its connection.
+    tcp.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+        .await
+        .unwrap();
+    eventually("the session to end", || async {
+        (metric(addr, "gateway_connections").await == Some(0.0)).then_some(())
+    })
+    .await;
+    drop(tcp);
+    gw.shutdown().await;
+}
