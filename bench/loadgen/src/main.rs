@@ -32,9 +32,15 @@ enum Cmd {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Server URL (ws:// only).
+    /// Server URL (ws:// only). See --spread for its placeholder.
     #[arg(long, required = true)]
     url: Option<String>,
+    /// Spread the clients over K URLs: client c connects to --url with its
+    /// placeholder (the letter n in curly braces) replaced by c % K, e.g.
+    /// /bench/0 ... /bench/9 with K = 10.
+    // (clap's help output turns the placeholder itself into a line break.)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    spread: u32,
     /// Number of client connections.
     #[arg(long, default_value_t = 1000)]
     clients: usize,
@@ -178,6 +184,7 @@ fn main() -> ExitCode {
             }
             let cfg = Config {
                 url: a.url.expect("clap enforces --url"),
+                spread: a.spread as usize,
                 clients: a.clients,
                 ramp: a.ramp,
                 duration: a.duration,
@@ -276,6 +283,11 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["loadgen", "--url", "ws://x/", "--header", "bad"]).is_err());
         assert!(Cli::try_parse_from(["loadgen", "--url", "ws://x/", "--sources", "0"]).is_err());
+        assert!(Cli::try_parse_from(["loadgen", "--url", "ws://x/{n}", "--spread", "0"]).is_err());
+        let c = Cli::try_parse_from(["loadgen", "--url", "ws://x/{n}", "--spread", "10"]).unwrap();
+        assert_eq!(c.run.spread, 10);
+        let c = Cli::try_parse_from(["loadgen", "--url", "ws://x/"]).unwrap();
+        assert_eq!(c.run.spread, 1);
         assert!(Cli::try_parse_from(["loadgen", "--url", "ws://x/", "--mode", "bogus"]).is_err());
     }
 }

@@ -64,7 +64,12 @@ impl Mode {
 /// A run's parameters (the CLI maps onto this one to one).
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Target URL; `{n}` in it is replaced per client (see `spread`).
     pub url: String,
+    /// Client `c` connects to `url` with every `{n}` replaced by `c % spread`
+    /// (e.g. `/bench/{n}` with 10: `/bench/0` … `/bench/9`). At least 1;
+    /// more than 1 needs a `{n}` in the URL's path.
+    pub spread: usize,
     pub clients: usize,
     /// New connections per second while connecting; 0 = as fast as possible.
     pub ramp: f64,
@@ -96,6 +101,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             url: "ws://127.0.0.1:9900/bench".into(),
+            spread: 1,
             clients: 1000,
             ramp: 2000.0,
             duration: Duration::from_secs(10),
@@ -139,6 +145,8 @@ pub struct PerClient {
 pub struct Report {
     pub mode: Mode,
     pub url: String,
+    /// Distinct URLs the clients were spread over (`--spread`).
+    pub spread: usize,
     pub clients: usize,
     pub connected: usize,
     pub connect_failures: usize,
@@ -746,6 +754,42 @@ fn round(v: f64, places: i32) -> f64 {
     (v * m).round() / m
 }
 
+/// The placeholder that `--spread` replaces in the URL.
+pub const SPREAD_PLACEHOLDER: &str = "{n}";
+
+/// `template` with every `{n}` replaced by `n`.
+pub fn spread_url(template: &str, n: usize) -> String {
+    template.replace(SPREAD_PLACEHOLDER, &n.to_string())
+}
+
+/// The `spread` URLs of a run: index `i` is `template` with `{n}` = `i`, so
+/// client `c` uses index `c % spread`. All must name the same host and port
+/// (the placeholder belongs in the path or query), and `spread > 1` needs a
+/// placeholder, or every client would share one URL after all.
+pub fn spread_urls(template: &str, spread: usize) -> Result<Vec<WsUrl>, String> {
+    if spread == 0 {
+        return Err("--spread must be at least 1".into());
+    }
+    if spread > 1 && !template.contains(SPREAD_PLACEHOLDER) {
+        return Err(format!(
+            "--spread {spread} needs a {SPREAD_PLACEHOLDER} in the URL to replace, e.g. ws://127.0.0.1:9900/bench/{SPREAD_PLACEHOLDER}"
+        ));
+    }
+    let urls = (0..spread)
+        .map(|n| WsUrl::parse(&spread_url(template, n)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let first = &urls[0];
+    if let Some(u) = urls.iter().find(|u| {
+        (&u.host, u.port, &u.host_header) != (&first.host, first.port, &first.host_header)
+    }) {
+        return Err(format!(
+            "{SPREAD_PLACEHOLDER} must be in the URL's path or query, not its host or port ({}:{} vs {}:{})",
+            first.host, first.port, u.host, u.port
+        ));
+    }
+    Ok(urls)
+}
+
 /// Resolves the target and checks the source-address setup.
 async fn resolve(url: &WsUrl, sources: u8) -> Result<(SocketAddr, u8), SetupError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
@@ -793,14 +837,15 @@ async fn wait_while_alive(
 /// error only for setup problems (bad URL, unresolvable host); a server
 /// that refuses every connection yields a report with `connected: 0`.
 pub async fn run(cfg: Config) -> Result<Report, SetupError> {
-    let url = WsUrl::parse(&cfg.url).map_err(SetupError)?;
+    let urls = spread_urls(&cfg.url, cfg.spread).map_err(SetupError)?;
+    let url = &urls[0];
     if cfg.sources == 0 {
         return Err(SetupError("--sources must be at least 1".into()));
     }
     if cfg.mode.nats() && cfg.nats_subject.trim().is_empty() {
         return Err(SetupError("--nats-subject must not be empty".into()));
     }
-    let (target, sources) = resolve(&url, cfg.sources).await?;
+    let (target, sources) = resolve(url, cfg.sources).await?;
     let cpu_start = cpu_secs();
     let shared = Arc::new(Shared {
         run_id: RUN_IDS.fetch_add(1, Relaxed),
@@ -820,15 +865,20 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
         hists: Mutex::new(Vec::new()),
         log_budget: AtomicU64::new(0),
     });
-    let url = Arc::new(url);
+    let urls: Vec<Arc<WsUrl>> = urls.into_iter().map(Arc::new).collect();
     let headers = Arc::new(cfg.headers.clone());
     let progress = cfg.progress;
     if progress {
         eprintln!(
-            "loadgen: {} mode, {} clients -> {} ({}), ramp {}/s, {} source address(es)",
+            "loadgen: {} mode, {} clients -> {}{} ({}), ramp {}/s, {} source address(es)",
             cfg.mode.name(),
             cfg.clients,
             cfg.url,
+            if urls.len() > 1 {
+                format!(" with {{n}} = 0..{}", urls.len() - 1)
+            } else {
+                String::new()
+            },
             target,
             cfg.ramp,
             sources
@@ -847,7 +897,7 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
             shared.clone(),
             target,
             source,
-            url.clone(),
+            urls[i % urls.len()].clone(),
             headers.clone(),
             cfg.connect_timeout,
         )));
@@ -1031,6 +1081,7 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
     let report = Report {
         mode: cfg.mode,
         url: cfg.url.clone(),
+        spread: urls.len(),
         clients: cfg.clients,
         connected,
         connect_failures,
@@ -1081,4 +1132,59 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
         loadgen_cpu_window_secs: window_cpu,
     };
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_url_replaces_every_placeholder() {
+        assert_eq!(
+            spread_url("ws://127.0.0.1:9900/bench/{n}", 7),
+            "ws://127.0.0.1:9900/bench/7"
+        );
+        assert_eq!(spread_url("ws://h/a/{n}?ch={n}", 12), "ws://h/a/12?ch=12");
+        assert_eq!(spread_url("ws://h/bench", 3), "ws://h/bench");
+    }
+
+    #[test]
+    fn spread_urls_one_per_index() {
+        let urls = spread_urls("ws://127.0.0.1:9900/bench/{n}", 3).unwrap();
+        let paths: Vec<&str> = urls.iter().map(|u| u.path.as_str()).collect();
+        assert_eq!(paths, ["/bench/0", "/bench/1", "/bench/2"]);
+        assert!(urls.iter().all(|u| u.host == "127.0.0.1" && u.port == 9900));
+        // Client c uses index c % spread.
+        let client_path = |c: usize| urls[c % urls.len()].path.clone();
+        assert_eq!(client_path(0), "/bench/0");
+        assert_eq!(client_path(4), "/bench/1");
+        assert_eq!(client_path(1001), "/bench/2");
+
+        // In the query too.
+        let urls = spread_urls("ws://127.0.0.1:9900/s?ch=bench-{n}", 2).unwrap();
+        assert_eq!(urls[1].path, "/s?ch=bench-1");
+    }
+
+    #[test]
+    fn spread_of_one_substitutes_zero_and_needs_no_placeholder() {
+        let urls = spread_urls("ws://127.0.0.1:9900/bench", 1).unwrap();
+        assert_eq!(urls.len(), 1);
+        assert_eq!(urls[0].path, "/bench");
+        let urls = spread_urls("ws://127.0.0.1:9900/bench/{n}", 1).unwrap();
+        assert_eq!(urls[0].path, "/bench/0");
+    }
+
+    #[test]
+    fn spread_urls_rejects_bad_setups() {
+        let err = spread_urls("ws://127.0.0.1:9900/bench", 10).unwrap_err();
+        assert!(err.contains("needs a {n}"), "{err}");
+        assert!(spread_urls("ws://127.0.0.1:9900/bench/{n}", 0).is_err());
+        // The placeholder may not change where the clients connect.
+        let err = spread_urls("ws://127.0.0.1:990{n}/bench", 2).unwrap_err();
+        assert!(err.contains("path or query"), "{err}");
+        let err = spread_urls("ws://127.0.0.{n}:9900/bench", 2).unwrap_err();
+        assert!(err.contains("path or query"), "{err}");
+        // Still a ws:// URL after substitution.
+        assert!(spread_urls("wss://127.0.0.1/{n}", 2).is_err());
+    }
 }

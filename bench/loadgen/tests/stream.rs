@@ -279,3 +279,97 @@ async fn refused_connections_are_reported_not_fatal() {
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert!(json.get("latency_us").is_none(), "idle mode has no latency");
 }
+
+// tungstenite's handshake callback returns its (large) error response by value.
+#[allow(clippy::result_large_err)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spread_clients_over_channels_with_their_own_seq() {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    // Two "channels", /bench/0 and /bench/1, each with its own sequence:
+    // channel 0 counts 1..=200, channel 1 counts 1001..=1200. A client that
+    // mixed them up, or checking that compared across channels, would report
+    // gaps or duplicates.
+    const SPREAD: usize = 2;
+    const CLIENTS: usize = 4;
+    const N: u64 = 200;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/bench/{{n}}", listener.local_addr().unwrap());
+    let start = Arc::new(Notify::new());
+
+    let server = {
+        let start = start.clone();
+        tokio::spawn(async move {
+            let mut clients = Vec::new();
+            for _ in 0..CLIENTS {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut path = String::new();
+                let ws =
+                    tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, resp: Response| {
+                        path = req.uri().path().to_string();
+                        Ok(resp)
+                    })
+                    .await
+                    .unwrap();
+                let channel: u64 = path
+                    .strip_prefix("/bench/")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("unexpected path {path}"));
+                clients.push((channel, ws));
+            }
+            let mut per_channel = [0; SPREAD];
+            for (ch, _) in &clients {
+                per_channel[*ch as usize] += 1;
+            }
+            assert_eq!(
+                per_channel,
+                [CLIENTS / SPREAD; SPREAD],
+                "clients spread evenly"
+            );
+            start.notified().await;
+            for i in 1..=N {
+                for (ch, ws) in &mut clients {
+                    let seq = *ch * 1000 + i;
+                    ws.send(Message::Text(msg(seq).into())).await.unwrap();
+                }
+            }
+            for (_, ws) in &mut clients {
+                ws.close(None).await.unwrap();
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        })
+    };
+
+    let mut cfg = config(url, Mode::Stream, start);
+    cfg.clients = CLIENTS;
+    cfg.spread = SPREAD;
+    let report = tokio::time::timeout(Duration::from_secs(20), run(cfg))
+        .await
+        .expect("run finished in time")
+        .expect("run set up");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server finished")
+        .expect("server assertions");
+
+    assert_eq!(report.spread, SPREAD);
+    assert_eq!(report.connected, CLIENTS);
+    assert_eq!(report.messages, N * CLIENTS as u64);
+    assert_eq!(report.gaps, Some(0));
+    assert_eq!(report.dups, Some(0));
+    assert_eq!(report.silent_clients, Some(0));
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["spread"], SPREAD);
+}
+
+#[tokio::test]
+async fn spread_without_placeholder_is_a_setup_error() {
+    let cfg = Config {
+        url: "ws://127.0.0.1:9/bench".into(),
+        spread: 3,
+        progress: false,
+        ..Config::default()
+    };
+    let err = run(cfg).await.unwrap_err();
+    assert!(err.0.contains("{n}"), "{err}");
+}
