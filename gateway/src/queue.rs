@@ -144,11 +144,6 @@ impl SessionQueue {
         self.inner.lock().closing
     }
 
-    /// How many items are queued.
-    pub fn len(&self) -> usize {
-        self.inner.lock().items.len()
-    }
-
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.inner.lock().items.is_empty()
