@@ -80,11 +80,7 @@ async fn a_session_whose_client_stopped_reading_still_ends_after_its_close() {
     );
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
-    let ws = connect_stalling(addr, "/flood").await;
-    let mut tcp = match ws.into_inner() {
-        tokio_tungstenite::MaybeTlsStream::Plain(s) => s,
-        _ => unreachable!(),
-    };
+    let mut tcp = connect_stalling_raw(addr, "/flood").await;
     use tokio::io::AsyncWriteExt;
     // Wait until the gateway cannot write to this client any more.
     eventually("frames dropped for the stalled client", || async {

@@ -250,3 +250,11 @@ pub async fn connect_stalling(addr: SocketAddr, path: &str) -> Ws {
     .expect("handshake");
     ws
 }
+
+/// [`connect_stalling`], then the bare TCP stream, to write frames by hand.
+pub async fn connect_stalling_raw(addr: SocketAddr, path: &str) -> TcpStream {
+    match connect_stalling(addr, path).await.into_inner() {
+        MaybeTlsStream::Plain(s) => s,
+        _ => unreachable!("plain ws:// connection"),
+    }
+}
