@@ -118,6 +118,21 @@ async fn expect_close(s: &mut TcpStream, buf: &mut Vec<u8>) -> u16 {
     u16::from_be_bytes([p[0], p[1]])
 }
 
+/// The next message that is not data (the ticker's messages may come first).
+async fn next_control(ws: &mut Ws) -> Message {
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Text(_) => continue,
+            other => return other,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pings_are_answered_with_the_same_payload() {
     let dep = deployment();
@@ -126,17 +141,7 @@ async fn pings_are_answered_with_the_same_payload() {
     ws.send(Message::Ping(b"are you there".to_vec().into()))
         .await
         .unwrap();
-    let pong = loop {
-        match tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-        {
-            Message::Text(_) => continue,
-            other => break other,
-        }
-    };
+    let pong = next_control(&mut ws).await;
     assert_eq!(pong, Message::Pong(b"are you there".to_vec().into()));
     gw.shutdown().await;
 }
@@ -153,17 +158,7 @@ async fn a_client_close_is_echoed_and_the_connection_ends() {
     })))
     .await
     .unwrap();
-    let reply = loop {
-        match tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-        {
-            Message::Text(_) => continue,
-            other => break other,
-        }
-    };
+    let reply = next_control(&mut ws).await;
     match reply {
         Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Normal),
         other => panic!("expected the Close echo, got {other:?}"),

@@ -66,11 +66,7 @@ pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
 /// A text frame for `json`, and where the payload starts in it: the one copy
 /// a message gets at the plugin boundary.
 pub fn text_frame(json: &[u8]) -> (Bytes, usize) {
-    let header = header_len(json.len());
-    let mut b = BytesMut::with_capacity(header + json.len());
-    put_header(&mut b, OP_TEXT, json.len());
-    b.extend_from_slice(json);
-    (b.freeze(), header)
+    (frame(OP_TEXT, json), header_len(json.len()))
 }
 
 /// A Close frame with a status code and a reason (truncated to fit 125 bytes).
@@ -324,27 +320,36 @@ fn parse_close(p: &[u8]) -> Result<Option<(u16, String)>, ReadError> {
     }
 }
 
-/// Read once into a buffer that lives only for this call, and parse it.
-/// Ready(Ok(false)) means the peer closed the connection.
+/// Read once into a buffer that lives only for this call (so an idle
+/// connection holds none) and hand what was read to `f`. Ready(Ok(None))
+/// means the peer closed the connection.
+fn poll_read_once<R: AsyncRead + Unpin, T>(
+    cx: &mut Context<'_>,
+    rd: &mut R,
+    f: impl FnOnce(&[u8]) -> T,
+) -> Poll<io::Result<Option<T>>> {
+    let mut tmp = [0u8; 4096];
+    let mut rb = ReadBuf::new(&mut tmp);
+    match Pin::new(rd).poll_read(cx, &mut rb) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Ok(None)),
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(f(rb.filled())))),
+    }
+}
+
+/// Read once and parse what came. Ready(Ok(Ok(false))) means the peer
+/// closed the connection.
 pub fn poll_read_frames<R: AsyncRead + Unpin>(
     cx: &mut Context<'_>,
     rd: &mut R,
     reader: &mut FrameReader,
     out: &mut Vec<Incoming>,
 ) -> Poll<io::Result<Result<bool, ReadError>>> {
-    let mut tmp = [0u8; 4096];
-    let mut rb = ReadBuf::new(&mut tmp);
-    match Pin::new(rd).poll_read(cx, &mut rb) {
-        Poll::Pending => Poll::Pending,
-        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-        Poll::Ready(Ok(())) => {
-            let n = rb.filled().len();
-            if n == 0 {
-                return Poll::Ready(Ok(Ok(false)));
-            }
-            Poll::Ready(Ok(reader.feed(&tmp[..n], out).map(|_| true)))
-        }
-    }
+    poll_read_once(cx, rd, |bytes| reader.feed(bytes, out)).map_ok(|r| match r {
+        None => Ok(false),
+        Some(parsed) => parsed.map(|_| true),
+    })
 }
 
 /// Read once and throw the bytes away (after a protocol error, so that the
@@ -354,13 +359,7 @@ pub fn poll_discard<R: AsyncRead + Unpin>(
     cx: &mut Context<'_>,
     rd: &mut R,
 ) -> Poll<io::Result<bool>> {
-    let mut tmp = [0u8; 4096];
-    let mut rb = ReadBuf::new(&mut tmp);
-    match Pin::new(rd).poll_read(cx, &mut rb) {
-        Poll::Pending => Poll::Pending,
-        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-        Poll::Ready(Ok(())) => Poll::Ready(Ok(!rb.filled().is_empty())),
-    }
+    poll_read_once(cx, rd, |_| ()).map_ok(|r| r.is_some())
 }
 
 /// Whether a client may send this close code (RFC 6455 §7.4 and the IANA
