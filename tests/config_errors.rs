@@ -81,7 +81,7 @@ fn unknown_top_level_key_in_gateway_yaml() {
     assert_eq!(
         errors(&dep),
         [format!(
-            "{}:8:1: limts: unknown field `limts`, expected one of listeners, plugins, channels, admin, limits, log, shutdown",
+            "{}:8:1: limts: unknown field `limts`, expected one of listeners, plugins, channels, admin, limits, log, shutdown, protocols, endpoints, http",
             at(&dep, "gateway.yaml")
         )]
     );
@@ -226,7 +226,7 @@ fn unknown_auth_mode_lists_the_choices() {
     assert_eq!(
         errors(&dep),
         [format!(
-            "{}:9:7: endpoints[0].auth.mode: unknown variant `basic`, expected one of none, api_key",
+            "{}:9:7: endpoints[0].auth.mode: unknown variant `basic`, expected one of none, api_key, jwt, handshake",
             at(&dep, "specs/ticker.yaml")
         )]
     );

@@ -67,7 +67,10 @@ fn fan_out(c: &mut Criterion) {
                     queue: q.clone(),
                     on_full: OnFull::DropOldest,
                     metrics: metrics.clone(),
+                    filter: None,
+                    cancelled: Default::default(),
                 },
+                false,
             );
         }
         let mut out = Vec::with_capacity(64);
@@ -77,7 +80,7 @@ fn fan_out(c: &mut Criterion) {
             &subs,
             |b, _| {
                 b.iter(|| {
-                    broker.publish(&topic, &msg);
+                    broker.publish(&topic, &msg, false);
                     // What each session does with it: take the frame off its queue.
                     for q in &queues {
                         q.take(&mut out, 64);

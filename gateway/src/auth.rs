@@ -1,10 +1,66 @@
-//! Authentication before the WebSocket upgrade.
+//! Authentication: before the WebSocket upgrade (API keys, JWT from a
+//! header or query parameter) and in-band (a JWT or a handshake in the
+//! client's first message).
 //!
-//! Refusals are HTTP errors with a JSON body: 401 when no credential was
-//! presented, 403 when the credential is wrong.
+//! Refusals before the upgrade are HTTP errors with a JSON body: 401 when no
+//! credential was presented or a token is not valid, 403 when an API key is
+//! wrong or the Origin is not allowed.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, StatusCode};
+use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
+
+use crate::jwt::JwtVerifier;
+use crate::template::{Template, get_path};
+
+/// JWT settings of an endpoint.
+pub struct JwtAuth {
+    /// The verifier (algorithm pinned).
+    pub verifier: JwtVerifier,
+    /// Accept `Authorization: Bearer`.
+    pub bearer: bool,
+    /// Accept this query parameter.
+    pub query: Option<String>,
+    /// Accept a first message.
+    pub inband: Option<Inband>,
+}
+
+/// An in-band first message: a JWT carrier or a handshake.
+#[derive(Debug)]
+pub struct Inband {
+    /// Fields identifying the message.
+    pub match_fields: Map<String, Value>,
+    /// JWT: path of the token.
+    pub token_field: Option<Vec<String>>,
+    /// Handshake: fields that must be present.
+    pub required: Vec<String>,
+    /// Reply on success.
+    pub reply: Option<Template>,
+    /// Reply on failure.
+    pub error_reply: Option<Template>,
+    /// Time allowed.
+    pub timeout: Duration,
+    /// Actions answered before it.
+    pub allow_before: Vec<String>,
+}
+
+impl Inband {
+    /// Whether `msg` is this message.
+    pub fn matches(&self, msg: &Value) -> bool {
+        self.match_fields.iter().all(|(k, v)| msg.get(k) == Some(v))
+    }
+}
+
+/// The outcome of an in-band message.
+pub enum InbandResult {
+    /// Accepted; the principal, if any.
+    Accepted(Option<String>),
+    /// Refused: (code, message).
+    Refused(&'static str, String),
+}
 
 /// A compiled auth mode.
 #[derive(Clone)]
@@ -20,6 +76,10 @@ pub enum Auth {
         /// Accepted keys (never logged).
         keys: Vec<Vec<u8>>,
     },
+    /// A signed JWT.
+    Jwt(Arc<JwtAuth>),
+    /// An in-band handshake message.
+    Handshake(Arc<Inband>),
 }
 
 impl std::fmt::Debug for Auth {
@@ -36,6 +96,14 @@ impl std::fmt::Debug for Auth {
                 .field("header", header)
                 .field("keys", &format_args!("<{} redacted>", keys.len()))
                 .finish(),
+            Auth::Jwt(j) => f
+                .debug_struct("Jwt")
+                .field("verifier", &j.verifier)
+                .field("bearer", &j.bearer)
+                .field("query", &j.query)
+                .field("inband", &j.inband)
+                .finish(),
+            Auth::Handshake(h) => f.debug_tuple("Handshake").field(h).finish(),
         }
     }
 }
@@ -61,13 +129,138 @@ impl Auth {
         match self {
             Auth::None => "none",
             Auth::ApiKey { .. } => "api_key",
+            Auth::Jwt(_) => "jwt",
+            Auth::Handshake(_) => "handshake",
         }
     }
 
-    /// Check a handshake request.
-    pub fn check(&self, headers: &HeaderMap, query: &str) -> Result<Principal, AuthError> {
+    /// The in-band message this mode may wait for after the upgrade.
+    pub fn inband(&self) -> Option<&Inband> {
+        match self {
+            Auth::Jwt(j) => j.inband.as_ref(),
+            Auth::Handshake(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// Whether the mode can only be satisfied by a message (not usable for HTTP).
+    pub fn needs_message(&self) -> bool {
+        match self {
+            Auth::Jwt(j) => !j.bearer && j.query.is_none(),
+            Auth::Handshake(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Check an in-band message (`msg` already matched `inband()`).
+    pub fn check_message(&self, msg: &Value) -> InbandResult {
+        match self {
+            Auth::Jwt(j) => {
+                let Some(ib) = &j.inband else {
+                    return InbandResult::Refused(
+                        "invalid_token",
+                        "no in-band token expected".into(),
+                    );
+                };
+                let path = ib.token_field.as_deref().unwrap_or(&[]);
+                match get_path(msg, path) {
+                    Some(Value::String(t)) => match j.verifier.verify(t) {
+                        Ok(v) => InbandResult::Accepted(v.principal),
+                        Err(e) => InbandResult::Refused(e.code, e.message),
+                    },
+                    _ => InbandResult::Refused(
+                        "missing_token",
+                        format!("the message needs a token in `{}`", path.join(".")),
+                    ),
+                }
+            }
+            Auth::Handshake(h) => {
+                let missing: Vec<&str> = h
+                    .required
+                    .iter()
+                    .filter(|f| msg.get(f.as_str()).is_none_or(Value::is_null))
+                    .map(String::as_str)
+                    .collect();
+                if missing.is_empty() {
+                    InbandResult::Accepted(None)
+                } else {
+                    InbandResult::Refused(
+                        "invalid_handshake",
+                        format!(
+                            "the handshake lacks required fields: {}",
+                            missing.join(", ")
+                        ),
+                    )
+                }
+            }
+            _ => InbandResult::Accepted(None),
+        }
+    }
+
+    /// Check a handshake request. `Ok(None)`: the credential must come
+    /// in-band, after the upgrade.
+    pub fn check_request(
+        &self,
+        headers: &HeaderMap,
+        query: &str,
+    ) -> Result<Option<Principal>, AuthError> {
+        match self {
+            Auth::Jwt(j) => {
+                let bearer = j
+                    .bearer
+                    .then(|| headers.get(http::header::AUTHORIZATION))
+                    .flatten()
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| {
+                        v.strip_prefix("Bearer ")
+                            .or_else(|| v.strip_prefix("bearer "))
+                    })
+                    .map(|t| t.trim().to_string());
+                let from_query = j.query.as_ref().and_then(|q| {
+                    form_urlencoded::parse(query.as_bytes())
+                        .find(|(k, _)| k == q)
+                        .map(|(_, v)| v.into_owned())
+                });
+                match bearer.or(from_query) {
+                    Some(t) => match j.verifier.verify(&t) {
+                        Ok(v) => Ok(Some(Principal(v.principal))),
+                        Err(e) => Err(AuthError {
+                            status: StatusCode::UNAUTHORIZED,
+                            error: e.code,
+                            message: e.message,
+                        }),
+                    },
+                    None if j.inband.is_some() => Ok(None),
+                    None => {
+                        let mut wher = Vec::new();
+                        if j.bearer {
+                            wher.push("an `Authorization: Bearer` header".to_string());
+                        }
+                        if let Some(q) = &j.query {
+                            wher.push(format!("query parameter `{q}`"));
+                        }
+                        Err(AuthError {
+                            status: StatusCode::UNAUTHORIZED,
+                            error: "missing_token",
+                            message: format!("a JWT is required in {}", wher.join(" or ")),
+                        })
+                    }
+                }
+            }
+            Auth::Handshake(_) => Ok(None),
+            other => other.check_key(headers, query).map(Some),
+        }
+    }
+
+    /// Check a request against the `none` and `api_key` modes.
+    fn check_key(&self, headers: &HeaderMap, query: &str) -> Result<Principal, AuthError> {
         match self {
             Auth::None => Ok(Principal(None)),
+            Auth::Jwt(_) | Auth::Handshake(_) => Err(AuthError {
+                status: StatusCode::UNAUTHORIZED,
+                error: "unauthorized",
+                message: "not authenticated".into(),
+            }),
             Auth::ApiKey {
                 query: qname,
                 header,

@@ -7,12 +7,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
 
 use crate::config::OnFull;
+use crate::filter::{SubFilter, Verdict};
 use crate::metrics::ChannelMetrics;
 use crate::queue::{Pushed, SessionQueue};
 
@@ -31,6 +32,26 @@ pub struct Message {
     /// The complete WebSocket text frame (header and JSON), written as is to
     /// every subscriber's socket.
     pub frame: Bytes,
+    /// Where the JSON starts in `frame`.
+    pub payload: usize,
+    /// The parsed message, kept when some subscriber may filter on it.
+    pub value: Option<Arc<serde_json::Value>>,
+}
+
+impl Message {
+    /// A message from a frame whose JSON starts at `payload`.
+    pub fn new(frame: Bytes, payload: usize) -> Message {
+        Message {
+            frame,
+            payload,
+            value: None,
+        }
+    }
+
+    /// The JSON text.
+    pub fn json(&self) -> &[u8] {
+        &self.frame[self.payload..]
+    }
 }
 
 /// A subscriber: a session's queue and the channel's slow-consumer policy.
@@ -42,6 +63,27 @@ pub struct Subscriber {
     pub on_full: OnFull,
     /// Where drops and deliveries are counted.
     pub metrics: Arc<ChannelMetrics>,
+    /// The subscription's filters, if it set any.
+    pub filter: Option<Arc<SubFilter>>,
+    /// Set when the subscription ends (stops held conflated frames).
+    pub cancelled: Arc<AtomicBool>,
+}
+
+impl Subscriber {
+    /// Hand `msg` to this subscriber, through its filters.
+    fn deliver(&self, msg: &Message) -> Pushed {
+        let frame = match (&self.filter, &msg.value) {
+            (Some(f), Some(v)) => {
+                match f.decide(v, &msg.frame, &self.queue, self.on_full, &self.cancelled) {
+                    Verdict::Skip | Verdict::Held => return Pushed::Ignored,
+                    Verdict::Shared => msg.frame.clone(),
+                    Verdict::Own(b) => b,
+                }
+            }
+            _ => msg.frame.clone(),
+        };
+        self.queue.push(frame, self.on_full)
+    }
 }
 
 /// Identifies one subscription for `unsubscribe`.
@@ -50,22 +92,31 @@ pub struct SubscriptionId(u64);
 
 /// Publish/subscribe between publishers and sessions.
 pub trait Broker: Send + Sync + 'static {
-    /// Deliver `msg` to every subscriber of `topic`.
-    fn publish(&self, topic: &Topic, msg: &Message);
+    /// Deliver `msg` to every subscriber of `topic`; with `retain`, keep it
+    /// as the topic's latest message.
+    fn publish(&self, topic: &Topic, msg: &Message, retain: bool);
+    /// The topic's latest retained message.
+    fn last(&self, topic: &Topic) -> Option<Message>;
     /// End a keyed stream: subscribers get what was published before, then Close 1000.
     fn end(&self, topic: &Topic);
-    /// Add a subscriber; returns its id and the topic's subscriber count after adding.
-    fn subscribe(&self, topic: &Topic, sub: Subscriber) -> (SubscriptionId, usize);
+    /// Add a subscriber; returns its id and the topic's subscriber count
+    /// after adding. With `replay`, the retained message (if any) is
+    /// delivered to it first, atomically with respect to publishes.
+    fn subscribe(&self, topic: &Topic, sub: Subscriber, replay: bool) -> (SubscriptionId, usize);
     /// Remove a subscriber; returns the topic's subscriber count after removing.
     fn unsubscribe(&self, topic: &Topic, id: SubscriptionId) -> usize;
 }
 
-type SubList = Arc<RwLock<Vec<(SubscriptionId, Subscriber)>>>;
+#[derive(Default)]
+struct TopicState {
+    subs: RwLock<Vec<(SubscriptionId, Subscriber)>>,
+    last: parking_lot::Mutex<Option<Message>>,
+}
 
 /// The single-process broker.
 #[derive(Default)]
 pub struct MemoryBroker {
-    topics: RwLock<HashMap<Topic, SubList>>,
+    topics: RwLock<HashMap<Topic, Arc<TopicState>>>,
     next_id: AtomicU64,
 }
 
@@ -75,22 +126,34 @@ impl MemoryBroker {
         MemoryBroker::default()
     }
 
-    fn subs(&self, topic: &Topic) -> Option<SubList> {
+    fn state(&self, topic: &Topic) -> Option<Arc<TopicState>> {
         self.topics.read().get(topic).cloned()
     }
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, topic: &Topic, msg: &Message) {
-        let Some(subs) = self.subs(topic) else { return };
-        let subs = subs.read();
+    fn publish(&self, topic: &Topic, msg: &Message, retain: bool) {
+        let st = match self.state(topic) {
+            Some(s) => s,
+            None if retain => self
+                .topics
+                .write()
+                .entry(topic.clone())
+                .or_default()
+                .clone(),
+            None => return,
+        };
+        let subs = st.subs.read();
+        if retain {
+            *st.last.lock() = Some(msg.clone());
+        }
         let Some((_, first)) = subs.first() else {
             return;
         };
         let metrics = &first.metrics;
         let (mut delivered, mut dropped, mut closed) = (0u64, 0u64, 0u64);
         for (_, s) in subs.iter() {
-            match s.queue.push(msg.frame.clone(), s.on_full) {
+            match s.deliver(msg) {
                 Pushed::Queued => delivered += 1,
                 Pushed::DroppedOldest => {
                     delivered += 1;
@@ -110,32 +173,42 @@ impl Broker for MemoryBroker {
         }
     }
 
+    fn last(&self, topic: &Topic) -> Option<Message> {
+        self.state(topic).and_then(|s| s.last.lock().clone())
+    }
+
     fn end(&self, topic: &Topic) {
-        let Some(subs) = self.subs(topic) else { return };
-        for (_, s) in subs.read().iter() {
+        let Some(st) = self.state(topic) else { return };
+        *st.last.lock() = None;
+        for (_, s) in st.subs.read().iter() {
             s.queue.close(crate::ws::close::NORMAL, "stream ended");
         }
     }
 
-    fn subscribe(&self, topic: &Topic, sub: Subscriber) -> (SubscriptionId, usize) {
+    fn subscribe(&self, topic: &Topic, sub: Subscriber, replay: bool) -> (SubscriptionId, usize) {
         let id = SubscriptionId(self.next_id.fetch_add(1, Relaxed));
         let mut topics = self.topics.write();
-        let subs = topics.entry(topic.clone()).or_default();
-        let mut g = subs.write();
+        let st = topics.entry(topic.clone()).or_default();
+        let mut g = st.subs.write();
+        if replay && let Some(m) = st.last.lock().as_ref() {
+            sub.deliver(m);
+        }
         g.push((id, sub));
         (id, g.len())
     }
 
     fn unsubscribe(&self, topic: &Topic, id: SubscriptionId) -> usize {
         let mut topics = self.topics.write();
-        let Some(subs) = topics.get(topic) else {
+        let Some(st) = topics.get(topic) else {
             return 0;
         };
-        let mut g = subs.write();
+        let mut g = st.subs.write();
         g.retain(|(i, _)| *i != id);
         let n = g.len();
         drop(g);
-        if n == 0 {
+        // Unkeyed topics keep their retained message; a keyed stream nobody
+        // follows is forgotten.
+        if n == 0 && (topic.key.is_some() || st.last.lock().is_none()) {
             topics.remove(topic);
         }
         n
@@ -164,15 +237,16 @@ mod tests {
                     queue: q.clone(),
                     on_full: OnFull::DropOldest,
                     metrics: m.clone(),
+                    filter: None,
+                    cancelled: Default::default(),
                 },
+                false,
             );
             assert_eq!(n, i + 1);
             ids.push(id);
         }
-        let msg = Message {
-            frame: crate::ws::frame(crate::ws::OP_TEXT, b"{\"a\":1}"),
-        };
-        b.publish(&topic, &msg);
+        let msg = Message::new(crate::ws::frame(crate::ws::OP_TEXT, b"{\"a\":1}"), 2);
+        b.publish(&topic, &msg, false);
         assert_eq!(m.deliveries.load(Relaxed), 3);
         for q in &qs {
             let mut out = Vec::new();
@@ -188,7 +262,40 @@ mod tests {
         assert_eq!(b.unsubscribe(&topic, ids[0]), 2);
         assert_eq!(b.unsubscribe(&topic, ids[1]), 1);
         assert_eq!(b.unsubscribe(&topic, ids[2]), 0);
-        b.publish(&topic, &msg);
+        b.publish(&topic, &msg, false);
         assert_eq!(m.deliveries.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn retained_messages_replay_to_new_subscribers_only_when_asked() {
+        let b = MemoryBroker::new();
+        let m = Arc::new(ChannelMetrics::default());
+        let topic = Topic {
+            channel: "c".into(),
+            key: None,
+        };
+        let msg = Message::new(crate::ws::frame(crate::ws::OP_TEXT, b"{}"), 2);
+        b.publish(&topic, &msg, true);
+        assert_eq!(b.last(&topic).map(|m| m.frame), Some(msg.frame.clone()));
+        let sub = |q: &Arc<SessionQueue>| Subscriber {
+            queue: q.clone(),
+            on_full: OnFull::DropOldest,
+            metrics: m.clone(),
+            filter: None,
+            cancelled: Default::default(),
+        };
+        let (q1, q2) = (
+            Arc::new(SessionQueue::new(4)),
+            Arc::new(SessionQueue::new(4)),
+        );
+        let (id1, _) = b.subscribe(&topic, sub(&q1), true);
+        b.subscribe(&topic, sub(&q2), false);
+        let (mut o1, mut o2) = (Vec::new(), Vec::new());
+        q1.take(&mut o1, 10);
+        q2.take(&mut o2, 10);
+        assert_eq!((o1.len(), o2.len()), (1, 0));
+        // The retained message outlives its subscribers on an unkeyed topic.
+        b.unsubscribe(&topic, id1);
+        assert!(b.last(&topic).is_some());
     }
 }

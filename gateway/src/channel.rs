@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Message, Subscriber, SubscriptionId, Topic};
 use crate::config::{ChannelCfg, Limits, SourceMode};
+use crate::filter::SubFilter;
 use crate::metrics::{ChannelMetrics, Metrics};
 use crate::plugin::{Instance, InstanceParams, PluginFailure, SourceEvent};
 use crate::queue::SessionQueue;
@@ -50,6 +51,10 @@ pub struct ChannelRuntime {
     pub started: AtomicBool,
     broker: Arc<dyn Broker>,
     cmd_tx: mpsc::UnboundedSender<SourceCmd>,
+    /// The running plugin instance (for commands).
+    current: Mutex<Option<Arc<Instance>>>,
+    all_metrics: Arc<Metrics>,
+    started_at: std::time::SystemTime,
     /// Per open key: (generation, subscribers). A key that ends is
     /// forgotten, so its next subscriber opens it afresh; the generation
     /// keeps sessions of the ended stream from counting against the new one.
@@ -68,10 +73,12 @@ pub struct Subscription {
     topic: Topic,
     id: SubscriptionId,
     key_gen: u64,
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        self.cancelled.store(true, Relaxed);
         self.rt.broker.unsubscribe(&self.topic, self.id);
         self.rt.metrics.subscribers.fetch_sub(1, Relaxed);
         if let Some(key) = &self.topic.key {
@@ -96,7 +103,9 @@ impl ChannelRuntime {
         self: &Arc<Self>,
         key: Option<(Arc<str>, Vec<u8>)>,
         queue: Arc<SessionQueue>,
+        filter: Option<Arc<SubFilter>>,
     ) -> Subscription {
+        let cancelled = Arc::new(AtomicBool::new(false));
         let topic = Topic {
             channel: self.cfg.name.clone(),
             key: key.as_ref().map(|(k, _)| k.clone()),
@@ -109,7 +118,10 @@ impl ChannelRuntime {
                 queue,
                 on_full: self.cfg.on_full,
                 metrics: self.metrics.clone(),
+                filter,
+                cancelled: cancelled.clone(),
             },
+            self.cfg.last_value,
         );
         self.metrics.subscribers.fetch_add(1, Relaxed);
         let mut key_gen = 0;
@@ -131,6 +143,38 @@ impl ChannelRuntime {
             topic,
             id,
             key_gen,
+            cancelled,
+        }
+    }
+
+    /// The latest message of the (unkeyed) channel.
+    pub fn latest(&self) -> Option<Message> {
+        self.broker.last(&Topic {
+            channel: self.cfg.name.clone(),
+            key: None,
+        })
+    }
+
+    /// Ask the plugin a command; its JSON answer.
+    pub async fn command(
+        &self,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CommandError> {
+        let inst = self
+            .current
+            .lock()
+            .clone()
+            .ok_or(CommandError::Unavailable)?;
+        let call = tokio::task::spawn_blocking(move || inst.command(&request));
+        match tokio::time::timeout(timeout, call).await {
+            Err(_) => Err(CommandError::Timeout),
+            Ok(Err(_)) => Err(CommandError::Crashed("the command thread failed".into())),
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(f))) if f.code == plugin_api::abi::GW_PANIC => {
+                Err(CommandError::Crashed(f.message))
+            }
+            Ok(Ok(Err(f))) => Err(CommandError::Failed(f.message)),
         }
     }
 
@@ -147,11 +191,24 @@ impl ChannelRuntime {
     }
 }
 
+/// Why a command got no answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CommandError {
+    /// The plugin is not running (starting, restarting or stopped).
+    Unavailable,
+    /// No answer in time.
+    Timeout,
+    /// The plugin refused (its message).
+    Failed(String),
+    /// The plugin panicked.
+    Crashed(String),
+}
+
 /// Start a channel's publisher and source supervisor.
 pub fn start(
     cfg: Arc<ChannelCfg>,
     limits: &Limits,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     broker: Arc<dyn Broker>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
@@ -166,6 +223,9 @@ pub fn start(
         broker,
         cmd_tx,
         key_refs: Mutex::new(KeyRefs::default()),
+        current: Mutex::new(None),
+        all_metrics: metrics.clone(),
+        started_at: std::time::SystemTime::now(),
     });
     tracker.spawn(publish_loop(rt.clone(), ev_rx));
     tracker.spawn(supervise(
@@ -190,13 +250,17 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
         for ev in batch.drain(..) {
             match ev {
                 SourceEvent::Message { key, frame, header } => {
-                    if let Some(msg) = prepare(&rt, frame, header, &log_limit) {
+                    if let Some(msg) = prepare(&rt, key.as_deref(), frame, header, &log_limit) {
                         rt.metrics.published.fetch_add(1, Relaxed);
+                        // Unkeyed channels always keep their latest message
+                        // (for `latest` HTTP routes); keyed ones only when
+                        // asked, and only while the key is followed.
+                        let retain = key.is_none() || cfg.last_value;
                         let topic = Topic {
                             channel: cfg.name.clone(),
                             key,
                         };
-                        rt.broker.publish(&topic, &msg);
+                        rt.broker.publish(&topic, &msg, retain);
                     }
                 }
                 SourceEvent::End { key } => rt.end_key(key),
@@ -231,27 +295,77 @@ pub fn check_message(
 ) -> Result<Message, Dropped> {
     let value: serde_json::Value =
         serde_json::from_slice(&frame[header..]).map_err(Dropped::NotJson)?;
-    if let Err(e) = validator.validate(&value) {
+    validate(validator, &value)?;
+    drop(value);
+    Ok(Message::new(frame, header))
+}
+
+fn validate(validator: &jsonschema::Validator, value: &serde_json::Value) -> Result<(), Dropped> {
+    if let Err(e) = validator.validate(value) {
         let at = e.instance_path().to_string();
         return Err(Dropped::Invalid {
             instance_path: if at.is_empty() { "/".into() } else { at },
             error: e.to_string(),
         });
     }
-    drop(value);
-    Ok(Message { frame })
+    Ok(())
+}
+
+/// The publisher's step for channels with an envelope or filters: one parse,
+/// the envelope rendered around it (so the schema sees what is sent), one
+/// validation, and one serialization when the envelope changed the message.
+/// The parsed message is kept for subscribers' filters.
+pub fn check_message_full(
+    cfg: &ChannelCfg,
+    metrics: &Metrics,
+    started: std::time::SystemTime,
+    key: Option<&str>,
+    frame: Bytes,
+    header: usize,
+) -> Result<Message, Dropped> {
+    let data: serde_json::Value =
+        serde_json::from_slice(&frame[header..]).map_err(Dropped::NotJson)?;
+    let Some(env) = &cfg.envelope else {
+        validate(&cfg.validator, &data)?;
+        let mut m = Message::new(frame, header);
+        m.value = Some(Arc::new(data));
+        return Ok(m);
+    };
+    let ctx = crate::context::EnvelopeCtx {
+        data: &data,
+        channel: &cfg.name,
+        key,
+        metrics,
+        started,
+        fmt: cfg.timestamps,
+    };
+    let value = env.render(&ctx);
+    validate(&cfg.validator, &value)?;
+    let body = serde_json::to_vec(&value).map_err(Dropped::NotJson)?;
+    let (frame, header) = crate::ws::text_frame(&body);
+    let mut m = Message::new(frame, header);
+    if !cfg.filters.is_empty() {
+        m.value = Some(Arc::new(value));
+    }
+    Ok(m)
 }
 
 /// [`check_message`], counting and logging (rate-limited) what is dropped.
 fn prepare(
     rt: &ChannelRuntime,
+    key: Option<&str>,
     frame: Bytes,
     header: usize,
     log_limit: &DefaultDirectRateLimiter,
 ) -> Option<Message> {
     let cfg = &rt.cfg;
     let plugin = &cfg.source.plugin.name;
-    match check_message(&cfg.validator, frame, header) {
+    let checked = if cfg.envelope.is_none() && cfg.filters.is_empty() {
+        check_message(&cfg.validator, frame, header)
+    } else {
+        check_message_full(cfg, &rt.all_metrics, rt.started_at, key, frame, header)
+    };
+    match checked {
         Ok(m) => Some(m),
         Err(Dropped::NotJson(e)) => {
             rt.metrics.invalid_json.fetch_add(1, Relaxed);
@@ -341,12 +455,14 @@ async fn supervise(
                 }
                 if fail.is_none() {
                     rt.metrics.plugin_up.store(true, Relaxed);
+                    *rt.current.lock() = Some(inst.clone());
                     if !rt.started.swap(true, Relaxed) {
                         tracing::info!(channel = %ch, plugin = %pname, mode = %cfg.source.mode, "source started");
                     }
                     fail = run_instance(&rt, &inst, exited, &mut cmds, &mut open_keys, &shutdown)
                         .await;
                     rt.metrics.plugin_up.store(false, Relaxed);
+                    *rt.current.lock() = None;
                 }
                 failure = fail;
                 // Stop and free the instance off the async workers. A call

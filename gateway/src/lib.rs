@@ -23,6 +23,11 @@ pub mod auth;
 pub mod broker;
 pub mod channel;
 pub mod config;
+pub mod context;
+pub mod control;
+pub mod filter;
+pub mod http_routes;
+pub mod jwt;
 pub mod logging;
 pub mod metrics;
 pub mod plugin;
@@ -31,6 +36,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod template;
 pub mod ws;
 
 use std::collections::{BTreeMap, HashMap};
@@ -104,13 +110,8 @@ impl Gateway {
             );
             channels.insert(ch.name.clone(), rt);
         }
-        let state = Arc::new(GatewayState::new(
-            config.clone(),
-            metrics,
-            channels,
-            shutdown.clone(),
-        ));
         let mut addrs = BTreeMap::new();
+        let mut listeners = Vec::new();
         for (name, listener) in bound {
             let addr = listener.local_addr().map_err(|e| {
                 ConfigErrors(vec![
@@ -130,6 +131,17 @@ impl Gateway {
             })?;
             tracing::info!(listener = %name, %addr, "listening");
             addrs.insert(name.clone(), addr);
+            listeners.push((name, listener));
+        }
+        let state = Arc::new(GatewayState::new(
+            config.clone(),
+            metrics,
+            channels,
+            broker,
+            addrs.clone(),
+            shutdown.clone(),
+        ));
+        for (name, listener) in listeners {
             tracker.spawn(server::serve_listener(
                 listener,
                 name.into(),

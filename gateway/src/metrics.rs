@@ -56,6 +56,12 @@ pub struct Metrics {
     pub refused_bad_request: AtomicU64,
     /// Connections closed because an inbound message was too large.
     pub closed_too_big: AtomicU64,
+    /// Control replies dropped because they failed the protocol's schema.
+    pub reply_schema_failures: AtomicU64,
+    /// Upgrades refused because the Origin is not allowed.
+    pub refused_origin: AtomicU64,
+    /// Connections closed because in-band authentication did not come in time.
+    pub auth_timeouts: AtomicU64,
     channels: RwLock<BTreeMap<Arc<str>, Arc<ChannelMetrics>>>,
 }
 

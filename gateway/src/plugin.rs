@@ -66,6 +66,11 @@ impl LoadedPlugin {
         self.modes & GW_MODE_KEYED != 0
     }
 
+    /// Whether the plugin answers commands.
+    pub fn commands(&self) -> bool {
+        self.modes & GW_MODE_COMMAND != 0
+    }
+
     /// Modes as words, e.g. `poll, command`.
     pub fn modes_text(&self) -> String {
         let names = [

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::config::EndpointCfg;
+use crate::config::{EndpointCfg, HttpRouteCfg};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Seg {
@@ -121,26 +121,43 @@ impl PathPattern {
 /// Path parameters of a matched request, in pattern order.
 pub type Params = Vec<(String, String)>;
 
-/// The endpoints of one listener.
+/// What a path leads to.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A WebSocket endpoint.
+    Ws(Arc<EndpointCfg>),
+    /// An HTTP JSON route.
+    Http(Arc<HttpRouteCfg>),
+}
+
+/// The endpoints and routes of one listener.
 #[derive(Default)]
 pub struct Router {
-    endpoints: Vec<Arc<EndpointCfg>>,
+    routes: Vec<(PathPattern, Target)>,
 }
 
 impl Router {
-    /// Build from every endpoint of one listener.
-    pub fn new(endpoints: Vec<Arc<EndpointCfg>>) -> Router {
+    /// Build from every endpoint and HTTP route of one listener.
+    pub fn new(endpoints: Vec<Arc<EndpointCfg>>, http: Vec<Arc<HttpRouteCfg>>) -> Router {
+        let mut routes: Vec<(PathPattern, Target)> = Vec::new();
+        for e in endpoints {
+            for p in &e.paths {
+                routes.push((p.clone(), Target::Ws(e.clone())));
+            }
+        }
+        for h in http {
+            routes.push((h.path.clone(), Target::Http(h)));
+        }
         // Literal paths first so `/ws/all` wins over `/ws/{name}`.
-        let mut endpoints = endpoints;
-        endpoints.sort_by_key(|e| e.path.params().len());
-        Router { endpoints }
+        routes.sort_by_key(|(p, _)| p.params().len());
+        Router { routes }
     }
 
-    /// Find the endpoint for a request path.
-    pub fn find(&self, path: &str) -> Option<(Arc<EndpointCfg>, Params)> {
-        self.endpoints
+    /// Find what serves a request path.
+    pub fn find(&self, path: &str) -> Option<(Target, Params)> {
+        self.routes
             .iter()
-            .find_map(|e| e.path.matches(path).map(|p| (e.clone(), p)))
+            .find_map(|(p, t)| p.matches(path).map(|m| (t.clone(), m)))
     }
 }
 

@@ -22,7 +22,7 @@ use tower_service::Service;
 use tungstenite::handshake::derive_accept_key;
 use warp::Filter;
 
-use crate::router::Router;
+use crate::router::{Router, Target};
 use crate::session::{self, SessionCtx};
 use crate::state::GatewayState;
 
@@ -57,7 +57,7 @@ pub fn json_reply(status: StatusCode, body: &serde_json::Value) -> Reply {
     r
 }
 
-fn error_reply(status: StatusCode, error: &str, message: &str) -> Reply {
+pub fn error_reply(status: StatusCode, error: &str, message: &str) -> Reply {
     json_reply(
         status,
         &serde_json::json!({ "error": error, "message": message }),
@@ -78,6 +78,13 @@ pub async fn serve_listener(
             .endpoints
             .iter()
             .filter(|e| *e.listener == *name)
+            .cloned()
+            .collect(),
+        state
+            .config
+            .http
+            .iter()
+            .filter(|h| *h.listener == *name)
             .cloned()
             .collect(),
     ));
@@ -156,25 +163,47 @@ fn routes(
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::ext::get::<ConnInfo>())
         .and(warp::ext::get::<UpgradeSlot>())
-        .map(
+        .and(warp::body::stream())
+        .then(
             move |method: Method,
                   path: warp::path::FullPath,
                   headers: HeaderMap,
                   query: String,
                   info: ConnInfo,
-                  slot: UpgradeSlot| {
-                handle_endpoint(
-                    &st,
-                    &router,
-                    &tracker,
-                    &shutdown,
-                    method,
-                    path.as_str(),
-                    &headers,
-                    &query,
-                    info,
-                    slot,
-                )
+                  slot: UpgradeSlot,
+                  body| {
+                let st = st.clone();
+                let router = router.clone();
+                let tracker = tracker.clone();
+                let shutdown = shutdown.clone();
+                async move {
+                    let Some((target, params)) = router.find(path.as_str()) else {
+                        return error_reply(
+                            StatusCode::NOT_FOUND,
+                            "not_found",
+                            &format!("nothing is served at {}", path.as_str()),
+                        );
+                    };
+                    match target {
+                        Target::Ws(endpoint) => handle_endpoint(
+                            &st,
+                            endpoint,
+                            params,
+                            &tracker,
+                            &shutdown,
+                            method,
+                            path.as_str(),
+                            &headers,
+                            &query,
+                            info,
+                            slot,
+                        ),
+                        Target::Http(route) => {
+                            crate::http_routes::handle(&st, route, method, &headers, &query, body)
+                                .await
+                        }
+                    }
+                }
             },
         );
     if !admin {
@@ -225,7 +254,8 @@ fn header_has(headers: &HeaderMap, name: http::HeaderName, token: &str) -> bool 
 #[allow(clippy::too_many_arguments)]
 fn handle_endpoint(
     state: &Arc<GatewayState>,
-    router: &Router,
+    endpoint: Arc<crate::config::EndpointCfg>,
+    params: crate::router::Params,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
     method: Method,
@@ -236,13 +266,6 @@ fn handle_endpoint(
     slot: UpgradeSlot,
 ) -> Reply {
     let m = &state.metrics;
-    let Some((endpoint, params)) = router.find(path) else {
-        return error_reply(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("nothing is served at {path}"),
-        );
-    };
     if method != Method::GET {
         m.refused_bad_request.fetch_add(1, Relaxed);
         return error_reply(
@@ -294,7 +317,25 @@ fn handle_endpoint(
             "missing or malformed Sec-WebSocket-Key (base64 of 16 bytes)",
         );
     };
-    let principal = match endpoint.auth.check(headers, query) {
+    if let Some(allowed) = &endpoint.origins
+        && let Some(origin) = headers.get(http::header::ORIGIN)
+    {
+        let o = origin
+            .to_str()
+            .unwrap_or("")
+            .trim_end_matches('/')
+            .to_ascii_lowercase();
+        if !allowed.iter().any(|a| a == "*" || *a == o) {
+            m.refused_origin.fetch_add(1, Relaxed);
+            tracing::debug!(peer = %info.peer, path, origin = %o, "connection refused: origin not allowed");
+            return error_reply(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                &format!("origin {o:?} is not allowed to connect here"),
+            );
+        }
+    }
+    let principal = match endpoint.auth.check_request(headers, query) {
         Ok(p) => p,
         Err(e) => {
             m.refused_auth.fetch_add(1, Relaxed);
@@ -325,14 +366,11 @@ fn handle_endpoint(
         );
     };
     let accept = derive_accept_key(key.as_bytes());
-    let Some(channel) = state.channels.get(&endpoint.channel.name).cloned() else {
-        return error_reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "channel not running",
-        );
-    };
-    let key = if endpoint.channel.keyed {
+    let params_obj: serde_json::Map<String, serde_json::Value> = params
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let key = if endpoint.keyed.is_some() {
         // One parameter: its value is the key. Several: values joined by '/'
         // with '%' and '/' escaped, so that {a: "x/y", b: "z"} and
         // {a: "x", b: "y/z"} are different streams.
@@ -344,11 +382,7 @@ fn handle_endpoint(
                 .map(|(_, v)| v.replace('%', "%25").replace('/', "%2F"))
                 .collect()
         };
-        let obj: serde_json::Map<String, serde_json::Value> = params
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect();
-        let params_json = serde_json::to_vec(&obj).unwrap_or_default();
+        let params_json = serde_json::to_vec(&params_obj).unwrap_or_default();
         Some((Arc::<str>::from(values.join("/")), params_json))
     } else {
         None
@@ -357,8 +391,9 @@ fn handle_endpoint(
         conn_id: state.next_conn_id(),
         peer: info.peer,
         endpoint: endpoint.clone(),
-        channel,
+        path: path.into(),
         key,
+        params: serde_json::Value::Object(params_obj),
         principal,
         state: state.clone(),
         shutdown: shutdown.clone(),

@@ -16,8 +16,8 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
-use crate::channel::ChannelRuntime;
 use crate::config::EndpointCfg;
+use crate::control::Control;
 use crate::queue::{Outbound, SessionQueue};
 use crate::state::GatewayState;
 use crate::ws::{self, FrameReader, FrameWriter, Incoming, ReadError, close};
@@ -34,12 +34,14 @@ pub struct SessionCtx {
     pub peer: SocketAddr,
     /// The endpoint connected to.
     pub endpoint: Arc<EndpointCfg>,
-    /// Its channel.
-    pub channel: Arc<ChannelRuntime>,
+    /// The path requested.
+    pub path: Arc<str>,
     /// Keyed stream (key and parameters JSON), for keyed channels.
     pub key: Option<(Arc<str>, Vec<u8>)>,
-    /// Who connected.
-    pub principal: Principal,
+    /// Path parameters as a JSON object.
+    pub params: serde_json::Value,
+    /// Who connected (None: in-band authentication pending).
+    pub principal: Option<Principal>,
     /// Gateway state.
     pub state: Arc<GatewayState>,
     /// Shutdown signal.
@@ -59,6 +61,7 @@ enum Event {
     Queued,
     Read(std::io::Result<Result<bool, ReadError>>),
     LingerOver,
+    AuthTimeout,
 }
 
 /// What the client side and the close handshake have done so far.
@@ -97,16 +100,41 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
     m.connections_total.fetch_add(1, Relaxed);
     let limits = &ctx.state.config.limits;
     let batch_max = limits.write_batch;
-    tracing::debug!(conn_id = ctx.conn_id, peer = %ctx.peer, path = %ctx.endpoint.path.as_str(), channel = %ctx.channel.cfg.name, principal = ?ctx.principal.0, "session opened");
+    tracing::debug!(conn_id = ctx.conn_id, peer = %ctx.peer, path = %ctx.path, principal = ?ctx.principal, "session opened");
 
     let queue = Arc::new(SessionQueue::new(limits.session_queue));
-    let subscription = ctx.channel.subscribe(ctx.key.clone(), queue.clone());
+    let info = ctx.state.register(
+        ctx.conn_id,
+        ctx.path.clone(),
+        ctx.peer,
+        ctx.principal.as_ref().and_then(|p| p.0.clone()),
+    );
+    let mut control = Control::new(
+        ctx.endpoint.clone(),
+        ctx.state.clone(),
+        queue.clone(),
+        info,
+        ctx.key.clone(),
+        ctx.params.clone(),
+        ctx.principal.clone(),
+    );
     let mut reader = FrameReader::new(limits.max_message_size);
     let mut writer = FrameWriter::new();
     let mut incoming = Vec::new();
     let mut linger: Option<Pin<Box<Sleep>>> = None;
     let mut f = Flags::default();
     let (mut rd, mut wr) = tcp.split();
+    let mut replies = Vec::new();
+    control.start(&mut replies);
+    for r in replies.drain(..) {
+        writer.push(r);
+    }
+    // In-band authentication must arrive in time.
+    let mut auth_deadline: Option<Pin<Box<Sleep>>> = control
+        .awaiting_auth()
+        .then(|| ctx.endpoint.auth.inband().map(|ib| ib.timeout))
+        .flatten()
+        .map(|d| Box::pin(tokio::time::sleep(d)));
 
     if !early.is_empty() {
         let r = reader.feed(&early, &mut incoming);
@@ -116,6 +144,7 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
             &mut writer,
             &mut f,
             &ctx,
+            &mut control,
         );
     }
     drop(early);
@@ -164,6 +193,7 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
             r = poll_fn(|cx| writer.poll_write_all(cx, &mut wr)), if !writer.is_empty() => Event::Written(r),
             _ = queue.notified(), if writer.is_empty() && !f.close_queued => Event::Queued,
             _ = maybe_sleep(&mut linger) => Event::LingerOver,
+            _ = maybe_sleep(&mut auth_deadline) => Event::AuthTimeout,
         };
         match ev {
             Event::Shutdown => {
@@ -180,8 +210,15 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
                 break;
             }
             Event::Queued => {}
+            Event::AuthTimeout => {
+                auth_deadline = None;
+                if control.awaiting_auth() {
+                    m.auth_timeouts.fetch_add(1, Relaxed);
+                    f.queue_close(&mut writer, close::POLICY, "authentication timeout");
+                }
+            }
             Event::Read(r) => {
-                if !handle_read(r, &mut incoming, &mut writer, &mut f, &ctx) {
+                if !handle_read(r, &mut incoming, &mut writer, &mut f, &ctx, &mut control) {
                     break;
                 }
                 if incoming.capacity() > 4 {
@@ -191,7 +228,8 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
             Event::LingerOver => break,
         }
     }
-    drop(subscription);
+    drop(control);
+    ctx.state.unregister(ctx.conn_id);
     m.connections.fetch_sub(1, Relaxed);
     tracing::debug!(conn_id = ctx.conn_id, "session closed");
 }
@@ -203,7 +241,9 @@ fn handle_read(
     writer: &mut FrameWriter,
     f: &mut Flags,
     ctx: &SessionCtx,
+    control: &mut Control,
 ) -> bool {
+    let mut replies = Vec::new();
     // Messages parsed before an error are still handled.
     for msg in incoming.drain(..) {
         match msg {
@@ -219,8 +259,14 @@ fn handle_read(
                 };
                 f.queue_close(writer, code, "");
             }
-            // Stream endpoints ignore what clients send: never an error,
-            // never a close.
+            // Text goes to the control protocol; stream endpoints ignore
+            // it once authenticated: never an error, never a close.
+            Incoming::Text(t) if !f.close_queued && !f.discard => {
+                control.on_text(t.as_bytes(), &mut replies);
+                for r in replies.drain(..) {
+                    writer.push(r);
+                }
+            }
             Incoming::Text(_) | Incoming::Binary(_) | Incoming::Pong(_) | Incoming::Ping(_) => {}
         }
     }

@@ -17,14 +17,20 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_saphyr::Spanned;
 
+pub use endpoints::{
+    Action, ChannelSel, CommandCfg, EndpointCfg, HttpAnswer, HttpRouteCfg, ProtocolCfg, Replies,
+};
 use error::Sink;
 pub use error::{ConfigError, ConfigErrors};
-use types::{AuthFile, ChannelFile, GatewayFile};
-pub use types::{LogFormat, OnFull, SourceMode};
+pub use types::{BuiltinAction, LogFormat, OnFull, SourceMode, TimestampFormat};
+use types::{ChannelFile, GatewayFile};
+
+pub mod endpoints;
 
 use crate::auth::Auth;
+use crate::filter::FilterRule;
 use crate::plugin::{LoadedPlugin, PluginRegistry};
-use crate::router::PathPattern;
+use crate::template::Template;
 
 /// Overrides applied on top of the files (from the command line or tests).
 #[derive(Clone, Debug, Default)]
@@ -91,6 +97,10 @@ pub struct Config {
     pub channels: Vec<Arc<ChannelCfg>>,
     /// WebSocket endpoints.
     pub endpoints: Vec<Arc<EndpointCfg>>,
+    /// HTTP routes.
+    pub http: Vec<Arc<HttpRouteCfg>>,
+    /// Protocols by name.
+    pub protocols: HashMap<String, Arc<ProtocolCfg>>,
     /// Non-fatal findings (e.g. a plugin built with `panic = "abort"`).
     pub warnings: Vec<String>,
 }
@@ -139,6 +149,16 @@ pub struct ChannelCfg {
     pub on_full: OnFull,
     /// Whether the channel is made of keyed streams (its endpoints have path parameters).
     pub keyed: bool,
+    /// Groups it belongs to.
+    pub groups: Vec<String>,
+    /// Envelope around plugin messages.
+    pub envelope: Option<Template>,
+    /// `{{now}}` format in the envelope.
+    pub timestamps: TimestampFormat,
+    /// New subscribers get the latest message at once.
+    pub last_value: bool,
+    /// Subscribe filters by client name.
+    pub filters: Vec<(String, FilterRule)>,
 }
 
 impl std::fmt::Debug for ChannelCfg {
@@ -165,19 +185,6 @@ pub struct SourceCfg {
     pub interval: Option<Duration>,
     /// Plugin config as JSON bytes.
     pub config_json: Vec<u8>,
-}
-
-/// A WebSocket endpoint.
-#[derive(Debug)]
-pub struct EndpointCfg {
-    /// Listener name.
-    pub listener: String,
-    /// Path pattern.
-    pub path: PathPattern,
-    /// The channel it streams.
-    pub channel: Arc<ChannelCfg>,
-    /// Authentication before the upgrade.
-    pub auth: Auth,
 }
 
 /// Parse one YAML document strictly, locating any error.
@@ -466,6 +473,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     let mut channel_origin: HashMap<String, Origin> = HashMap::new();
     let mut endpoints: Vec<Arc<EndpointCfg>> = Vec::new();
     let mut path_origin: HashMap<(String, String), (String, Origin)> = HashMap::new();
+    let mut spec_endpoints = Vec::new();
 
     for spec_path in &spec_files {
         let text = match read_text(spec_path) {
@@ -585,72 +593,38 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         )
         .unwrap_or_else(|_| b"{}".to_vec());
 
-        // Endpoints.
-        let mut eps = Vec::new();
-        let mut keyed = None::<bool>;
-        for (i, ep) in spec.endpoints.iter().enumerate() {
-            let pattern = match PathPattern::parse(&ep.path.value) {
-                Ok(p) => p,
-                Err(m) => {
-                    sink.at(&ep.path, format!("endpoints[{i}].path"), m);
-                    continue;
-                }
-            };
-            let has_params = !pattern.params().is_empty();
-            match keyed {
-                None => keyed = Some(has_params),
-                Some(k) if k != has_params => sink.at(&ep.path, format!("endpoints[{i}].path"), "either every endpoint of a channel has path parameters (a keyed channel) or none has"),
-                _ => {}
+        // Channel options.
+        let keyed = spec.endpoints.iter().any(|e| e.path.value.contains('{'));
+        let envelope = spec.envelope.as_ref().and_then(|e| {
+            Template::compile(&e.value, endpoints::ENVELOPE_ROOTS)
+                .map_err(|m| sink.at(e, "envelope", m))
+                .ok()
+        });
+        let mut filters = Vec::new();
+        for (fname, fr) in &spec.filters {
+            match FilterRule::compile(&fr.value) {
+                Ok(r) => filters.push((fname.clone(), r)),
+                Err(m) => sink.at(fr, format!("filters.{fname}"), m),
             }
-            if has_params
-                && let Some(p) = &plugin
-                && !p.keyed()
+        }
+        let mut groups = Vec::new();
+        for (i, g) in spec.groups.iter().enumerate() {
+            if g.value.is_empty()
+                || !g
+                    .value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
-                sink.at(&ep.path, format!("endpoints[{i}].path"), format!("path parameters select keyed streams, but plugin {:?} has none (it supports: {})", p.name, p.modes_text()));
+                sink.at(
+                    g,
+                    format!("groups[{i}]"),
+                    format!(
+                        "invalid group name {:?}: use letters, digits, '-', '_' and '.'",
+                        g.value
+                    ),
+                );
             }
-            let listener = match &ep.listener {
-                Some(l) => {
-                    if !gw.listeners.contains_key(&l.value) {
-                        sink.at(
-                            l,
-                            format!("endpoints[{i}].listener"),
-                            unknown_listener(&l.value, &listener_names),
-                        );
-                        continue;
-                    }
-                    l.value.clone()
-                }
-                None if listener_names.len() == 1 => listener_names[0].to_string(),
-                None => {
-                    sink.at(
-                        &ep.path,
-                        format!("endpoints[{i}].listener"),
-                        format!(
-                            "several listeners are defined ({}); name one with `listener:`",
-                            listener_names.join(", ")
-                        ),
-                    );
-                    continue;
-                }
-            };
-            let key = (listener.clone(), pattern.shape());
-            let origin = Origin::of(spec_path, &ep.path, format!("endpoints[{i}].path"));
-            if let Some((other, prev)) = path_origin.get(&key) {
-                sink.at(&ep.path, format!("endpoints[{i}].path"), format!("path {:?} on listener {listener:?} is already served by channel {other:?} ({}:{}:{})", ep.path.value, prev.file.display(), prev.line, prev.col));
-                continue;
-            }
-            path_origin.insert(key, (name.clone(), origin));
-            let auth = match &ep.auth {
-                None => Auth::None,
-                Some(a) => match compile_auth(&a.value, spec_dir) {
-                    Ok(a) => a,
-                    Err(m) => {
-                        sink.at(a, format!("endpoints[{i}].auth"), m);
-                        continue;
-                    }
-                },
-            };
-            eps.push((listener, pattern, auth));
+            groups.push(g.value.clone());
         }
 
         if let (Some(validator), Some(plugin)) = (validator, plugin) {
@@ -667,21 +641,123 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                     config_json,
                 },
                 on_full: spec.queue.on_full,
-                keyed: keyed.unwrap_or(false),
+                keyed,
+                groups,
+                envelope,
+                timestamps: spec.timestamps,
+                last_value: spec.last_value,
+                filters,
             });
-            for (listener, path, auth) in eps {
-                endpoints.push(Arc::new(EndpointCfg {
-                    listener,
-                    path,
-                    channel: ch.clone(),
-                    auth,
-                }));
-            }
+            spec_endpoints.push((
+                spec_path.clone(),
+                spec.endpoints,
+                name.clone(),
+                Some(ch.clone()),
+            ));
             channels.push(ch);
+        } else {
+            spec_endpoints.push((spec_path.clone(), spec.endpoints, name.clone(), None));
+        }
+    }
+
+    // Protocols, endpoints and HTTP routes, once every channel is known.
+    let channel_names: Vec<Arc<str>> = channels.iter().map(|c| c.name.clone()).collect();
+    let mut sink = Sink {
+        file: path,
+        errors: &mut errors,
+    };
+    let protocols = endpoints::compile_protocols(&mut sink, base, &gw.protocols, &channel_names);
+    let mut lk = endpoints::Lookup {
+        channels: &channels,
+        protocols: &protocols,
+        listener_names: &listener_names,
+        paths: &mut path_origin,
+    };
+    for (spec_path, eps, ch_name, ch) in &spec_endpoints {
+        let mut sink = Sink {
+            file: spec_path,
+            errors: &mut errors,
+        };
+        let dir = spec_path.parent().unwrap_or(Path::new(""));
+        for (i, ep) in eps.iter().enumerate() {
+            if let Some(e) = endpoints::compile_endpoint(
+                &mut sink,
+                spec_path,
+                dir,
+                &format!("endpoints[{i}]"),
+                ep,
+                ch.as_ref(),
+                Some(ch_name),
+                &mut lk,
+            ) {
+                endpoints.push(Arc::new(e));
+            }
+        }
+    }
+    let mut sink = Sink {
+        file: path,
+        errors: &mut errors,
+    };
+    for (i, ep) in gw.endpoints.iter().enumerate() {
+        if let Some(e) = endpoints::compile_endpoint(
+            &mut sink,
+            path,
+            base,
+            &format!("endpoints[{i}]"),
+            ep,
+            None,
+            None,
+            &mut lk,
+        ) {
+            endpoints.push(Arc::new(e));
+        }
+    }
+    let mut http = Vec::new();
+    for (i, r) in gw.http.iter().enumerate() {
+        if let Some(h) = endpoints::compile_http(&mut sink, path, base, i, r, &mut lk) {
+            http.push(Arc::new(h));
+        }
+    }
+    // Commands need a plugin that answers them.
+    let check_cmd = |c: &CommandCfg, where_: String, sink: &mut Sink| {
+        if let Some(ch) = channels.iter().find(|x| x.name == c.channel)
+            && !ch.source.plugin.commands()
+        {
+            sink.push(
+                0,
+                0,
+                where_,
+                format!(
+                    "channel {:?}: plugin {:?} answers no commands (it supports: {})",
+                    ch.name,
+                    ch.source.plugin.name,
+                    ch.source.plugin.modes_text()
+                ),
+            );
+        }
+    };
+    for (name, p) in &protocols {
+        for (a, act) in &p.actions {
+            if let Action::Command(c) = act {
+                check_cmd(c, format!("protocols.{name}.actions.{a}"), &mut sink);
+            }
+        }
+    }
+    for (i, h) in http.iter().enumerate() {
+        if let HttpAnswer::Command(c, _) = &h.answer {
+            check_cmd(c, format!("http[{i}].command"), &mut sink);
         }
     }
 
     if !errors.is_empty() {
+        // File by file (in the order files were read), top to bottom.
+        let mut order: Vec<PathBuf> = Vec::new();
+        for e in &errors {
+            if !order.contains(&e.file) {
+                order.push(e.file.clone());
+            }
+        }
+        errors.sort_by_key(|e| (order.iter().position(|f| *f == e.file), e.line, e.col));
         return Err(ConfigErrors(errors));
     }
     Ok(Config {
@@ -694,6 +770,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         shutdown_deadline: gw.shutdown.deadline.0,
         channels,
         endpoints,
+        http,
+        protocols,
         warnings,
     })
 }
@@ -735,15 +813,15 @@ pub fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {
         })
 }
 
-fn compile_auth(a: &AuthFile, spec_dir: &Path) -> Result<Auth, String> {
-    match a {
-        AuthFile::None => Ok(Auth::None),
-        AuthFile::ApiKey {
-            query,
-            header,
-            keys_env,
-            keys_file,
-        } => {
+pub(crate) fn compile_api_key(
+    query: &Option<String>,
+    header: &Option<String>,
+    keys_env: &Option<String>,
+    keys_file: &Option<String>,
+    spec_dir: &Path,
+) -> Result<Auth, String> {
+    {
+        {
             if query.is_none() && header.is_none() {
                 return Err(
                     "api_key needs `query` (e.g. api_key), `header` (e.g. X-Api-Key) or both"

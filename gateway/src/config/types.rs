@@ -89,6 +89,16 @@ pub struct GatewayFile {
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownFile,
+    /// Named client control protocols, used by endpoints (`protocol: NAME`).
+    #[serde(default)]
+    pub protocols: BTreeMap<String, Spanned<ProtocolFile>>,
+    /// WebSocket endpoints serving several channels (single-channel ones
+    /// may also sit in their channel spec).
+    #[serde(default)]
+    pub endpoints: Vec<EndpointFile>,
+    /// HTTP JSON routes.
+    #[serde(default)]
+    pub http: Vec<HttpRouteFile>,
 }
 
 /// One listener.
@@ -271,6 +281,220 @@ pub struct ChannelFile {
     /// WebSocket endpoints serving this channel.
     #[serde(default)]
     pub endpoints: Vec<EndpointFile>,
+    /// Groups the channel belongs to (endpoints can serve a group).
+    #[serde(default)]
+    pub groups: Vec<Spanned<String>>,
+    /// Wrap each plugin message in this template (`{{data}}` is the plugin's message).
+    pub envelope: Option<Spanned<serde_json::Value>>,
+    /// How `{{now}}` renders in the envelope.
+    #[serde(default)]
+    pub timestamps: TimestampFormat,
+    /// New subscribers get the channel's latest message at once.
+    #[serde(default)]
+    pub last_value: bool,
+    /// Filters a subscribe message may set, by the name the client uses.
+    #[serde(default)]
+    pub filters: BTreeMap<String, Spanned<FilterFile>>,
+}
+
+/// How `{{now}}` renders.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampFormat {
+    /// `2026-11-23T12:00:00.123Z`.
+    #[default]
+    Iso8601,
+    /// Whole seconds since the epoch, a number.
+    Unix,
+    /// Milliseconds since the epoch, a number.
+    UnixMs,
+}
+
+/// One subscribe filter of a channel.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterFile {
+    /// Keep messages whose field at this dotted path equals the client's
+    /// value (or any of the client's list).
+    #[serde(rename = "match")]
+    pub match_field: Option<String>,
+    /// Keep only the keys the client lists of the object at this path.
+    pub project: Option<String>,
+    /// The client's value is a period (`30s`) or `real-time`: at most one
+    /// message per period per `key`, the latest.
+    #[serde(default)]
+    pub frequency: bool,
+    /// Dotted path of the field that separates conflation streams (frequency only).
+    pub key: Option<String>,
+}
+
+/// A client control protocol.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolFile {
+    /// Field of a client message that names its action.
+    #[serde(default = "default_action_field")]
+    pub action_field: String,
+    /// Field that names the channel of subscribe/unsubscribe.
+    #[serde(default = "default_channel_field")]
+    pub channel_field: String,
+    /// Where subscribe filters may be: `top_level`, `filters` (the field
+    /// named by `filters_field`), or both.
+    #[serde(default = "default_filters_at")]
+    pub filters_at: Vec<FiltersAt>,
+    /// The field holding filters when `filters_at` has `filters`.
+    #[serde(default = "default_filters_field")]
+    pub filters_field: String,
+    /// How `{{now}}` renders in replies.
+    #[serde(default)]
+    pub timestamps: TimestampFormat,
+    /// Client action name → what it does: `subscribe`, `unsubscribe`,
+    /// `ping`, `status`, or `{command: {channel, request}}`.
+    pub actions: Option<BTreeMap<String, Spanned<ActionFile>>>,
+    /// Reply templates.
+    #[serde(default)]
+    pub replies: RepliesFile,
+    /// JSON Schema every reply must satisfy (optional).
+    pub schema: Option<Spanned<String>>,
+}
+
+fn default_action_field() -> String {
+    "type".into()
+}
+fn default_channel_field() -> String {
+    "channel".into()
+}
+fn default_filters_field() -> String {
+    "filters".into()
+}
+fn default_filters_at() -> Vec<FiltersAt> {
+    vec![FiltersAt::Filters]
+}
+
+/// Where a subscribe message may carry filters.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FiltersAt {
+    /// Beside the action and channel fields.
+    TopLevel,
+    /// Inside the `filters_field` object.
+    Filters,
+}
+
+/// What a client action does.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ActionFile {
+    /// A built-in action.
+    Builtin(BuiltinAction),
+    /// A plugin command that answers.
+    Command {
+        /// The command.
+        command: CommandFile,
+    },
+}
+
+/// Built-in client actions.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinAction {
+    /// Subscribe to a channel.
+    Subscribe,
+    /// Unsubscribe from a channel.
+    Unsubscribe,
+    /// Answer with the `pong` reply.
+    Ping,
+    /// Answer with the `status` reply.
+    Status,
+}
+
+/// A call to a channel's plugin command.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandFile {
+    /// Channel whose plugin answers.
+    pub channel: Spanned<String>,
+    /// Request sent to the plugin (a template).
+    #[serde(default)]
+    pub request: Option<serde_json::Value>,
+    /// Longest wait for the answer.
+    pub timeout: Option<HumanDuration>,
+}
+
+/// Reply templates of a protocol.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepliesFile {
+    /// Sent on connect (after in-band auth, if any), in order.
+    pub connected: Option<Spanned<OneOrMany>>,
+    /// Confirms a subscribe.
+    pub subscribed: Option<Spanned<serde_json::Value>>,
+    /// Confirms an unsubscribe.
+    pub unsubscribed: Option<Spanned<serde_json::Value>>,
+    /// Answers a ping.
+    pub pong: Option<Spanned<serde_json::Value>>,
+    /// Answers a status request.
+    pub status: Option<Spanned<serde_json::Value>>,
+    /// Reports an error.
+    pub error: Option<Spanned<serde_json::Value>>,
+    /// Wraps a plugin command's answer (`{{result}}`).
+    pub command: Option<Spanned<serde_json::Value>>,
+}
+
+/// One template or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// Several.
+    Many(Vec<serde_json::Value>),
+    /// One.
+    One(serde_json::Value),
+}
+
+/// Which channels an endpoint serves or subscribes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ChannelSelFile {
+    /// `all`, or one channel name.
+    Name(String),
+    /// Channel names.
+    List(Vec<String>),
+    /// `{group: NAME}` or `{groups: [..]}`.
+    Group(GroupSelFile),
+}
+
+/// Channels by group.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSelFile {
+    /// One group.
+    pub group: Option<String>,
+    /// Several groups.
+    pub groups: Option<Vec<String>>,
+}
+
+/// An HTTP JSON route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRouteFile {
+    /// URL path (no parameters).
+    pub path: Spanned<String>,
+    /// Listener name (may be omitted when there is only one listener).
+    pub listener: Option<Spanned<String>>,
+    /// `GET` (default) or `POST`.
+    pub method: Option<Spanned<String>>,
+    /// Who may call it (`none`, `api_key`, or `jwt` by header/query).
+    pub auth: Option<Spanned<AuthFile>>,
+    /// Answer with this template (gateway state, request, `{{result}}`).
+    pub body: Option<Spanned<serde_json::Value>>,
+    /// Answer with a channel's latest message.
+    pub latest: Option<Spanned<String>>,
+    /// Ask a plugin command; its answer is the body (or `{{result}}` in `body`).
+    pub command: Option<CommandFile>,
+    /// Success status (default 200).
+    pub status: Option<u16>,
+    /// Largest request body (default 1MiB).
+    pub max_body: Option<ByteSize>,
 }
 
 /// How a channel's source runs.
@@ -338,9 +562,23 @@ pub struct EndpointFile {
     /// Who may connect.
     /// Omitted: `mode: none`.
     pub auth: Option<Spanned<AuthFile>>,
+    /// More paths serving the same endpoint.
+    #[serde(default)]
+    pub aliases: Vec<Spanned<String>>,
+    /// Allowed `Origin` header values (absent: any).
+    pub origins: Option<Vec<String>>,
+    /// `stream` (default) or the name of a protocol in gateway.yaml.
+    pub protocol: Option<Spanned<String>>,
+    /// Channels served (gateway.yaml endpoints): a name, a list, `all`, or `{group: NAME}`.
+    pub channels: Option<Spanned<ChannelSelFile>>,
+    /// Channels subscribed on connect (subscribe protocols): same forms, or `none`.
+    pub subscribe: Option<Spanned<ChannelSelFile>>,
+    /// Replaces the protocol's `connected` replies.
+    pub on_connect: Option<Spanned<OneOrMany>>,
 }
 
 /// Authentication before the WebSocket upgrade.
+#[allow(clippy::large_enum_variant)] // parsed once at load time
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, tag = "mode", rename_all = "snake_case")]
 pub enum AuthFile {
@@ -358,4 +596,62 @@ pub enum AuthFile {
         /// File holding accepted keys, one per line (relative to the spec).
         keys_file: Option<String>,
     },
+    /// A signed JWT, from a header, a query parameter or a first message.
+    Jwt {
+        /// Pinned algorithm, e.g. HS256, RS256, ES256.
+        algorithm: String,
+        /// HS*: environment variable holding the secret.
+        secret_env: Option<String>,
+        /// HS*: secret used when `secret_env` is unset (demos only).
+        secret_default: Option<String>,
+        /// RS*/ES*: PEM public key file.
+        public_key_file: Option<String>,
+        /// RS*/ES*: JWKS file.
+        jwks_file: Option<String>,
+        /// Required `iss`.
+        issuer: Option<String>,
+        /// Accepted `aud` values.
+        audience: Option<Vec<String>>,
+        /// Clock skew allowed for `exp`/`nbf`.
+        leeway: Option<String>,
+        /// Refuse tokens without `exp` (default true).
+        require_exp: Option<bool>,
+        /// Claim naming the principal (default `sub`).
+        principal_claim: Option<String>,
+        /// Take the token from `Authorization: Bearer` (default true).
+        #[serde(default = "default_true")]
+        bearer: bool,
+        /// Take the token from this query parameter.
+        query: Option<String>,
+        /// Take the token from a first message.
+        message: Option<InbandFile>,
+    },
+    /// An in-band first message with required fields.
+    Handshake {
+        /// The handshake message.
+        message: InbandFile,
+    },
+}
+
+/// An in-band first message (JWT or handshake).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InbandFile {
+    /// Fields (and values) that identify the message, e.g. `{type: auth}`.
+    #[serde(rename = "match", default)]
+    pub match_fields: serde_json::Map<String, serde_json::Value>,
+    /// JWT: field holding the token.
+    pub token_field: Option<String>,
+    /// Handshake: fields that must be present.
+    #[serde(default)]
+    pub required: Vec<String>,
+    /// Reply on success (template).
+    pub reply: Option<serde_json::Value>,
+    /// Reply on failure (template with `{{error.code}}`, `{{error.message}}`).
+    pub error_reply: Option<serde_json::Value>,
+    /// Time allowed to send it; then close 1008.
+    pub timeout: Option<HumanDuration>,
+    /// Client actions still answered before it (e.g. `ping`).
+    #[serde(default)]
+    pub allow_before: Vec<String>,
 }

@@ -1,0 +1,1054 @@
+//! Compiling protocols, endpoints and HTTP routes: everything a client sees.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use serde_saphyr::Spanned;
+
+use super::error::Sink;
+use super::types::*;
+use super::{ChannelCfg, Origin, compile_schema, unknown_listener};
+use crate::auth::{Auth, Inband};
+use crate::router::PathPattern;
+use crate::template::{Template, parse_path};
+
+/// Roots available to reply, `on_connect` and HTTP body templates.
+pub const REPLY_ROOTS: &[&str] = &[
+    "request",
+    "channel",
+    "channels",
+    "groups",
+    "client",
+    "error",
+    "result",
+    "params",
+    "principal",
+    "gateway",
+    "listeners",
+    "now",
+    "now_iso",
+    "now_unix",
+    "now_unix_ms",
+];
+
+/// Roots available to channel envelopes.
+pub const ENVELOPE_ROOTS: &[&str] = &[
+    "data",
+    "channel",
+    "key",
+    "gateway",
+    "now",
+    "now_iso",
+    "now_unix",
+    "now_unix_ms",
+];
+
+/// Roots available to a plugin command's request template.
+pub const COMMAND_ROOTS: &[&str] = REPLY_ROOTS;
+
+/// What a client action does.
+#[derive(Debug)]
+pub enum Action {
+    /// Subscribe.
+    Subscribe,
+    /// Unsubscribe.
+    Unsubscribe,
+    /// Pong.
+    Ping,
+    /// Status.
+    Status,
+    /// A plugin command.
+    Command(Arc<CommandCfg>),
+}
+
+/// A compiled plugin command call.
+#[derive(Debug)]
+pub struct CommandCfg {
+    /// The channel whose plugin answers.
+    pub channel: Arc<str>,
+    /// The request (template).
+    pub request: Template,
+    /// Longest wait.
+    pub timeout: Duration,
+}
+
+/// A compiled client protocol.
+#[derive(Debug)]
+pub struct ProtocolCfg {
+    /// Name in gateway.yaml.
+    pub name: String,
+    /// Field naming the action.
+    pub action_field: String,
+    /// Field naming the channel.
+    pub channel_field: String,
+    /// Filters beside the action fields.
+    pub filters_top_level: bool,
+    /// Field holding filters (when accepted there).
+    pub filters_field: Option<String>,
+    /// `{{now}}` format.
+    pub timestamps: TimestampFormat,
+    /// Client action name → action.
+    pub actions: HashMap<String, Action>,
+    /// Replies.
+    pub replies: Replies,
+    /// Schema replies must satisfy.
+    pub validator: Option<Arc<jsonschema::Validator>>,
+}
+
+impl ProtocolCfg {
+    /// Client action names bound to `kind`.
+    pub fn names_of(&self, kind: BuiltinAction) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .actions
+            .iter()
+            .filter(|(_, a)| {
+                matches!(
+                    (a, kind),
+                    (Action::Subscribe, BuiltinAction::Subscribe)
+                        | (Action::Unsubscribe, BuiltinAction::Unsubscribe)
+                        | (Action::Ping, BuiltinAction::Ping)
+                        | (Action::Status, BuiltinAction::Status)
+                )
+            })
+            .map(|(k, _)| k.as_str())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Reply templates.
+#[derive(Debug)]
+pub struct Replies {
+    /// On connect.
+    pub connected: Vec<Template>,
+    /// Subscribe confirmed.
+    pub subscribed: Template,
+    /// Unsubscribe confirmed.
+    pub unsubscribed: Template,
+    /// Pong.
+    pub pong: Template,
+    /// Status.
+    pub status: Template,
+    /// Errors.
+    pub error: Template,
+    /// Command answers.
+    pub command: Template,
+}
+
+/// A compiled channel selection.
+#[derive(Clone, Debug)]
+pub enum ChannelSel {
+    /// Every channel.
+    All,
+    /// These.
+    Names(Vec<Arc<str>>),
+    /// Channels in these groups.
+    Groups(Vec<String>),
+    /// None.
+    Nothing,
+}
+
+/// A WebSocket endpoint.
+#[derive(Debug)]
+pub struct EndpointCfg {
+    /// Listener name.
+    pub listener: String,
+    /// Main path.
+    pub path: PathPattern,
+    /// Path and aliases.
+    pub paths: Vec<PathPattern>,
+    /// Pre-upgrade and in-band authentication.
+    pub auth: Auth,
+    /// Allowed Origin values (None: any).
+    pub origins: Option<Vec<String>>,
+    /// The control protocol (None: a one-way stream).
+    pub protocol: Option<Arc<ProtocolCfg>>,
+    /// Channels a client may receive here, in config order.
+    pub channels: Vec<Arc<ChannelCfg>>,
+    /// Channels subscribed on connect (after in-band auth).
+    pub subscribe: Vec<Arc<ChannelCfg>>,
+    /// Messages sent on connect.
+    pub on_connect: Vec<Template>,
+    /// The keyed channel it streams (path parameters select the key).
+    pub keyed: Option<Arc<ChannelCfg>>,
+}
+
+impl EndpointCfg {
+    /// The channel named `name`, if served here.
+    pub fn channel(&self, name: &str) -> Option<&Arc<ChannelCfg>> {
+        self.channels.iter().find(|c| &*c.name == name)
+    }
+}
+
+/// What an HTTP route answers with.
+#[derive(Debug)]
+pub enum HttpAnswer {
+    /// A template.
+    Body(Template),
+    /// A channel's latest message.
+    Latest(Arc<str>),
+    /// A plugin command (optionally wrapped by a template).
+    Command(Arc<CommandCfg>, Option<Template>),
+}
+
+/// An HTTP JSON route.
+#[derive(Debug)]
+pub struct HttpRouteCfg {
+    /// Listener.
+    pub listener: String,
+    /// Path.
+    pub path: PathPattern,
+    /// Method.
+    pub method: http::Method,
+    /// Auth (before anything else).
+    pub auth: Auth,
+    /// The answer.
+    pub answer: HttpAnswer,
+    /// Success status.
+    pub status: http::StatusCode,
+    /// Largest body.
+    pub max_body: usize,
+}
+
+/// Everything endpoint compilation needs to look things up.
+pub(crate) struct Lookup<'a> {
+    pub channels: &'a [Arc<ChannelCfg>],
+    pub protocols: &'a HashMap<String, Arc<ProtocolCfg>>,
+    pub listener_names: &'a [&'a str],
+    /// (listener, path shape) → what serves it and where.
+    pub paths: &'a mut HashMap<(String, String), (String, Origin)>,
+}
+
+fn template(v: &Value, roots: &[&str]) -> Result<Template, String> {
+    Template::compile(v, roots)
+}
+
+fn spanned_template(
+    sink: &mut Sink,
+    s: &Spanned<Value>,
+    field: &str,
+    roots: &[&str],
+) -> Option<Template> {
+    match template(&s.value, roots) {
+        Ok(t) => Some(t),
+        Err(m) => {
+            sink.at(s, field, m);
+            None
+        }
+    }
+}
+
+fn many(o: &OneOrMany) -> Vec<&Value> {
+    match o {
+        OneOrMany::One(v) => vec![v],
+        OneOrMany::Many(v) => v.iter().collect(),
+    }
+}
+
+/// Compile the protocols of gateway.yaml.
+pub(crate) fn compile_protocols(
+    sink: &mut Sink,
+    base: &Path,
+    protocols: &BTreeMap<String, Spanned<ProtocolFile>>,
+    channel_names: &[Arc<str>],
+) -> HashMap<String, Arc<ProtocolCfg>> {
+    let mut out = HashMap::new();
+    for (name, p) in protocols {
+        let f = |k: &str| format!("protocols.{name}.{k}");
+        if name == "stream" {
+            sink.at(
+                p,
+                format!("protocols.{name}"),
+                "`stream` is the built-in one-way protocol; give this protocol another name",
+            );
+            continue;
+        }
+        let pv = &p.value;
+        let mut ok = true;
+        let mut actions = HashMap::new();
+        match &pv.actions {
+            None => {
+                actions.insert("subscribe".to_string(), Action::Subscribe);
+                actions.insert("unsubscribe".to_string(), Action::Unsubscribe);
+                actions.insert("ping".to_string(), Action::Ping);
+                actions.insert("status".to_string(), Action::Status);
+            }
+            Some(map) => {
+                for (client_name, a) in map {
+                    let act = match &a.value {
+                        ActionFile::Builtin(BuiltinAction::Subscribe) => Action::Subscribe,
+                        ActionFile::Builtin(BuiltinAction::Unsubscribe) => Action::Unsubscribe,
+                        ActionFile::Builtin(BuiltinAction::Ping) => Action::Ping,
+                        ActionFile::Builtin(BuiltinAction::Status) => Action::Status,
+                        ActionFile::Command { command } => {
+                            match compile_command(
+                                sink,
+                                command,
+                                &f(&format!("actions.{client_name}.command")),
+                                channel_names,
+                            ) {
+                                Some(c) => Action::Command(Arc::new(c)),
+                                None => {
+                                    ok = false;
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    actions.insert(client_name.clone(), act);
+                }
+            }
+        }
+        let r = &pv.replies;
+        let mut tpl = |o: &Option<Spanned<Value>>, key: &str, default: Value| -> Template {
+            match o {
+                Some(s) => spanned_template(sink, s, &f(&format!("replies.{key}")), REPLY_ROOTS)
+                    .unwrap_or_else(|| {
+                        ok = false;
+                        Template::literal(Value::Null)
+                    }),
+                None => template(&default, REPLY_ROOTS).unwrap_or(Template::literal(default)),
+            }
+        };
+        let af = pv.action_field.clone();
+        let cf = pv.channel_field.clone();
+        let subscribed = tpl(
+            &r.subscribed,
+            "subscribed",
+            serde_json::json!({af.clone(): "subscribed", cf.clone(): "{{channel}}"}),
+        );
+        let unsubscribed = tpl(
+            &r.unsubscribed,
+            "unsubscribed",
+            serde_json::json!({af.clone(): "unsubscribed", cf.clone(): "{{channel}}"}),
+        );
+        let pong = tpl(
+            &r.pong,
+            "pong",
+            serde_json::json!({af.clone(): "pong", "data": "{{request.data}}", "timestamp": "{{request.timestamp}}"}),
+        );
+        let status = tpl(
+            &r.status,
+            "status",
+            serde_json::json!({af.clone(): "status", "client_id": "{{client.id}}", "connected_at": "{{client.connected_at}}", "subscriptions": "{{client.subscriptions}}"}),
+        );
+        let error = tpl(
+            &r.error,
+            "error",
+            serde_json::json!({af.clone(): "error", "error": "{{error.code}}", "message": "{{error.message}}"}),
+        );
+        let command = tpl(&r.command, "command", serde_json::json!("{{result}}"));
+        let mut connected = Vec::new();
+        if let Some(c) = &r.connected {
+            for v in many(&c.value) {
+                match template(v, REPLY_ROOTS) {
+                    Ok(t) => connected.push(t),
+                    Err(m) => {
+                        sink.at(c, f("replies.connected"), m);
+                        ok = false;
+                    }
+                }
+            }
+        }
+        let validator = match &pv.schema {
+            None => None,
+            Some(s) => match compile_schema(&base.join(&s.value)) {
+                Ok(v) => Some(Arc::new(v)),
+                Err(m) => {
+                    sink.at(s, f("schema"), m);
+                    ok = false;
+                    None
+                }
+            },
+        };
+        if pv.filters_at.is_empty() {
+            sink.at(
+                p,
+                f("filters_at"),
+                "list at least one of `top_level` and `filters`",
+            );
+            ok = false;
+        }
+        if ok {
+            out.insert(
+                name.clone(),
+                Arc::new(ProtocolCfg {
+                    name: name.clone(),
+                    action_field: pv.action_field.clone(),
+                    channel_field: pv.channel_field.clone(),
+                    filters_top_level: pv.filters_at.contains(&FiltersAt::TopLevel),
+                    filters_field: pv
+                        .filters_at
+                        .contains(&FiltersAt::Filters)
+                        .then(|| pv.filters_field.clone()),
+                    timestamps: pv.timestamps,
+                    actions,
+                    replies: Replies {
+                        connected,
+                        subscribed,
+                        unsubscribed,
+                        pong,
+                        status,
+                        error,
+                        command,
+                    },
+                    validator,
+                }),
+            );
+        }
+    }
+    out
+}
+
+pub(crate) fn compile_command(
+    sink: &mut Sink,
+    c: &CommandFile,
+    field: &str,
+    channel_names: &[Arc<str>],
+) -> Option<CommandCfg> {
+    if !channel_names.iter().any(|n| **n == *c.channel.value) {
+        sink.at(
+            &c.channel,
+            format!("{field}.channel"),
+            format!(
+                "no channel named {:?}; defined: {}",
+                c.channel.value,
+                join(channel_names)
+            ),
+        );
+        return None;
+    }
+    let request = match &c.request {
+        None => Template::literal(Value::Object(Default::default())),
+        Some(v) => match template(v, COMMAND_ROOTS) {
+            Ok(t) => t,
+            Err(m) => {
+                sink.at(&c.channel, format!("{field}.request"), m);
+                return None;
+            }
+        },
+    };
+    Some(CommandCfg {
+        channel: c.channel.value.as_str().into(),
+        request,
+        timeout: c
+            .timeout
+            .as_ref()
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(10)),
+    })
+}
+
+fn join(names: &[Arc<str>]) -> String {
+    let v: Vec<&str> = names.iter().map(|n| &**n).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Resolve a selection against the channels.
+fn select(
+    sel: &ChannelSelFile,
+    channels: &[Arc<ChannelCfg>],
+    allow_none: bool,
+) -> Result<ChannelSel, String> {
+    let names: Vec<Arc<str>> = channels.iter().map(|c| c.name.clone()).collect();
+    let check = |n: &str| -> Result<Arc<str>, String> {
+        names
+            .iter()
+            .find(|x| ***x == *n)
+            .cloned()
+            .ok_or_else(|| format!("no channel named {n:?}; defined: {}", join(&names)))
+    };
+    match sel {
+        ChannelSelFile::Name(n) if n == "all" => Ok(ChannelSel::All),
+        ChannelSelFile::Name(n) if n == "none" && allow_none => Ok(ChannelSel::Nothing),
+        ChannelSelFile::Name(n) => Ok(ChannelSel::Names(vec![check(n)?])),
+        ChannelSelFile::List(l) => Ok(ChannelSel::Names(
+            l.iter().map(|n| check(n)).collect::<Result<_, _>>()?,
+        )),
+        ChannelSelFile::Group(g) => {
+            let mut gs: Vec<String> = g.groups.clone().unwrap_or_default();
+            gs.extend(g.group.clone());
+            if gs.is_empty() {
+                return Err("write `{group: NAME}` or `{groups: [A, B]}`".into());
+            }
+            for name in &gs {
+                if !channels.iter().any(|c| c.groups.contains(name)) {
+                    let mut known: Vec<&str> = channels
+                        .iter()
+                        .flat_map(|c| c.groups.iter().map(String::as_str))
+                        .collect();
+                    known.sort();
+                    known.dedup();
+                    return Err(format!(
+                        "no channel is in group {name:?}; groups: {}",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ));
+                }
+            }
+            Ok(ChannelSel::Groups(gs))
+        }
+    }
+}
+
+fn resolve(sel: &ChannelSel, within: &[Arc<ChannelCfg>]) -> Vec<Arc<ChannelCfg>> {
+    within
+        .iter()
+        .filter(|c| match sel {
+            ChannelSel::All => true,
+            ChannelSel::Nothing => false,
+            ChannelSel::Names(n) => n.contains(&c.name),
+            ChannelSel::Groups(g) => c.groups.iter().any(|x| g.contains(x)),
+        })
+        .cloned()
+        .collect()
+}
+
+/// Compile one endpoint. `own` is the channel of the spec it sits in.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn compile_endpoint(
+    sink: &mut Sink,
+    file: &Path,
+    dir: &Path,
+    prefix: &str,
+    ep: &EndpointFile,
+    own: Option<&Arc<ChannelCfg>>,
+    own_name: Option<&str>,
+    lk: &mut Lookup,
+) -> Option<EndpointCfg> {
+    // A spec whose channel failed to compile: its endpoints are still
+    // checked (listener, paths), then dropped.
+    let own_failed = own.is_none() && own_name.is_some();
+    let f = |k: &str| format!("{prefix}.{k}");
+    let mut ok = true;
+    let listener = match &ep.listener {
+        Some(l) => {
+            if !lk.listener_names.contains(&l.value.as_str()) {
+                sink.at(
+                    l,
+                    f("listener"),
+                    unknown_listener(&l.value, lk.listener_names),
+                );
+                return None;
+            }
+            l.value.clone()
+        }
+        None if lk.listener_names.len() == 1 => lk.listener_names[0].to_string(),
+        None => {
+            sink.at(
+                &ep.path,
+                f("listener"),
+                format!(
+                    "several listeners are defined ({}); name one with `listener:`",
+                    lk.listener_names.join(", ")
+                ),
+            );
+            return None;
+        }
+    };
+    let protocol = match &ep.protocol {
+        None => None,
+        Some(p) if p.value == "stream" => None,
+        Some(p) => match lk.protocols.get(&p.value) {
+            Some(p) => Some(p.clone()),
+            None => {
+                let mut known: Vec<&str> = lk.protocols.keys().map(String::as_str).collect();
+                known.sort();
+                known.insert(0, "stream");
+                sink.at(
+                    p,
+                    f("protocol"),
+                    format!(
+                        "no protocol named {:?}; defined: {} (protocols are defined in gateway.yaml under `protocols:`)",
+                        p.value,
+                        known.join(", ")
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    // Paths.
+    let mut paths = Vec::new();
+    let mut all: Vec<&Spanned<String>> = vec![&ep.path];
+    all.extend(ep.aliases.iter());
+    for (i, p) in all.iter().enumerate() {
+        let field = if i == 0 {
+            f("path")
+        } else {
+            f(&format!("aliases[{}]", i - 1))
+        };
+        match PathPattern::parse(&p.value) {
+            Ok(pat) => {
+                let key = (listener.clone(), pat.shape());
+                let origin = Origin::of(file, p, &field);
+                if let Some((other, prev)) = lk.paths.get(&key) {
+                    sink.at(
+                        p,
+                        &field,
+                        format!(
+                            "path {:?} on listener {listener:?} is already served by {other} ({}:{}:{})",
+                            p.value,
+                            prev.file.display(),
+                            prev.line,
+                            prev.col
+                        ),
+                    );
+                    ok = false;
+                    continue;
+                }
+                let what = match own_name {
+                    Some(c) => format!("channel {c:?}"),
+                    None => format!("endpoint {:?}", ep.path.value),
+                };
+                lk.paths.insert(key, (what, origin));
+                paths.push(pat);
+            }
+            Err(m) => {
+                sink.at(p, &field, m);
+                ok = false;
+            }
+        }
+    }
+    if own_failed {
+        return None;
+    }
+    // What the endpoint serves.
+    let channels: Vec<Arc<ChannelCfg>> = match (own, &ep.channels) {
+        (Some(c), None) => vec![c.clone()],
+        (Some(_), Some(s)) => {
+            sink.at(
+                s,
+                f("channels"),
+                "an endpoint in a channel spec serves that channel; list several channels in a gateway.yaml endpoint instead",
+            );
+            return None;
+        }
+        (None, None) => {
+            sink.at(
+                &ep.path,
+                f("channels"),
+                "say which channels this endpoint serves: a name, a list, `all` or `{group: NAME}`",
+            );
+            return None;
+        }
+        (None, Some(s)) => match select(&s.value, lk.channels, false) {
+            Ok(sel) => resolve(&sel, lk.channels),
+            Err(m) => {
+                sink.at(s, f("channels"), m);
+                return None;
+            }
+        },
+    };
+    let subscribe = match (&ep.subscribe, &protocol) {
+        (None, None) => channels.clone(),
+        (None, Some(_)) => Vec::new(),
+        (Some(s), _) => match select(&s.value, &channels, true) {
+            Ok(sel) => resolve(&sel, &channels),
+            Err(m) => {
+                sink.at(
+                    s,
+                    f("subscribe"),
+                    format!("{m} (among the channels this endpoint serves)"),
+                );
+                ok = false;
+                Vec::new()
+            }
+        },
+    };
+    if protocol.is_none() && subscribe.is_empty() && ok {
+        sink.at(
+            &ep.path,
+            f("subscribe"),
+            "a stream endpoint (no `protocol`) must subscribe its clients to at least one channel",
+        );
+        ok = false;
+    }
+    // Path parameters select a keyed stream of one channel.
+    let has_params = paths.iter().any(|p| !p.params().is_empty());
+    let keyed = if has_params {
+        if channels.len() != 1 || protocol.is_some() {
+            sink.at(
+                &ep.path,
+                f("path"),
+                "path parameters select a keyed stream: such an endpoint streams exactly one channel and has no `protocol`",
+            );
+            ok = false;
+            None
+        } else {
+            let c = &channels[0];
+            if !c.source.plugin.keyed() {
+                sink.at(
+                    &ep.path,
+                    f("path"),
+                    format!(
+                        "path parameters select keyed streams, but plugin {:?} has none (it supports: {})",
+                        c.source.plugin.name,
+                        c.source.plugin.modes_text()
+                    ),
+                );
+                ok = false;
+            }
+            Some(c.clone())
+        }
+    } else {
+        None
+    };
+    if let Some(k) = channels.iter().find(|c| c.keyed)
+        && keyed.is_none()
+        && ok
+    {
+        {
+            sink.at(
+                &ep.path,
+                f("path"),
+                format!(
+                    "channel {:?} is made of keyed streams: serve it only on endpoints with path parameters",
+                    k.name
+                ),
+            );
+            ok = false;
+        }
+    }
+    let auth = match &ep.auth {
+        None => Auth::None,
+        Some(a) => match compile_auth(&a.value, dir) {
+            Ok(a) => a,
+            Err(m) => {
+                sink.at(a, f("auth"), m);
+                return None;
+            }
+        },
+    };
+    let on_connect = match &ep.on_connect {
+        Some(oc) => {
+            let mut v = Vec::new();
+            for t in many(&oc.value) {
+                match template(t, REPLY_ROOTS) {
+                    Ok(t) => v.push(t),
+                    Err(m) => {
+                        sink.at(oc, f("on_connect"), m);
+                        ok = false;
+                    }
+                }
+            }
+            v
+        }
+        None => protocol
+            .as_ref()
+            .map(|p| p.replies.connected.clone())
+            .unwrap_or_default(),
+    };
+    if let Some(o) = &ep.origins {
+        for (i, x) in o.iter().enumerate() {
+            if !(x == "*" || x.starts_with("http://") || x.starts_with("https://")) {
+                sink.at(
+                    &ep.path,
+                    f(&format!("origins[{i}]")),
+                    format!("invalid origin {x:?}: write scheme://host[:port], e.g. https://app.example.com"),
+                );
+                ok = false;
+            }
+        }
+    }
+    if !ok || paths.is_empty() {
+        return None;
+    }
+    Some(EndpointCfg {
+        listener,
+        path: paths[0].clone(),
+        paths,
+        auth,
+        origins: ep.origins.as_ref().map(|o| {
+            o.iter()
+                .map(|x| x.trim_end_matches('/').to_ascii_lowercase())
+                .collect()
+        }),
+        protocol,
+        channels,
+        subscribe,
+        on_connect,
+        keyed,
+    })
+}
+
+/// Compile an HTTP route.
+pub(crate) fn compile_http(
+    sink: &mut Sink,
+    file: &Path,
+    dir: &Path,
+    i: usize,
+    r: &HttpRouteFile,
+    lk: &mut Lookup,
+) -> Option<HttpRouteCfg> {
+    let f = |k: &str| format!("http[{i}].{k}");
+    let names: Vec<Arc<str>> = lk.channels.iter().map(|c| c.name.clone()).collect();
+    let listener = match &r.listener {
+        Some(l) => {
+            if !lk.listener_names.contains(&l.value.as_str()) {
+                sink.at(
+                    l,
+                    f("listener"),
+                    unknown_listener(&l.value, lk.listener_names),
+                );
+                return None;
+            }
+            l.value.clone()
+        }
+        None if lk.listener_names.len() == 1 => lk.listener_names[0].to_string(),
+        None => {
+            sink.at(
+                &r.path,
+                f("listener"),
+                format!(
+                    "several listeners are defined ({}); name one with `listener:`",
+                    lk.listener_names.join(", ")
+                ),
+            );
+            return None;
+        }
+    };
+    let path = match PathPattern::parse(&r.path.value) {
+        Ok(p) if p.params().is_empty() => p,
+        Ok(_) => {
+            sink.at(&r.path, f("path"), "HTTP routes take no path parameters");
+            return None;
+        }
+        Err(m) => {
+            sink.at(&r.path, f("path"), m);
+            return None;
+        }
+    };
+    let method = match r.method.as_ref().map(|m| m.value.to_ascii_uppercase()) {
+        None => http::Method::GET,
+        Some(m) if m == "GET" => http::Method::GET,
+        Some(m) if m == "POST" => http::Method::POST,
+        Some(m) => {
+            if let Some(s) = &r.method {
+                sink.at(
+                    s,
+                    f("method"),
+                    format!("method {m:?} is not supported: use GET or POST"),
+                );
+            }
+            return None;
+        }
+    };
+    let answer = if let Some(l) = &r.latest {
+        if r.body.is_some() || r.command.is_some() {
+            sink.at(
+                l,
+                f("latest"),
+                "`latest` answers by itself: remove `body` and `command`",
+            );
+            return None;
+        }
+        if !names.iter().any(|n| **n == *l.value) {
+            sink.at(
+                l,
+                f("latest"),
+                format!("no channel named {:?}; defined: {}", l.value, join(&names)),
+            );
+            return None;
+        }
+        HttpAnswer::Latest(l.value.as_str().into())
+    } else if let Some(c) = &r.command {
+        let cmd = compile_command(sink, c, &f("command"), &names)?;
+        let body = match &r.body {
+            Some(b) => Some(spanned_template(sink, b, &f("body"), REPLY_ROOTS)?),
+            None => None,
+        };
+        HttpAnswer::Command(Arc::new(cmd), body)
+    } else if let Some(b) = &r.body {
+        HttpAnswer::Body(spanned_template(sink, b, &f("body"), REPLY_ROOTS)?)
+    } else {
+        sink.at(
+            &r.path,
+            f("body"),
+            "say what the route answers: `body` (a template), `latest: CHANNEL` or `command: {channel, request}`",
+        );
+        return None;
+    };
+    let key = (listener.clone(), path.shape());
+    if let Some((other, prev)) = lk.paths.get(&key) {
+        sink.at(
+            &r.path,
+            f("path"),
+            format!(
+                "path {:?} on listener {listener:?} is already served by {other} ({}:{}:{})",
+                r.path.value,
+                prev.file.display(),
+                prev.line,
+                prev.col
+            ),
+        );
+        return None;
+    }
+    lk.paths.insert(
+        key,
+        (
+            format!("HTTP route {:?}", r.path.value),
+            Origin::of(file, &r.path, f("path")),
+        ),
+    );
+    let auth = match &r.auth {
+        None => Auth::None,
+        Some(span) => match compile_auth(&span.value, dir) {
+            Ok(a) if a.needs_message() => {
+                sink.at(
+                    span,
+                    f("auth"),
+                    "HTTP routes authenticate by header or query only: remove `message` (and use `jwt` or `api_key`)",
+                );
+                return None;
+            }
+            Ok(a) => a,
+            Err(m) => {
+                sink.at(span, f("auth"), m);
+                return None;
+            }
+        },
+    };
+    let status = match r.status {
+        None => http::StatusCode::OK,
+        Some(s) => match http::StatusCode::from_u16(s) {
+            Ok(s) if s.is_success() => s,
+            _ => {
+                sink.at(
+                    &r.path,
+                    f("status"),
+                    format!("status {s} is not a 2xx success status"),
+                );
+                return None;
+            }
+        },
+    };
+    Some(HttpRouteCfg {
+        listener,
+        path,
+        method,
+        auth,
+        answer,
+        status,
+        max_body: r.max_body.map(|b| b.0).unwrap_or(1 << 20),
+    })
+}
+
+fn compile_inband(m: &InbandFile, jwt: bool) -> Result<Inband, String> {
+    if m.match_fields.is_empty() {
+        return Err("`message.match` must name at least one field that identifies the message, e.g. `{type: auth}`".into());
+    }
+    let token_field = match (&m.token_field, jwt) {
+        (Some(t), true) => Some(parse_path(t)?),
+        (None, true) => {
+            return Err(
+                "`message.token_field` names the field holding the token, e.g. `token`".into(),
+            );
+        }
+        (Some(_), false) => {
+            return Err("`token_field` applies to `mode: jwt` only".into());
+        }
+        (None, false) => None,
+    };
+    let reply = m
+        .reply
+        .as_ref()
+        .map(|v| Template::compile(v, REPLY_ROOTS))
+        .transpose()
+        .map_err(|e| format!("message.reply: {e}"))?;
+    let error_reply = m
+        .error_reply
+        .as_ref()
+        .map(|v| Template::compile(v, REPLY_ROOTS))
+        .transpose()
+        .map_err(|e| format!("message.error_reply: {e}"))?;
+    Ok(Inband {
+        match_fields: m.match_fields.clone(),
+        token_field,
+        required: m.required.clone(),
+        reply,
+        error_reply,
+        timeout: m
+            .timeout
+            .as_ref()
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(10)),
+        allow_before: m.allow_before.clone(),
+    })
+}
+
+/// Compile an auth mode.
+pub(crate) fn compile_auth(a: &AuthFile, spec_dir: &Path) -> Result<Auth, String> {
+    match a {
+        AuthFile::None => Ok(Auth::None),
+        AuthFile::ApiKey {
+            query,
+            header,
+            keys_env,
+            keys_file,
+        } => super::compile_api_key(query, header, keys_env, keys_file, spec_dir),
+        AuthFile::Jwt {
+            algorithm,
+            secret_env,
+            secret_default,
+            public_key_file,
+            jwks_file,
+            issuer,
+            audience,
+            leeway,
+            require_exp,
+            principal_claim,
+            bearer,
+            query,
+            message,
+        } => {
+            let settings = crate::jwt::JwtSettings {
+                algorithm: algorithm.clone(),
+                secret_env: secret_env.clone(),
+                secret_default: secret_default.clone(),
+                public_key_file: public_key_file.clone(),
+                jwks_file: jwks_file.clone(),
+                issuer: issuer.clone(),
+                audience: audience.clone(),
+                leeway: leeway.clone(),
+                require_exp: *require_exp,
+                principal_claim: principal_claim.clone(),
+            };
+            let verifier = crate::jwt::JwtVerifier::compile(&settings, spec_dir)?;
+            if !bearer && query.is_none() && message.is_none() {
+                return Err("the token must come from somewhere: `bearer: true`, `query: NAME` or `message: {...}`".into());
+            }
+            let inband = message
+                .as_ref()
+                .map(|m| compile_inband(m, true))
+                .transpose()?;
+            Ok(Auth::Jwt(Arc::new(crate::auth::JwtAuth {
+                verifier,
+                bearer: *bearer,
+                query: query.clone(),
+                inband,
+            })))
+        }
+        AuthFile::Handshake { message } => {
+            Ok(Auth::Handshake(Arc::new(compile_inband(message, false)?)))
+        }
+    }
+}
+
+impl ChannelSel {
+    /// Whether nothing is selected.
+    pub fn is_nothing(&self) -> bool {
+        matches!(self, ChannelSel::Nothing)
+    }
+}

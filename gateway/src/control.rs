@@ -1,0 +1,623 @@
+//! A session's control side: in-band authentication, the subscribe protocol
+//! and its replies, and the subscriptions themselves.
+//!
+//! Replies are rendered from the endpoint's templates and written ahead of
+//! queued data. Plugin commands run on blocking threads; their answers are
+//! queued when they arrive.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+
+use crate::auth::{InbandResult, Principal};
+use crate::channel::{CommandError, Subscription};
+use crate::config::{Action, ChannelCfg, EndpointCfg, OnFull, TimestampFormat};
+use crate::context::GatewayCtx;
+use crate::filter::SubFilter;
+use crate::queue::SessionQueue;
+use crate::state::{ClientInfo, GatewayState};
+use crate::template::{Template, With};
+
+/// Plugin commands one client may have in flight.
+const MAX_COMMANDS_IN_FLIGHT: usize = 4;
+
+/// A session's control state.
+pub struct Control {
+    ep: Arc<EndpointCfg>,
+    state: Arc<GatewayState>,
+    queue: Arc<SessionQueue>,
+    info: Arc<ClientInfo>,
+    key: Option<(Arc<str>, Vec<u8>)>,
+    params: Value,
+    authed: bool,
+    subs: Vec<(Arc<str>, Subscription)>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// An error reply's code and message.
+struct Refusal {
+    code: &'static str,
+    message: String,
+}
+
+fn refusal(code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}
+
+impl Control {
+    /// Control for a new session. `principal` is None while in-band
+    /// authentication is pending.
+    pub fn new(
+        ep: Arc<EndpointCfg>,
+        state: Arc<GatewayState>,
+        queue: Arc<SessionQueue>,
+        info: Arc<ClientInfo>,
+        key: Option<(Arc<str>, Vec<u8>)>,
+        params: Value,
+        principal: Option<Principal>,
+    ) -> Control {
+        Control {
+            ep,
+            state,
+            queue,
+            info,
+            key,
+            params,
+            authed: principal.is_some(),
+            subs: Vec::new(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Whether in-band authentication is still awaited.
+    pub fn awaiting_auth(&self) -> bool {
+        !self.authed
+    }
+
+    /// Whether client text is read at all (stream endpoints ignore it once
+    /// authenticated).
+    pub fn reads_text(&self) -> bool {
+        self.ep.protocol.is_some() || !self.authed
+    }
+
+    fn fmt(&self) -> TimestampFormat {
+        self.ep
+            .protocol
+            .as_ref()
+            .map(|p| p.timestamps)
+            .unwrap_or_default()
+    }
+
+    fn channels_value(&self) -> Value {
+        Value::Array(
+            self.ep
+                .channels
+                .iter()
+                .map(|c| Value::String(c.name.to_string()))
+                .collect(),
+        )
+    }
+
+    fn groups_value(&self) -> Value {
+        let mut m = Map::new();
+        for c in &self.ep.channels {
+            for g in &c.groups {
+                let e = m
+                    .entry(g.clone())
+                    .or_insert_with(|| Value::Array(Vec::new()));
+                if let Value::Array(a) = e {
+                    a.push(Value::String(c.name.to_string()));
+                }
+            }
+        }
+        Value::Object(m)
+    }
+
+    /// Render `t` into a frame, with these extra roots.
+    fn render(&self, t: &Template, extra: Vec<(&'static str, Value)>) -> Option<Bytes> {
+        let v = render_value(
+            &self.state,
+            &self.ep,
+            &self.info,
+            &self.params,
+            self.fmt(),
+            t,
+            extra,
+            self.channels_value(),
+            self.groups_value(),
+        );
+        self.frame_of(v)
+    }
+
+    fn frame_of(&self, v: Value) -> Option<Bytes> {
+        if let Some(val) = self.ep.protocol.as_ref().and_then(|p| p.validator.as_ref())
+            && let Err(e) = val.validate(&v)
+        {
+            self.state
+                .metrics
+                .reply_schema_failures
+                .fetch_add(1, Relaxed);
+            tracing::warn!(endpoint = %self.ep.path.as_str(), instance_path = %e.instance_path(), error = %e, "dropped a reply that fails the protocol schema");
+            return None;
+        }
+        let body = serde_json::to_vec(&v).ok()?;
+        Some(crate::ws::frame(crate::ws::OP_TEXT, &body))
+    }
+
+    fn error(&self, r: Refusal, request: Option<&Value>, channel: Option<&str>) -> Option<Bytes> {
+        let p = self.ep.protocol.as_ref()?;
+        let mut extra = vec![("error", json!({"code": r.code, "message": r.message}))];
+        if let Some(q) = request {
+            extra.push(("request", q.clone()));
+        }
+        if let Some(c) = channel {
+            extra.push(("channel", Value::String(c.to_string())));
+        }
+        self.render(&p.replies.error, extra)
+    }
+
+    /// Messages sent on connect, then (if already authenticated) the
+    /// automatic subscriptions.
+    pub fn start(&mut self, out: &mut Vec<Bytes>) {
+        for t in &self.ep.on_connect.clone() {
+            out.extend(self.render(t, vec![]));
+        }
+        if self.authed {
+            self.auto_subscribe();
+        }
+    }
+
+    fn auto_subscribe(&mut self) {
+        for c in self.ep.subscribe.clone() {
+            self.subscribe(&c, None);
+        }
+    }
+
+    fn subscribe(&mut self, c: &Arc<ChannelCfg>, filter: Option<Arc<SubFilter>>) {
+        let Some(rt) = self.state.channels.get(&c.name).cloned() else {
+            return;
+        };
+        // Re-subscribing replaces the filters: drop the old one first.
+        self.unsubscribe(&c.name);
+        let key = if self.ep.keyed.is_some() {
+            self.key.clone()
+        } else {
+            None
+        };
+        let sub = rt.subscribe(key, self.queue.clone(), filter);
+        self.subs.push((c.name.clone(), sub));
+        self.info.subscriptions.lock().push(c.name.clone());
+    }
+
+    fn unsubscribe(&mut self, name: &str) -> bool {
+        let before = self.subs.len();
+        self.subs.retain(|(n, _)| &**n != name);
+        self.info.subscriptions.lock().retain(|n| &**n != name);
+        self.subs.len() != before
+    }
+
+    /// Handle one text message from the client.
+    pub fn on_text(&mut self, text: &[u8], out: &mut Vec<Bytes>) {
+        self.info.touch();
+        if !self.reads_text() {
+            return;
+        }
+        let msg: Value = match serde_json::from_slice(text) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => {
+                out.extend(self.refuse_early(
+                    refusal("bad_request", "a message must be a JSON object"),
+                    None,
+                ));
+                return;
+            }
+            Err(e) => {
+                out.extend(self.refuse_early(
+                    refusal("invalid_json", format!("not valid JSON: {e}")),
+                    None,
+                ));
+                return;
+            }
+        };
+        let auth = self.ep.auth.clone();
+        if let Some(ib) = auth.inband()
+            && ib.matches(&msg)
+        {
+            match auth.check_message(&msg) {
+                InbandResult::Accepted(p) => {
+                    if p.is_some() {
+                        *self.info.principal.lock() = p.clone();
+                    }
+                    if let Some(t) = &ib.reply {
+                        out.extend(self.render(
+                            t,
+                            vec![
+                                ("request", msg.clone()),
+                                ("principal", p.map(Value::String).unwrap_or(Value::Null)),
+                            ],
+                        ));
+                    }
+                    if !self.authed {
+                        self.authed = true;
+                        self.auto_subscribe();
+                    }
+                }
+                InbandResult::Refused(code, message) => {
+                    self.state.metrics.refused_auth.fetch_add(1, Relaxed);
+                    let r = refusal(code, message);
+                    match &ib.error_reply {
+                        Some(t) => out.extend(self.render(
+                            t,
+                            vec![
+                                ("request", msg.clone()),
+                                ("error", json!({"code": r.code, "message": r.message})),
+                            ],
+                        )),
+                        None => out.extend(self.error(r, Some(&msg), None)),
+                    }
+                }
+            }
+            return;
+        }
+        let Some(p) = self.ep.protocol.clone() else {
+            // A stream endpoint waiting for its handshake.
+            if !self.authed {
+                out.extend(
+                    self.refuse_early(refusal("not_authenticated", self.auth_hint()), Some(&msg)),
+                );
+            }
+            return;
+        };
+        let action = match msg.get(&p.action_field) {
+            Some(Value::String(a)) => a.clone(),
+            _ => {
+                out.extend(self.error(
+                    refusal(
+                        "bad_request",
+                        format!(
+                            "a message needs a string field `{}` naming its action",
+                            p.action_field
+                        ),
+                    ),
+                    Some(&msg),
+                    None,
+                ));
+                return;
+            }
+        };
+        if !self.authed
+            && !auth
+                .inband()
+                .is_some_and(|ib| ib.allow_before.contains(&action))
+        {
+            out.extend(self.error(
+                refusal("not_authenticated", self.auth_hint()),
+                Some(&msg),
+                None,
+            ));
+            return;
+        }
+        let Some(act) = p.actions.get(&action) else {
+            let mut names: Vec<&str> = p.actions.keys().map(String::as_str).collect();
+            names.sort();
+            out.extend(self.error(
+                refusal(
+                    "unknown_action",
+                    format!("unknown action {action:?}; actions: {}", names.join(", ")),
+                ),
+                Some(&msg),
+                None,
+            ));
+            return;
+        };
+        match act {
+            Action::Ping => out.extend(self.render(&p.replies.pong, vec![("request", msg)])),
+            Action::Status => out.extend(self.render(&p.replies.status, vec![("request", msg)])),
+            Action::Subscribe | Action::Unsubscribe => {
+                let name = match msg.get(&p.channel_field) {
+                    Some(Value::String(c)) => c.clone(),
+                    _ => {
+                        out.extend(self.error(
+                            refusal(
+                                "bad_request",
+                                format!(
+                                    "`{action}` needs a string field `{}` naming the channel",
+                                    p.channel_field
+                                ),
+                            ),
+                            Some(&msg),
+                            None,
+                        ));
+                        return;
+                    }
+                };
+                let Some(ch) = self.ep.channel(&name).cloned() else {
+                    out.extend(self.error(
+                        refusal(
+                            "unknown_channel",
+                            format!(
+                                    "unknown channel {name:?}; available: {}",
+                                    self.ep
+                                        .channels
+                                        .iter()
+                                        .map(|c| &*c.name)
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
+                        ),
+                        Some(&msg),
+                        Some(&name),
+                    ));
+                    return;
+                };
+                if matches!(act, Action::Unsubscribe) {
+                    if self.unsubscribe(&name) {
+                        out.extend(self.render(
+                            &p.replies.unsubscribed,
+                            vec![("request", msg), ("channel", Value::String(name))],
+                        ));
+                    } else {
+                        out.extend(self.error(
+                            refusal("not_subscribed", format!("not subscribed to {name:?}")),
+                            Some(&msg),
+                            Some(&name),
+                        ));
+                    }
+                    return;
+                }
+                let filter = match self.filters_of(&p, &ch, &msg) {
+                    Ok(f) => f,
+                    Err(m) => {
+                        out.extend(self.error(
+                            refusal("invalid_filter", m),
+                            Some(&msg),
+                            Some(&name),
+                        ));
+                        return;
+                    }
+                };
+                // The confirmation goes out before any data of the channel.
+                out.extend(self.render(
+                    &p.replies.subscribed,
+                    vec![("request", msg.clone()), ("channel", Value::String(name))],
+                ));
+                self.subscribe(&ch, filter.map(Arc::new));
+            }
+            Action::Command(cmd) => {
+                if self.in_flight.load(Relaxed) >= MAX_COMMANDS_IN_FLIGHT {
+                    out.extend(self.error(
+                        refusal(
+                            "busy",
+                            format!("at most {MAX_COMMANDS_IN_FLIGHT} requests may be in flight"),
+                        ),
+                        Some(&msg),
+                        None,
+                    ));
+                    return;
+                }
+                let Some(rt) = self.state.channels.get(&cmd.channel).cloned() else {
+                    return;
+                };
+                let request = render_value(
+                    &self.state,
+                    &self.ep,
+                    &self.info,
+                    &self.params,
+                    self.fmt(),
+                    &cmd.request,
+                    vec![("request", msg.clone())],
+                    self.channels_value(),
+                    self.groups_value(),
+                );
+                let body = serde_json::to_vec(&request).unwrap_or_default();
+                let this = Replier {
+                    state: self.state.clone(),
+                    ep: self.ep.clone(),
+                    info: self.info.clone(),
+                    params: self.params.clone(),
+                    fmt: self.fmt(),
+                    channels: self.channels_value(),
+                    groups: self.groups_value(),
+                    queue: self.queue.clone(),
+                };
+                let in_flight = self.in_flight.clone();
+                in_flight.fetch_add(1, Relaxed);
+                let cmd = cmd.clone();
+                tokio::spawn(async move {
+                    let r = rt.command(body, cmd.timeout).await;
+                    in_flight.fetch_sub(1, Relaxed);
+                    let p = this.ep.protocol.as_ref();
+                    let v = match r.map(|b| serde_json::from_slice::<Value>(&b)) {
+                        Ok(Ok(result)) => p.map(|p| this.render(&p.replies.command, vec![("request", msg.clone()), ("result", result)])),
+                        Ok(Err(e)) => p.map(|p| this.render(&p.replies.error, vec![("request", msg.clone()), ("error", json!({"code": "command_failed", "message": format!("the plugin answered with invalid JSON: {e}")}))])),
+                        Err(e) => {
+                            let (code, message) = command_error(&cmd.channel, e);
+                            p.map(|p| this.render(&p.replies.error, vec![("request", msg.clone()), ("error", json!({"code": code, "message": message}))]))
+                        }
+                    };
+                    if let Some(v) = v {
+                        let body = serde_json::to_vec(&v).unwrap_or_default();
+                        this.queue.push(
+                            crate::ws::frame(crate::ws::OP_TEXT, &body),
+                            OnFull::DropOldest,
+                        );
+                    }
+                });
+            }
+        }
+    }
+
+    fn auth_hint(&self) -> String {
+        match self.ep.auth.inband() {
+            Some(ib) => format!(
+                "authenticate first: send a message with {}",
+                serde_json::to_string(&ib.match_fields).unwrap_or_default()
+            ),
+            None => "authenticate first".into(),
+        }
+    }
+
+    /// An error before the protocol could be applied: the protocol's error
+    /// reply, or for stream endpoints the in-band error reply.
+    fn refuse_early(&self, r: Refusal, request: Option<&Value>) -> Option<Bytes> {
+        if self.ep.protocol.is_some() {
+            return self.error(r, request, None);
+        }
+        let t = self.ep.auth.inband()?.error_reply.as_ref()?;
+        let mut extra = vec![("error", json!({"code": r.code, "message": r.message}))];
+        if let Some(q) = request {
+            extra.push(("request", q.clone()));
+        }
+        self.render(t, extra)
+    }
+
+    fn filters_of(
+        &self,
+        p: &crate::config::ProtocolCfg,
+        ch: &ChannelCfg,
+        msg: &Value,
+    ) -> Result<Option<SubFilter>, String> {
+        let mut given: Vec<(&str, &Value)> = Vec::new();
+        if p.filters_top_level
+            && let Value::Object(m) = msg
+        {
+            for (k, v) in m {
+                if *k != p.action_field
+                    && *k != p.channel_field
+                    && ch.filters.iter().any(|(n, _)| n == k)
+                {
+                    given.push((k, v));
+                }
+            }
+        }
+        if let Some(field) = &p.filters_field {
+            match msg.get(field) {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(m)) => {
+                    for (k, v) in m {
+                        if !ch.filters.iter().any(|(n, _)| n == k) {
+                            let names: Vec<&str> =
+                                ch.filters.iter().map(|(n, _)| n.as_str()).collect();
+                            return Err(format!(
+                                "channel {:?} has no filter {k:?}; filters: {}",
+                                ch.name,
+                                if names.is_empty() {
+                                    "none".into()
+                                } else {
+                                    names.join(", ")
+                                }
+                            ));
+                        }
+                        given.retain(|(n, _)| n != k);
+                        given.push((k, v));
+                    }
+                }
+                Some(_) => return Err(format!("`{field}` must be an object")),
+            }
+        }
+        SubFilter::build(&ch.filters, &given)
+    }
+}
+
+/// Message and code for a command that got no answer.
+pub fn command_error(channel: &str, e: CommandError) -> (&'static str, String) {
+    match e {
+        CommandError::Unavailable => (
+            "plugin_unavailable",
+            format!("the source of channel {channel:?} is not running"),
+        ),
+        CommandError::Timeout => (
+            "timeout",
+            format!("the source of channel {channel:?} did not answer in time"),
+        ),
+        CommandError::Failed(m) => ("command_failed", m),
+        CommandError::Crashed(m) => ("plugin_error", m),
+    }
+}
+
+/// What an async command answer needs to render its reply.
+struct Replier {
+    state: Arc<GatewayState>,
+    ep: Arc<EndpointCfg>,
+    info: Arc<ClientInfo>,
+    params: Value,
+    fmt: TimestampFormat,
+    channels: Value,
+    groups: Value,
+    queue: Arc<SessionQueue>,
+}
+
+impl Replier {
+    fn render(&self, t: &Template, extra: Vec<(&'static str, Value)>) -> Value {
+        render_value(
+            &self.state,
+            &self.ep,
+            &self.info,
+            &self.params,
+            self.fmt,
+            t,
+            extra,
+            self.channels.clone(),
+            self.groups.clone(),
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render_value(
+    state: &GatewayState,
+    _ep: &EndpointCfg,
+    info: &ClientInfo,
+    params: &Value,
+    fmt: TimestampFormat,
+    t: &Template,
+    extra: Vec<(&'static str, Value)>,
+    channels: Value,
+    groups: Value,
+) -> Value {
+    let gw = GatewayCtx { state, fmt };
+    let mut roots: Vec<(&'static str, Cow<Value>)> =
+        extra.into_iter().map(|(k, v)| (k, Cow::Owned(v))).collect();
+    if t.uses("client") {
+        roots.push(("client", Cow::Owned(info.to_json())));
+    }
+    if t.uses("principal") && !roots.iter().any(|(k, _)| *k == "principal") {
+        roots.push((
+            "principal",
+            Cow::Owned(
+                info.principal
+                    .lock()
+                    .clone()
+                    .map(Value::String)
+                    .unwrap_or(Value::Null),
+            ),
+        ));
+    }
+    roots.push(("params", Cow::Borrowed(params)));
+    roots.push(("channels", Cow::Owned(channels)));
+    roots.push(("groups", Cow::Owned(groups)));
+    let ctx = With {
+        roots,
+        parent: Some(&gw),
+    };
+    t.render(&ctx)
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("endpoint", &self.ep.path.as_str())
+            .field("authed", &self.authed)
+            .field(
+                "subscriptions",
+                &self.subs.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}

@@ -1,0 +1,236 @@
+//! HTTP JSON routes configured beside the sockets: templates over gateway
+//! state, a channel's latest message, or a plugin command that answers.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use bytes::Buf;
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, Method, StatusCode};
+use serde_json::{Map, Value, json};
+
+use crate::config::{HttpAnswer, HttpRouteCfg, TimestampFormat};
+use crate::context::GatewayCtx;
+use crate::control::command_error;
+use crate::server::{error_reply, json_reply};
+use crate::state::GatewayState;
+use crate::template::With;
+
+type Reply = warp::reply::Response;
+
+fn query_object(query: &str) -> Value {
+    let mut m = Map::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        m.insert(k.into_owned(), Value::String(v.into_owned()));
+    }
+    Value::Object(m)
+}
+
+async fn read_body<S, B>(mut body: S, limit: usize) -> Result<Vec<u8>, Reply>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| {
+            error_reply(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("could not read the request body: {e}"),
+            )
+        })?;
+        if out.len() + chunk.remaining() > limit {
+            return Err(error_reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &format!("the request body is larger than {limit} bytes"),
+            ));
+        }
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            out.extend_from_slice(c);
+            let n = c.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(out)
+}
+
+/// Answer one request to an HTTP route.
+pub async fn handle<S, B>(
+    state: &Arc<GatewayState>,
+    route: Arc<HttpRouteCfg>,
+    method: Method,
+    headers: &HeaderMap,
+    query: &str,
+    body: S,
+) -> Reply
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    if method != route.method && !(method == Method::HEAD && route.method == Method::GET) {
+        let mut r = error_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            &format!("{} accepts {} only", route.path.as_str(), route.method),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(route.method.as_str()) {
+            r.headers_mut().insert(http::header::ALLOW, v);
+        }
+        return r;
+    }
+    let principal = match route.auth.check_request(headers, query) {
+        Ok(p) => p.and_then(|p| p.0),
+        Err(e) => {
+            state
+                .metrics
+                .refused_auth
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return error_reply(e.status, e.error, &e.message);
+        }
+    };
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > route.max_body) {
+        return error_reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("the request body is larger than {} bytes", route.max_body),
+        );
+    }
+    let raw = match read_body(body, route.max_body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let body_json = if raw.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        match serde_json::from_slice::<Value>(&raw) {
+            Ok(v) => v,
+            Err(e) => {
+                return error_reply(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    &format!("the request body is not valid JSON: {e}"),
+                );
+            }
+        }
+    };
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| {
+            // Strip the port (and IPv6 brackets keep theirs).
+            match h.rfind(':') {
+                Some(i) if !h[i..].contains(']') => h[..i].to_string(),
+                _ => h.to_string(),
+            }
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let request = json!({
+        "method": method.as_str(),
+        "path": route.path.as_str(),
+        "query": query_object(query),
+        "body": body_json,
+        "host": host,
+    });
+    let gw = GatewayCtx {
+        state,
+        fmt: TimestampFormat::Iso8601,
+    };
+    let ctx_with = |extra: Vec<(&'static str, Value)>| {
+        let mut roots: Vec<(&'static str, Cow<'static, Value>)> = vec![
+            ("request", Cow::Owned(request.clone())),
+            (
+                "principal",
+                Cow::Owned(principal.clone().map(Value::String).unwrap_or(Value::Null)),
+            ),
+        ];
+        roots.extend(extra.into_iter().map(|(k, v)| (k, Cow::Owned(v))));
+        roots
+    };
+    match &route.answer {
+        HttpAnswer::Body(t) => {
+            let ctx = With {
+                roots: ctx_with(vec![]),
+                parent: Some(&gw),
+            };
+            json_reply(route.status, &t.render(&ctx))
+        }
+        HttpAnswer::Latest(ch) => match state.channels.get(ch).and_then(|c| c.latest()) {
+            Some(m) => {
+                let mut r = Reply::new(m.json().to_vec().into());
+                *r.status_mut() = route.status;
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            None => error_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_data",
+                &format!("channel {ch:?} has published nothing yet"),
+            ),
+        },
+        HttpAnswer::Command(cmd, wrap) => {
+            let Some(rt) = state.channels.get(&cmd.channel).cloned() else {
+                return error_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "plugin_unavailable",
+                    "channel not running",
+                );
+            };
+            let req = {
+                let ctx = With {
+                    roots: ctx_with(vec![]),
+                    parent: Some(&gw),
+                };
+                cmd.request.render(&ctx)
+            };
+            let bytes = serde_json::to_vec(&req).unwrap_or_default();
+            match rt.command(bytes, cmd.timeout).await {
+                Ok(answer) => {
+                    let result: Value = match serde_json::from_slice(&answer) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            return error_reply(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "plugin_error",
+                                &format!("the plugin answered with invalid JSON: {e}"),
+                            );
+                        }
+                    };
+                    match wrap {
+                        None => json_reply(route.status, &result),
+                        Some(t) => {
+                            let ctx = With {
+                                roots: ctx_with(vec![("result", result)]),
+                                parent: Some(&gw),
+                            };
+                            json_reply(route.status, &t.render(&ctx))
+                        }
+                    }
+                }
+                Err(e) => {
+                    let status = match &e {
+                        crate::channel::CommandError::Unavailable => {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        }
+                        crate::channel::CommandError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                        crate::channel::CommandError::Failed(_) => StatusCode::BAD_REQUEST,
+                        crate::channel::CommandError::Crashed(_) => {
+                            StatusCode::INTERNAL_SERVER_ERROR
+                        }
+                    };
+                    let (code, message) = command_error(&cmd.channel, e);
+                    error_reply(status, code, &message)
+                }
+            }
+        }
+    }
+}
