@@ -258,3 +258,97 @@ pub async fn connect_stalling_raw(addr: SocketAddr, path: &str) -> TcpStream {
         _ => unreachable!("plain ws:// connection"),
     }
 }
+
+/// A plain HTTP/1.1 request with a body; returns (status, headers, body).
+pub async fn http_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    (status, head.to_string(), body.to_string())
+}
+
+/// Connect with extra request headers; Err carries the HTTP status of a refusal.
+pub async fn try_connect(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, (u16, String)> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}{path}")
+        .into_client_request()
+        .expect("request");
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    match tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("connect timed out")
+    {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let body = r
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err((r.status().as_u16(), body))
+        }
+        Err(e) => panic!("connect failed: {e}"),
+    }
+}
+
+/// Send a JSON value as a text message.
+pub async fn send_json(ws: &mut Ws, v: &Value) {
+    send_text(ws, &v.to_string()).await;
+}
+
+/// Assert that nothing arrives within `wait` (an absence check: it can only
+/// pass wrongly, never fail wrongly, on a slow machine).
+pub async fn assert_quiet(ws: &mut Ws, wait: Duration) {
+    if let Ok(Some(Ok(m))) = tokio::time::timeout(wait, ws.next()).await {
+        match m {
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected nothing, got {other:?}"),
+        }
+    }
+}
+
+/// A test channel that emits what it is told: `POST /emit/<channel>` with a
+/// JSON list of messages (see the `emit` route in [`BUS_HTTP`]).
+pub fn bus_spec(name: &str, extra: &str) -> String {
+    format!(
+        "channel: {name}\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {{burst: 0, interval_ms: 5}}\n{extra}"
+    )
+}
+
+/// Accepts any JSON object.
+pub const ANY_SCHEMA: &str = r#"{"type": "object"}"#;

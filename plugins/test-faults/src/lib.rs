@@ -36,7 +36,9 @@
 //! Commands: `{"op":"echo",...}` answers the request itself; `{"op":"panic"}`
 //! panics (`test-faults: planned command panic`); `{"op":"fail"}` fails with
 //! `test-faults: planned command failure`; `{"op":"status"}` answers
-//! `{"polls":p,"seq":s,"open_keys":[...]}`.
+//! `{"polls":p,"seq":s,"open_keys":[...]}`; `{"op":"emit","messages":[...]}`
+//! queues those messages, emitted as they are on the unkeyed stream at the
+//! next tick (push) or poll, and answers `{"queued":n}`.
 
 #![forbid(unsafe_code)]
 
@@ -127,9 +129,21 @@ pub struct TestFaults {
     /// Last used seq.
     seq: AtomicU64,
     keys: Mutex<BTreeMap<String, KeyState>>,
+    /// Messages queued by the `emit` command.
+    pending: Mutex<Vec<Value>>,
 }
 
 impl TestFaults {
+    /// Emit what the `emit` command queued.
+    fn emit_pending(&self, out: &Emitter) -> Result<(), EmitError> {
+        let pending =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        for m in pending {
+            out.emit_json("", &m)?;
+        }
+        Ok(())
+    }
+
     fn keys(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, KeyState>> {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -184,6 +198,7 @@ impl Plugin for TestFaults {
             polls: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             keys: Mutex::new(BTreeMap::new()),
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -199,6 +214,7 @@ impl Plugin for TestFaults {
         }
         match key {
             None => {
+                self.emit_pending(out)?;
                 for _ in 0..self.config.burst {
                     self.emit_seq(out)?;
                 }
@@ -218,6 +234,11 @@ impl Plugin for TestFaults {
         let interval = Duration::from_millis(self.config.interval_ms);
         let mut emitted = 0u64;
         loop {
+            match self.emit_pending(&out) {
+                Ok(()) => {}
+                Err(EmitError::Stopped) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
             for _ in 0..self.config.burst {
                 match self.emit_seq(&out) {
                     Ok(_) => emitted += 1,
@@ -265,6 +286,17 @@ impl Plugin for TestFaults {
             Some("echo") => Ok(request),
             Some("panic") => panic!("test-faults: planned command panic"),
             Some("fail") => Err("test-faults: planned command failure".into()),
+            Some("emit") => match request.get("messages") {
+                Some(Value::Array(m)) => {
+                    let n = m.len();
+                    self.pending
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .extend(m.iter().cloned());
+                    Ok(json!({ "queued": n }))
+                }
+                _ => Err("test-faults: `emit` needs `messages`: a list".into()),
+            },
             Some("status") => Ok(json!({
                 "polls": self.polls.load(Ordering::Relaxed),
                 "seq": self.seq.load(Ordering::Relaxed),
