@@ -114,6 +114,7 @@ impl Metrics {
             ("auth", &self.refused_auth),
             ("limit", &self.refused_limit),
             ("bad_request", &self.refused_bad_request),
+            ("origin", &self.refused_origin),
         ] {
             let _ = writeln!(
                 out,
@@ -127,6 +128,20 @@ impl Metrics {
             "counter",
             "Connections closed (1009) for an oversized inbound message.",
             self.closed_too_big.load(Relaxed) as i64,
+        );
+        g(
+            &mut out,
+            "gateway_auth_timeouts_total",
+            "counter",
+            "Connections closed (1008) because in-band authentication did not come in time.",
+            self.auth_timeouts.load(Relaxed) as i64,
+        );
+        g(
+            &mut out,
+            "gateway_reply_schema_failures_total",
+            "counter",
+            "Control replies dropped because they failed their protocol's schema.",
+            self.reply_schema_failures.load(Relaxed) as i64,
         );
 
         let chans = self.channels.read();

@@ -1,0 +1,319 @@
+//! Authentication modes with real clients: JWT from a header, a query
+//! parameter or an in-band first message; handshakes; Origin allow-lists.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+
+const SECRET: &str = "iot-demo-secret";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(alg: Algorithm, secret: &str, claims: Value) -> String {
+    encode(
+        &Header::new(alg),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn good(sub: &str) -> String {
+    token(
+        Algorithm::HS256,
+        SECRET,
+        json!({"sub": sub, "exp": now() + 600}),
+    )
+}
+
+fn b64(v: &Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+/// `alg: none`, unsigned.
+fn none_token() -> String {
+    format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&json!({"sub": "mallory", "exp": now() + 600}))
+    )
+}
+
+fn deployment() -> Deployment {
+    let dep = Deployment::new();
+    dep.gateway_yaml(&format!(
+        r#"
+protocols:
+  iot:
+    filters_at: [top_level, filters]
+    replies:
+      status: {{type: status, user: "{{{{principal}}}}"}}
+endpoints:
+  - path: /ws
+    protocol: iot
+    channels: all
+    auth:
+      mode: jwt
+      algorithm: HS256
+      secret_env: GW_TEST_SURELY_UNSET_SECRET
+      secret_default: {SECRET}
+      message:
+        match: {{type: auth}}
+        token_field: token
+        reply: {{type: auth_response, success: true}}
+        error_reply: {{type: auth_response, success: false, error: "{{{{error.code}}}}", message: "{{{{error.message}}}}"}}
+        allow_before: [ping]
+  - path: /ws-quick
+    protocol: iot
+    channels: all
+    auth:
+      mode: jwt
+      algorithm: HS256
+      secret_env: GW_TEST_SURELY_UNSET_SECRET
+      secret_default: {SECRET}
+      message:
+        match: {{type: auth}}
+        token_field: token
+        reply: {{type: auth_response, success: true}}
+        error_reply: {{type: auth_response, success: false, error: "{{{{error.code}}}}", message: "{{{{error.message}}}}"}}
+        allow_before: [ping]
+        timeout: 300ms
+  - path: /bearer
+    channels: [feed]
+    auth:
+      mode: jwt
+      algorithm: HS256
+      secret_default: {SECRET}
+      query: token
+    origins: [https://app.example.com]
+  - path: /relay
+    channels: all
+    auth:
+      mode: handshake
+      message:
+        match: {{type: handshake}}
+        required: [client_id, version]
+        reply: {{type: handshake_response, client_id: "{{{{request.client_id}}}}", accepted: true}}
+        error_reply: {{type: error, code: "{{{{error.code}}}}", message: "{{{{error.message}}}}"}}
+http:
+  - path: /emit/feed
+    method: POST
+    command: {{channel: feed, request: {{op: emit, messages: "{{{{request.body}}}}"}}}}
+"#
+    ))
+    .write("specs/schemas/any.json", ANY_SCHEMA)
+    .write("specs/feed.yaml", &bus_spec("feed", ""));
+    dep
+}
+
+async fn emit(addr: std::net::SocketAddr, messages: Value) {
+    eventually("the plugin to take the message", || async {
+        let (s, _, _) = http_body(addr, "POST", "/emit/feed", &[], &messages.to_string()).await;
+        (s == 200).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_band_jwt_gates_everything_but_ping() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/ws").await;
+
+    // Before auth: ping is answered, subscribe is refused.
+    send_json(&mut ws, &json!({"type": "ping", "timestamp": 1})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "pong", "timestamp": 1})
+    );
+    send_json(&mut ws, &json!({"type": "subscribe", "channel": "feed"})).await;
+    let e = next_json(&mut ws).await;
+    assert_eq!(e["error"], "not_authenticated", "{e}");
+
+    // Bad tokens, each refused with the configured reply; the socket stays.
+    let expired = token(
+        Algorithm::HS256,
+        SECRET,
+        json!({"sub": "u", "exp": now() - 3600}),
+    );
+    let wrong_key = token(
+        Algorithm::HS256,
+        "not-the-secret",
+        json!({"sub": "u", "exp": now() + 600}),
+    );
+    let wrong_alg = token(
+        Algorithm::HS384,
+        SECRET,
+        json!({"sub": "u", "exp": now() + 600}),
+    );
+    for (t, code) in [
+        (expired.as_str(), "token_expired"),
+        (wrong_key.as_str(), "invalid_token"),
+        (wrong_alg.as_str(), "invalid_token"),
+        (none_token().as_str(), "invalid_token"),
+        ("garbage", "invalid_token"),
+    ] {
+        send_json(&mut ws, &json!({"type": "auth", "token": t})).await;
+        let r = next_json(&mut ws).await;
+        assert_eq!(r["type"], "auth_response");
+        assert_eq!(r["success"], false);
+        assert_eq!(r["error"], code, "{r}");
+        assert!(r["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    send_json(&mut ws, &json!({"type": "auth"})).await;
+    assert_eq!(next_json(&mut ws).await["error"], "missing_token");
+
+    send_json(&mut ws, &json!({"type": "auth", "token": good("alice")})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "auth_response", "success": true})
+    );
+    send_json(&mut ws, &json!({"type": "status"})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "status", "user": "alice"})
+    );
+    send_json(&mut ws, &json!({"type": "subscribe", "channel": "feed"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    emit(addr, json!([{"x": 1}])).await;
+    assert_eq!(next_json(&mut ws).await, json!({"x": 1}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_in_band_auth_in_time_closes_with_1008() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/ws-quick").await;
+    assert_eq!(close_code(&mut ws).await, Some(1008));
+    let n = metric(addr, "gateway_auth_timeouts_total").await;
+    assert_eq!(n, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_before_the_upgrade_from_bearer_or_query() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+
+    let (status, body) = try_connect(addr, "/bearer", &[]).await.err().unwrap();
+    assert_eq!(status, 401);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "missing_token");
+
+    let bad = format!("Bearer {}", none_token());
+    let (status, body) = try_connect(addr, "/bearer", &[("Authorization", &bad)])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "invalid_token"
+    );
+
+    let expired = token(
+        Algorithm::HS256,
+        SECRET,
+        json!({"sub": "u", "exp": now() - 3600}),
+    );
+    let (status, body) = try_connect(addr, &format!("/bearer?token={expired}"), &[])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "token_expired"
+    );
+
+    let ok = format!("Bearer {}", good("bob"));
+    let mut a = try_connect(addr, "/bearer", &[("Authorization", &ok)])
+        .await
+        .unwrap();
+    let mut b = try_connect(addr, &format!("/bearer?token={}", good("carol")), &[])
+        .await
+        .unwrap();
+    emit(addr, json!([{"y": 2}])).await;
+    assert_eq!(next_json(&mut a).await, json!({"y": 2}));
+    assert_eq!(next_json(&mut b).await, json!({"y": 2}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_allow_list() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let ok = format!("Bearer {}", good("bob"));
+    let (status, body) = try_connect(
+        addr,
+        "/bearer",
+        &[
+            ("Authorization", &ok),
+            ("Origin", "https://evil.example.com"),
+        ],
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(status, 403);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "origin_not_allowed"
+    );
+    // Allowed (case and trailing slash do not matter), and absent (not a browser).
+    try_connect(
+        addr,
+        "/bearer",
+        &[
+            ("Authorization", &ok),
+            ("Origin", "HTTPS://app.example.com/"),
+        ],
+    )
+    .await
+    .unwrap();
+    try_connect(addr, "/bearer", &[("Authorization", &ok)])
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(addr, "gateway_connections_refused_total{reason=\"origin\"}").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_first_then_a_one_way_stream() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/relay").await;
+    send_json(&mut ws, &json!({"type": "hello"})).await;
+    let e = next_json(&mut ws).await;
+    assert_eq!(e["code"], "not_authenticated", "{e}");
+    send_json(&mut ws, &json!({"type": "handshake", "client_id": "c1"})).await;
+    let e = next_json(&mut ws).await;
+    assert_eq!(e["code"], "invalid_handshake");
+    assert!(e["message"].as_str().unwrap().contains("version"), "{e}");
+    send_json(&mut ws, &json!({"type": "handshake", "client_id": "c1", "version": "1.0", "capabilities": ["sync"]})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "handshake_response", "client_id": "c1", "accepted": true})
+    );
+    emit(addr, json!([{"z": 3}])).await;
+    assert_eq!(next_json(&mut ws).await, json!({"z": 3}));
+    // Once streaming, client text is ignored: no reply, no close.
+    send_text(&mut ws, "anything at all").await;
+    emit(addr, json!([{"z": 4}])).await;
+    assert_eq!(next_json(&mut ws).await, json!({"z": 4}));
+}
