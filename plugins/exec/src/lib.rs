@@ -43,7 +43,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -64,6 +64,8 @@ const RESTART_MAX: Duration = Duration::from_secs(30);
 const RESTART_RESET: Duration = Duration::from_secs(30);
 /// Largest stdout line (stream) or output (interval) kept, in bytes.
 const MAX_OUTPUT: usize = 16 << 20;
+/// Stream mode: stdout lines read ahead of the emitting loop.
+const LINE_QUEUE: usize = 64;
 /// Longest stderr line logged (longer ones are cut).
 const MAX_LOG_LINE: usize = 4096;
 /// Log rate limit: this many lines per window.
@@ -311,7 +313,7 @@ pub struct Exec {
     config: Config,
     log: Log,
     /// Wakes the stream loop (set while a command runs).
-    wake: Mutex<Option<Sender<Event>>>,
+    wake: Mutex<Option<SyncSender<Event>>>,
 }
 
 impl Exec {
@@ -324,7 +326,7 @@ impl Exec {
         }
     }
 
-    fn wake(&self) -> MutexGuard<'_, Option<Sender<Event>>> {
+    fn wake(&self) -> MutexGuard<'_, Option<SyncSender<Event>>> {
         self.wake.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -395,7 +397,9 @@ impl Exec {
     /// is stopping, Ok(false) when the command ended by itself.
     fn stream_once(&self, out: &Emitter) -> Result<bool, String> {
         let mut running = self.spawn()?;
-        let (tx, rx) = mpsc::channel();
+        // Bounded: while emit waits (backpressure), the reader stops reading
+        // and the command blocks on a full pipe instead of filling memory.
+        let (tx, rx) = mpsc::sync_channel(LINE_QUEUE);
         *self.wake() = Some(tx.clone());
         if let Some(stdout) = running.child.stdout.take() {
             let spawned = std::thread::Builder::new()
@@ -428,6 +432,8 @@ impl Exec {
             }
         };
         *self.wake() = None;
+        // A reader blocked on the full queue gets an error and ends.
+        drop(rx);
         if stopped {
             running.finish(true, &self.log);
             return Ok(true);
@@ -477,11 +483,14 @@ impl Exec {
             let t = std::thread::Builder::new()
                 .name("exec-stdout".into())
                 .spawn(move || {
+                    let mut stdout = stdout;
                     let mut buf = Vec::new();
-                    let r = stdout
+                    let r = (&mut stdout)
                         .take(MAX_OUTPUT as u64 + 1)
                         .read_to_end(&mut buf)
                         .map(|_| buf);
+                    // Drain the rest so the command isn't blocked on a full pipe.
+                    let _ = std::io::copy(&mut stdout, &mut std::io::sink());
                     let _ = tx.send(r);
                 });
             match t {
@@ -531,7 +540,7 @@ impl Exec {
 }
 
 /// Stream mode: send each stdout line (without the newline), then Eof.
-fn read_lines(stdout: impl Read, tx: &Sender<Event>) {
+fn read_lines(stdout: impl Read, tx: &SyncSender<Event>) {
     let mut r = BufReader::new(stdout);
     let mut line = Vec::new();
     loop {
@@ -546,8 +555,7 @@ fn read_lines(stdout: impl Read, tx: &Sender<Event>) {
             }
             Ok(_) if line.len() > MAX_OUTPUT && line.last() != Some(&b'\n') => {
                 // Skip the rest of the long line.
-                let mut rest = Vec::new();
-                let _ = r.read_until(b'\n', &mut rest);
+                let _ = r.skip_until(b'\n');
                 Event::TooLong(MAX_OUTPUT)
             }
             Ok(_) => Event::Line(std::mem::take(&mut line)),
@@ -613,7 +621,8 @@ impl Plugin for Exec {
 
     fn stop(&self) {
         if let Some(tx) = self.wake().as_ref() {
-            let _ = tx.send(Event::Wake);
+            // A full queue: the loop is busy and checks the stop flag anyway.
+            let _ = tx.try_send(Event::Wake);
         }
     }
 }

@@ -317,3 +317,42 @@ fn the_mode_must_match_the_call() {
     assert_eq!(status, GW_ERROR);
     assert!(msg.contains("set `source.mode: poll`"), "{msg}");
 }
+
+#[test]
+fn oversized_output_is_dropped_without_blocking_the_command() {
+    // Stream: a 17 MB line is dropped, the next line still arrives.
+    let host = TestHost::new();
+    let p = exec(
+        &host,
+        json!({"mode": "stream", "command": sh(r#"head -c 17000000 /dev/zero | tr '\0' x; echo; echo '{"after":1}'; sleep 60"#)}),
+    );
+    let out = host.emitter();
+    std::thread::scope(|s| {
+        let run = s.spawn(|| p.run(out));
+        assert!(host.wait_for_messages(1, PATIENCE));
+        host.stop();
+        run.join().unwrap().unwrap();
+    });
+    assert_eq!(host.json_messages()[0].1, json!({"after": 1}));
+    let w = warnings(&host);
+    assert!(
+        w.iter()
+            .any(|l| l.contains("dropped a stdout line of more than")),
+        "{w:?}"
+    );
+
+    // Interval: output over the limit is an error, and the command is not
+    // left blocked on a full pipe until the timeout.
+    let host = TestHost::new();
+    let p = exec(
+        &host,
+        json!({"mode": "interval", "timeout": "60s",
+               "command": sh(r#"head -c 17000000 /dev/zero | tr '\0' ' '; echo '{}'"#)}),
+    );
+    let t0 = Instant::now();
+    p.poll(None, &host.emitter()).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    let w = warnings(&host);
+    assert!(w.last().unwrap().contains("larger than"), "{w:?}");
+    assert_eq!(host.message_count(), 0);
+}
