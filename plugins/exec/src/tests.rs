@@ -168,7 +168,7 @@ fn interval_timeout_kills_the_whole_process_group() {
     );
     let t0 = Instant::now();
     p.poll(None, &host.emitter()).unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < PATIENCE, "{:?}", t0.elapsed());
     let w = warnings(&host);
     assert!(w.last().unwrap().contains("timed out after 300ms"), "{w:?}");
     let pid: u64 = std::fs::read_to_string(&pidfile)
@@ -288,7 +288,7 @@ fn stop_kills_and_reaps_the_stream_command() {
     inst.stop();
     // The shell ignores SIGTERM: it takes the grace period, then SIGKILL.
     assert!(t0.elapsed() >= KILL_GRACE, "{:?}", t0.elapsed());
-    assert!(t0.elapsed() < KILL_GRACE * 4, "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < PATIENCE, "{:?}", t0.elapsed());
     // The shell was our child and is reaped; its sleep is reaped by init.
     assert!(!alive(pids[0]), "the command {} is still there", pids[0]);
     let deadline = Instant::now() + PATIENCE;
