@@ -58,6 +58,12 @@ pub fn build_plugins() -> PathBuf {
                 "test-faults",
                 "-p",
                 "test-abi-mismatch",
+                "-p",
+                "http-poll",
+                "-p",
+                "exec",
+                "-p",
+                "template",
             ]);
             if dir.file_name().and_then(|s| s.to_str()) == Some("release") {
                 cmd.arg("--release");
