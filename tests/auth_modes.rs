@@ -96,6 +96,9 @@ endpoints:
       secret_default: {SECRET}
       query: token
     origins: [https://app.example.com]
+  - path: /rs
+    channels: [feed]
+    auth: {{mode: jwt, algorithm: RS256, jwks_file: keys/jwks.json, issuer: https://issuer.example, audience: [gateway]}}
   - path: /relay
     channels: all
     auth:
@@ -112,7 +115,11 @@ http:
 "#
     ))
     .write("specs/schemas/any.json", ANY_SCHEMA)
-    .write("specs/feed.yaml", &bus_spec("feed", ""));
+    .write("specs/feed.yaml", &bus_spec("feed", ""))
+    .write(
+        "keys/jwks.json",
+        &std::fs::read_to_string(repo_root().join("gateway/tests/data/jwt/jwks.json")).unwrap(),
+    );
     dep
 }
 
@@ -316,4 +323,56 @@ async fn handshake_first_then_a_one_way_stream() {
     send_text(&mut ws, "anything at all").await;
     emit(addr, json!([{"z": 4}])).await;
     assert_eq!(next_json(&mut ws).await, json!({"z": 4}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_tokens_are_checked_against_a_jwks_file_with_iss_and_aud() {
+    let data = repo_root().join("gateway/tests/data/jwt");
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let key =
+        EncodingKey::from_rsa_pem(&std::fs::read(data.join("rsa_private.pem")).unwrap()).unwrap();
+    let sign = |kid: &str, claims: Value| {
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = Some(kid.into());
+        format!("Bearer {}", encode(&h, &claims, &key).unwrap())
+    };
+    let base = json!({"sub": "svc", "exp": now() + 600, "iss": "https://issuer.example", "aud": "gateway"});
+    try_connect(
+        addr,
+        "/rs",
+        &[("Authorization", &sign("rsa-1", base.clone()))],
+    )
+    .await
+    .unwrap();
+    let mut wrong_aud = base.clone();
+    wrong_aud["aud"] = json!("other");
+    let mut wrong_iss = base.clone();
+    wrong_iss["iss"] = json!("https://evil.example");
+    for (auth, code) in [
+        (sign("rsa-2", base.clone()), "invalid_token"),
+        (sign("nope", base.clone()), "invalid_token"),
+        (sign("rsa-1", wrong_aud), "invalid_audience"),
+        (sign("rsa-1", wrong_iss), "invalid_issuer"),
+        // Algorithm confusion: HS256 keyed with the public key's bytes.
+        (
+            format!(
+                "Bearer {}",
+                token(
+                    Algorithm::HS256,
+                    &std::fs::read_to_string(data.join("rsa_public.pem")).unwrap(),
+                    base.clone()
+                )
+            ),
+            "invalid_token",
+        ),
+    ] {
+        let (status, body) = try_connect(addr, "/rs", &[("Authorization", &auth)])
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(status, 401);
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"], code);
+    }
 }

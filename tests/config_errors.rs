@@ -1018,3 +1018,66 @@ fn help_mentions_check_and_config() {
     assert!(help.contains("check"), "{help}");
     assert!(help.contains("--config"), "{help}");
 }
+
+// --- Protocols, endpoints and HTTP routes. ---
+
+#[test]
+fn endpoint_protocol_channel_and_group_mistakes_are_located() {
+    let dep = deployment(
+        "protocols:\n  svc:\n    action_field: action\n    replies:\n      pong: {type: pong, at: \"{{clock}}\"}\nendpoints:\n  - path: /ws\n    protocol: sv\n    channels: all\n  - path: /a\n    protocol: svc\n    channels: [ticker, weather]\n  - path: /b\n    protocol: svc\n    channels: {group: media}\n  - path: /c\n    channels: all\n    subscribe: none\n  - path: /d\n    channels: all\n",
+    );
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let g = at(&dep, "gateway.yaml");
+    assert_eq!(
+        errors(&dep),
+        [
+            format!(
+                "{g}:12:13: protocols.svc.replies.pong: unknown variable {{{{clock}}}}: available here: request, channel, channels, groups, client, error, result, params, principal, gateway, listeners, now, now_iso, now_unix, now_unix_ms"
+            ),
+            format!(
+                "{g}:15:15: endpoints[0].protocol: no protocol named \"sv\"; defined: stream (protocols are defined in gateway.yaml under `protocols:`)"
+            ),
+            format!(
+                "{g}:19:15: endpoints[1].channels: no channel named \"weather\"; defined: ticker"
+            ),
+            format!(
+                "{g}:22:15: endpoints[2].channels: no channel is in group \"media\"; groups: none"
+            ),
+            format!(
+                "{g}:23:11: endpoints[3].subscribe: a stream endpoint (no `protocol`) must subscribe its clients to at least one channel"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn filter_auth_and_route_mistakes_are_located() {
+    let dep = deployment(
+        "http:\n  - path: /nothing\n  - path: /cmd\n    command: {channel: ticker, request: {op: x}}\n  - path: /x\n    method: PUT\n    body: {}\n",
+    );
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\nfilters:\n  both: {match: a, project: b}\n  key_only: {match: a, key: b}\nendpoints:\n  - path: /t\n    auth: {mode: jwt, algorithm: HS256, secret_env: GW_SURELY_UNSET_VAR}\n  - path: /u\n    auth: {mode: jwt, algorithm: none, secret_default: s}\n",
+    );
+    let g = at(&dep, "gateway.yaml");
+    let t = at(&dep, "specs/ticker.yaml");
+    assert_eq!(
+        errors(&dep),
+        [
+            format!(
+                "{g}:9:11: http[0].body: say what the route answers: `body` (a template), `latest: CHANNEL` or `command: {{channel, request}}`"
+            ),
+            format!("{g}:13:13: http[2].method: method \"PUT\" is not supported: use GET or POST"),
+            format!(
+                "{t}:7:9: filters.both: a filter is one of `match: FIELD`, `project: FIELD` or `frequency: true`"
+            ),
+            format!("{t}:8:13: filters.key_only: `key` applies to `frequency` filters only"),
+            format!(
+                "{t}:11:11: endpoints[0].auth: environment variable GW_SURELY_UNSET_VAR (secret_env) is not set, and there is no secret_default"
+            ),
+            format!(
+                "{t}:13:11: endpoints[1].auth: unknown algorithm \"none\"; accepted: HS256, HS384, HS512, RS256, RS384, RS512, ES256, ES384"
+            ),
+        ]
+    );
+}

@@ -218,6 +218,8 @@ pub struct HttpRouteCfg {
 pub(crate) struct Lookup<'a> {
     pub channels: &'a [Arc<ChannelCfg>],
     pub protocols: &'a HashMap<String, Arc<ProtocolCfg>>,
+    /// Protocols defined but with errors (already reported).
+    pub broken_protocols: Vec<String>,
     pub listener_names: &'a [&'a str],
     /// (listener, path shape) → what serves it and where.
     pub paths: &'a mut HashMap<(String, String), (String, Origin)>,
@@ -530,6 +532,7 @@ pub(crate) fn compile_endpoint(
     // A spec whose channel failed to compile: its endpoints are still
     // checked (listener, paths), then dropped.
     let own_failed = own.is_none() && own_name.is_some();
+    let mut protocol_broken = false;
     let f = |k: &str| format!("{prefix}.{k}");
     let mut ok = true;
     let listener = match &ep.listener {
@@ -562,6 +565,12 @@ pub(crate) fn compile_endpoint(
         Some(p) if p.value == "stream" => None,
         Some(p) => match lk.protocols.get(&p.value) {
             Some(p) => Some(p.clone()),
+            // Its own errors are reported; check the rest of the endpoint.
+            None if lk.broken_protocols.contains(&p.value) => {
+                ok = false;
+                protocol_broken = true;
+                None
+            }
             None => {
                 let mut known: Vec<&str> = lk.protocols.keys().map(String::as_str).collect();
                 known.sort();
@@ -652,8 +661,8 @@ pub(crate) fn compile_endpoint(
         },
     };
     let subscribe = match (&ep.subscribe, &protocol) {
-        (None, None) => channels.clone(),
-        (None, Some(_)) => Vec::new(),
+        (None, None) if !protocol_broken => channels.clone(),
+        (None, _) => Vec::new(),
         (Some(s), _) => match select(&s.value, &channels, true) {
             Ok(sel) => resolve(&sel, &channels),
             Err(m) => {
@@ -667,7 +676,7 @@ pub(crate) fn compile_endpoint(
             }
         },
     };
-    if protocol.is_none() && subscribe.is_empty() && ok {
+    if protocol.is_none() && subscribe.is_empty() && ok && !protocol_broken {
         sink.at(
             &ep.path,
             f("subscribe"),

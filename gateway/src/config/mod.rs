@@ -670,6 +670,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     let mut lk = endpoints::Lookup {
         channels: &channels,
         protocols: &protocols,
+        broken_protocols: gw
+            .protocols
+            .keys()
+            .filter(|k| !protocols.contains_key(*k))
+            .cloned()
+            .collect(),
         listener_names: &listener_names,
         paths: &mut path_origin,
     };
@@ -751,7 +757,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
 
     if !errors.is_empty() {
         // File by file (in the order files were read), top to bottom.
-        let mut order: Vec<PathBuf> = Vec::new();
+        let mut order: Vec<PathBuf> = vec![path.to_path_buf()];
         for e in &errors {
             if !order.contains(&e.file) {
                 order.push(e.file.clone());
