@@ -172,10 +172,9 @@ endpoints:
       keys_file: keys.txt
 "#;
 
-/// Errors inside `protocols.*.actions.*` come out at 0:0: the known bug
-/// pinned by `a_command_action_error_is_located` (ignored). Set to false
-/// once it is fixed.
-const KNOWN_BUG_ACTION_LOCATION: bool = true;
+/// Errors inside `protocols.*.actions.*` once came out at 0:0 (fixed; kept
+/// as a switch in case a regression needs bisecting).
+const KNOWN_BUG_ACTION_LOCATION: bool = false;
 
 fn is_protocol_action(field: &str) -> bool {
     field.starts_with("protocols.") && field.contains(".actions.")
@@ -549,9 +548,6 @@ fn mutated_configurations_never_panic_and_every_error_is_located() {
 }
 
 #[test]
-#[ignore = "BUG: errors inside a protocol's `actions.NAME.command` (an unknown channel, an unknown \
-            template root in `request`) are reported at line 0, column 0 (the untagged ActionFile \
-            enum loses the spans), although they are written at a known place"]
 fn a_command_action_error_is_located() {
     let dep = Deployment::new();
     dep.write("specs/schemas/any.json", ANY_SCHEMA)

@@ -9,7 +9,7 @@
 //! interval (on a blocking thread) or starts it (push), and restarts it with
 //! exponential backoff and jitter when it fails or panics.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Message, Subscriber, SubscriptionId, Topic};
+use crate::config::types::OnRateLimit;
 use crate::config::{ChannelCfg, Limits, SourceMode};
 use crate::filter::SubFilter;
 use crate::metrics::{ChannelMetrics, Metrics};
@@ -245,28 +246,91 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
         Quota::per_second(NonZeroU32::MIN)
             .allow_burst(NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN)),
     );
+    let rate = cfg
+        .rate_limit
+        .map(|(r, on)| (RateLimiter::direct(r.quota()), on));
+    // Conflated messages waiting for the rate limit, latest per key.
+    let mut pending: BTreeMap<Option<Arc<str>>, Message> = BTreeMap::new();
+    let mut flush_at: Option<tokio::time::Instant> = None;
     let mut batch = Vec::with_capacity(64);
-    while rx.recv_many(&mut batch, 64).await > 0 {
+    loop {
+        let flush = async {
+            match flush_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 64) => if n == 0 { break },
+            _ = flush => {
+                flush_at = None;
+                if let Some((lim, _)) = &rate {
+                    while let Some((key, _)) = pending.first_key_value() {
+                        if let Err(nu) = lim.check() {
+                            flush_at = Some(tokio::time::Instant::now() + nu.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())));
+                            break;
+                        }
+                        let key = key.clone();
+                        if let Some(msg) = pending.remove(&key) {
+                            publish(&rt, key, &msg);
+                        }
+                    }
+                }
+                continue;
+            }
+        }
         for ev in batch.drain(..) {
             match ev {
                 SourceEvent::Message { key, frame, header } => {
-                    if let Some(msg) = prepare(&rt, key.as_deref(), frame, header, &log_limit) {
-                        rt.metrics.published.fetch_add(1, Relaxed);
-                        // Unkeyed channels always keep their latest message
-                        // (for `latest` HTTP routes); keyed ones only when
-                        // asked, and only while the key is followed.
-                        let retain = key.is_none() || cfg.last_value;
-                        let topic = Topic {
-                            channel: cfg.name.clone(),
-                            key,
-                        };
-                        rt.broker.publish(&topic, &msg, retain);
+                    let Some(msg) = prepare(&rt, key.as_deref(), frame, header, &log_limit) else {
+                        continue;
+                    };
+                    if let Some((lim, on)) = &rate
+                        && let Err(nu) = lim.check()
+                    {
+                        match on {
+                            OnRateLimit::Drop => {
+                                rt.metrics.rate_dropped.fetch_add(1, Relaxed);
+                            }
+                            OnRateLimit::Conflate => {
+                                if pending.insert(key, msg).is_some() {
+                                    rt.metrics.rate_conflated.fetch_add(1, Relaxed);
+                                }
+                                if flush_at.is_none() {
+                                    let wait = nu.wait_time_from(governor::clock::Clock::now(
+                                        &governor::clock::DefaultClock::default(),
+                                    ));
+                                    flush_at = Some(tokio::time::Instant::now() + wait);
+                                }
+                            }
+                        }
+                        continue;
                     }
+                    publish(&rt, key, &msg);
                 }
-                SourceEvent::End { key } => rt.end_key(key),
+                SourceEvent::End { key } => {
+                    // A stream's last message is never held back.
+                    if let Some(msg) = pending.remove(&Some(key.clone())) {
+                        publish(&rt, Some(key.clone()), &msg);
+                    }
+                    rt.end_key(key)
+                }
             }
         }
     }
+}
+
+fn publish(rt: &ChannelRuntime, key: Option<Arc<str>>, msg: &Message) {
+    let cfg = &rt.cfg;
+    rt.metrics.published.fetch_add(1, Relaxed);
+    // Unkeyed channels always keep their latest message (for `latest` HTTP
+    // routes); keyed ones only when asked, and only while the key is followed.
+    let retain = key.is_none() || cfg.last_value;
+    let topic = Topic {
+        channel: cfg.name.clone(),
+        key,
+    };
+    rt.broker.publish(&topic, msg, retain);
 }
 
 /// Why a plugin message was not published.

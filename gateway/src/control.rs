@@ -35,6 +35,10 @@ pub struct Control {
     authed: bool,
     subs: Vec<(Arc<str>, Subscription)>,
     in_flight: Arc<AtomicUsize>,
+    /// Per-principal slots taken at in-band authentication.
+    guards: Vec<crate::limits::CountGuard>,
+    /// A close the session should send.
+    close: Option<(u16, &'static str)>,
 }
 
 /// An error reply's code and message.
@@ -72,7 +76,22 @@ impl Control {
             authed: principal.is_some(),
             subs: Vec::new(),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            guards: Vec::new(),
+            close: None,
         }
+    }
+
+    /// A close requested by the protocol (e.g. a principal over its limit).
+    pub fn take_close(&mut self) -> Option<(u16, &'static str)> {
+        self.close.take()
+    }
+
+    /// The client sent faster than its endpoint allows (`on_inbound_limit: error`).
+    pub fn rate_limited(&self, out: &mut Vec<Bytes>) {
+        out.extend(self.refuse_early(
+            refusal("rate_limited", "too many messages; slow down"),
+            None,
+        ));
     }
 
     /// Whether in-band authentication is still awaited.
@@ -231,6 +250,29 @@ impl Control {
         {
             match auth.check_message(&msg) {
                 InbandResult::Accepted(p) => {
+                    if let Some(name) = &p
+                        && self.guards.is_empty()
+                    {
+                        match self.ep.limits.admit_principal(name) {
+                            Ok(g) => self.guards = g,
+                            Err(r) => {
+                                self.state
+                                    .metrics
+                                    .refused_per_principal
+                                    .fetch_add(1, Relaxed);
+                                out.extend(self.error(
+                                    refusal(r.error, r.message),
+                                    Some(&msg),
+                                    None,
+                                ));
+                                self.close = Some((
+                                    crate::ws::close::POLICY,
+                                    "too many connections for this principal",
+                                ));
+                                return;
+                            }
+                        }
+                    }
                     if p.is_some() {
                         *self.info.principal.lock() = p.clone();
                     }

@@ -98,7 +98,18 @@ pub enum Verdict {
     Held,
 }
 
+/// The longest frequency period a client may ask for.
+const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
+
 fn parse_period(v: &Value) -> Result<Option<Duration>, String> {
+    let p = parse_period_unchecked(v)?;
+    match p {
+        Some(d) if d > MAX_PERIOD => Err(format!("invalid frequency {v}: at most 24h")),
+        other => Ok(other),
+    }
+}
+
+fn parse_period_unchecked(v: &Value) -> Result<Option<Duration>, String> {
     match v {
         Value::String(s) => {
             let t = s.trim().to_ascii_lowercase();
@@ -110,8 +121,12 @@ fn parse_period(v: &Value) -> Result<Option<Duration>, String> {
                 .map_err(|_| format!("invalid frequency {s:?}: use `real-time` or a period such as `5s`, `30s`, `1m`"))
         }
         Value::Number(n) => match n.as_f64() {
-            Some(x) if x >= 0.0 && x.is_finite() => {
+            // Checked here: from_secs_f64 panics on huge values.
+            Some(x) if x >= 0.0 && x <= MAX_PERIOD.as_secs_f64() => {
                 Ok((x > 0.0).then(|| Duration::from_secs_f64(x)))
+            }
+            Some(x) if x > MAX_PERIOD.as_secs_f64() => {
+                Err(format!("invalid frequency {n}: at most 24h"))
             }
             _ => Err(format!("invalid frequency {n}: use seconds ≥ 0")),
         },
@@ -259,7 +274,10 @@ impl SubFilter {
         slot.pending = Some(own.unwrap_or_else(|| frame.clone()));
         if !slot.armed {
             slot.armed = true;
-            let due = slot.last_sent + c.period;
+            let due = slot
+                .last_sent
+                .checked_add(c.period)
+                .unwrap_or_else(|| now + MAX_PERIOD);
             let me = self.clone();
             let q = queue.clone();
             let cancelled = cancelled.clone();

@@ -65,11 +65,30 @@ pub async fn handle<S, B>(
     headers: &HeaderMap,
     query: &str,
     body: S,
+    peer: std::net::SocketAddr,
 ) -> Reply
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
+    if let Some(lim) = &route.per_ip
+        && let Err(wait) = crate::limits::check_ip(lim, peer.ip())
+    {
+        state
+            .metrics
+            .http_rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let secs = crate::limits::retry_after_secs(wait);
+        let mut r = error_reply(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            &format!("too many requests from {}; retry in {secs} s", peer.ip()),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        return r;
+    }
     if method != route.method && !(method == Method::HEAD && route.method == Method::GET) {
         let mut r = error_reply(
             StatusCode::METHOD_NOT_ALLOWED,

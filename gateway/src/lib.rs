@@ -28,6 +28,7 @@ pub mod control;
 pub mod filter;
 pub mod http_routes;
 pub mod jwt;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod plugin;
@@ -141,6 +142,20 @@ impl Gateway {
             addrs.clone(),
             shutdown.clone(),
         ));
+        // Forget keyed rate-limiter state of clients gone quiet.
+        if !config.prunable.limiters.is_empty() {
+            let st = state.clone();
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => st.config.prunable.prune(),
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            });
+        }
         for (name, listener) in listeners {
             tracker.spawn(server::serve_listener(
                 listener,

@@ -39,6 +39,10 @@ pub struct ChannelMetrics {
     pub plugin_up: AtomicBool,
     /// Current subscribers.
     pub subscribers: AtomicI64,
+    /// Messages over the channel's `rate_limit`, dropped.
+    pub rate_dropped: AtomicU64,
+    /// Messages over the channel's `rate_limit`, replaced by a later one (conflated).
+    pub rate_conflated: AtomicU64,
 }
 
 /// Process-wide figures.
@@ -60,6 +64,24 @@ pub struct Metrics {
     pub reply_schema_failures: AtomicU64,
     /// Upgrades refused because the Origin is not allowed.
     pub refused_origin: AtomicU64,
+    /// Upgrades refused by `new_connections_per_ip`.
+    pub refused_rate: AtomicU64,
+    /// Upgrades refused by `max_connections_per_ip`.
+    pub refused_per_ip: AtomicU64,
+    /// Connections refused by `max_connections_per_principal`.
+    pub refused_per_principal: AtomicU64,
+    /// HTTP route requests refused by `http_requests_per_ip`.
+    pub http_rate_limited: AtomicU64,
+    /// Connections closed after `idle_timeout`.
+    pub closed_idle: AtomicU64,
+    /// Connections closed at `max_connection_duration`.
+    pub closed_lifetime: AtomicU64,
+    /// Connections closed because no Pong came back in time.
+    pub closed_ping_timeout: AtomicU64,
+    /// Connections closed for sending faster than `inbound_messages`.
+    pub closed_inbound_rate: AtomicU64,
+    /// Client messages dropped (with an error reply) for exceeding `inbound_messages`.
+    pub inbound_rate_errors: AtomicU64,
     /// Connections closed because in-band authentication did not come in time.
     pub auth_timeouts: AtomicU64,
     channels: RwLock<BTreeMap<Arc<str>, Arc<ChannelMetrics>>>,
@@ -115,6 +137,9 @@ impl Metrics {
             ("limit", &self.refused_limit),
             ("bad_request", &self.refused_bad_request),
             ("origin", &self.refused_origin),
+            ("rate", &self.refused_rate),
+            ("per_ip", &self.refused_per_ip),
+            ("per_principal", &self.refused_per_principal),
         ] {
             let _ = writeln!(
                 out,
@@ -128,6 +153,37 @@ impl Metrics {
             "counter",
             "Connections closed (1009) for an oversized inbound message.",
             self.closed_too_big.load(Relaxed) as i64,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_connections_closed_by_limit_total Connections the gateway closed because of a limit, by limit.\n# TYPE gateway_connections_closed_by_limit_total counter"
+        );
+        for (reason, v) in [
+            ("idle_timeout", &self.closed_idle),
+            ("max_connection_duration", &self.closed_lifetime),
+            ("ping_timeout", &self.closed_ping_timeout),
+            ("inbound_messages", &self.closed_inbound_rate),
+            ("auth_timeout", &self.auth_timeouts),
+        ] {
+            let _ = writeln!(
+                out,
+                "gateway_connections_closed_by_limit_total{{limit=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        g(
+            &mut out,
+            "gateway_inbound_rate_errors_total",
+            "counter",
+            "Client messages dropped with a `rate_limited` error reply (on_inbound_limit: error).",
+            self.inbound_rate_errors.load(Relaxed) as i64,
+        );
+        g(
+            &mut out,
+            "gateway_http_rate_limited_total",
+            "counter",
+            "HTTP route requests refused with 429 by requests_per_ip.",
+            self.http_rate_limited.load(Relaxed) as i64,
         );
         g(
             &mut out,
@@ -146,7 +202,19 @@ impl Metrics {
 
         let chans = self.channels.read();
         type Get = fn(&ChannelMetrics) -> i64;
-        let series: [(&str, &str, &str, Get); 12] = [
+        let series: [(&str, &str, &str, Get); 14] = [
+            (
+                "gateway_rate_limit_dropped_total",
+                "counter",
+                "Messages dropped by the channel's rate_limit (on_exceed: drop).",
+                |m| m.rate_dropped.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_rate_limit_conflated_total",
+                "counter",
+                "Messages replaced by a later one under the channel's rate_limit (on_exceed: conflate).",
+                |m| m.rate_conflated.load(Relaxed) as i64,
+            ),
             (
                 "gateway_messages_received_total",
                 "counter",

@@ -22,6 +22,7 @@ use tower_service::Service;
 use tungstenite::handshake::derive_accept_key;
 use warp::Filter;
 
+use crate::auth::Principal;
 use crate::router::{Router, Target};
 use crate::session::{self, SessionCtx};
 use crate::state::GatewayState;
@@ -199,8 +200,10 @@ fn routes(
                             slot,
                         ),
                         Target::Http(route) => {
-                            crate::http_routes::handle(&st, route, method, &headers, &query, body)
-                                .await
+                            crate::http_routes::handle(
+                                &st, route, method, &headers, &query, body, info.peer,
+                            )
+                            .await
                         }
                     }
                 }
@@ -335,6 +338,11 @@ fn handle_endpoint(
             );
         }
     }
+    // Rates and per-IP caps before any costly auth work.
+    let mut guards = match endpoint.limits.admit_ip(info.peer.ip()) {
+        Ok(g) => g,
+        Err(r) => return limit_reply(state, &info, path, r),
+    };
     let principal = match endpoint.auth.check_request(headers, query) {
         Ok(p) => p,
         Err(e) => {
@@ -343,6 +351,12 @@ fn handle_endpoint(
             return error_reply(e.status, e.error, &e.message);
         }
     };
+    if let Some(Principal(Some(p))) = &principal {
+        match endpoint.limits.admit_principal(p) {
+            Ok(g) => guards.extend(g),
+            Err(r) => return limit_reply(state, &info, path, r),
+        }
+    }
     if shutdown.is_cancelled() {
         return error_reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -395,6 +409,7 @@ fn handle_endpoint(
         key,
         params: serde_json::Value::Object(params_obj),
         principal,
+        guards,
         state: state.clone(),
         shutdown: shutdown.clone(),
     };
@@ -434,6 +449,44 @@ fn handle_endpoint(
         h.insert(http::header::SEC_WEBSOCKET_ACCEPT, v);
     }
     r
+}
+
+/// A refusal by a connection limit: 429 (with Retry-After for rates), or
+/// 503 for an endpoint's total.
+fn limit_reply(
+    state: &GatewayState,
+    info: &ConnInfo,
+    path: &str,
+    r: crate::limits::Refused,
+) -> Reply {
+    let m = &state.metrics;
+    let status = match r.error {
+        "rate_limited" => {
+            m.refused_rate.fetch_add(1, Relaxed);
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        "too_many_connections_per_ip" => {
+            m.refused_per_ip.fetch_add(1, Relaxed);
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        "too_many_connections_per_principal" => {
+            m.refused_per_principal.fetch_add(1, Relaxed);
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        _ => {
+            m.refused_limit.fetch_add(1, Relaxed);
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    };
+    tracing::debug!(peer = %info.peer, path, error = r.error, "connection refused by a limit");
+    let mut reply = error_reply(status, r.error, &r.message);
+    if let Some(wait) = r.retry_after
+        && let Ok(v) =
+            http::HeaderValue::from_str(&crate::limits::retry_after_secs(wait).to_string())
+    {
+        reply.headers_mut().insert(http::header::RETRY_AFTER, v);
+    }
+    reply
 }
 
 /// RFC 6455 §4.1: the key is 16 random bytes, base64-encoded (24 characters).

@@ -12,7 +12,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
+
+use crate::config::types::OnInboundLimit;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
@@ -42,6 +44,8 @@ pub struct SessionCtx {
     pub params: serde_json::Value,
     /// Who connected (None: in-band authentication pending).
     pub principal: Option<Principal>,
+    /// Connection-limit slots held for the session's life.
+    pub guards: Vec<crate::limits::CountGuard>,
     /// Gateway state.
     pub state: Arc<GatewayState>,
     /// Shutdown signal.
@@ -61,7 +65,92 @@ enum Event {
     Queued,
     Read(std::io::Result<Result<bool, ReadError>>),
     LingerOver,
-    AuthTimeout,
+    Timer,
+}
+
+/// The session's deadlines, served by one timer.
+struct Timers {
+    /// In-band authentication must succeed by then.
+    auth_due: Option<Instant>,
+    /// The connection's lifetime ends then.
+    end_of_life: Option<Instant>,
+    /// Longest silence, and when the client was last heard.
+    idle: Option<Duration>,
+    last_read: Instant,
+    /// Next server Ping, and the Pong deadline of the last one.
+    ping_every: Option<Duration>,
+    next_ping: Option<Instant>,
+    pong_timeout: Duration,
+    pong_due: Option<Instant>,
+}
+
+/// What a timer deadline asks for.
+enum Due {
+    Nothing,
+    Ping,
+    Close(u16, &'static str, Limit),
+}
+
+/// Which limit closed the connection (for metrics).
+enum Limit {
+    Auth,
+    Lifetime,
+    Idle,
+    Pong,
+}
+
+impl Timers {
+    fn next(&self) -> Option<Instant> {
+        [
+            self.auth_due,
+            self.end_of_life,
+            self.idle.map(|d| self.last_read + d),
+            self.next_ping,
+            self.pong_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn fire(&mut self, now: Instant, authed: bool) -> Due {
+        if let Some(t) = self.auth_due
+            && now >= t
+        {
+            self.auth_due = None;
+            if !authed {
+                return Due::Close(close::POLICY, "authentication timeout", Limit::Auth);
+            }
+        }
+        if self.end_of_life.is_some_and(|t| now >= t) {
+            self.end_of_life = None;
+            return Due::Close(
+                close::GOING_AWAY,
+                "maximum connection duration reached",
+                Limit::Lifetime,
+            );
+        }
+        if let Some(d) = self.idle
+            && now >= self.last_read + d
+        {
+            self.idle = None;
+            return Due::Close(close::GOING_AWAY, "idle timeout", Limit::Idle);
+        }
+        if self.pong_due.is_some_and(|t| now >= t) {
+            self.pong_due = None;
+            return Due::Close(close::GOING_AWAY, "ping timeout", Limit::Pong);
+        }
+        if let (Some(t), Some(every)) = (self.next_ping, self.ping_every)
+            && now >= t
+        {
+            self.next_ping = Some(now + every);
+            if self.pong_due.is_none() {
+                self.pong_due = Some(now + self.pong_timeout);
+            }
+            return Due::Ping;
+        }
+        Due::Nothing
+    }
 }
 
 /// What the client side and the close handshake have done so far.
@@ -118,7 +207,8 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
         ctx.params.clone(),
         ctx.principal.clone(),
     );
-    let mut reader = FrameReader::new(limits.max_message_size);
+    let el = &ctx.endpoint.limits;
+    let mut reader = FrameReader::new(el.max_message_size);
     let mut writer = FrameWriter::new();
     let mut incoming = Vec::new();
     let mut linger: Option<Pin<Box<Sleep>>> = None;
@@ -129,12 +219,24 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
     for r in replies.drain(..) {
         writer.push(r);
     }
-    // In-band authentication must arrive in time.
-    let mut auth_deadline: Option<Pin<Box<Sleep>>> = control
-        .awaiting_auth()
-        .then(|| ctx.endpoint.auth.inband().map(|ib| ib.timeout))
-        .flatten()
-        .map(|d| Box::pin(tokio::time::sleep(d)));
+    let now = Instant::now();
+    let mut timers = Timers {
+        // In-band authentication must arrive in time.
+        auth_due: control
+            .awaiting_auth()
+            .then(|| ctx.endpoint.auth.inband().map(|ib| now + ib.timeout))
+            .flatten(),
+        end_of_life: el.max_duration.map(|d| now + d),
+        idle: el.idle_timeout,
+        last_read: now,
+        ping_every: el.ping_interval,
+        next_ping: el.ping_interval.map(|d| now + d),
+        pong_timeout: el.pong_timeout,
+        pong_due: None,
+    };
+    let mut timer: Option<Pin<Box<Sleep>>> =
+        timers.next().map(|t| Box::pin(tokio::time::sleep_until(t)));
+    let mut inbound = el.inbound.map(|r| governor::RateLimiter::direct(r.quota()));
 
     if !early.is_empty() {
         let r = reader.feed(&early, &mut incoming);
@@ -145,6 +247,8 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
             &mut f,
             &ctx,
             &mut control,
+            &mut timers,
+            inbound.as_mut(),
         );
     }
     drop(early);
@@ -193,7 +297,7 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
             r = poll_fn(|cx| writer.poll_write_all(cx, &mut wr)), if !writer.is_empty() => Event::Written(r),
             _ = queue.notified(), if writer.is_empty() && !f.close_queued => Event::Queued,
             _ = maybe_sleep(&mut linger) => Event::LingerOver,
-            _ = maybe_sleep(&mut auth_deadline) => Event::AuthTimeout,
+            _ = maybe_sleep(&mut timer) => Event::Timer,
         };
         match ev {
             Event::Shutdown => {
@@ -210,15 +314,41 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
                 break;
             }
             Event::Queued => {}
-            Event::AuthTimeout => {
-                auth_deadline = None;
-                if control.awaiting_auth() {
-                    m.auth_timeouts.fetch_add(1, Relaxed);
-                    f.queue_close(&mut writer, close::POLICY, "authentication timeout");
+            Event::Timer if f.close_queued => timer = None,
+            Event::Timer => {
+                match timers.fire(Instant::now(), !control.awaiting_auth()) {
+                    Due::Nothing => {}
+                    Due::Ping => {
+                        if !f.close_queued {
+                            writer.push(ws::frame(ws::OP_PING, b"gw"));
+                        }
+                    }
+                    Due::Close(code, reason, which) => {
+                        match which {
+                            Limit::Auth => &m.auth_timeouts,
+                            Limit::Lifetime => &m.closed_lifetime,
+                            Limit::Idle => &m.closed_idle,
+                            Limit::Pong => &m.closed_ping_timeout,
+                        }
+                        .fetch_add(1, Relaxed);
+                        tracing::debug!(conn_id = ctx.conn_id, reason, "closing: limit reached");
+                        f.queue_close(&mut writer, code, reason);
+                    }
                 }
+                timer = timers.next().map(|t| Box::pin(tokio::time::sleep_until(t)));
             }
             Event::Read(r) => {
-                if !handle_read(r, &mut incoming, &mut writer, &mut f, &ctx, &mut control) {
+                timers.last_read = Instant::now();
+                if !handle_read(
+                    r,
+                    &mut incoming,
+                    &mut writer,
+                    &mut f,
+                    &ctx,
+                    &mut control,
+                    &mut timers,
+                    inbound.as_mut(),
+                ) {
                     break;
                 }
                 if incoming.capacity() > 4 {
@@ -235,6 +365,7 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
 }
 
 /// React to what one read produced. Returns false when the connection is gone.
+#[allow(clippy::too_many_arguments)]
 fn handle_read(
     r: std::io::Result<Result<bool, ReadError>>,
     incoming: &mut Vec<Incoming>,
@@ -242,10 +373,45 @@ fn handle_read(
     f: &mut Flags,
     ctx: &SessionCtx,
     control: &mut Control,
+    timers: &mut Timers,
+    mut inbound: Option<&mut governor::DefaultDirectRateLimiter>,
 ) -> bool {
     let mut replies = Vec::new();
+    let m = &ctx.state.metrics;
     // Messages parsed before an error are still handled.
     for msg in incoming.drain(..) {
+        if matches!(msg, Incoming::Pong(_)) {
+            timers.pong_due = None;
+        }
+        if matches!(
+            msg,
+            Incoming::Text(_) | Incoming::Binary(_) | Incoming::Ping(_)
+        ) && !f.close_queued
+            && let Some(lim) = inbound.as_deref_mut()
+            && lim.check().is_err()
+        {
+            match ctx.endpoint.limits.on_inbound {
+                OnInboundLimit::Close => {
+                    m.closed_inbound_rate.fetch_add(1, Relaxed);
+                    tracing::debug!(
+                        conn_id = ctx.conn_id,
+                        "closing: inbound message rate exceeded"
+                    );
+                    f.discard = true;
+                    f.queue_close(writer, close::POLICY, "rate limit exceeded");
+                }
+                OnInboundLimit::Error => {
+                    m.inbound_rate_errors.fetch_add(1, Relaxed);
+                    if matches!(msg, Incoming::Text(_)) {
+                        control.rate_limited(&mut replies);
+                        for r in replies.drain(..) {
+                            writer.push(r);
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         match msg {
             Incoming::Ping(p) if !f.close_queued => f.pong = Some(p),
             Incoming::Close(c) => {
@@ -265,6 +431,9 @@ fn handle_read(
                 control.on_text(t.as_bytes(), &mut replies);
                 for r in replies.drain(..) {
                     writer.push(r);
+                }
+                if let Some((code, reason)) = control.take_close() {
+                    f.queue_close(writer, code, reason);
                 }
             }
             Incoming::Text(_) | Incoming::Binary(_) | Incoming::Pong(_) | Incoming::Ping(_) => {}

@@ -12,6 +12,7 @@ use super::error::Sink;
 use super::types::*;
 use super::{ChannelCfg, Origin, compile_schema, unknown_listener};
 use crate::auth::{Auth, Inband};
+use crate::limits::{ConnCounter, ConnLimits};
 use crate::router::PathPattern;
 use crate::template::{Template, parse_path};
 
@@ -73,6 +74,10 @@ pub struct CommandCfg {
     pub request: Template,
     /// Longest wait.
     pub timeout: Duration,
+    /// Where it was written (line, column).
+    pub line: u64,
+    /// Column.
+    pub col: u64,
 }
 
 /// A compiled client protocol.
@@ -175,6 +180,8 @@ pub struct EndpointCfg {
     pub on_connect: Vec<Template>,
     /// The keyed channel it streams (path parameters select the key).
     pub keyed: Option<Arc<ChannelCfg>>,
+    /// Its connection limits.
+    pub limits: ConnLimits,
 }
 
 impl EndpointCfg {
@@ -212,6 +219,8 @@ pub struct HttpRouteCfg {
     pub status: http::StatusCode,
     /// Largest body.
     pub max_body: usize,
+    /// Requests per client IP.
+    pub per_ip: Option<Arc<crate::limits::IpLimiter>>,
 }
 
 /// Everything endpoint compilation needs to look things up.
@@ -223,6 +232,10 @@ pub(crate) struct Lookup<'a> {
     pub listener_names: &'a [&'a str],
     /// (listener, path shape) → what serves it and where.
     pub paths: &'a mut HashMap<(String, String), (String, Origin)>,
+    /// gateway.yaml's limits.
+    pub limits: &'a super::Limits,
+    /// Keyed limiters created here are registered for pruning.
+    pub prunable: &'a mut crate::limits::Prunable,
 }
 
 fn template(v: &Value, roots: &[&str]) -> Result<Template, String> {
@@ -286,10 +299,16 @@ pub(crate) fn compile_protocols(
                         ActionFile::Builtin(BuiltinAction::Unsubscribe) => Action::Unsubscribe,
                         ActionFile::Builtin(BuiltinAction::Ping) => Action::Ping,
                         ActionFile::Builtin(BuiltinAction::Status) => Action::Status,
-                        ActionFile::Command { command } => {
+                        ActionFile::Command(c) => {
                             match compile_command(
                                 sink,
-                                command,
+                                CmdSpec {
+                                    channel: &c.channel,
+                                    request: c.request.as_ref(),
+                                    timeout: c.timeout,
+                                    line: a.referenced.line(),
+                                    col: a.referenced.column(),
+                                },
                                 &f(&format!("actions.{client_name}.command")),
                                 channel_names,
                             ) {
@@ -406,42 +425,62 @@ pub(crate) fn compile_protocols(
     out
 }
 
+/// A command call as written, with where it was written.
+pub(crate) struct CmdSpec<'a> {
+    pub channel: &'a str,
+    pub request: Option<&'a Value>,
+    pub timeout: Option<Duration>,
+    pub line: u64,
+    pub col: u64,
+}
+
+impl<'a> CmdSpec<'a> {
+    fn of(c: &'a CommandFile) -> CmdSpec<'a> {
+        CmdSpec {
+            channel: &c.channel.value,
+            request: c.request.as_ref(),
+            timeout: c.timeout.map(|d| d.0),
+            line: c.channel.referenced.line(),
+            col: c.channel.referenced.column(),
+        }
+    }
+}
+
 pub(crate) fn compile_command(
     sink: &mut Sink,
-    c: &CommandFile,
+    c: CmdSpec,
     field: &str,
     channel_names: &[Arc<str>],
 ) -> Option<CommandCfg> {
-    if !channel_names.iter().any(|n| **n == *c.channel.value) {
-        sink.at(
-            &c.channel,
+    if !channel_names.iter().any(|n| **n == *c.channel) {
+        sink.push(
+            c.line,
+            c.col,
             format!("{field}.channel"),
             format!(
                 "no channel named {:?}; defined: {}",
-                c.channel.value,
+                c.channel,
                 join(channel_names)
             ),
         );
         return None;
     }
-    let request = match &c.request {
+    let request = match c.request {
         None => Template::literal(Value::Object(Default::default())),
         Some(v) => match template(v, COMMAND_ROOTS) {
             Ok(t) => t,
             Err(m) => {
-                sink.at(&c.channel, format!("{field}.request"), m);
+                sink.push(c.line, c.col, format!("{field}.request"), m);
                 return None;
             }
         },
     };
     Some(CommandCfg {
-        channel: c.channel.value.as_str().into(),
+        channel: c.channel.into(),
         request,
-        timeout: c
-            .timeout
-            .as_ref()
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(10)),
+        timeout: c.timeout.unwrap_or(Duration::from_secs(10)),
+        line: c.line,
+        col: c.col,
     })
 }
 
@@ -774,6 +813,7 @@ pub(crate) fn compile_endpoint(
     if !ok || paths.is_empty() {
         return None;
     }
+    let limits = endpoint_limits(ep.limits.as_ref().map(|l| &l.value), lk);
     Some(EndpointCfg {
         listener,
         path: paths[0].clone(),
@@ -789,7 +829,45 @@ pub(crate) fn compile_endpoint(
         subscribe,
         on_connect,
         keyed,
+        limits,
     })
+}
+
+fn endpoint_limits(own: Option<&EndpointLimitsFile>, lk: &mut Lookup) -> ConnLimits {
+    let g = lk.limits;
+    let d = EndpointLimitsFile::default();
+    let e = own.unwrap_or(&d);
+    let mut l = ConnLimits {
+        total: e.max_connections.map(|n| ConnCounter::new(n, "endpoint")),
+        per_ip: g.per_ip.iter().cloned().collect(),
+        per_principal: g.per_principal.iter().cloned().collect(),
+        new_per_ip: g.new_per_ip.iter().cloned().collect(),
+        inbound: e.inbound_messages.or(g.inbound),
+        on_inbound: e.on_inbound_limit.unwrap_or(g.on_inbound),
+        max_message_size: e
+            .max_message_size
+            .map(|b| b.0)
+            .unwrap_or(g.max_message_size),
+        max_duration: e
+            .max_connection_duration
+            .map(|d| d.0)
+            .unwrap_or(g.max_duration),
+        idle_timeout: e.idle_timeout.map(|d| d.0).unwrap_or(g.idle_timeout),
+        ping_interval: e.ping_interval.map(|d| d.0).unwrap_or(g.ping_interval),
+        pong_timeout: e.pong_timeout.map(|d| d.0).unwrap_or(g.pong_timeout),
+    };
+    if let Some(n) = e.max_connections_per_ip {
+        l.per_ip.push(ConnCounter::new(n, "client IP"));
+    }
+    if let Some(n) = e.max_connections_per_principal {
+        l.per_principal.push(ConnCounter::new(n, "principal"));
+    }
+    if let Some(r) = e.new_connections_per_ip {
+        let lim = crate::limits::ip_limiter(r);
+        lk.prunable.limiters.push(lim.clone());
+        l.new_per_ip.push(lim);
+    }
+    l
 }
 
 /// Compile an HTTP route.
@@ -873,7 +951,7 @@ pub(crate) fn compile_http(
         }
         HttpAnswer::Latest(l.value.as_str().into())
     } else if let Some(c) = &r.command {
-        let cmd = compile_command(sink, c, &f("command"), &names)?;
+        let cmd = compile_command(sink, CmdSpec::of(c), &f("command"), &names)?;
         let body = match &r.body {
             Some(b) => Some(spanned_template(sink, b, &f("body"), REPLY_ROOTS)?),
             None => None,
@@ -951,6 +1029,14 @@ pub(crate) fn compile_http(
         answer,
         status,
         max_body: r.max_body.map(|b| b.0).unwrap_or(1 << 20),
+        per_ip: match r.requests_per_ip {
+            Some(rate) => {
+                let lim = crate::limits::ip_limiter(rate);
+                lk.prunable.limiters.push(lim.clone());
+                Some(lim)
+            }
+            None => lk.limits.http_per_ip.clone(),
+        },
     })
 }
 

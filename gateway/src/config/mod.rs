@@ -29,6 +29,7 @@ pub mod endpoints;
 
 use crate::auth::Auth;
 use crate::filter::FilterRule;
+use crate::limits::{ConnCounter, IpLimiter, Prunable, ip_limiter};
 use crate::plugin::{LoadedPlugin, PluginRegistry};
 use crate::template::Template;
 
@@ -101,6 +102,8 @@ pub struct Config {
     pub http: Vec<Arc<HttpRouteCfg>>,
     /// Protocols by name.
     pub protocols: HashMap<String, Arc<ProtocolCfg>>,
+    /// Keyed rate limiters, pruned periodically.
+    pub prunable: Prunable,
     /// Non-fatal findings (e.g. a plugin built with `panic = "abort"`).
     pub warnings: Vec<String>,
 }
@@ -129,6 +132,26 @@ pub struct Limits {
     pub write_batch: usize,
     /// Plugin → publisher buffer.
     pub source_buffer: usize,
+    /// Gateway-wide per-IP connection counter.
+    pub per_ip: Option<Arc<ConnCounter>>,
+    /// Gateway-wide per-principal connection counter.
+    pub per_principal: Option<Arc<ConnCounter>>,
+    /// Gateway-wide new connections per IP.
+    pub new_per_ip: Option<Arc<IpLimiter>>,
+    /// Inbound messages per connection.
+    pub inbound: Option<types::Rate>,
+    /// What exceeding `inbound` does.
+    pub on_inbound: types::OnInboundLimit,
+    /// Longest connection lifetime.
+    pub max_duration: Option<Duration>,
+    /// Longest silence.
+    pub idle_timeout: Option<Duration>,
+    /// Server Ping interval.
+    pub ping_interval: Option<Duration>,
+    /// Pong deadline.
+    pub pong_timeout: Duration,
+    /// HTTP route requests per IP.
+    pub http_per_ip: Option<Arc<IpLimiter>>,
 }
 
 /// A channel ready to run.
@@ -159,6 +182,8 @@ pub struct ChannelCfg {
     pub last_value: bool,
     /// Subscribe filters by client name.
     pub filters: Vec<(String, FilterRule)>,
+    /// Outbound rate limit.
+    pub rate_limit: Option<(types::Rate, types::OnRateLimit)>,
 }
 
 impl std::fmt::Debug for ChannelCfg {
@@ -411,12 +436,32 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         listener_names.first().map(|s| s.to_string())
     };
 
+    let gl = &gw.limits;
+    let mut prunable = Prunable::default();
+    let new_per_ip = gl.new_connections_per_ip.map(ip_limiter);
+    let http_per_ip = gl.http_requests_per_ip.map(ip_limiter);
+    prunable.limiters.extend(new_per_ip.iter().cloned());
+    prunable.limiters.extend(http_per_ip.iter().cloned());
     let limits = Limits {
-        max_connections: gw.limits.max_connections,
-        max_message_size: gw.limits.max_message_size.0,
-        session_queue: gw.limits.session_queue.max(1),
-        write_batch: gw.limits.write_batch.max(1),
-        source_buffer: gw.limits.source_buffer.max(1),
+        max_connections: gl.max_connections,
+        max_message_size: gl.max_message_size.0,
+        session_queue: gl.session_queue.max(1),
+        write_batch: gl.write_batch.max(1),
+        source_buffer: gl.source_buffer.max(1),
+        per_ip: gl
+            .max_connections_per_ip
+            .map(|n| ConnCounter::new(n, "client IP")),
+        per_principal: gl
+            .max_connections_per_principal
+            .map(|n| ConnCounter::new(n, "principal")),
+        new_per_ip,
+        inbound: gl.inbound_messages,
+        on_inbound: gl.on_inbound_limit,
+        max_duration: gl.max_connection_duration.and_then(|d| d.0),
+        idle_timeout: gl.idle_timeout.and_then(|d| d.0),
+        ping_interval: gl.ping_interval.0,
+        pong_timeout: gl.pong_timeout.0,
+        http_per_ip,
     };
 
     // Plugin directories.
@@ -647,6 +692,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 timestamps: spec.timestamps,
                 last_value: spec.last_value,
                 filters,
+                rate_limit: spec.rate_limit.as_ref().map(|r| (r.rate, r.on_exceed)),
             });
             spec_endpoints.push((
                 spec_path.clone(),
@@ -678,6 +724,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             .collect(),
         listener_names: &listener_names,
         paths: &mut path_origin,
+        limits: &limits,
+        prunable: &mut prunable,
     };
     for (spec_path, eps, ch_name, ch) in &spec_endpoints {
         let mut sink = Sink {
@@ -730,8 +778,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             && !ch.source.plugin.commands()
         {
             sink.push(
-                0,
-                0,
+                c.line,
+                c.col,
                 where_,
                 format!(
                     "channel {:?}: plugin {:?} answers no commands (it supports: {})",
@@ -778,6 +826,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         endpoints,
         http,
         protocols,
+        prunable,
         warnings,
     })
 }

@@ -31,6 +31,134 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// A duration, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DurationOrOff(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for DurationOrOff {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim();
+        if matches!(t, "off" | "none" | "never") {
+            return Ok(DurationOrOff(None));
+        }
+        match humantime::parse_duration(t) {
+            Ok(v) if !v.is_zero() => Ok(DurationOrOff(Some(v))),
+            _ => Err(de::Error::custom(format!(
+                "invalid duration {s:?}: write a number and a unit, e.g. 30s, 1m, or `off`"
+            ))),
+        }
+    }
+}
+
+/// A rate: `COUNT/PERIOD`, e.g. `100/s`, `10/1m`, `1000/min`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Events allowed per period (also the burst).
+    pub count: u32,
+    /// The period.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parse `COUNT/PERIOD`.
+    pub fn parse(s: &str) -> Option<Rate> {
+        let (n, p) = s.trim().split_once('/')?;
+        let count: u32 = n.trim().parse().ok().filter(|c| *c > 0)?;
+        let p = p.trim();
+        let per = match p {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => humantime::parse_duration(other)
+                .ok()
+                .filter(|d| !d.is_zero())?,
+        };
+        Some(Rate { count, per })
+    }
+
+    /// As a governor quota: `count` at once, refilled evenly over `per`.
+    pub fn quota(&self) -> governor::Quota {
+        let burst = std::num::NonZeroU32::new(self.count).unwrap_or(std::num::NonZeroU32::MIN);
+        let step = (self.per / self.count).max(Duration::from_nanos(1));
+        governor::Quota::with_period(step)
+            .unwrap_or_else(|| governor::Quota::per_second(burst))
+            .allow_burst(burst)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Rate::parse(&s).ok_or_else(|| {
+            de::Error::custom(format!(
+                "invalid rate {s:?}: write COUNT/PERIOD with COUNT ≥ 1, e.g. 100/s, 10/1m, 1000/min"
+            ))
+        })
+    }
+}
+
+/// What happens when a client sends faster than `inbound_messages` allows.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInboundLimit {
+    /// Close with 1008.
+    #[default]
+    Close,
+    /// Drop the message and answer with the protocol's error reply (`rate_limited`).
+    Error,
+}
+
+/// What a channel does with messages beyond its `rate_limit`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRateLimit {
+    /// Keep only the latest and publish it when the rate allows.
+    #[default]
+    Conflate,
+    /// Drop them (counted).
+    Drop,
+}
+
+/// A channel's outbound rate limit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRateFile {
+    /// Most messages published per period.
+    pub rate: Rate,
+    /// `conflate` (default) or `drop`.
+    #[serde(default)]
+    pub on_exceed: OnRateLimit,
+}
+
+/// Connection limits that an endpoint may set for itself.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointLimitsFile {
+    /// Most connections open at once on this endpoint.
+    pub max_connections: Option<usize>,
+    /// Most connections open at once per client IP on this endpoint.
+    pub max_connections_per_ip: Option<usize>,
+    /// Most connections open at once per principal on this endpoint.
+    pub max_connections_per_principal: Option<usize>,
+    /// New connections per client IP.
+    pub new_connections_per_ip: Option<Rate>,
+    /// Inbound messages per connection.
+    pub inbound_messages: Option<Rate>,
+    /// `close` or `error`.
+    pub on_inbound_limit: Option<OnInboundLimit>,
+    /// Largest inbound message.
+    pub max_message_size: Option<ByteSize>,
+    /// Longest a connection may live.
+    pub max_connection_duration: Option<DurationOrOff>,
+    /// Longest a connection may stay silent.
+    pub idle_timeout: Option<DurationOrOff>,
+    /// Server WebSocket Ping interval.
+    pub ping_interval: Option<DurationOrOff>,
+    /// How long a Pong may take.
+    pub pong_timeout: Option<HumanDuration>,
+}
+
 /// A size in bytes: a plain integer or a number with a unit (`64KiB`, `1MiB`, `512B`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub usize);
@@ -175,6 +303,36 @@ pub struct LimitsFile {
     /// buffer blocks the plugin's `emit` (backpressure).
     #[serde(default = "default_source_buffer")]
     pub source_buffer: usize,
+    /// Most connections open at once per client IP.
+    pub max_connections_per_ip: Option<usize>,
+    /// Most connections open at once per principal (JWT subject, API key).
+    pub max_connections_per_principal: Option<usize>,
+    /// New connections per client IP (refused with 429 and Retry-After).
+    pub new_connections_per_ip: Option<Rate>,
+    /// Inbound messages per connection.
+    pub inbound_messages: Option<Rate>,
+    /// `close` (1008) or `error` (an error reply).
+    #[serde(default)]
+    pub on_inbound_limit: OnInboundLimit,
+    /// Longest a connection may live.
+    pub max_connection_duration: Option<DurationOrOff>,
+    /// Longest a connection may stay silent (no frame at all from the client).
+    pub idle_timeout: Option<DurationOrOff>,
+    /// Server WebSocket Ping interval (`off` to disable).
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval: DurationOrOff,
+    /// How long a Pong may take before the connection is closed.
+    #[serde(default = "default_pong_timeout")]
+    pub pong_timeout: HumanDuration,
+    /// HTTP route requests per client IP (refused with 429 and Retry-After).
+    pub http_requests_per_ip: Option<Rate>,
+}
+
+fn default_ping_interval() -> DurationOrOff {
+    DurationOrOff(Some(Duration::from_secs(30)))
+}
+fn default_pong_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 impl Default for LimitsFile {
@@ -185,6 +343,16 @@ impl Default for LimitsFile {
             session_queue: default_session_queue(),
             write_batch: default_write_batch(),
             source_buffer: default_source_buffer(),
+            max_connections_per_ip: None,
+            max_connections_per_principal: None,
+            new_connections_per_ip: None,
+            inbound_messages: None,
+            on_inbound_limit: OnInboundLimit::Close,
+            max_connection_duration: None,
+            idle_timeout: None,
+            ping_interval: default_ping_interval(),
+            pong_timeout: default_pong_timeout(),
+            http_requests_per_ip: None,
         }
     }
 }
@@ -295,6 +463,8 @@ pub struct ChannelFile {
     /// Filters a subscribe message may set, by the name the client uses.
     #[serde(default)]
     pub filters: BTreeMap<String, Spanned<FilterFile>>,
+    /// Most messages published per period.
+    pub rate_limit: Option<ChannelRateFile>,
 }
 
 /// How `{{now}}` renders.
@@ -382,21 +552,90 @@ pub enum FiltersAt {
 }
 
 /// What a client action does.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum ActionFile {
     /// A built-in action.
     Builtin(BuiltinAction),
     /// A plugin command that answers.
-    Command {
-        /// The command.
-        command: CommandFile,
-    },
+    Command(CommandAction),
+}
+
+/// A client action answered by a plugin command.
+#[derive(Debug)]
+pub struct CommandAction {
+    /// Channel whose plugin answers.
+    pub channel: String,
+    /// Request template.
+    pub request: Option<serde_json::Value>,
+    /// Longest wait.
+    pub timeout: Option<Duration>,
+}
+
+impl<'de> Deserialize<'de> for ActionFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde_json::Value;
+        const HINT: &str = "an action is `subscribe`, `unsubscribe`, `ping`, `status` or `{command: {channel: NAME, request: {...}}}`";
+        let v = Value::deserialize(d)?;
+        match v {
+            Value::String(s) => match s.as_str() {
+                "subscribe" => Ok(ActionFile::Builtin(BuiltinAction::Subscribe)),
+                "unsubscribe" => Ok(ActionFile::Builtin(BuiltinAction::Unsubscribe)),
+                "ping" => Ok(ActionFile::Builtin(BuiltinAction::Ping)),
+                "status" => Ok(ActionFile::Builtin(BuiltinAction::Status)),
+                other => Err(de::Error::custom(format!(
+                    "unknown action {other:?}: {HINT}"
+                ))),
+            },
+            Value::Object(mut m) => {
+                let Some(Value::Object(mut c)) = m.remove("command") else {
+                    return Err(de::Error::custom(HINT));
+                };
+                if let Some(k) = m.keys().next() {
+                    return Err(de::Error::custom(format!("unknown field `{k}`: {HINT}")));
+                }
+                let channel = match c.remove("channel") {
+                    Some(Value::String(s)) => s,
+                    _ => {
+                        return Err(de::Error::custom(
+                            "`command.channel` must name the channel whose plugin answers",
+                        ));
+                    }
+                };
+                let request = c.remove("request");
+                let timeout = match c.remove("timeout") {
+                    None => None,
+                    Some(Value::String(t)) => match humantime::parse_duration(t.trim()) {
+                        Ok(d) if !d.is_zero() => Some(d),
+                        _ => {
+                            return Err(de::Error::custom(format!(
+                                "invalid duration {t:?} in `command.timeout`: write e.g. 5s"
+                            )));
+                        }
+                    },
+                    Some(other) => {
+                        return Err(de::Error::custom(format!(
+                            "invalid duration {other} in `command.timeout`: write e.g. 5s"
+                        )));
+                    }
+                };
+                if let Some(k) = c.keys().next() {
+                    return Err(de::Error::custom(format!(
+                        "unknown field `command.{k}`, expected one of channel, request, timeout"
+                    )));
+                }
+                Ok(ActionFile::Command(CommandAction {
+                    channel,
+                    request,
+                    timeout,
+                }))
+            }
+            other => Err(de::Error::custom(format!("invalid action {other}: {HINT}"))),
+        }
+    }
 }
 
 /// Built-in client actions.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BuiltinAction {
     /// Subscribe to a channel.
     Subscribe,
@@ -495,6 +734,8 @@ pub struct HttpRouteFile {
     pub status: Option<u16>,
     /// Largest request body (default 1MiB).
     pub max_body: Option<ByteSize>,
+    /// Requests per client IP (overrides `limits.http_requests_per_ip`).
+    pub requests_per_ip: Option<Rate>,
 }
 
 /// How a channel's source runs.
@@ -575,6 +816,8 @@ pub struct EndpointFile {
     pub subscribe: Option<Spanned<ChannelSelFile>>,
     /// Replaces the protocol's `connected` replies.
     pub on_connect: Option<Spanned<OneOrMany>>,
+    /// Limits of this endpoint (override `limits` of gateway.yaml).
+    pub limits: Option<Spanned<EndpointLimitsFile>>,
 }
 
 /// Authentication before the WebSocket upgrade.

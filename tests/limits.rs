@@ -1,0 +1,476 @@
+//! Limits with real clients: connections per IP, per principal and per
+//! endpoint; new connections per IP; inbound message rate and size; idle
+//! timeout, connection lifetime and server pings; HTTP requests per IP; a
+//! channel's outbound rate.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::*;
+use futures_util::StreamExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// One server frame from a raw socket: (opcode, payload).
+async fn raw_frame(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
+    loop {
+        if buf.len() >= 2 {
+            let (len, off) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                126 => (usize::MAX, 0),
+                127 => panic!("unexpected huge frame"),
+                l => (l as usize, 2),
+            };
+            if len != usize::MAX && buf.len() >= off + len {
+                let op = buf[0] & 0x0f;
+                let payload = buf[off..off + len].to_vec();
+                buf.drain(..off + len);
+                return Some((op, payload));
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut chunk))
+            .await
+            .expect("a frame in time")
+            .unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Read raw frames until Close; returns (code, reason, pings seen before it).
+async fn raw_close(s: &mut TcpStream) -> (u16, String, usize) {
+    let mut buf = Vec::new();
+    let mut pings = 0;
+    loop {
+        match raw_frame(s, &mut buf).await {
+            Some((0x9, _)) => pings += 1,
+            Some((0x8, p)) => {
+                return (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    String::from_utf8_lossy(&p[2..]).into_owned(),
+                    pings,
+                );
+            }
+            Some(_) => {}
+            None => panic!("connection ended without a Close frame"),
+        }
+    }
+}
+
+fn jwt(sub: &str) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": sub, "exp": exp}),
+        &EncodingKey::from_secret(b"s3cret"),
+    )
+    .unwrap()
+}
+
+fn deployment() -> Deployment {
+    let dep = Deployment::new();
+    dep.gateway_yaml(
+        r#"
+limits:
+  max_connections_per_ip: 20
+  ping_interval: off
+protocols:
+  p: {}
+endpoints:
+  - path: /per-ip
+    channels: [feed]
+    limits: {max_connections_per_ip: 3}
+  - path: /per-endpoint
+    channels: [feed]
+    limits: {max_connections: 1}
+  - path: /new-rate
+    channels: [feed]
+    limits: {new_connections_per_ip: 2/1h}
+  - path: /user
+    channels: [feed]
+    auth: {mode: jwt, algorithm: HS256, secret_default: s3cret}
+    limits: {max_connections_per_principal: 1}
+  - path: /inband-user
+    protocol: p
+    channels: [feed]
+    auth:
+      mode: jwt
+      algorithm: HS256
+      secret_default: s3cret
+      bearer: false
+      message: {match: {type: auth}, token_field: token, reply: {type: ok}}
+    limits: {max_connections_per_principal: 1}
+  - path: /chatty-close
+    protocol: p
+    channels: [feed]
+    limits: {inbound_messages: 3/1h}
+  - path: /chatty-error
+    protocol: p
+    channels: [feed]
+    limits: {inbound_messages: 3/1h, on_inbound_limit: error}
+  - path: /small
+    channels: [feed]
+    limits: {max_message_size: 16}
+  - path: /idle
+    channels: [feed]
+    limits: {idle_timeout: 300ms}
+  - path: /short-lived
+    channels: [feed]
+    limits: {max_connection_duration: 300ms}
+  - path: /pinged
+    channels: [feed]
+    limits: {ping_interval: 50ms, pong_timeout: 10s}
+  - path: /dead
+    channels: [feed]
+    limits: {ping_interval: 50ms, pong_timeout: 200ms}
+http:
+  - path: /hello
+    requests_per_ip: 3/1h
+    body: {hello: world}
+  - path: /emit/feed
+    method: POST
+    command: {channel: feed, request: {op: emit, messages: "{{request.body}}"}}
+  - path: /emit/capped
+    method: POST
+    command: {channel: capped, request: {op: emit, messages: "{{request.body}}"}}
+  - path: /emit/dropping
+    method: POST
+    command: {channel: dropping, request: {op: emit, messages: "{{request.body}}"}}
+  - path: /emit/paced
+    method: POST
+    command: {channel: paced, request: {op: emit, messages: "{{request.body}}"}}
+"#,
+    )
+    .write("specs/schemas/any.json", ANY_SCHEMA)
+    .write("specs/feed.yaml", &bus_spec("feed", ""))
+    .write(
+        "specs/capped.yaml",
+        &bus_spec(
+            "capped",
+            "rate_limit: {rate: 1/1h, on_exceed: conflate}\nendpoints:\n  - path: /capped\n",
+        ),
+    )
+    .write(
+        "specs/dropping.yaml",
+        &bus_spec(
+            "dropping",
+            "rate_limit: {rate: 1/1h, on_exceed: drop}\nendpoints:\n  - path: /dropping\n",
+        ),
+    )
+    .write(
+        "specs/paced.yaml",
+        &bus_spec(
+            "paced",
+            "rate_limit: {rate: 2/1s}\nendpoints:\n  - path: /paced\n",
+        ),
+    );
+    dep
+}
+
+async fn emit(addr: std::net::SocketAddr, channel: &str, messages: Value) {
+    eventually("the plugin to take the messages", || async {
+        let (s, _, _) = http_body(
+            addr,
+            "POST",
+            &format!("/emit/{channel}"),
+            &[],
+            &messages.to_string(),
+        )
+        .await;
+        (s == 200).then_some(())
+    })
+    .await;
+}
+
+fn error_of(body: &str) -> Value {
+    serde_json::from_str::<Value>(body).unwrap()["error"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_per_ip_endpoint_and_principal() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(try_connect(addr, "/per-ip", &[]).await.unwrap());
+    }
+    let (s, b) = try_connect(addr, "/per-ip", &[]).await.err().unwrap();
+    assert_eq!(
+        (s, error_of(&b)),
+        (429, json!("too_many_connections_per_ip"))
+    );
+    // A slot comes back when a connection ends.
+    drop(held.pop());
+    let again = eventually("a freed per-IP slot", || async {
+        try_connect(addr, "/per-ip", &[]).await.ok()
+    })
+    .await;
+    drop(again);
+    drop(held);
+
+    let one = eventually("free slots", || async {
+        try_connect(addr, "/per-endpoint", &[]).await.ok()
+    })
+    .await;
+    let (s, b) = try_connect(addr, "/per-endpoint", &[]).await.err().unwrap();
+    assert_eq!((s, error_of(&b)), (503, json!("too_many_connections")));
+    drop(one);
+
+    let alice = format!("Bearer {}", jwt("alice"));
+    let a1 = eventually("free slots", || async {
+        try_connect(addr, "/user", &[("Authorization", &alice)])
+            .await
+            .ok()
+    })
+    .await;
+    let (s, b) = try_connect(addr, "/user", &[("Authorization", &alice)])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (s, error_of(&b)),
+        (429, json!("too_many_connections_per_principal"))
+    );
+    let bob = format!("Bearer {}", jwt("bob"));
+    let b1 = try_connect(addr, "/user", &[("Authorization", &bob)])
+        .await
+        .unwrap();
+    drop((a1, b1));
+
+    // In-band: the second connection of a principal is refused after auth.
+    let mut c1 = eventually("free slots", || async {
+        try_connect(addr, "/inband-user", &[]).await.ok()
+    })
+    .await;
+    send_json(&mut c1, &json!({"type": "auth", "token": jwt("carol")})).await;
+    assert_eq!(next_json(&mut c1).await, json!({"type": "ok"}));
+    let mut c2 = try_connect(addr, "/inband-user", &[]).await.unwrap();
+    send_json(&mut c2, &json!({"type": "auth", "token": jwt("carol")})).await;
+    assert_eq!(
+        next_json(&mut c2).await["error"],
+        "too_many_connections_per_principal"
+    );
+    assert_eq!(close_code(&mut c2).await, Some(1008));
+
+    assert_eq!(
+        metric(addr, "gateway_connections_refused_total{reason=\"per_ip\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_connections_refused_total{reason=\"per_principal\"}"
+        )
+        .await,
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_per_ip_are_rate_limited_with_retry_after() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let _a = try_connect(addr, "/new-rate", &[]).await.unwrap();
+    let _b = try_connect(addr, "/new-rate", &[]).await.unwrap();
+    let (status, head, body) = http(
+        addr,
+        "GET",
+        "/new-rate",
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    )
+    .await;
+    assert_eq!((status, error_of(&body)), (429, json!("rate_limited")));
+    let retry: u64 = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("retry-after: ")
+                .or_else(|| l.strip_prefix("Retry-After: "))
+        })
+        .expect("a Retry-After header")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (1700..=1800).contains(&retry),
+        "half of an hour's quota of 2: {retry}"
+    );
+    assert_eq!(
+        metric(addr, "gateway_connections_refused_total{reason=\"rate\"}").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_messages_beyond_the_rate_close_or_get_an_error() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+
+    let mut c = connect(addr, "/chatty-close").await;
+    for i in 0..3 {
+        send_json(&mut c, &json!({"type": "ping", "data": i})).await;
+        assert_eq!(next_json(&mut c).await["type"], "pong");
+    }
+    send_json(&mut c, &json!({"type": "ping", "data": 4})).await;
+    assert_eq!(close_code(&mut c).await, Some(1008));
+
+    let mut e = connect(addr, "/chatty-error").await;
+    send_json(&mut e, &json!({"type": "subscribe", "channel": "feed"})).await;
+    assert_eq!(next_json(&mut e).await["type"], "subscribed");
+    for i in 0..2 {
+        send_json(&mut e, &json!({"type": "ping", "data": i})).await;
+        assert_eq!(next_json(&mut e).await["type"], "pong");
+    }
+    for i in 0..2 {
+        send_json(&mut e, &json!({"type": "ping", "data": i})).await;
+        assert_eq!(next_json(&mut e).await["error"], "rate_limited");
+    }
+    // Still open: data flows.
+    emit(addr, "feed", json!([{"k": 1}])).await;
+    assert_eq!(next_json(&mut e).await, json!({"k": 1}));
+
+    let mut s = connect(addr, "/small").await;
+    send_text(&mut s, "this is more than sixteen bytes").await;
+    assert_eq!(close_code(&mut s).await, Some(1009));
+
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_connections_closed_by_limit_total{limit=\"inbound_messages\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(addr, "gateway_inbound_rate_errors_total").await,
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_lifetime_and_ping_timeouts_close_with_1001() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+
+    let mut idle = connect_stalling_raw(addr, "/idle").await;
+    let (code, reason, _) = raw_close(&mut idle).await;
+    assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
+
+    let mut short = connect_stalling_raw(addr, "/short-lived").await;
+    let (code, reason, _) = raw_close(&mut short).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (1001, "maximum connection duration reached")
+    );
+
+    // A client that never answers pings.
+    let mut dead = connect_stalling_raw(addr, "/dead").await;
+    let (code, reason, pings) = raw_close(&mut dead).await;
+    assert_eq!((code, reason.as_str()), (1001, "ping timeout"));
+    assert!(pings >= 1);
+
+    // A client that answers (tungstenite answers pings as it reads) stays
+    // connected across many ping intervals.
+    let mut live = connect(addr, "/pinged").await;
+    let mut pings = 0;
+    while pings < 10 {
+        match tokio::time::timeout(PATIENCE, live.next()).await.unwrap() {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("expected pings, got {other:?}"),
+        }
+    }
+    emit(addr, "feed", json!([{"still": "here"}])).await;
+    assert_eq!(next_json(&mut live).await, json!({"still": "here"}));
+
+    for limit in ["idle_timeout", "max_connection_duration", "ping_timeout"] {
+        assert_eq!(
+            metric(
+                addr,
+                &format!("gateway_connections_closed_by_limit_total{{limit=\"{limit}\"}}")
+            )
+            .await,
+            Some(1.0),
+            "{limit}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_per_ip_get_429_with_retry_after() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    for _ in 0..3 {
+        assert_eq!(http(addr, "GET", "/hello", &[]).await.0, 200);
+    }
+    let (s, head, body) = http(addr, "GET", "/hello", &[]).await;
+    assert_eq!((s, error_of(&body)), (429, json!("rate_limited")));
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: "),
+        "{head}"
+    );
+    assert_eq!(
+        metric(addr, "gateway_http_rate_limited_total").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_rate_limit_conflates_or_drops() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut capped = connect(addr, "/capped").await;
+    let mut dropping = connect(addr, "/dropping").await;
+    let mut paced = connect(addr, "/paced").await;
+    emit(addr, "capped", json!([{"n": 1}, {"n": 2}, {"n": 3}])).await;
+    emit(addr, "dropping", json!([{"n": 1}, {"n": 2}, {"n": 3}])).await;
+    assert_eq!(next_json(&mut capped).await, json!({"n": 1}));
+    assert_eq!(next_json(&mut dropping).await, json!({"n": 1}));
+    let series = |m: &str, c: &str| format!("{m}{{channel=\"{c}\",plugin=\"test-faults\"}}");
+    eventually("the conflated and dropped counts", || async {
+        let c = metric(
+            addr,
+            &series("gateway_rate_limit_conflated_total", "capped"),
+        )
+        .await;
+        let d = metric(
+            addr,
+            &series("gateway_rate_limit_dropped_total", "dropping"),
+        )
+        .await;
+        (c == Some(1.0) && d == Some(2.0)).then_some(())
+    })
+    .await;
+
+    // 2 per second: two at once, then the latest of the rest when allowed.
+    emit(
+        addr,
+        "paced",
+        json!([{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}, {"n": 5}]),
+    )
+    .await;
+    assert_eq!(next_json(&mut paced).await, json!({"n": 1}));
+    assert_eq!(next_json(&mut paced).await, json!({"n": 2}));
+    assert_eq!(next_json(&mut paced).await, json!({"n": 5}));
+}
