@@ -58,6 +58,14 @@ pub fn build_plugins() -> PathBuf {
                 "test-faults",
                 "-p",
                 "test-abi-mismatch",
+                "-p",
+                "redis-source",
+                "-p",
+                "mqtt-source",
+                "-p",
+                "postgres-source",
+                "-p",
+                "nats-source",
             ]);
             if dir.file_name().and_then(|s| s.to_str()) == Some("release") {
                 cmd.arg("--release");
