@@ -120,7 +120,7 @@ async fn mqtt_wildcard_filters_inject_the_topic_and_wrap_non_json() {
         next_data(&mut ws).await,
         json!({"topic": t2, "payload": "smoke detected"})
     );
-    gw.shutdown().await;
+    shutdown_promptly(gw, [ws]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +162,7 @@ async fn mqtt_keyed_channel_routes_by_topic_segment() {
     assert_eq!(next_data(&mut a).await, json!({"room": "a", "n": 1}));
     assert_eq!(next_data(&mut b).await, json!({"room": "b", "n": 1}));
     assert_eq!(next_data(&mut b).await, json!({"room": "b", "n": 2}));
-    gw.shutdown().await;
+    shutdown_promptly(gw, [a, b]).await;
 }
 
 /// `clean_session: false` with a fixed client id and QoS 1: the broker keeps
@@ -197,7 +197,7 @@ async fn mqtt_persistent_session_delivers_what_was_published_while_the_gateway_w
     .await;
     publisher.send(&topic, r#"{"n":1}"#, QoS::AtLeastOnce).await;
     assert_eq!(next_data(&mut ws).await, json!({"n": 1}));
-    gw.shutdown().await;
+    shutdown_promptly(gw, [ws]).await;
     gate.close();
 
     let before = publisher.acked.load(Ordering::SeqCst);
@@ -210,7 +210,7 @@ async fn mqtt_persistent_session_delivers_what_was_published_while_the_gateway_w
     gate.open();
     assert_eq!(next_data(&mut ws).await, json!({"n": 2}));
     assert_eq!(next_data(&mut ws).await, json!({"n": 3}));
-    gw.shutdown().await;
+    shutdown_promptly(gw, [ws]).await;
 }
 
 /// The broker goes away under a running gateway and comes back: the plugin
@@ -277,5 +277,5 @@ async fn mqtt_broker_restart_messages_flow_again_without_restarting_the_gateway(
         0.0,
         "the plugin reconnected by itself, without an instance restart"
     );
-    gw.shutdown().await;
+    shutdown_promptly(gw, [ws]).await;
 }

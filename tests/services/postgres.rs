@@ -100,7 +100,7 @@ async fn postgres_notify_payloads_reach_clients_and_non_json_is_dropped() {
         invalid, 0.0,
         "the plugin dropped the non-JSON payload itself"
     );
-    gw.shutdown().await;
+    shutdown_promptly(gw, [ws]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +142,7 @@ async fn postgres_keyed_channel_routes_by_a_payload_field() {
         json!({"job": 2, "state": "queued"})
     );
     assert_eq!(next_data(&mut j2).await, json!({"job": 2, "state": "done"}));
-    gw.shutdown().await;
+    shutdown_promptly(gw, [j1, j2]).await;
 }
 
 /// The connection to PostgreSQL is cut under a running gateway (a gate in
@@ -205,5 +205,5 @@ async fn postgres_connection_cut_listening_resumes_without_restarting_the_gatewa
         .unwrap_or(0.0),
         0.0
     );
-    gw.shutdown().await;
+    shutdown_promptly(gw, [ws]).await;
 }

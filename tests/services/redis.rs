@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use redis::Commands;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::common::*;
 use crate::support::*;
@@ -72,7 +72,7 @@ async fn redis_pubsub_channels_and_patterns_reach_clients_and_non_json_is_droppe
     .await
     .unwrap_or(0.0);
     assert_eq!(invalid, 0.0);
-    gw.shutdown().await;
+    shutdown_promptly(gw, [ws]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +109,7 @@ async fn redis_keyed_channel_routes_each_message_to_the_key_in_its_channel_name(
     assert_eq!(next_data(&mut a).await, json!({"room": "a", "n": 1}));
     assert_eq!(next_data(&mut b).await, json!({"room": "b", "n": 1}));
     assert_eq!(next_data(&mut b).await, json!({"room": "b", "n": 2}));
-    gw.shutdown().await;
+    shutdown_promptly(gw, [a, b]).await;
 }
 
 fn xadd(con: &mut redis::Connection, stream: &str, n: u64) -> String {
@@ -142,9 +142,13 @@ async fn redis_stream_resumes_after_the_stored_id_across_gateway_restarts() {
     assert_eq!(next_json(&mut ws).await, json!({"n": 4, "id": ids[3]}));
     let id5 = xadd(&mut con, &stream, 5);
     assert_eq!(next_json(&mut ws).await, json!({"n": 5, "id": id5}));
-    let stored: String = con.hget(&checkpoint, &stream).unwrap();
-    assert_eq!(stored, id5, "the checkpoint holds the last delivered id");
-    gw.shutdown().await;
+    // The checkpoint is written right after each delivery.
+    eventually("the checkpoint at the last delivered id", || {
+        let stored: Option<String> = con.hget(&checkpoint, &stream).unwrap();
+        std::future::ready((stored.as_deref() == Some(id5.as_str())).then_some(()))
+    })
+    .await;
+    shutdown_promptly(gw, [ws]).await;
     gate.close();
 
     // Entries added while no gateway runs are delivered by the next one.
@@ -155,7 +159,7 @@ async fn redis_stream_resumes_after_the_stored_id_across_gateway_restarts() {
     gate.open();
     assert_eq!(next_json(&mut ws).await, json!({"n": 6, "id": id6}));
     assert_eq!(next_json(&mut ws).await, json!({"n": 7, "id": id7}));
-    gw.shutdown().await;
+    shutdown_promptly(gw, [ws]).await;
     let _: () = con.del(&[&stream, &checkpoint]).unwrap();
 }
 
@@ -187,7 +191,7 @@ async fn redis_stream_without_field_sends_all_fields_and_starts_at_new_entries()
         next_data(&mut ws).await,
         json!({"a": "x", "b": "2", "stream": stream})
     );
-    gw.shutdown().await;
+    shutdown_promptly(gw, [ws]).await;
     let _: () = con.del(&stream).unwrap();
 }
 
@@ -256,5 +260,5 @@ async fn redis_restart_pubsub_flows_again_without_restarting_the_gateway() {
         0.0,
         "the plugin reconnected by itself, without an instance restart"
     );
-    gw.shutdown().await;
+    shutdown_promptly(gw, [ws]).await;
 }

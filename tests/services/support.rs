@@ -312,3 +312,18 @@ pub fn spec(channel: &str, plugin: &str, config: &Value, path: &str) -> String {
         "channel: {channel}\nschema: schemas/object.json\nsource:\n  plugin: {plugin}\n  mode: push\n  config: {config}\nendpoints:\n  - path: {path}\n"
     )
 }
+
+/// Drop the test's clients (so no session waits for a Close reply), shut
+/// the gateway down and check its plugins stopped promptly (their run threads
+/// are joined before shutdown returns).
+pub async fn shutdown_promptly<const N: usize>(gw: gateway::Gateway, clients: [Ws; N]) {
+    drop(clients);
+    let t0 = Instant::now();
+    let done = gw.shutdown().await;
+    let took = t0.elapsed();
+    assert!(done, "gateway shutdown hit its deadline");
+    assert!(
+        took < Duration::from_secs(2),
+        "gateway shutdown took {took:?}: a plugin did not stop promptly"
+    );
+}

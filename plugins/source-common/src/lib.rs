@@ -56,6 +56,17 @@ impl Reconnect {
     }
 }
 
+impl Reconnect {
+    /// The delay before attempt `attempt` (from 0) without keeping state:
+    /// random in [d/2, d] with d = min(initial × 2ⁿ, max). For clients that
+    /// count attempts themselves (async-nats' reconnect callback).
+    pub fn delay(&self, attempt: usize) -> Duration {
+        let mut b = Backoff::new(self);
+        b.attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
+        b.next_delay()
+    }
+}
+
 /// Exponential backoff with jitter: attempt `n` (from 0) waits a random time
 /// in [d/2, d] with d = min(initial × 2ⁿ, max).
 #[derive(Debug)]
@@ -505,6 +516,16 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+        let r = Reconnect {
+            initial_ms: 100,
+            max_ms: 1000,
+        };
+        let d = r.delay(2);
+        assert!(
+            d >= Duration::from_millis(200) && d <= Duration::from_millis(400),
+            "{d:?}"
+        );
+        assert!(r.delay(usize::MAX) <= Duration::from_secs(1));
         // Many attempts do not overflow.
         for _ in 0..100 {
             assert!(b.next_delay() <= Duration::from_secs(1));
