@@ -282,7 +282,15 @@ impl NatsSource {
             .name("gateway nats-source")
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
-            .reconnect_delay_callback(move |attempts| reconnect.delay(attempts.saturating_sub(1)))
+            .reconnect_delay_callback(move |attempts| {
+                // async-nats counts the attempt about to be made (from 1):
+                // the first goes at once, then the backoff applies.
+                if attempts <= 1 {
+                    Duration::ZERO
+                } else {
+                    reconnect.delay(attempts - 2)
+                }
+            })
             .event_callback(move |event| {
                 let host = host.clone();
                 let url = url.clone();
@@ -302,7 +310,7 @@ impl NatsSource {
                             "{NAME}: connection to {url} lost; reconnecting with backoff"
                         )),
                         Event::ClientError(e) => {
-                            host.warn(&format!("{NAME}: {url}: {e}"));
+                            host.warn(&format!("{NAME}: {url}: {e} (retrying with backoff)"))
                         }
                         Event::ServerError(e) => {
                             host.warn(&format!("{NAME}: {url}: server error: {e}"))
@@ -587,5 +595,30 @@ mod tests {
             assert!(e.contains(expect), "{v}: {e}");
             assert!(e.starts_with("nats-source: "), "{e}");
         }
+    }
+
+    #[test]
+    fn logs_the_failure_and_stops_promptly_while_the_service_is_unreachable() {
+        // Port 9 (discard) on loopback: nothing listens, connecting fails at once.
+        let host = plugin_api::testing::TestHost::new();
+        let plugin = NatsSource::create(json!({"url": "nats://127.0.0.1:9", "subjects": ["a"], "reconnect": {"initial_ms": 10000, "max_ms": 10000}}), host.host()).unwrap();
+        let out = host.emitter();
+        std::thread::scope(|s| {
+            let run = s.spawn(|| plugin.run(out));
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !host.logs().iter().any(|(_, l)| l.contains("127.0.0.1:9")) {
+                assert!(std::time::Instant::now() < deadline, "{:?}", host.logs());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let t0 = std::time::Instant::now();
+            host.stop();
+            plugin.stop();
+            run.join().unwrap().unwrap();
+            assert!(
+                t0.elapsed() < Duration::from_millis(500),
+                "{:?}",
+                t0.elapsed()
+            );
+        });
     }
 }

@@ -701,4 +701,33 @@ mod tests {
         );
         assert!(entry_payload(&s(Some("missing"), None), "1-0", &map).is_none());
     }
+
+    #[test]
+    fn logs_the_failure_and_stops_promptly_while_the_service_is_unreachable() {
+        // Port 9 (discard) on loopback: nothing listens, connecting fails at once.
+        let host = plugin_api::testing::TestHost::new();
+        let plugin = RedisSource::create(json!({"url": "redis://127.0.0.1:9", "channels": ["a"], "reconnect": {"initial_ms": 10000, "max_ms": 10000}}), host.host()).unwrap();
+        let out = host.emitter();
+        std::thread::scope(|s| {
+            let run = s.spawn(|| plugin.run(out));
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !host
+                .logs()
+                .iter()
+                .any(|(_, l)| l.contains("cannot connect to 127.0.0.1:9"))
+            {
+                assert!(std::time::Instant::now() < deadline, "{:?}", host.logs());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let t0 = std::time::Instant::now();
+            host.stop();
+            plugin.stop();
+            run.join().unwrap().unwrap();
+            assert!(
+                t0.elapsed() < Duration::from_millis(500),
+                "{:?}",
+                t0.elapsed()
+            );
+        });
+    }
 }
