@@ -218,6 +218,7 @@ async fn mqtt_persistent_session_delivers_what_was_published_while_the_gateway_w
 /// it is back are lost (this broker keeps no sessions across its restart).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_broker_restart_messages_flow_again_without_restarting_the_gateway() {
+    capture_logs();
     let mut server = PrivateServer::mosquitto().await;
     let baddr = server.addr.to_string();
     let u = unique("gwt");
@@ -267,6 +268,10 @@ async fn mqtt_broker_restart_messages_flow_again_without_restarting_the_gateway(
     );
     publisher.send(&topic, r#"{"n":2}"#, QoS::AtMostOnce).await;
     assert_eq!(next_data(&mut ws).await, json!({"n": 2}));
+    // The loss and the recovery went to the gateway's log through the host.
+    let lost = wait_for_log(&["WARN", "mqtt-source: connection to", &baddr, "lost"]).await;
+    assert!(lost.contains("channel=\"live\""), "{lost}");
+    wait_for_log(&["INFO", "mqtt-source: reconnected to", &baddr]).await;
     assert_eq!(
         metric(
             addr,

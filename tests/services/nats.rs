@@ -209,6 +209,7 @@ async fn nats_jetstream_durable_consumer_resumes_after_a_gateway_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_connection_cut_subscriptions_resume_without_restarting_the_gateway() {
     require("NATS", NATS).await;
+    capture_logs();
     let gate = Gate::new(NATS).await;
     gate.open();
     let u = unique("gwt");
@@ -246,6 +247,9 @@ async fn nats_connection_cut_subscriptions_resume_without_restarting_the_gateway
     );
     publish(&nc, &subject, r#"{"n":2}"#).await;
     assert_eq!(next_data(&mut ws).await, json!({"n": 2}));
+    let url = format!("nats://{}", gate.addr);
+    wait_for_log(&["WARN", "nats-source: connection to", &url, "lost"]).await;
+    wait_for_log(&["INFO", "nats-source: reconnected to", &url]).await;
     assert_eq!(
         metric(
             addr,

@@ -152,6 +152,7 @@ async fn postgres_keyed_channel_routes_by_a_payload_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connection_cut_listening_resumes_without_restarting_the_gateway() {
     require("PostgreSQL", POSTGRES).await;
+    capture_logs();
     let gate = Gate::new(POSTGRES).await;
     gate.open();
     let u = unique("gwt");
@@ -196,6 +197,9 @@ async fn postgres_connection_cut_listening_resumes_without_restarting_the_gatewa
         got = next_data(&mut ws).await;
     }
     assert_eq!(got, json!({"n": 2}));
+    let port = format!(":{} ", gate.addr.port());
+    wait_for_log(&["WARN", "postgres-source: connection to", &port, "lost"]).await;
+    wait_for_log(&["INFO", "postgres-source: reconnected to", &port]).await;
     assert_eq!(
         metric(
             addr,

@@ -200,6 +200,7 @@ async fn redis_stream_without_field_sends_all_fields_and_starts_at_new_entries()
 /// absent subscriber, so what is published before the plugin is back is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_pubsub_flows_again_without_restarting_the_gateway() {
+    capture_logs();
     let mut server = PrivateServer::redis().await;
     let raddr = server.addr.to_string();
     let u = unique("gwt");
@@ -243,6 +244,11 @@ async fn redis_restart_pubsub_flows_again_without_restarting_the_gateway() {
         up - down,
         up.elapsed()
     );
+    // The loss and the recovery went to the gateway's log through the host.
+    let lost = wait_for_log(&["WARN", "redis-source: connection to", &raddr, "lost"]).await;
+    assert!(lost.contains("channel=\"live\""), "{lost}");
+    let back = wait_for_log(&["INFO", "redis-source: reconnected to", &raddr]).await;
+    eprintln!("redis restart logs:\n  {lost}\n  {back}");
     publish(&mut con, &chan, r#"{"n":2}"#);
     // The gateway was not restarted: same client, same connection.
     let mut got = next_data(&mut ws).await;

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::common::{PATIENCE, Ws, next_json};
+use crate::common::{PATIENCE, Ws, eventually, next_json};
 
 pub const REDIS: &str = "127.0.0.1:6379";
 pub const MQTT: &str = "127.0.0.1:1883";
@@ -326,4 +326,51 @@ pub async fn shutdown_promptly<const N: usize>(gw: gateway::Gateway, clients: [W
         took < Duration::from_secs(2),
         "gateway shutdown took {took:?}: a plugin did not stop promptly"
     );
+}
+
+/// Every log line of this test binary (the gateway's `tracing` output,
+/// including what plugins log through the host), captured from the first call on.
+fn log_buffer() -> &'static std::sync::Mutex<Vec<u8>> {
+    static BUF: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    BUF.get_or_init(|| {
+        let buf: &'static std::sync::Mutex<Vec<u8>> =
+            Box::leak(Box::new(std::sync::Mutex::new(Vec::new())));
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_writer(move || LogWriter(buf))
+            .try_init();
+        buf
+    })
+}
+
+struct LogWriter(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Start capturing log lines (call before starting the gateway).
+pub fn capture_logs() {
+    log_buffer();
+}
+
+/// Wait until a captured log line contains every one of `parts`; returns it.
+pub async fn wait_for_log(parts: &[&str]) -> String {
+    eventually(&format!("a log line with {parts:?}"), || {
+        let text = String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned();
+        std::future::ready(
+            text.lines()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .map(str::to_owned),
+        )
+    })
+    .await
 }
