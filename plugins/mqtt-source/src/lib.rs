@@ -9,7 +9,7 @@
 //! Config (a JSON object; unknown keys are an error):
 //! - `url` (string): `mqtt://host[:port]` (port 1883 by default); or
 //! - `host` (string, default `127.0.0.1`) and `port` (integer, default 1883);
-//! - `client_id` (string, default `gateway-<pid>-<n>`): required with
+//! - `client_id` (string, default `gateway-<pid>-<time>-<n>`, unique per instance): required with
 //!   `clean_session: false`;
 //! - `clean_session` (bool, default true): false keeps the broker-side session
 //!   (subscriptions and QoS 1/2 messages queued while disconnected);
@@ -200,9 +200,13 @@ impl Config {
                     "`clean_session: false` needs a fixed `client_id` (the broker keeps the session under it)",
                 ));
             }
+            // Unique per instance: two clients with one id keep kicking each other off.
             None => format!(
-                "gateway-{}-{}",
+                "gateway-{}-{:x}-{}",
                 std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
                 N.fetch_add(1, Ordering::Relaxed)
             ),
         };
