@@ -374,3 +374,10 @@ pub async fn wait_for_log(parts: &[&str]) -> String {
     })
     .await
 }
+
+/// The suite's own guard: an unreachable service fails, naming it and its address.
+#[tokio::test]
+#[should_panic(expected = "Redis is not reachable at 127.0.0.1:9")]
+async fn an_unreachable_service_fails_the_test_naming_it() {
+    require("Redis", "127.0.0.1:9").await;
+}
