@@ -261,3 +261,73 @@ async fn nats_connection_cut_subscriptions_resume_without_restarting_the_gateway
     );
     shutdown_promptly(gw, [ws]).await;
 }
+
+/// A JetStream consumer whose connection is cut under a running gateway:
+/// what is published meanwhile is kept by the stream and delivered once the
+/// plugin is back, in order, without restarting the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_jetstream_connection_cut_loses_nothing() {
+    require("NATS (JetStream)", NATS).await;
+    let u = unique("gwt");
+    let stream = u.to_uppercase();
+    let _guard = StreamGuard(stream.clone());
+    let subject = format!("{u}.events");
+    let js = jetstream::new(client(NATS).await);
+    js.create_stream(jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{u}.>")],
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create JetStream stream {stream} (is JetStream enabled?): {e}"));
+    let jpub = |n: u64| {
+        let (js, subject) = (js.clone(), subject.clone());
+        async move {
+            js.publish(subject, json!({ "n": n }).to_string().into())
+                .await
+                .expect("JetStream publish")
+                .await
+                .expect("JetStream publish ack");
+        }
+    };
+    let gate = Gate::new(NATS).await;
+    let config = json!({
+        "url": format!("nats://{}", gate.addr),
+        "jetstream": {"stream": stream, "durable": "gateway"},
+        "reconnect": {"initial_ms": 50, "max_ms": 500},
+    });
+    let dep = deployment("events", &config, "/events");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/events").await;
+    gate.open();
+    jpub(1).await;
+    assert_eq!(next_json(&mut ws).await, json!({"n": 1}));
+
+    gate.close();
+    for n in 2..=4 {
+        jpub(n).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.open();
+    let up = Instant::now();
+    for n in 2..=4 {
+        assert_eq!(next_json(&mut ws).await, json!({"n": n}));
+    }
+    eprintln!(
+        "nats jetstream cut: backlog delivered {:?} after the path was back",
+        up.elapsed()
+    );
+    jpub(5).await;
+    assert_eq!(next_json(&mut ws).await, json!({"n": 5}));
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_plugin_restarts_total{channel=\"events\",plugin=\"nats-source\"}"
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0
+    );
+    shutdown_promptly(gw, [ws]).await;
+}
