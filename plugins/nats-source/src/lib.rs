@@ -315,6 +315,9 @@ impl NatsSource {
                         Event::ServerError(e) => {
                             host.warn(&format!("{NAME}: {url}: server error: {e}"))
                         }
+                        Event::SlowConsumer(_) => host.warn(&format!(
+                            "{NAME}: {url}: messages dropped by the client: the gateway's channel does not keep up (slow consumer)"
+                        )),
                         other => host.debug(&format!("{NAME}: {url}: {other}")),
                     }
                 }
