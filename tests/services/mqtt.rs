@@ -207,6 +207,7 @@ async fn mqtt_persistent_session_delivers_what_was_published_while_the_gateway_w
 
     let gw = dep.start().await;
     let mut ws = connect(gw.addr("main").unwrap(), "/orders").await;
+    wait_subscribed(gw.addr("main").unwrap(), "orders", "mqtt-source", 1).await;
     gate.open();
     assert_eq!(next_data(&mut ws).await, json!({"n": 2}));
     assert_eq!(next_data(&mut ws).await, json!({"n": 3}));

@@ -174,6 +174,7 @@ async fn nats_jetstream_durable_consumer_resumes_after_a_gateway_restart() {
     jpub(1).await;
     let gw = dep.start().await;
     let mut ws = connect(gw.addr("main").unwrap(), "/orders").await;
+    wait_subscribed(gw.addr("main").unwrap(), "orders", "nats-source", 1).await;
     gate.open();
     assert_eq!(next_json(&mut ws).await, json!({"n": 1}));
     jpub(2).await;
@@ -193,6 +194,7 @@ async fn nats_jetstream_durable_consumer_resumes_after_a_gateway_restart() {
     jpub(4).await;
     let gw = dep.start().await;
     let mut ws = connect(gw.addr("main").unwrap(), "/orders").await;
+    wait_subscribed(gw.addr("main").unwrap(), "orders", "nats-source", 1).await;
     gate.open();
     // The durable consumer resumes after its ack floor: 3, 4, and not 1, 2 again.
     assert_eq!(next_json(&mut ws).await, json!({"n": 3}));
@@ -300,6 +302,7 @@ async fn nats_jetstream_connection_cut_loses_nothing() {
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
     let mut ws = connect(addr, "/events").await;
+    wait_subscribed(addr, "events", "nats-source", 1).await;
     gate.open();
     jpub(1).await;
     assert_eq!(next_json(&mut ws).await, json!({"n": 1}));

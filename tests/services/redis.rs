@@ -137,6 +137,7 @@ async fn redis_stream_resumes_after_the_stored_id_across_gateway_restarts() {
     let dep = deployment(&[("s", spec("s", "redis-source", &config, "/s"))]);
     let gw = dep.start().await;
     let mut ws = connect(gw.addr("main").unwrap(), "/s").await;
+    wait_subscribed(gw.addr("main").unwrap(), "s", "redis-source", 1).await;
     gate.open();
     assert_eq!(next_json(&mut ws).await, json!({"n": 3, "id": ids[2]}));
     assert_eq!(next_json(&mut ws).await, json!({"n": 4, "id": ids[3]}));
@@ -156,6 +157,7 @@ async fn redis_stream_resumes_after_the_stored_id_across_gateway_restarts() {
     let id7 = xadd(&mut con, &stream, 7);
     let gw = dep.start().await;
     let mut ws = connect(gw.addr("main").unwrap(), "/s").await;
+    wait_subscribed(gw.addr("main").unwrap(), "s", "redis-source", 1).await;
     gate.open();
     assert_eq!(next_json(&mut ws).await, json!({"n": 6, "id": id6}));
     assert_eq!(next_json(&mut ws).await, json!({"n": 7, "id": id7}));

@@ -381,3 +381,16 @@ pub async fn wait_for_log(parts: &[&str]) -> String {
 async fn an_unreachable_service_fails_the_test_naming_it() {
     require("Redis", "127.0.0.1:9").await;
 }
+
+/// Wait until the gateway counts `n` subscribers on `channel` (the
+/// WebSocket handshake completes a little before the subscription is made).
+pub async fn wait_subscribed(addr: SocketAddr, channel: &str, plugin: &str, n: usize) {
+    let series = format!("gateway_subscribers{{channel=\"{channel}\",plugin=\"{plugin}\"}}");
+    eventually(&format!("{n} subscriber(s) on {channel}"), || async {
+        crate::common::metric(addr, &series)
+            .await
+            .filter(|v| *v >= n as f64)
+            .map(|_| ())
+    })
+    .await;
+}
