@@ -266,7 +266,11 @@ async fn nats_connection_cut_subscriptions_resume_without_restarting_the_gateway
 
 /// A JetStream consumer whose connection is cut under a running gateway:
 /// what is published meanwhile is kept by the stream and delivered once the
-/// plugin is back, in order, without restarting the gateway.
+/// plugin is back, without restarting the gateway. A message the server sent
+/// into the dying connection counts as delivered but unacknowledged: it comes
+/// again after `ack_wait_secs`, so the order across a cut is not kept (seen
+/// in about half the runs) and an acknowledgement lost in the cut repeats a
+/// message. At least once: nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_jetstream_connection_cut_loses_nothing() {
     require("NATS (JetStream)", NATS).await;
@@ -295,7 +299,7 @@ async fn nats_jetstream_connection_cut_loses_nothing() {
     let gate = Gate::new(NATS).await;
     let config = json!({
         "url": format!("nats://{}", gate.addr),
-        "jetstream": {"stream": stream, "durable": "gateway"},
+        "jetstream": {"stream": stream, "durable": "gateway", "ack_wait_secs": 2},
         "reconnect": {"initial_ms": 50, "max_ms": 500},
     });
     let dep = deployment("events", &config, "/events");
@@ -314,15 +318,26 @@ async fn nats_jetstream_connection_cut_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     gate.open();
     let up = Instant::now();
-    for n in 2..=4 {
-        assert_eq!(next_json(&mut ws).await, json!({"n": n}));
+    let mut order = Vec::new();
+    let mut missing: std::collections::BTreeSet<u64> = (2..=4).collect();
+    while !missing.is_empty() {
+        let n = next_json(&mut ws).await["n"].as_u64().expect("n");
+        assert!((1..=4).contains(&n), "unexpected message {n}");
+        missing.remove(&n);
+        order.push(n);
     }
     eprintln!(
-        "nats jetstream cut: backlog delivered {:?} after the path was back",
+        "nats jetstream cut: 2, 3, 4 all delivered {:?} after the path was back, in the order {order:?}",
         up.elapsed()
     );
     jpub(5).await;
-    assert_eq!(next_json(&mut ws).await, json!({"n": 5}));
+    loop {
+        let n = next_json(&mut ws).await["n"].as_u64().expect("n");
+        if n == 5 {
+            break;
+        }
+        assert!((1..=4).contains(&n), "unexpected message {n}");
+    }
     assert_eq!(
         metric(
             addr,
