@@ -12,6 +12,9 @@
 //! stream; each message is acknowledged after it was handed to the gateway,
 //! so a restarted instance (or gateway) resumes after the last acknowledged
 //! message, and messages published while it was away are delivered then.
+//! Delivery is at least once: after a lost connection, a message that was in
+//! flight comes again after `ack_wait_secs` (behind newer ones). On stop the
+//! plugin drains its connection (unsubscribe, flush acks; at most 500 ms).
 //!
 //! Config (a JSON object; unknown keys are an error):
 //! - `url` (string, default `nats://127.0.0.1:4222`); `url_env` (string): an
@@ -336,6 +339,12 @@ impl NatsSource {
             None => self.core(&client, out).await,
             Some(js) => self.jetstream(&client, js, out).await,
         };
+        // Leave cleanly while connected: unsubscribe (so the server sends
+        // nothing more into this connection, e.g. to a JetStream pull request)
+        // and flush pending acknowledgements. Bounded, so stop stays prompt.
+        if client.connection_state() == async_nats::connection::State::Connected {
+            let _ = tokio::time::timeout(Duration::from_millis(500), client.drain()).await;
+        }
         drop(client);
         result
     }
