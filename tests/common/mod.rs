@@ -64,6 +64,14 @@ pub fn build_plugins() -> PathBuf {
                 "exec",
                 "-p",
                 "template",
+                "-p",
+                "redis-source",
+                "-p",
+                "mqtt-source",
+                "-p",
+                "postgres-source",
+                "-p",
+                "nats-source",
             ]);
             if dir.file_name().and_then(|s| s.to_str()) == Some("release") {
                 cmd.arg("--release");

@@ -1,0 +1,287 @@
+//! `mqtt-source` against real Mosquitto: wildcard filters, topic injection,
+//! wrapping non-JSON payloads, keyed routing by topic segment, a persistent
+//! session (QoS 1) delivering what was published while the gateway was down,
+//! and a broker restart under a running gateway.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::json;
+
+use crate::common::*;
+use crate::support::*;
+
+/// A test-side MQTT client whose event loop runs on a task.
+struct Publisher {
+    client: AsyncClient,
+    acked: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    fn new(addr: &str) -> Publisher {
+        let (host, port) = addr.rsplit_once(':').expect("host:port");
+        let opts = MqttOptions::new(unique("pub"), host, port.parse().expect("port"));
+        let (client, mut events) = AsyncClient::new(opts, 1000);
+        let acked = Arc::new(AtomicUsize::new(0));
+        let counter = acked.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+        Publisher {
+            client,
+            acked,
+            task,
+        }
+    }
+
+    async fn send(&self, topic: &str, payload: &str, qos: QoS) {
+        self.client
+            .publish(topic, qos, false, payload.as_bytes().to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("MQTT publish to {topic}: {e}"));
+    }
+
+    /// Wait until the broker acknowledged `n` QoS 1 messages in all.
+    async fn wait_acked(&self, n: usize) {
+        eventually("the broker's PUBACKs", || async {
+            (self.acked.load(Ordering::SeqCst) >= n).then_some(())
+        })
+        .await;
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn deployment(name: &str, config: &serde_json::Value, path: &str) -> Deployment {
+    let dep = Deployment::new();
+    dep.gateway_yaml("")
+        .write("specs/schemas/object.json", OBJECT_SCHEMA)
+        .write(
+            &format!("specs/{name}.yaml"),
+            &spec(name, "mqtt-source", config, path),
+        );
+    dep
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_wildcard_filters_inject_the_topic_and_wrap_non_json() {
+    require("Mosquitto (MQTT)", MQTT).await;
+    let u = unique("gwt");
+    let config = json!({
+        "url": format!("mqtt://{MQTT}"),
+        "topics": [format!("{u}/sensors/+/temp"), format!("{u}/alerts/#")],
+        "topic_field": "topic",
+        "non_json": "wrap",
+    });
+    let dep = deployment("m", &config, "/m");
+    let gw = dep.start().await;
+    let mut ws = connect(gw.addr("main").unwrap(), "/m").await;
+    let publisher = Publisher::new(MQTT);
+    let warm = format!("{u}/sensors/warm/temp");
+    warm_up(&mut ws, |n| {
+        let (p, t) = (&publisher, &warm);
+        async move {
+            p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtMostOnce)
+                .await
+        }
+    })
+    .await;
+
+    let t1 = format!("{u}/sensors/r1/temp");
+    publisher.send(&t1, r#"{"c":21.5}"#, QoS::AtMostOnce).await;
+    assert_eq!(next_data(&mut ws).await, json!({"c": 21.5, "topic": t1}));
+    // `+` matches one level only: not delivered.
+    publisher
+        .send(
+            &format!("{u}/sensors/r1/x/temp"),
+            r#"{"c":1}"#,
+            QoS::AtMostOnce,
+        )
+        .await;
+    // `#` matches any depth; a non-JSON payload is wrapped.
+    let t2 = format!("{u}/alerts/fire/floor2");
+    publisher.send(&t2, "smoke detected", QoS::AtMostOnce).await;
+    assert_eq!(
+        next_data(&mut ws).await,
+        json!({"topic": t2, "payload": "smoke detected"})
+    );
+    shutdown_promptly(gw, [ws]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_keyed_channel_routes_by_topic_segment() {
+    require("Mosquitto (MQTT)", MQTT).await;
+    let u = unique("gwt");
+    let config = json!({
+        "url": format!("mqtt://{MQTT}"),
+        "topics": [format!("{u}/rooms/+/events")],
+        "key": {"segment": 3},
+    });
+    let dep = deployment("rooms", &config, "/rooms/{room}");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut a = connect(addr, "/rooms/a").await;
+    let mut b = connect(addr, "/rooms/b").await;
+    let publisher = Publisher::new(MQTT);
+    for (ws, room) in [(&mut a, "a"), (&mut b, "b")] {
+        let topic = format!("{u}/rooms/{room}/events");
+        warm_up(ws, |n| {
+            let (p, t) = (&publisher, &topic);
+            async move {
+                p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtMostOnce)
+                    .await
+            }
+        })
+        .await;
+    }
+    // QoS 1 keeps the order across topics of one publisher.
+    for (room, n) in [("b", 1), ("a", 1), ("c", 1), ("b", 2)] {
+        publisher
+            .send(
+                &format!("{u}/rooms/{room}/events"),
+                &json!({"room": room, "n": n}).to_string(),
+                QoS::AtLeastOnce,
+            )
+            .await;
+    }
+    assert_eq!(next_data(&mut a).await, json!({"room": "a", "n": 1}));
+    assert_eq!(next_data(&mut b).await, json!({"room": "b", "n": 1}));
+    assert_eq!(next_data(&mut b).await, json!({"room": "b", "n": 2}));
+    shutdown_promptly(gw, [a, b]).await;
+}
+
+/// `clean_session: false` with a fixed client id and QoS 1: the broker keeps
+/// the subscription and queues messages while the gateway is down; the next
+/// gateway gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_persistent_session_delivers_what_was_published_while_the_gateway_was_down() {
+    require("Mosquitto (MQTT)", MQTT).await;
+    let u = unique("gwt");
+    let topic = format!("{u}/orders");
+    let gate = Gate::new(MQTT).await;
+    gate.open();
+    let config = json!({
+        "url": format!("mqtt://{}", gate.addr),
+        "topics": [topic],
+        "qos": 1,
+        "client_id": unique("gw"),
+        "clean_session": false,
+        "reconnect": {"initial_ms": 20, "max_ms": 200},
+    });
+    let dep = deployment("orders", &config, "/orders");
+    let gw = dep.start().await;
+    let mut ws = connect(gw.addr("main").unwrap(), "/orders").await;
+    let publisher = Publisher::new(MQTT);
+    warm_up(&mut ws, |n| {
+        let (p, t) = (&publisher, &topic);
+        async move {
+            p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtLeastOnce)
+                .await
+        }
+    })
+    .await;
+    publisher.send(&topic, r#"{"n":1}"#, QoS::AtLeastOnce).await;
+    assert_eq!(next_data(&mut ws).await, json!({"n": 1}));
+    shutdown_promptly(gw, [ws]).await;
+    gate.close();
+
+    let before = publisher.acked.load(Ordering::SeqCst);
+    publisher.send(&topic, r#"{"n":2}"#, QoS::AtLeastOnce).await;
+    publisher.send(&topic, r#"{"n":3}"#, QoS::AtLeastOnce).await;
+    publisher.wait_acked(before + 2).await;
+
+    let gw = dep.start().await;
+    let mut ws = connect(gw.addr("main").unwrap(), "/orders").await;
+    wait_subscribed(gw.addr("main").unwrap(), "orders", "mqtt-source", 1).await;
+    gate.open();
+    assert_eq!(next_data(&mut ws).await, json!({"n": 2}));
+    assert_eq!(next_data(&mut ws).await, json!({"n": 3}));
+    shutdown_promptly(gw, [ws]).await;
+}
+
+/// The broker goes away under a running gateway and comes back: the plugin
+/// reconnects and subscribes again by itself. QoS 0 messages published before
+/// it is back are lost (this broker keeps no sessions across its restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_broker_restart_messages_flow_again_without_restarting_the_gateway() {
+    capture_logs();
+    let mut server = PrivateServer::mosquitto().await;
+    let baddr = server.addr.to_string();
+    let u = unique("gwt");
+    let topic = format!("{u}/live");
+    let config = json!({
+        "url": format!("mqtt://{baddr}"),
+        "topics": [topic],
+        "reconnect": {"initial_ms": 50, "max_ms": 500},
+    });
+    let dep = deployment("live", &config, "/live");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/live").await;
+    let publisher = Publisher::new(&baddr);
+    warm_up(&mut ws, |n| {
+        let (p, t) = (&publisher, &topic);
+        async move {
+            p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtMostOnce)
+                .await
+        }
+    })
+    .await;
+    publisher.send(&topic, r#"{"n":1}"#, QoS::AtMostOnce).await;
+    assert_eq!(next_data(&mut ws).await, json!({"n": 1}));
+    drop(publisher);
+
+    server.stop().await;
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.start().await;
+    let up = Instant::now();
+    // A fresh publisher: warm-ups sent before the plugin has subscribed again
+    // are lost; the first one that arrives shows it is back.
+    let publisher = Publisher::new(&baddr);
+    warm_up(&mut ws, |n| {
+        let (p, t) = (&publisher, &topic);
+        async move {
+            p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtMostOnce)
+                .await
+        }
+    })
+    .await;
+    eprintln!(
+        "mqtt restart: outage {:?}; messages flowed again {:?} after the broker was back",
+        up - down,
+        up.elapsed()
+    );
+    publisher.send(&topic, r#"{"n":2}"#, QoS::AtMostOnce).await;
+    assert_eq!(next_data(&mut ws).await, json!({"n": 2}));
+    // The loss and the recovery went to the gateway's log through the host.
+    let lost = wait_for_log(&["WARN", "mqtt-source: connection to", &baddr, "lost"]).await;
+    assert!(lost.contains("channel=\"live\""), "{lost}");
+    wait_for_log(&["INFO", "mqtt-source: reconnected to", &baddr]).await;
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_plugin_restarts_total{channel=\"live\",plugin=\"mqtt-source\"}"
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0,
+        "the plugin reconnected by itself, without an instance restart"
+    );
+    shutdown_promptly(gw, [ws]).await;
+}

@@ -1,0 +1,213 @@
+//! `postgres-source` against real PostgreSQL: NOTIFY payloads reach clients,
+//! non-JSON is dropped, keyed routing by a payload field, and a connection cut
+//! (through a gate) under a running gateway.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+use crate::support::*;
+
+/// A test-side connection sending NOTIFY. The sync client lives on its own
+/// thread (it must not be used, or dropped, inside the async runtime).
+struct Notifier(std::sync::mpsc::Sender<(String, String, tokio::sync::oneshot::Sender<()>)>);
+
+impl Notifier {
+    async fn new() -> Notifier {
+        let (tx, rx) =
+            std::sync::mpsc::channel::<(String, String, tokio::sync::oneshot::Sender<()>)>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(
+                "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=5",
+                postgres::NoTls,
+            )
+            .unwrap_or_else(|e| panic!("PostgreSQL at {POSTGRES} (user postgres, db test): {e}"));
+            let _ = ready_tx.send(());
+            for (channel, payload, done) in rx {
+                client
+                    .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+                    .unwrap_or_else(|e| panic!("NOTIFY {channel}: {e}"));
+                let _ = done.send(());
+            }
+        });
+        ready_rx
+            .await
+            .expect("the NOTIFY connection failed (see the panic above)");
+        Notifier(tx)
+    }
+
+    async fn notify(&self, channel: &str, payload: &str) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.0
+            .send((channel.to_owned(), payload.to_owned(), done))
+            .expect("NOTIFY thread gone");
+        wait.await.expect("NOTIFY failed (see the panic above)");
+    }
+}
+
+fn deployment(name: &str, config: &serde_json::Value, path: &str) -> Deployment {
+    let dep = Deployment::new();
+    dep.gateway_yaml("")
+        .write("specs/schemas/object.json", OBJECT_SCHEMA)
+        .write(
+            &format!("specs/{name}.yaml"),
+            &spec(name, "postgres-source", config, path),
+        );
+    dep
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notify_payloads_reach_clients_and_non_json_is_dropped() {
+    require("PostgreSQL", POSTGRES).await;
+    let u = unique("gwt");
+    let (orders, refunds) = (format!("{u}_orders"), format!("{u}_Refunds"));
+    let config = json!({
+        "connection": "host=127.0.0.1 port=5432 user=postgres dbname=test",
+        "channels": [orders, refunds],
+        "channel_field": "channel",
+    });
+    let dep = deployment("pg", &config, "/pg");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/pg").await;
+    let pg = Notifier::new().await;
+    warm_up(&mut ws, |n| {
+        let (pg, c) = (&pg, &orders);
+        async move { pg.notify(c, &json!({ "warmup": n }).to_string()).await }
+    })
+    .await;
+    pg.notify(&orders, "not json").await;
+    pg.notify(&orders, r#"{"id":1}"#).await;
+    assert_eq!(
+        next_data(&mut ws).await,
+        json!({"id": 1, "channel": orders})
+    );
+    // A mixed-case channel name works (the plugin quotes it).
+    pg.notify(&refunds, r#"{"id":2}"#).await;
+    assert_eq!(
+        next_data(&mut ws).await,
+        json!({"id": 2, "channel": refunds})
+    );
+    let invalid = metric(
+        addr,
+        "gateway_invalid_json_total{channel=\"pg\",plugin=\"postgres-source\"}",
+    )
+    .await
+    .unwrap_or(0.0);
+    assert_eq!(
+        invalid, 0.0,
+        "the plugin dropped the non-JSON payload itself"
+    );
+    shutdown_promptly(gw, [ws]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_keyed_channel_routes_by_a_payload_field() {
+    require("PostgreSQL", POSTGRES).await;
+    let u = unique("gwt");
+    let chan = format!("{u}_jobs");
+    let config = json!({
+        "connection": "host=127.0.0.1 user=postgres dbname=test",
+        "channels": [chan],
+        "key": {"field": "job"},
+    });
+    let dep = deployment("jobs", &config, "/jobs/{job}");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut j1 = connect(addr, "/jobs/1").await;
+    let mut j2 = connect(addr, "/jobs/2").await;
+    let pg = Notifier::new().await;
+    for (ws, job) in [(&mut j1, 1), (&mut j2, 2)] {
+        warm_up(ws, |n| {
+            let (pg, c) = (&pg, &chan);
+            async move {
+                pg.notify(c, &json!({ "warmup": n, "job": job }).to_string())
+                    .await
+            }
+        })
+        .await;
+    }
+    pg.notify(&chan, r#"{"job":2,"state":"queued"}"#).await;
+    pg.notify(&chan, r#"{"job":1,"state":"running"}"#).await;
+    pg.notify(&chan, r#"{"state":"no job field"}"#).await;
+    pg.notify(&chan, r#"{"job":2,"state":"done"}"#).await;
+    assert_eq!(
+        next_data(&mut j1).await,
+        json!({"job": 1, "state": "running"})
+    );
+    assert_eq!(
+        next_data(&mut j2).await,
+        json!({"job": 2, "state": "queued"})
+    );
+    assert_eq!(next_data(&mut j2).await, json!({"job": 2, "state": "done"}));
+    shutdown_promptly(gw, [j1, j2]).await;
+}
+
+/// The connection to PostgreSQL is cut under a running gateway (a gate in
+/// between closes it; the shared server keeps running): the plugin notices,
+/// reconnects with backoff once the path is back, LISTENs again, and
+/// notifications flow without restarting the gateway or the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connection_cut_listening_resumes_without_restarting_the_gateway() {
+    require("PostgreSQL", POSTGRES).await;
+    capture_logs();
+    let gate = Gate::new(POSTGRES).await;
+    gate.open();
+    let u = unique("gwt");
+    let chan = format!("{u}_live");
+    let config = json!({
+        "connection": format!("host=127.0.0.1 port={} user=postgres dbname=test", gate.addr.port()),
+        "channels": [chan],
+        "reconnect": {"initial_ms": 50, "max_ms": 500},
+    });
+    let dep = deployment("live", &config, "/live");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/live").await;
+    let pg = Notifier::new().await;
+    warm_up(&mut ws, |n| {
+        let (pg, c) = (&pg, &chan);
+        async move { pg.notify(c, &json!({ "warmup": n }).to_string()).await }
+    })
+    .await;
+    pg.notify(&chan, r#"{"n":1}"#).await;
+    assert_eq!(next_data(&mut ws).await, json!({"n": 1}));
+
+    gate.close();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Sent while the plugin is cut off: PostgreSQL queues nothing for it.
+    pg.notify(&chan, r#"{"lost":true}"#).await;
+    gate.open();
+    let up = Instant::now();
+    warm_up(&mut ws, |n| {
+        let (pg, c) = (&pg, &chan);
+        async move { pg.notify(c, &json!({ "warmup": n }).to_string()).await }
+    })
+    .await;
+    eprintln!(
+        "postgres cut: listening again {:?} after the path was back",
+        up.elapsed()
+    );
+    pg.notify(&chan, r#"{"n":2}"#).await;
+    let mut got = next_data(&mut ws).await;
+    if got.get("lost").is_some() {
+        eprintln!("postgres cut: the NOTIFY sent during the cut was delivered after all");
+        got = next_data(&mut ws).await;
+    }
+    assert_eq!(got, json!({"n": 2}));
+    let port = format!(":{} ", gate.addr.port());
+    wait_for_log(&["WARN", "postgres-source: connection to", &port, "lost"]).await;
+    wait_for_log(&["INFO", "postgres-source: reconnected to", &port]).await;
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_plugin_restarts_total{channel=\"live\",plugin=\"postgres-source\"}"
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0
+    );
+    shutdown_promptly(gw, [ws]).await;
+}
