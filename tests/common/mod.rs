@@ -64,6 +64,10 @@ pub fn build_plugins() -> PathBuf {
                 "exec",
                 "-p",
                 "template",
+                "-p",
+                "demo-iot",
+                "-p",
+                "demo-crypto",
             ]);
             if dir.file_name().and_then(|s| s.to_str()) == Some("release") {
                 cmd.arg("--release");
