@@ -577,7 +577,7 @@ async fn system_status_is_the_hosts_and_the_gateways() {
 
     // active_connections is the gateway's own count: open two more.
     let mut a = authed(addr, "/ws").await;
-    let _b = connect(addr, "/ws/alerts").await;
+    let _b = authed(addr, "/ws/alerts").await;
     let mut updates = 0;
     loop {
         let m = next_json(&mut sys).await;
