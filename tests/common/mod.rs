@@ -72,6 +72,10 @@ pub fn build_plugins() -> PathBuf {
                 "postgres-source",
                 "-p",
                 "nats-source",
+                "-p",
+                "demo-iot",
+                "-p",
+                "demo-crypto",
             ]);
             if dir.file_name().and_then(|s| s.to_str()) == Some("release") {
                 cmd.arg("--release");
