@@ -159,26 +159,49 @@ pub mod host {
         Some((total - idle, total))
     }
 
-    /// Host CPU usage between successive calls to [`CpuSampler::sample`].
+    /// Host CPU usage, measured between readings of `/proc/stat` at least
+    /// [`CpuSampler::MIN_SPAN`] apart (closer calls get the last figure, so
+    /// two quick calls do not measure a couple of jiffies).
     #[derive(Debug, Default)]
     pub struct CpuSampler {
-        last: Option<(u64, u64)>,
+        last: Option<(u64, u64, std::time::Instant)>,
+        value: Option<f64>,
     }
 
     impl CpuSampler {
+        /// Shortest span measured once a figure exists.
+        pub const MIN_SPAN: std::time::Duration = std::time::Duration::from_secs(1);
+
         /// A sampler that has read the counters once.
         pub fn new() -> CpuSampler {
-            CpuSampler { last: cpu_times() }
+            CpuSampler {
+                last: cpu_times().map(|(b, t)| (b, t, std::time::Instant::now())),
+                value: None,
+            }
         }
 
-        /// Percentage (0–100, two decimals) of CPU time busy since the last
-        /// call; None if /proc/stat cannot be read or no time passed.
+        /// Percentage (0–100, two decimals) of CPU time busy over the last
+        /// span; None if /proc/stat cannot be read or no time passed yet.
         pub fn sample(&mut self) -> Option<f64> {
+            if let (Some(v), Some((_, _, at))) = (self.value, self.last)
+                && at.elapsed() < Self::MIN_SPAN
+            {
+                return Some(v);
+            }
             let now = cpu_times()?;
-            let prev = self.last.replace(now)?;
-            let busy = now.0.saturating_sub(prev.0) as f64;
-            let total = now.1.saturating_sub(prev.1) as f64;
-            (total > 0.0).then(|| super::round((busy / total * 100.0).clamp(0.0, 100.0), 2))
+            let prev = self.last;
+            let total = prev.map_or(0, |p| now.1.saturating_sub(p.1));
+            if total == 0 {
+                if prev.is_none() {
+                    self.last = Some((now.0, now.1, std::time::Instant::now()));
+                }
+                return self.value;
+            }
+            let busy = prev.map_or(0, |p| now.0.saturating_sub(p.0)) as f64;
+            self.last = Some((now.0, now.1, std::time::Instant::now()));
+            let v = super::round((busy / total as f64 * 100.0).clamp(0.0, 100.0), 2);
+            self.value = Some(v);
+            Some(v)
         }
     }
 }
