@@ -657,7 +657,7 @@ mod tests {
             (json!({"kind": "chain", "fork_every": 0}), "at least 1"),
             (json!({"kind": "chain", "blocktime": "1s"}), "unknown field"),
         ] {
-            let err = Config::parse(c).err().expect("refused");
+            let err = Config::parse(c).expect_err("refused");
             assert!(err.message().contains(e), "{err}");
         }
     }
