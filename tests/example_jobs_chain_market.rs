@@ -9,7 +9,9 @@ mod common;
 use std::collections::{BTreeSet, HashSet};
 
 use common::*;
+use futures_util::SinkExt;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 const EXAMPLE: &str = "jobs-chain-market";
 const LISTENERS: [&str; 3] = ["jobs", "chain", "market"];
@@ -35,7 +37,9 @@ fn is_iso(v: &Value) -> bool {
 async fn follow_job(ws: &mut Ws, job_id: &str) -> (Vec<Value>, Option<u16>) {
     let schema = example_schema(EXAMPLE, "schemas/job-status.json");
     let mut seen = Vec::new();
+    let until = deadline();
     loop {
+        before(until, "the job's terminal state and close");
         match next_json_or_close(ws).await {
             Ok(m) => {
                 assert_schema(&schema, "a job status", &m);
@@ -54,8 +58,12 @@ async fn follow_job(ws: &mut Ws, job_id: &str) -> (Vec<Value>, Option<u16>) {
                 assert!(is_iso(&m["timestamp"]), "{m}");
                 let p = m["progress"].as_f64().expect("progress is a number");
                 assert!((0.0..=1.0).contains(&p), "{m}");
-                // Keep-alive and noise while the job runs: ignored.
-                send_json(ws, &json!({"type": "ping"})).await;
+                // Keep-alive while the job runs: ignored. (After the last
+                // status the server may already be closing: a failed send
+                // is not the point here.)
+                let _ = ws
+                    .send(Message::Text(json!({"type": "ping"}).to_string().into()))
+                    .await;
                 seen.push(m);
             }
             Err(code) => return (seen, code),
@@ -224,7 +232,9 @@ async fn keys_and_origins_are_checked_on_every_listener() {
 async fn collect_types(ws: &mut Ws, types: &[&str], check: &mut dyn FnMut(&Value)) -> usize {
     let mut seen = BTreeSet::new();
     let mut n = 0;
+    let until = deadline();
     while !types.iter().all(|t| seen.contains(*t)) {
+        before(until, &format!("every type of {types:?}; seen {seen:?}"));
         let m = next_json(ws).await;
         let t = m["type"].as_str().expect("a string type").to_owned();
         assert!(types.contains(&t.as_str()), "unknown type {t}");
@@ -304,7 +314,9 @@ async fn blockchain_events_of_every_type() {
     )
     .await;
     // Transactions seen pending get confirmed by a later block.
+    let until = deadline();
     while confirmed_pending.get() == 0 {
+        before(until, "a pending transaction to be confirmed");
         let m = next_json(&mut ws).await;
         check(&m);
     }

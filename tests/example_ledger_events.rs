@@ -111,7 +111,12 @@ async fn committed_transactions_block_by_block_and_client_text_ignored() {
     let mut pongs = 0;
     // Five block boundaries (the first block may be partial), and the
     // Pong to a protocol Ping sent along the way.
+    let until = deadline();
     while done.len() < 5 || pongs == 0 {
+        before(
+            until,
+            &format!("5 blocks and a Pong; blocks {done:?}, pongs {pongs}"),
+        );
         let msg = tokio::time::timeout(PATIENCE, ws.next())
             .await
             .expect("a message in time")

@@ -108,7 +108,14 @@ async fn handshake_then_sync_notification_and_health_messages() {
     let mut message_ids = BTreeSet::new();
     let mut live_health = false;
     let mut n = 0;
+    let until = deadline();
     while seen.len() < 3 || !live_health || sync_types.len() < 2 {
+        before(
+            until,
+            &format!(
+                "every message type; seen {seen:?}, sync types {sync_types:?}, live health {live_health}"
+            ),
+        );
         let m = next_json(&mut ws).await;
         n += 1;
         assert_unix(&m["timestamp"], "message timestamp");
@@ -216,11 +223,11 @@ async fn the_rest_api_answers_every_route() {
         (mem - host_memory_percent()).abs() < 20.0,
         "memory_usage {mem}"
     );
-    let before = metrics["system_metrics"]["total_requests"]
+    let requests = metrics["system_metrics"]["total_requests"]
         .as_u64()
         .unwrap();
     let (_, again) = get(rest, "/metrics").await;
-    assert!(again["system_metrics"]["total_requests"].as_u64().unwrap() > before);
+    assert!(again["system_metrics"]["total_requests"].as_u64().unwrap() > requests);
 
     let (status, v) = get(rest, "/config").await;
     assert_eq!(status, 200);
@@ -269,7 +276,9 @@ async fn the_rest_api_answers_every_route() {
     let (_, v) = get(rest, "/logs?level=debug&limit=3").await;
     assert_eq!(v["logs"].as_array().unwrap().len(), 3);
     let mut forced = BTreeSet::new();
+    let until = deadline();
     while forced.len() < 2 {
+        before(until, "the forced syncs on the socket");
         let m = next_json(&mut ws).await;
         if m["type"] == "sync" {
             forced.insert(m["sync_type"].as_str().unwrap().to_owned());

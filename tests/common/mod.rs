@@ -445,3 +445,17 @@ pub async fn next_json_or_close(ws: &mut Ws) -> Result<Value, Option<u16>> {
         }
     }
 }
+
+/// A point PATIENCE from now, for loops that read until something shows up.
+pub fn deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + PATIENCE
+}
+
+/// Fail once `deadline` has passed: a stream that keeps sending other
+/// messages must not keep a reading loop going forever.
+pub fn before(deadline: tokio::time::Instant, what: &str) {
+    assert!(
+        tokio::time::Instant::now() < deadline,
+        "timed out waiting for {what}"
+    );
+}
