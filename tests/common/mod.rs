@@ -76,6 +76,12 @@ pub fn build_plugins() -> PathBuf {
                 "demo-iot",
                 "-p",
                 "demo-crypto",
+                "-p",
+                "demo-jobs-market",
+                "-p",
+                "demo-ledger",
+                "-p",
+                "demo-relay",
             ]);
             if dir.file_name().and_then(|s| s.to_str()) == Some("release") {
                 cmd.arg("--release");
@@ -370,3 +376,98 @@ pub fn bus_spec(name: &str, extra: &str) -> String {
 
 /// Accepts any JSON object.
 pub const ANY_SCHEMA: &str = r#"{"type": "object"}"#;
+
+/// Start an example's own `examples/<name>/gateway.yaml`, unchanged except
+/// for the documented overrides: plugins from [`target_dir`] and every
+/// listener moved to 127.0.0.1:0 (`--listen NAME=127.0.0.1:0`).
+/// `listeners` must name exactly the example's listeners.
+pub async fn start_example(name: &str, listeners: &[&str]) -> Gateway {
+    build_plugins();
+    let path = repo_root().join("examples").join(name).join("gateway.yaml");
+    let plugin_dirs = Some(vec![target_dir()]);
+    let as_written = config::load(
+        &path,
+        &LoadOptions {
+            plugin_dirs: plugin_dirs.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{} should load:\n{e}", path.display()));
+    let mut names: Vec<&str> = as_written
+        .listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    names.sort();
+    let mut want = listeners.to_vec();
+    want.sort();
+    assert_eq!(names, want, "the listeners of {}", path.display());
+    let listen = listeners
+        .iter()
+        .map(|n| (n.to_string(), "127.0.0.1:0".to_string()))
+        .collect();
+    let cfg = config::load(
+        &path,
+        &LoadOptions {
+            plugin_dirs,
+            listen,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{} should load:\n{e}", path.display()));
+    Gateway::start(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{} should start:\n{e}", path.display()))
+}
+
+/// A JSON Schema shipped with an example (`examples/<name>/<rel>`), format
+/// checks on, as the gateway compiles channel schemas.
+pub fn example_schema(name: &str, rel: &str) -> jsonschema::Validator {
+    let path = repo_root().join("examples").join(name).join(rel);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let schema: Value = serde_json::from_str(&text).expect("schema is JSON");
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap_or_else(|e| panic!("{} does not compile: {e}", path.display()))
+}
+
+/// Fail unless `value` satisfies `schema`.
+pub fn assert_schema(schema: &jsonschema::Validator, what: &str, value: &Value) {
+    if let Err(e) = schema.validate(value) {
+        panic!("{what} does not satisfy its schema: {e}\n{value}");
+    }
+}
+
+/// The next text frame as JSON (skipping Ping/Pong), or the close code when
+/// the server closes instead (`Err(None)`: closed without a Close frame).
+pub async fn next_json_or_close(ws: &mut Ws) -> Result<Value, Option<u16>> {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("no message in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                return Ok(serde_json::from_str(&t).expect("server sent JSON"));
+            }
+            Some(Ok(Message::Close(f))) => return Err(f.map(|f| u16::from(f.code))),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(other)) => panic!("expected a text message, got {other:?}"),
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
+
+/// A point PATIENCE from now, for loops that read until something shows up.
+pub fn deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + PATIENCE
+}
+
+/// Fail once `deadline` has passed: a stream that keeps sending other
+/// messages must not keep a reading loop going forever.
+pub fn before(deadline: tokio::time::Instant, what: &str) {
+    assert!(
+        tokio::time::Instant::now() < deadline,
+        "timed out waiting for {what}"
+    );
+}
