@@ -755,3 +755,46 @@ async fn unsubscribe_errors_and_message_size() {
     send_json(&mut ws, &big).await;
     assert_eq!(close_code(&mut ws).await, Some(1009));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_published_limits_are_enforced() {
+    let gw = start().await;
+    let addr = gw.addr("main").unwrap();
+    let ep = &gw.state().config.endpoints[0];
+    assert_eq!(
+        ep.limits
+            .per_principal
+            .iter()
+            .map(|c| c.max)
+            .collect::<Vec<_>>(),
+        [100]
+    );
+    // More than 100 messages a second: error replies, the connection stays.
+    let mut ws = authed(addr, "/ws").await;
+    use futures_util::SinkExt;
+    for _ in 0..300 {
+        ws.send(tokio_tungstenite::tungstenite::Message::Text(
+            r#"{"type":"ping","timestamp":1}"#.into(),
+        ))
+        .await
+        .unwrap();
+    }
+    let mut limited = false;
+    for _ in 0..300 {
+        let m = next_json(&mut ws).await;
+        if m["error"] == "rate_limited" {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "300 messages at once must exceed 100/s");
+    // At most 10 new connections per minute per client (this test made 1).
+    let mut held = vec![ws];
+    for _ in 0..9 {
+        held.push(connect(addr, "/ws").await);
+    }
+    let (status, _) = try_connect(addr, "/ws", &[])
+        .await
+        .expect_err("the 11th new connection in a minute is refused");
+    assert_eq!(status, 429);
+}

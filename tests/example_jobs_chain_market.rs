@@ -379,3 +379,49 @@ async fn marketplace_events_of_every_type() {
     send_json(&mut ws, &json!({"type": "ping"})).await;
     check(&next_json(&mut ws).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_published_limits_are_enforced() {
+    let gw = start_example(EXAMPLE, &LISTENERS).await;
+    let chain = gw.addr("chain").unwrap();
+    for e in &gw.state().config.endpoints {
+        assert_eq!(
+            e.limits.max_duration,
+            Some(std::time::Duration::from_secs(24 * 3600)),
+            "{}",
+            e.path.as_str()
+        );
+    }
+    // At most 10 connections per client IP; the 11th handshake is refused.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(
+            try_connect(chain, "/v1/events?api_key=test-key", &[])
+                .await
+                .expect("within the per-IP limit"),
+        );
+    }
+    let (status, body) = try_connect(chain, "/v1/events?api_key=test-key", &[])
+        .await
+        .expect_err("the 11th connection is refused");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_connections_per_ip"))
+    );
+    // More than 100 messages a second terminate the connection.
+    let mut chatty = held.pop().unwrap();
+    for _ in 0..1000 {
+        use futures_util::SinkExt;
+        if chatty
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                r#"{"type":"ping"}"#.into(),
+            ))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut chatty).await, Some(1008));
+}

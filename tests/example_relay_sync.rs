@@ -312,3 +312,32 @@ async fn the_rest_api_answers_every_route() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_published_limits_are_configured() {
+    let gw = start_example(EXAMPLE, &LISTENERS).await;
+    let cfg = &gw.state().config;
+    let ws = &cfg.endpoints[0].limits;
+    assert_eq!(ws.ping_interval, Some(std::time::Duration::from_secs(30)));
+    assert_eq!(ws.idle_timeout, Some(std::time::Duration::from_secs(60)));
+    assert_eq!(ws.max_message_size, 1 << 20);
+    assert_eq!(cfg.limits.max_connections, 1000);
+    assert!(
+        cfg.http.iter().all(|h| h.per_ip.is_some()),
+        "every HTTP route is rate-limited"
+    );
+    // Beyond 1000 requests a minute (the quota refills one every 60 ms
+    // while the loop runs) requests are refused.
+    let rest = gw.addr("rest").unwrap();
+    let mut refused = None;
+    for i in 0..2000 {
+        let (s, head, _) = http(rest, "GET", "/health", &[]).await;
+        if s == 429 {
+            refused = Some((i, head));
+            break;
+        }
+    }
+    let (i, head) = refused.expect("a 429 within 2000 requests");
+    assert!(i >= 999, "refused too early, at request {i}");
+    assert!(head.to_ascii_lowercase().contains("retry-after"));
+}
