@@ -54,6 +54,8 @@ pub struct ChannelRuntime {
     cmd_tx: mpsc::UnboundedSender<SourceCmd>,
     /// The running plugin instance (for commands).
     current: Mutex<Option<Arc<Instance>>>,
+    /// The publisher's input (for the HTTP publish API).
+    inject: mpsc::Sender<SourceEvent>,
     all_metrics: Arc<Metrics>,
     started_at: std::time::SystemTime,
     /// Per open key: (generation, subscribers). A key that ends is
@@ -148,6 +150,41 @@ impl ChannelRuntime {
         }
     }
 
+    /// Check a message as the publisher would (parse, envelope, schema).
+    pub fn check(&self, json: &[u8]) -> Result<Message, Dropped> {
+        let (frame, header) = crate::ws::text_frame(json);
+        if self.cfg.envelope.is_none() && self.cfg.filters.is_empty() {
+            check_message(&self.cfg.validator, frame, header)
+        } else {
+            check_message_full(
+                &self.cfg,
+                &self.all_metrics,
+                self.started_at,
+                None,
+                frame,
+                header,
+            )
+        }
+    }
+
+    /// Most messages one `inject` can take.
+    pub fn inject_capacity(&self) -> usize {
+        self.inject.max_capacity()
+    }
+
+    /// Publish checked messages in order; false when the publisher's buffer
+    /// has no room for all of them (nothing is published then).
+    pub fn inject(&self, msgs: Vec<Message>) -> bool {
+        let Ok(permits) = self.inject.try_reserve_many(msgs.len()) else {
+            return false;
+        };
+        self.metrics.received.fetch_add(msgs.len() as u64, Relaxed);
+        for (permit, msg) in permits.zip(msgs) {
+            permit.send(SourceEvent::Ready { key: None, msg });
+        }
+        true
+    }
+
     /// The latest message of the (unkeyed) channel.
     pub fn latest(&self) -> Option<Message> {
         self.broker.last(&Topic {
@@ -225,6 +262,7 @@ pub fn start(
         cmd_tx,
         key_refs: Mutex::new(KeyRefs::default()),
         current: Mutex::new(None),
+        inject: ev_tx.clone(),
         all_metrics: metrics.clone(),
         started_at: std::time::SystemTime::now(),
     });
@@ -281,9 +319,16 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
         }
         for ev in batch.drain(..) {
             match ev {
-                SourceEvent::Message { key, frame, header } => {
-                    let Some(msg) = prepare(&rt, key.as_deref(), frame, header, &log_limit) else {
-                        continue;
+                SourceEvent::Message { .. } | SourceEvent::Ready { .. } => {
+                    let (key, msg) = match ev {
+                        SourceEvent::Message { key, frame, header } => {
+                            match prepare(&rt, key.as_deref(), frame, header, &log_limit) {
+                                Some(m) => (key, m),
+                                None => continue,
+                            }
+                        }
+                        SourceEvent::Ready { key, msg } => (key, msg),
+                        SourceEvent::End { .. } => continue,
                     };
                     if let Some((lim, on)) = &rate
                         && let Err(nu) = lim.check()

@@ -58,6 +58,7 @@ where
 }
 
 /// Answer one request to an HTTP route.
+#[allow(clippy::too_many_arguments)]
 pub async fn handle<S, B>(
     state: &Arc<GatewayState>,
     route: Arc<HttpRouteCfg>,
@@ -66,6 +67,7 @@ pub async fn handle<S, B>(
     query: &str,
     body: S,
     peer: std::net::SocketAddr,
+    params: crate::router::Params,
 ) -> Reply
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
@@ -173,6 +175,85 @@ where
         roots
     };
     match &route.answer {
+        HttpAnswer::Publish(allowed) => {
+            let name = params.first().map(|(_, v)| v.as_str()).unwrap_or("");
+            let Some(rt) = allowed
+                .iter()
+                .find(|c| &***c == name)
+                .and_then(|c| state.channels.get(c))
+            else {
+                let names: Vec<&str> = allowed.iter().map(|c| &**c).collect();
+                return error_reply(
+                    StatusCode::NOT_FOUND,
+                    "unknown_channel",
+                    &format!(
+                        "no channel {name:?} accepts published messages; channels: {}",
+                        names.join(", ")
+                    ),
+                );
+            };
+            let items: Vec<Value> = match request["body"].clone() {
+                Value::Null => {
+                    return error_reply(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "POST a JSON message, or a JSON array of messages",
+                    );
+                }
+                Value::Array(a) => a,
+                one => vec![one],
+            };
+            if items.len() > rt.inject_capacity() {
+                return error_reply(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "batch_too_large",
+                    &format!(
+                        "at most {} messages per request (limits.source_buffer)",
+                        rt.inject_capacity()
+                    ),
+                );
+            }
+            // All or nothing: every message is checked before any is published.
+            let mut msgs = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let bytes = serde_json::to_vec(item).unwrap_or_default();
+                match rt.check(&bytes) {
+                    Ok(m) => msgs.push(m),
+                    Err(e) => {
+                        let (instance_path, message) = match e {
+                            crate::channel::Dropped::Invalid {
+                                instance_path,
+                                error,
+                            } => (instance_path, error),
+                            crate::channel::Dropped::NotJson(e) => ("/".to_string(), e.to_string()),
+                        };
+                        return json_reply(
+                            StatusCode::BAD_REQUEST,
+                            &json!({
+                                "error": "validation_failed",
+                                "message": format!("message {i} fails the schema of channel {name:?}: {message}"),
+                                "index": i,
+                                "instance_path": instance_path,
+                            }),
+                        );
+                    }
+                }
+            }
+            let n = msgs.len();
+            if !rt.inject(msgs) {
+                let mut r = error_reply(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "busy",
+                    "the channel's publish buffer is full; retry shortly",
+                );
+                r.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
+                return r;
+            }
+            json_reply(route.status, &json!({"accepted": n}))
+        }
         HttpAnswer::Body(t) => {
             let ctx = With {
                 roots: ctx_with(vec![]),

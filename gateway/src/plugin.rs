@@ -279,6 +279,13 @@ pub enum SourceEvent {
         /// Where the JSON starts in `frame`.
         header: usize,
     },
+    /// A message already parsed and validated (the HTTP publish API).
+    Ready {
+        /// Stream key.
+        key: Option<Arc<str>>,
+        /// The message.
+        msg: crate::broker::Message,
+    },
     /// The plugin ended a keyed stream.
     End {
         /// Stream key.

@@ -201,7 +201,7 @@ fn routes(
                         ),
                         Target::Http(route) => {
                             crate::http_routes::handle(
-                                &st, route, method, &headers, &query, body, info.peer,
+                                &st, route, method, &headers, &query, body, info.peer, params,
                             )
                             .await
                         }

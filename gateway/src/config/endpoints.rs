@@ -200,6 +200,8 @@ pub enum HttpAnswer {
     Latest(Arc<str>),
     /// A plugin command (optionally wrapped by a template).
     Command(Arc<CommandCfg>, Option<Template>),
+    /// The publish API: the `channel` path parameter names one of these.
+    Publish(Vec<Arc<str>>),
 }
 
 /// An HTTP JSON route.
@@ -1146,4 +1148,147 @@ impl ChannelSel {
     pub fn is_nothing(&self) -> bool {
         matches!(self, ChannelSel::Nothing)
     }
+}
+
+/// Compile the HTTP publish API into a route `POST {path}/{channel}`.
+pub(crate) fn compile_publish(
+    sink: &mut Sink,
+    file: &Path,
+    dir: &Path,
+    p: &PublishFile,
+    lk: &mut Lookup,
+) -> Option<HttpRouteCfg> {
+    let listener = match &p.listener {
+        Some(l) => {
+            if !lk.listener_names.contains(&l.value.as_str()) {
+                sink.at(
+                    l,
+                    "publish.listener",
+                    unknown_listener(&l.value, lk.listener_names),
+                );
+                return None;
+            }
+            l.value.clone()
+        }
+        None if lk.listener_names.len() == 1 => lk.listener_names[0].to_string(),
+        None => {
+            sink.at(
+                &p.auth,
+                "publish.listener",
+                format!(
+                    "several listeners are defined ({}); name one with `listener:`",
+                    lk.listener_names.join(", ")
+                ),
+            );
+            return None;
+        }
+    };
+    let prefix = p
+        .path
+        .as_ref()
+        .map(|s| s.value.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| "/publish".into());
+    let path = match PathPattern::parse(&format!("{prefix}/{{channel}}")) {
+        Ok(x) if x.params().len() == 1 => x,
+        Ok(_) | Err(_) => {
+            if let Some(s) = &p.path {
+                sink.at(
+                    s,
+                    "publish.path",
+                    format!(
+                        "invalid path prefix {:?}: write e.g. /publish (without parameters)",
+                        s.value
+                    ),
+                );
+            }
+            return None;
+        }
+    };
+    let channels: Vec<Arc<str>> = match &p.channels {
+        None => lk.channels.iter().map(|c| c.name.clone()).collect(),
+        Some(s) => match select(&s.value, lk.channels, false) {
+            Ok(sel) => resolve(&sel, lk.channels)
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+            Err(m) => {
+                sink.at(s, "publish.channels", m);
+                return None;
+            }
+        },
+    };
+    if p.channels.is_some()
+        && let Some(k) = lk
+            .channels
+            .iter()
+            .find(|c| c.keyed && channels.contains(&c.name))
+    {
+        sink.at(
+            &p.auth,
+            "publish.channels",
+            format!(
+                "channel {:?} is made of keyed streams; the publish API publishes to unkeyed channels only",
+                k.name
+            ),
+        );
+        return None;
+    }
+    let channels: Vec<Arc<str>> = channels
+        .into_iter()
+        .filter(|n| lk.channels.iter().any(|c| c.name == *n && !c.keyed))
+        .collect();
+    let auth = match compile_auth(&p.auth.value, dir) {
+        Ok(a) if a.needs_message() => {
+            sink.at(
+                &p.auth,
+                "publish.auth",
+                "the publish API authenticates by header or query only",
+            );
+            return None;
+        }
+        Ok(a) => a,
+        Err(m) => {
+            sink.at(&p.auth, "publish.auth", m);
+            return None;
+        }
+    };
+    let key = (listener.clone(), path.shape());
+    if let Some((other, prev)) = lk.paths.get(&key) {
+        sink.at(
+            &p.auth,
+            "publish.path",
+            format!(
+                "path {:?} on listener {listener:?} is already served by {other} ({}:{}:{})",
+                path.as_str(),
+                prev.file.display(),
+                prev.line,
+                prev.col
+            ),
+        );
+        return None;
+    }
+    lk.paths.insert(
+        key,
+        (
+            "the publish API".into(),
+            Origin::of(file, &p.auth, "publish"),
+        ),
+    );
+    Some(HttpRouteCfg {
+        listener,
+        path,
+        method: http::Method::POST,
+        auth,
+        answer: HttpAnswer::Publish(channels),
+        status: http::StatusCode::ACCEPTED,
+        max_body: p.max_body.map(|b| b.0).unwrap_or(1 << 20),
+        per_ip: match p.requests_per_ip {
+            Some(rate) => {
+                let lim = crate::limits::ip_limiter(rate);
+                lk.prunable.limiters.push(lim.clone());
+                Some(lim)
+            }
+            None => lk.limits.http_per_ip.clone(),
+        },
+    })
 }

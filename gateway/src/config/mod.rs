@@ -772,6 +772,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             http.push(Arc::new(h));
         }
     }
+    if let Some(p) = &gw.publish
+        && let Some(h) = endpoints::compile_publish(&mut sink, path, base, p, &mut lk)
+    {
+        http.push(Arc::new(h));
+    }
     // Commands need a plugin that answers them.
     let check_cmd = |c: &CommandCfg, where_: String, sink: &mut Sink| {
         if let Some(ch) = channels.iter().find(|x| x.name == c.channel)

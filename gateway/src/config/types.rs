@@ -227,6 +227,26 @@ pub struct GatewayFile {
     /// HTTP JSON routes.
     #[serde(default)]
     pub http: Vec<HttpRouteFile>,
+    /// The HTTP publish API: `POST {path}/{channel}`.
+    pub publish: Option<PublishFile>,
+}
+
+/// The HTTP publish API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishFile {
+    /// Path prefix (default `/publish`): messages are POSTed to `{path}/{channel}`.
+    pub path: Option<Spanned<String>>,
+    /// Listener (may be omitted when there is only one).
+    pub listener: Option<Spanned<String>>,
+    /// Who may publish: required, write `{mode: none}` to let anyone.
+    pub auth: Spanned<AuthFile>,
+    /// Channels that accept published messages (default all).
+    pub channels: Option<Spanned<ChannelSelFile>>,
+    /// Largest request body (default 1MiB).
+    pub max_body: Option<ByteSize>,
+    /// Requests per client IP (default `limits.http_requests_per_ip`).
+    pub requests_per_ip: Option<Rate>,
 }
 
 /// One listener.

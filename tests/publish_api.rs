@@ -1,0 +1,138 @@
+//! The HTTP publish API: `POST /publish/{channel}`, validated like every
+//! other outbound message, delivered to real WebSocket clients.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn deployment() -> Deployment {
+    let dep = Deployment::new();
+    dep.gateway_yaml(
+        "publish:\n  auth: {mode: api_key, header: X-Api-Key, keys_file: keys.txt}\n  max_body: 256\n  requests_per_ip: 20/1h\n",
+    )
+    .write("keys.txt", "pub-key\n")
+    .write("specs/schemas/seq.json", SEQ_SCHEMA)
+    .write(
+        "specs/news.yaml",
+        "channel: news\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 0}\nendpoints:\n  - path: /news\n",
+    );
+    dep
+}
+
+async fn post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let headers: Vec<(&str, &str)> = key.map(|k| vec![("X-Api-Key", k)]).unwrap_or_default();
+    let (s, _, b) = http_body(addr, "POST", path, &headers, body).await;
+    (s, serde_json::from_str(&b).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_messages_are_validated_and_delivered() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/news").await;
+    eventually("the subscriber to be counted", || async {
+        metric(
+            addr,
+            "gateway_subscribers{channel=\"news\",plugin=\"test-faults\"}",
+        )
+        .await
+        .filter(|n| *n == 1.0)
+    })
+    .await;
+
+    let (s, b) = post(addr, "/publish/news", Some("pub-key"), r#"{"seq": 1}"#).await;
+    assert_eq!((s, b), (202, json!({"accepted": 1})));
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 1}));
+    let (s, b) = post(
+        addr,
+        "/publish/news",
+        Some("pub-key"),
+        r#"[{"seq": 2}, {"seq": 3}]"#,
+    )
+    .await;
+    assert_eq!((s, b), (202, json!({"accepted": 2})));
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 2}));
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 3}));
+
+    // A batch with one bad message publishes nothing.
+    let (s, b) = post(
+        addr,
+        "/publish/news",
+        Some("pub-key"),
+        r#"[{"seq": 4}, {"seq": "five"}]"#,
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert_eq!(b["error"], "validation_failed");
+    assert_eq!(
+        (b["index"].as_u64(), b["instance_path"].as_str()),
+        (Some(1), Some("/seq"))
+    );
+    for (key, path, body, status, error) in [
+        (
+            None,
+            "/publish/news",
+            r#"{"seq": 9}"#,
+            401,
+            "missing_api_key",
+        ),
+        (
+            Some("nope"),
+            "/publish/news",
+            r#"{"seq": 9}"#,
+            403,
+            "invalid_api_key",
+        ),
+        (
+            Some("pub-key"),
+            "/publish/weather",
+            r#"{"seq": 9}"#,
+            404,
+            "unknown_channel",
+        ),
+        (
+            Some("pub-key"),
+            "/publish/news",
+            "{oops",
+            400,
+            "invalid_json",
+        ),
+        (Some("pub-key"), "/publish/news", "", 400, "bad_request"),
+        (
+            Some("pub-key"),
+            "/publish/news",
+            &format!(r#"{{"seq": 9, "pad": "{}"}}"#, "x".repeat(300)),
+            413,
+            "body_too_large",
+        ),
+    ] {
+        let (s, b) = post(addr, path, key, body).await;
+        assert_eq!(
+            (s, b["error"].as_str()),
+            (status, Some(error)),
+            "{path} {body:.40}"
+        );
+    }
+    // Only what passed arrived: the next message is the one published now.
+    let (s, _) = post(addr, "/publish/news", Some("pub-key"), r#"{"seq": 10}"#).await;
+    assert_eq!(s, 202);
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 10}));
+    // requests_per_ip: 20 per hour; 10 requests so far (refusals count too).
+    let mut refused = None;
+    for i in 0..20 {
+        let (s, b) = post(addr, "/publish/news", Some("pub-key"), r#"{"seq": 11}"#).await;
+        if s == 429 {
+            refused = Some((i, b));
+            break;
+        }
+    }
+    let (i, b) = refused.expect("a 429 within the hour's quota");
+    assert_eq!((i, b["error"].as_str()), (10, Some("rate_limited")));
+}
