@@ -591,3 +591,46 @@ async fn http_stats_services_and_endpoints() {
     assert_eq!(http(addr, "GET", "/ws/nothing", &[]).await.0, 404);
     assert_eq!(http(addr, "POST", "/ws/stats", &[]).await.0, 405);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_all_and_system_services_can_be_subscribed() {
+    let gw = start().await;
+    let addr = gw.addr("main").unwrap();
+    let (mut ws, _) = open(addr, "/ws").await;
+    send_json(
+        &mut ws,
+        &json!({"action": "subscribe", "service": "system"}),
+    )
+    .await;
+    let ok = next_reply(&mut ws).await;
+    assert_eq!(
+        (ok["type"].as_str(), ok["service"].as_str()),
+        (Some("subscription_confirmed"), Some("system"))
+    );
+    send_json(&mut ws, &json!({"action": "subscribe", "service": "all"})).await;
+    let ok = next_reply(&mut ws).await;
+    assert_eq!(
+        (ok["type"].as_str(), ok["service"].as_str()),
+        (Some("subscription_confirmed"), Some("all"))
+    );
+    // Every service's latest update arrives (they keep their last value).
+    let mut seen = BTreeSet::new();
+    while seen != all_names() {
+        let m = next(&mut ws).await;
+        if m["type"] == "update" {
+            seen.insert(m["service"].as_str().unwrap().to_string());
+        }
+    }
+    send_json(&mut ws, &json!({"action": "get_status"})).await;
+    let st = next_reply(&mut ws).await;
+    assert_eq!(names_of(&st["data"]["subscriptions"]), all_names());
+    send_json(&mut ws, &json!({"action": "unsubscribe", "service": "all"})).await;
+    let un = next_reply(&mut ws).await;
+    assert_eq!(
+        (un["type"].as_str(), un["service"].as_str()),
+        (Some("unsubscription_confirmed"), Some("all"))
+    );
+    send_json(&mut ws, &json!({"action": "get_status"})).await;
+    let st = next_reply(&mut ws).await;
+    assert_eq!(st["data"]["subscriptions"], json!([]));
+}

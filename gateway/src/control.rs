@@ -379,6 +379,43 @@ impl Control {
                         return;
                     }
                 };
+                if self.ep.channel(&name).is_none()
+                    && let Some(set) = p.channel_set(&name, &self.ep.channels)
+                {
+                    // A set: every channel of it, one confirmation.
+                    if matches!(act, Action::Unsubscribe) {
+                        for c in &set {
+                            self.unsubscribe(&c.name);
+                        }
+                        out.extend(self.render(
+                            &p.replies.unsubscribed,
+                            vec![("request", msg), ("channel", Value::String(name))],
+                        ));
+                        return;
+                    }
+                    let mut filters = Vec::new();
+                    for c in &set {
+                        match self.filters_of(&p, c, &msg) {
+                            Ok(f) => filters.push(f),
+                            Err(m) => {
+                                out.extend(self.error(
+                                    refusal("invalid_filter", m),
+                                    Some(&msg),
+                                    Some(&name),
+                                ));
+                                return;
+                            }
+                        }
+                    }
+                    out.extend(self.render(
+                        &p.replies.subscribed,
+                        vec![("request", msg.clone()), ("channel", Value::String(name))],
+                    ));
+                    for (c, f) in set.iter().zip(filters) {
+                        self.subscribe(c, f.map(Arc::new));
+                    }
+                    return;
+                }
                 let Some(ch) = self.ep.channel(&name).cloned() else {
                     out.extend(self.error(
                         refusal(

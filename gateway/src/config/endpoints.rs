@@ -101,6 +101,22 @@ pub struct ProtocolCfg {
     pub replies: Replies,
     /// Schema replies must satisfy.
     pub validator: Option<Arc<jsonschema::Validator>>,
+    /// Subscribe names standing for several channels (or none).
+    pub channel_sets: Vec<(String, ChannelSel)>,
+}
+
+impl ProtocolCfg {
+    /// The channels of set `name` among `within`, if `name` is a set.
+    pub fn channel_set(
+        &self,
+        name: &str,
+        within: &[Arc<ChannelCfg>],
+    ) -> Option<Vec<Arc<ChannelCfg>>> {
+        self.channel_sets
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, sel)| resolve(sel, within))
+    }
 }
 
 impl ProtocolCfg {
@@ -271,8 +287,10 @@ pub(crate) fn compile_protocols(
     sink: &mut Sink,
     base: &Path,
     protocols: &BTreeMap<String, Spanned<ProtocolFile>>,
-    channel_names: &[Arc<str>],
+    channels: &[Arc<ChannelCfg>],
 ) -> HashMap<String, Arc<ProtocolCfg>> {
+    let names: Vec<Arc<str>> = channels.iter().map(|c| c.name.clone()).collect();
+    let channel_names = &names[..];
     let mut out = HashMap::new();
     for (name, p) in protocols {
         let f = |k: &str| format!("protocols.{name}.{k}");
@@ -388,6 +406,25 @@ pub(crate) fn compile_protocols(
                 }
             },
         };
+        let mut channel_sets = Vec::new();
+        for (set, sel) in &pv.channel_sets {
+            if channel_names.iter().any(|n| **n == **set) {
+                sink.at(
+                    sel,
+                    f(&format!("channel_sets.{set}")),
+                    format!("{set:?} is already a channel name"),
+                );
+                ok = false;
+                continue;
+            }
+            match select(&sel.value, channels, true) {
+                Ok(s) => channel_sets.push((set.clone(), s)),
+                Err(m) => {
+                    sink.at(sel, f(&format!("channel_sets.{set}")), m);
+                    ok = false;
+                }
+            }
+        }
         if pv.filters_at.is_empty() {
             sink.at(
                 p,
@@ -420,6 +457,7 @@ pub(crate) fn compile_protocols(
                         command,
                     },
                     validator,
+                    channel_sets,
                 }),
             );
         }

@@ -707,12 +707,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     }
 
     // Protocols, endpoints and HTTP routes, once every channel is known.
-    let channel_names: Vec<Arc<str>> = channels.iter().map(|c| c.name.clone()).collect();
     let mut sink = Sink {
         file: path,
         errors: &mut errors,
     };
-    let protocols = endpoints::compile_protocols(&mut sink, base, &gw.protocols, &channel_names);
+    let protocols = endpoints::compile_protocols(&mut sink, base, &gw.protocols, &channels);
     let mut lk = endpoints::Lookup {
         channels: &channels,
         protocols: &protocols,

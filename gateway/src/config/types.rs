@@ -546,6 +546,10 @@ pub struct ProtocolFile {
     pub replies: RepliesFile,
     /// JSON Schema every reply must satisfy (optional).
     pub schema: Option<Spanned<String>>,
+    /// Names a client may subscribe to that stand for several channels
+    /// (`all`, `{group: NAME}`, a list) or none (`none`).
+    #[serde(default)]
+    pub channel_sets: BTreeMap<String, Spanned<ChannelSelFile>>,
 }
 
 fn default_action_field() -> String {
