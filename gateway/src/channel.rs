@@ -54,8 +54,9 @@ pub struct ChannelRuntime {
     cmd_tx: mpsc::UnboundedSender<SourceCmd>,
     /// The running plugin instance (for commands).
     current: Mutex<Option<Arc<Instance>>>,
-    /// The publisher's input (for the HTTP publish API).
-    inject: mpsc::Sender<SourceEvent>,
+    /// The publisher's input (for the HTTP publish API). Weak: the
+    /// publisher ends when the source's sender goes, at shutdown.
+    inject: mpsc::WeakSender<SourceEvent>,
     all_metrics: Arc<Metrics>,
     started_at: std::time::SystemTime,
     /// Per open key: (generation, subscribers). A key that ends is
@@ -169,13 +170,16 @@ impl ChannelRuntime {
 
     /// Most messages one `inject` can take.
     pub fn inject_capacity(&self) -> usize {
-        self.inject.max_capacity()
+        self.inject.upgrade().map(|s| s.max_capacity()).unwrap_or(0)
     }
 
     /// Publish checked messages in order; false when the publisher's buffer
     /// has no room for all of them (nothing is published then).
     pub fn inject(&self, msgs: Vec<Message>) -> bool {
-        let Ok(permits) = self.inject.try_reserve_many(msgs.len()) else {
+        let Some(tx) = self.inject.upgrade() else {
+            return false;
+        };
+        let Ok(permits) = tx.try_reserve_many(msgs.len()) else {
             return false;
         };
         self.metrics.received.fetch_add(msgs.len() as u64, Relaxed);
@@ -262,7 +266,7 @@ pub fn start(
         cmd_tx,
         key_refs: Mutex::new(KeyRefs::default()),
         current: Mutex::new(None),
-        inject: ev_tx.clone(),
+        inject: ev_tx.downgrade(),
         all_metrics: metrics.clone(),
         started_at: std::time::SystemTime::now(),
     });
