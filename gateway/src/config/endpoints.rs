@@ -282,6 +282,45 @@ fn many(o: &OneOrMany) -> Vec<&Value> {
     }
 }
 
+impl Lookup<'_> {
+    /// A new per-IP rate limiter, registered for pruning.
+    fn ip_limiter(&mut self, rate: Rate) -> Arc<crate::limits::IpLimiter> {
+        let lim = crate::limits::ip_limiter(rate);
+        self.prunable.limiters.push(lim.clone());
+        lim
+    }
+}
+
+/// The listener named by `given`, or the only one; errors point at `given`,
+/// or at `near` when none was given.
+fn pick_listener<T>(
+    sink: &mut Sink,
+    lk: &Lookup,
+    given: Option<&Spanned<String>>,
+    near: &Spanned<T>,
+    field: String,
+) -> Option<String> {
+    match given {
+        Some(l) if lk.listener_names.contains(&l.value.as_str()) => Some(l.value.clone()),
+        Some(l) => {
+            sink.at(l, field, unknown_listener(&l.value, lk.listener_names));
+            None
+        }
+        None if lk.listener_names.len() == 1 => Some(lk.listener_names[0].to_string()),
+        None => {
+            sink.at(
+                near,
+                field,
+                format!(
+                    "several listeners are defined ({}); name one with `listener:`",
+                    lk.listener_names.join(", ")
+                ),
+            );
+            None
+        }
+    }
+}
+
 /// Compile the protocols of gateway.yaml.
 pub(crate) fn compile_protocols(
     sink: &mut Sink,
@@ -614,31 +653,7 @@ pub(crate) fn compile_endpoint(
     let mut protocol_broken = false;
     let f = |k: &str| format!("{prefix}.{k}");
     let mut ok = true;
-    let listener = match &ep.listener {
-        Some(l) => {
-            if !lk.listener_names.contains(&l.value.as_str()) {
-                sink.at(
-                    l,
-                    f("listener"),
-                    unknown_listener(&l.value, lk.listener_names),
-                );
-                return None;
-            }
-            l.value.clone()
-        }
-        None if lk.listener_names.len() == 1 => lk.listener_names[0].to_string(),
-        None => {
-            sink.at(
-                &ep.path,
-                f("listener"),
-                format!(
-                    "several listeners are defined ({}); name one with `listener:`",
-                    lk.listener_names.join(", ")
-                ),
-            );
-            return None;
-        }
-    };
+    let listener = pick_listener(sink, lk, ep.listener.as_ref(), &ep.path, f("listener"))?;
     let protocol = match &ep.protocol {
         None => None,
         Some(p) if p.value == "stream" => None,
@@ -903,9 +918,7 @@ fn endpoint_limits(own: Option<&EndpointLimitsFile>, lk: &mut Lookup) -> ConnLim
         l.per_principal.push(ConnCounter::new(n, "principal"));
     }
     if let Some(r) = e.new_connections_per_ip {
-        let lim = crate::limits::ip_limiter(r);
-        lk.prunable.limiters.push(lim.clone());
-        l.new_per_ip.push(lim);
+        l.new_per_ip.push(lk.ip_limiter(r));
     }
     l
 }
@@ -921,31 +934,7 @@ pub(crate) fn compile_http(
 ) -> Option<HttpRouteCfg> {
     let f = |k: &str| format!("http[{i}].{k}");
     let names: Vec<Arc<str>> = lk.channels.iter().map(|c| c.name.clone()).collect();
-    let listener = match &r.listener {
-        Some(l) => {
-            if !lk.listener_names.contains(&l.value.as_str()) {
-                sink.at(
-                    l,
-                    f("listener"),
-                    unknown_listener(&l.value, lk.listener_names),
-                );
-                return None;
-            }
-            l.value.clone()
-        }
-        None if lk.listener_names.len() == 1 => lk.listener_names[0].to_string(),
-        None => {
-            sink.at(
-                &r.path,
-                f("listener"),
-                format!(
-                    "several listeners are defined ({}); name one with `listener:`",
-                    lk.listener_names.join(", ")
-                ),
-            );
-            return None;
-        }
-    };
+    let listener = pick_listener(sink, lk, r.listener.as_ref(), &r.path, f("listener"))?;
     let path = match PathPattern::parse(&r.path.value) {
         Ok(p) if p.params().is_empty() => p,
         Ok(_) => {
@@ -1070,11 +1059,7 @@ pub(crate) fn compile_http(
         status,
         max_body: r.max_body.map(|b| b.0).unwrap_or(1 << 20),
         per_ip: match r.requests_per_ip {
-            Some(rate) => {
-                let lim = crate::limits::ip_limiter(rate);
-                lk.prunable.limiters.push(lim.clone());
-                Some(lim)
-            }
+            Some(rate) => Some(lk.ip_limiter(rate)),
             None => lk.limits.http_per_ip.clone(),
         },
     })
@@ -1196,31 +1181,13 @@ pub(crate) fn compile_publish(
     p: &PublishFile,
     lk: &mut Lookup,
 ) -> Option<HttpRouteCfg> {
-    let listener = match &p.listener {
-        Some(l) => {
-            if !lk.listener_names.contains(&l.value.as_str()) {
-                sink.at(
-                    l,
-                    "publish.listener",
-                    unknown_listener(&l.value, lk.listener_names),
-                );
-                return None;
-            }
-            l.value.clone()
-        }
-        None if lk.listener_names.len() == 1 => lk.listener_names[0].to_string(),
-        None => {
-            sink.at(
-                &p.auth,
-                "publish.listener",
-                format!(
-                    "several listeners are defined ({}); name one with `listener:`",
-                    lk.listener_names.join(", ")
-                ),
-            );
-            return None;
-        }
-    };
+    let listener = pick_listener(
+        sink,
+        lk,
+        p.listener.as_ref(),
+        &p.auth,
+        "publish.listener".to_string(),
+    )?;
     let prefix = p
         .path
         .as_ref()
@@ -1321,11 +1288,7 @@ pub(crate) fn compile_publish(
         status: http::StatusCode::ACCEPTED,
         max_body: p.max_body.map(|b| b.0).unwrap_or(1 << 20),
         per_ip: match p.requests_per_ip {
-            Some(rate) => {
-                let lim = crate::limits::ip_limiter(rate);
-                lk.prunable.limiters.push(lim.clone());
-                Some(lim)
-            }
+            Some(rate) => Some(lk.ip_limiter(rate)),
             None => lk.limits.http_per_ip.clone(),
         },
     })
