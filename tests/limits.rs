@@ -213,11 +213,18 @@ async fn connection_caps_per_ip_endpoint_and_principal() {
         (429, json!("too_many_connections_per_ip"))
     );
     // A slot comes back when a connection ends.
+    // Wait until the gateway has seen it go: a retried connect would be
+    // refused (and counted) while the slot is still held.
     drop(held.pop());
-    let again = eventually("a freed per-IP slot", || async {
-        try_connect(addr, "/per-ip", &[]).await.ok()
+    eventually("the closed session to end", || async {
+        metric(addr, "gateway_connections")
+            .await
+            .filter(|n| *n == 2.0)
     })
     .await;
+    let again = try_connect(addr, "/per-ip", &[])
+        .await
+        .expect("the freed per-IP slot is available");
     drop(again);
     drop(held);
 
