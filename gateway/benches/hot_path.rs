@@ -69,6 +69,8 @@ fn fan_out(c: &mut Criterion) {
                     metrics: metrics.clone(),
                     filter: None,
                     cancelled: Default::default(),
+                    joined_at: 0,
+                    generation: Default::default(),
                 },
                 false,
             );

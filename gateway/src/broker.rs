@@ -67,6 +67,12 @@ pub struct Subscriber {
     pub filter: Option<Arc<SubFilter>>,
     /// Set when the subscription ends (stops held conflated frames).
     pub cancelled: Arc<AtomicBool>,
+    /// Messages the topic had published when this subscriber joined (set
+    /// by the broker): a subscriber that joined after a keyed stream's last
+    /// message got nothing of it, and [`Broker::end`] keeps it.
+    pub joined_at: u64,
+    /// Which opening of a keyed stream it follows (kept by the channel).
+    pub generation: Arc<AtomicU64>,
 }
 
 impl Subscriber {
@@ -97,20 +103,29 @@ pub trait Broker: Send + Sync + 'static {
     fn publish(&self, topic: &Topic, msg: &Message, retain: bool);
     /// The topic's latest retained message.
     fn last(&self, topic: &Topic) -> Option<Message>;
-    /// End a keyed stream: subscribers get what was published before, then Close 1000.
-    fn end(&self, topic: &Topic);
+    /// End a keyed stream: subscribers get what was published before, then
+    /// Close 1000. Subscribers that joined after its last message (they got
+    /// nothing of it) stay subscribed, for the stream to be opened again;
+    /// returns those kept.
+    fn end(&self, topic: &Topic) -> Vec<Subscriber>;
     /// Add a subscriber; returns its id and the topic's subscriber count
     /// after adding. With `replay`, the retained message (if any) is
     /// delivered to it first, atomically with respect to publishes.
     fn subscribe(&self, topic: &Topic, sub: Subscriber, replay: bool) -> (SubscriptionId, usize);
     /// Remove a subscriber; returns the topic's subscriber count after removing.
     fn unsubscribe(&self, topic: &Topic, id: SubscriptionId) -> usize;
+    /// Close every subscriber of every topic of `channel` (after what was
+    /// published before) with `code`, and forget the channel's retained
+    /// messages; returns how many subscribers were closed.
+    fn close_channel(&self, channel: &str, code: u16, reason: &'static str) -> usize;
 }
 
 #[derive(Default)]
 struct TopicState {
     subs: RwLock<Vec<(SubscriptionId, Subscriber)>>,
     last: parking_lot::Mutex<Option<Message>>,
+    /// Messages published (counted under the `subs` read lock).
+    published: AtomicU64,
 }
 
 /// The single-process broker.
@@ -144,6 +159,7 @@ impl Broker for MemoryBroker {
             None => return,
         };
         let subs = st.subs.read();
+        st.published.fetch_add(1, Relaxed);
         if retain {
             *st.last.lock() = Some(msg.clone());
         }
@@ -177,21 +193,48 @@ impl Broker for MemoryBroker {
         self.state(topic).and_then(|s| s.last.lock().clone())
     }
 
-    fn end(&self, topic: &Topic) {
-        let Some(st) = self.state(topic) else { return };
+    fn end(&self, topic: &Topic) -> Vec<Subscriber> {
+        let Some(st) = self.state(topic) else {
+            return Vec::new();
+        };
         *st.last.lock() = None;
-        for (_, s) in st.subs.read().iter() {
+        let mut subs = st.subs.write();
+        let published = st.published.load(Relaxed);
+        let mut kept = Vec::new();
+        subs.retain(|(_, s)| {
+            if s.joined_at >= published {
+                kept.push(s.clone());
+                return true;
+            }
             s.queue.close(crate::ws::close::NORMAL, "stream ended");
+            false
+        });
+        let empty = subs.is_empty();
+        drop(subs);
+        if empty {
+            let mut topics = self.topics.write();
+            if topics.get(topic).is_some_and(|s| s.subs.read().is_empty()) {
+                topics.remove(topic);
+            }
         }
+        kept
     }
 
-    fn subscribe(&self, topic: &Topic, sub: Subscriber, replay: bool) -> (SubscriptionId, usize) {
+    fn subscribe(
+        &self,
+        topic: &Topic,
+        mut sub: Subscriber,
+        replay: bool,
+    ) -> (SubscriptionId, usize) {
         let id = SubscriptionId(self.next_id.fetch_add(1, Relaxed));
         let mut topics = self.topics.write();
         let st = topics.entry(topic.clone()).or_default();
         let mut g = st.subs.write();
+        sub.joined_at = st.published.load(Relaxed);
         if replay && let Some(m) = st.last.lock().as_ref() {
             sub.deliver(m);
+            // It has the stream's latest message.
+            sub.joined_at = sub.joined_at.saturating_sub(1);
         }
         g.push((id, sub));
         (id, g.len())
@@ -210,6 +253,27 @@ impl Broker for MemoryBroker {
         // follows is forgotten.
         if n == 0 && (topic.key.is_some() || st.last.lock().is_none()) {
             topics.remove(topic);
+        }
+        n
+    }
+
+    fn close_channel(&self, channel: &str, code: u16, reason: &'static str) -> usize {
+        let gone: Vec<Arc<TopicState>> = {
+            let mut topics = self.topics.write();
+            let keys: Vec<Topic> = topics
+                .keys()
+                .filter(|t| &*t.channel == channel)
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| topics.remove(k)).collect()
+        };
+        let mut n = 0;
+        for st in gone {
+            for (_, s) in st.subs.read().iter() {
+                if s.queue.close(code, reason) {
+                    n += 1;
+                }
+            }
         }
         n
     }
@@ -239,6 +303,8 @@ mod tests {
                     metrics: m.clone(),
                     filter: None,
                     cancelled: Default::default(),
+                    joined_at: 0,
+                    generation: Default::default(),
                 },
                 false,
             );
@@ -267,6 +333,46 @@ mod tests {
     }
 
     #[test]
+    fn ending_a_stream_keeps_only_subscribers_that_got_nothing_of_it() {
+        let b = MemoryBroker::new();
+        let m = Arc::new(ChannelMetrics::default());
+        let topic = Topic {
+            channel: "jobs".into(),
+            key: Some("j1".into()),
+        };
+        let sub = |q: &Arc<SessionQueue>| Subscriber {
+            queue: q.clone(),
+            on_full: OnFull::DropOldest,
+            metrics: m.clone(),
+            filter: None,
+            cancelled: Default::default(),
+            joined_at: 0,
+            generation: Default::default(),
+        };
+        let (early, late) = (
+            Arc::new(SessionQueue::new(4)),
+            Arc::new(SessionQueue::new(4)),
+        );
+        b.subscribe(&topic, sub(&early), false);
+        let msg = Message::new(crate::ws::frame(crate::ws::OP_TEXT, b"{}"), 2);
+        b.publish(&topic, &msg, false);
+        // Joins after the stream's last message, before its end.
+        b.subscribe(&topic, sub(&late), false);
+        let kept = b.end(&topic);
+        assert_eq!(kept.len(), 1);
+        assert!(Arc::ptr_eq(&kept[0].queue, &late));
+        assert!(early.is_closing() && !late.is_closing());
+        // The kept subscriber gets the stream opened again.
+        b.publish(&topic, &msg, false);
+        let mut out = Vec::new();
+        late.take(&mut out, 10);
+        assert_eq!(out.len(), 1);
+        // Nobody kept: the topic is forgotten.
+        assert!(b.end(&topic).is_empty());
+        assert!(b.topics.read().is_empty());
+    }
+
+    #[test]
     fn retained_messages_replay_to_new_subscribers_only_when_asked() {
         let b = MemoryBroker::new();
         let m = Arc::new(ChannelMetrics::default());
@@ -283,6 +389,8 @@ mod tests {
             metrics: m.clone(),
             filter: None,
             cancelled: Default::default(),
+            joined_at: 0,
+            generation: Default::default(),
         };
         let (q1, q2) = (
             Arc::new(SessionQueue::new(4)),

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -67,8 +67,18 @@ pub struct ChannelRuntime {
 
 #[derive(Default)]
 struct KeyRefs {
-    open: HashMap<Arc<str>, (u64, usize)>,
+    open: HashMap<Arc<str>, KeyRef>,
     next_gen: u64,
+}
+
+/// One open keyed stream.
+struct KeyRef {
+    /// Which opening of the key this is.
+    generation: u64,
+    /// Subscriptions following it.
+    subscribers: usize,
+    /// Its path parameters (JSON), to open it again.
+    params: Vec<u8>,
 }
 
 /// Unsubscribes when dropped.
@@ -76,7 +86,9 @@ pub struct Subscription {
     rt: Arc<ChannelRuntime>,
     topic: Topic,
     id: SubscriptionId,
-    key_gen: u64,
+    /// The opening of its keyed stream it counts against (moved on when a
+    /// stream it got nothing of ended and was opened again for it).
+    generation: Arc<AtomicU64>,
     cancelled: Arc<AtomicBool>,
 }
 
@@ -87,11 +99,11 @@ impl Drop for Subscription {
         self.rt.metrics.subscribers.fetch_sub(1, Relaxed);
         if let Some(key) = &self.topic.key {
             let mut refs = self.rt.key_refs.lock();
-            if let Some((g, n)) = refs.open.get_mut(key)
-                && *g == self.key_gen
+            if let Some(r) = refs.open.get_mut(key)
+                && r.generation == self.generation.load(Relaxed)
             {
-                *n -= 1;
-                if *n == 0 {
+                r.subscribers -= 1;
+                if r.subscribers == 0 {
                     refs.open.remove(key);
                     let _ = self.rt.cmd_tx.send(SourceCmd::CloseKey(key.clone()));
                 }
@@ -110,43 +122,52 @@ impl ChannelRuntime {
         filter: Option<Arc<SubFilter>>,
     ) -> Subscription {
         let cancelled = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
         let topic = Topic {
             channel: self.cfg.name.clone(),
             key: key.as_ref().map(|(k, _)| k.clone()),
         };
-        // Subscribe before asking the plugin for the stream, so its first
-        // message cannot be published to nobody.
-        let (id, _) = self.broker.subscribe(
-            &topic,
-            Subscriber {
-                queue,
-                on_full: self.cfg.on_full,
-                metrics: self.metrics.clone(),
-                filter,
-                cancelled: cancelled.clone(),
-            },
-            self.cfg.last_value,
-        );
-        self.metrics.subscribers.fetch_add(1, Relaxed);
-        let mut key_gen = 0;
-        if let Some((k, params)) = key {
-            let mut refs = self.key_refs.lock();
-            let refs = &mut *refs;
-            let (g, n) = refs.open.entry(k.clone()).or_insert_with(|| {
-                refs.next_gen += 1;
-                (refs.next_gen, 0)
-            });
-            *n += 1;
-            key_gen = *g;
-            if *n == 1 {
-                let _ = self.cmd_tx.send(SourceCmd::OpenKey(k, params));
+        let sub = Subscriber {
+            queue,
+            on_full: self.cfg.on_full,
+            metrics: self.metrics.clone(),
+            filter,
+            cancelled: cancelled.clone(),
+            joined_at: 0,
+            generation: generation.clone(),
+        };
+        let id = match key {
+            None => self.broker.subscribe(&topic, sub, self.cfg.last_value).0,
+            Some((k, params)) => {
+                // The key's count and the broker's subscribers change
+                // together, so an ending stream sees both or neither.
+                let mut refs = self.key_refs.lock();
+                let refs = &mut *refs;
+                // Subscribe before asking the plugin for the stream, so its
+                // first message cannot be published to nobody.
+                let (id, _) = self.broker.subscribe(&topic, sub, self.cfg.last_value);
+                let r = refs.open.entry(k.clone()).or_insert_with(|| {
+                    refs.next_gen += 1;
+                    KeyRef {
+                        generation: refs.next_gen,
+                        subscribers: 0,
+                        params: params.clone(),
+                    }
+                });
+                r.subscribers += 1;
+                generation.store(r.generation, Relaxed);
+                if r.subscribers == 1 {
+                    let _ = self.cmd_tx.send(SourceCmd::OpenKey(k, params));
+                }
+                id
             }
-        }
+        };
+        self.metrics.subscribers.fetch_add(1, Relaxed);
         Subscription {
             rt: self.clone(),
             topic,
             id,
-            key_gen,
+            generation,
             cancelled,
         }
     }
@@ -221,15 +242,36 @@ impl ChannelRuntime {
     }
 
     /// The plugin ended `key`: its subscribers get Close 1000 after what was
-    /// published before, and the next subscriber opens the key again.
+    /// published before, and the next subscriber opens the key again. Those
+    /// that joined after its last message got nothing of it: the key is
+    /// opened again for them at once.
     fn end_key(&self, key: Arc<str>) {
-        if self.key_refs.lock().open.remove(&key).is_some() {
-            let _ = self.cmd_tx.send(SourceCmd::CloseKey(key.clone()));
-        }
-        self.broker.end(&Topic {
+        let mut refs = self.key_refs.lock();
+        let kept = self.broker.end(&Topic {
             channel: self.cfg.name.clone(),
-            key: Some(key),
+            key: Some(key.clone()),
         });
+        let Some(ended) = refs.open.remove(&key) else {
+            return;
+        };
+        let _ = self.cmd_tx.send(SourceCmd::CloseKey(key.clone()));
+        if kept.is_empty() {
+            return;
+        }
+        refs.next_gen += 1;
+        let generation = refs.next_gen;
+        for s in &kept {
+            s.generation.store(generation, Relaxed);
+        }
+        refs.open.insert(
+            key.clone(),
+            KeyRef {
+                generation,
+                subscribers: kept.len(),
+                params: ended.params.clone(),
+            },
+        );
+        let _ = self.cmd_tx.send(SourceCmd::OpenKey(key, ended.params));
     }
 }
 
