@@ -106,6 +106,7 @@ fn load() -> config::Config {
     let opts = LoadOptions {
         plugin_dirs: Some(vec![build_plugins()]),
         listen: BTreeMap::from([("main".to_string(), "127.0.0.1:0".to_string())]),
+        ..Default::default()
     };
     config::load(&example_dir().join("gateway.yaml"), &opts)
         .unwrap_or_else(|e| panic!("examples/crypto-monitor/gateway.yaml should load:\n{e}"))

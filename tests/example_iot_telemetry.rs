@@ -26,6 +26,7 @@ fn load() -> config::Config {
     let opts = LoadOptions {
         plugin_dirs: Some(vec![build_plugins()]),
         listen: BTreeMap::from([("main".to_string(), "127.0.0.1:0".to_string())]),
+        ..Default::default()
     };
     config::load(&example_dir().join("gateway.yaml"), &opts)
         .unwrap_or_else(|e| panic!("examples/iot-telemetry/gateway.yaml should load:\n{e}"))
@@ -760,12 +761,12 @@ async fn unsubscribe_errors_and_message_size() {
 async fn the_published_limits_are_enforced() {
     let gw = start().await;
     let addr = gw.addr("main").unwrap();
-    let ep = &gw.state().config.endpoints[0];
+    let ep = &gw.state().config().endpoints[0];
     assert_eq!(
         ep.limits
             .per_principal
             .iter()
-            .map(|c| c.max)
+            .map(|c| c.max())
             .collect::<Vec<_>>(),
         [100]
     );

@@ -384,7 +384,7 @@ async fn marketplace_events_of_every_type() {
 async fn the_published_limits_are_enforced() {
     let gw = start_example(EXAMPLE, &LISTENERS).await;
     let chain = gw.addr("chain").unwrap();
-    for e in &gw.state().config.endpoints {
+    for e in &gw.state().config().endpoints {
         assert_eq!(
             e.limits.max_duration,
             Some(std::time::Duration::from_secs(24 * 3600)),

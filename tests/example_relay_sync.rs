@@ -316,7 +316,7 @@ async fn the_rest_api_answers_every_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_published_limits_are_configured() {
     let gw = start_example(EXAMPLE, &LISTENERS).await;
-    let cfg = &gw.state().config;
+    let cfg = &gw.state().config();
     let ws = &cfg.endpoints[0].limits;
     assert_eq!(ws.ping_interval, Some(std::time::Duration::from_secs(30)));
     assert_eq!(ws.idle_timeout, Some(std::time::Duration::from_secs(60)));

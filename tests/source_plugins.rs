@@ -513,6 +513,7 @@ async fn the_shipped_source_examples_load_and_the_exec_ones_deliver() {
     let opts = LoadOptions {
         plugin_dirs: Some(vec![plugins]),
         listen: BTreeMap::from([("main".to_owned(), "127.0.0.1:0".to_owned())]),
+        ..Default::default()
     };
     let cfg = config::load(&file, &opts).unwrap_or_else(|e| panic!("{e}"));
     let mut channels: Vec<(String, String)> = cfg

@@ -69,7 +69,14 @@ fn run(plugins: &Path, schema: &str) -> f64 {
         let cfg = config::load(&dir.join("gateway.yaml"), &LoadOptions::default())
             .unwrap_or_else(|e| panic!("{e}"));
         let gw = Gateway::start(cfg).await.unwrap_or_else(|e| panic!("{e}"));
-        let m = gw.state().channels.get("push").unwrap().metrics.clone();
+        let m = gw
+            .state()
+            .live()
+            .channels
+            .get("push")
+            .unwrap()
+            .metrics
+            .clone();
         let start = Instant::now();
         while m.published.load(Relaxed) + m.schema_failures.load(Relaxed) < MESSAGES {
             assert!(

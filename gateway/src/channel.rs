@@ -50,6 +50,9 @@ pub struct ChannelRuntime {
     pub metrics: Arc<ChannelMetrics>,
     /// Set once the plugin instance started for the first time.
     pub started: AtomicBool,
+    /// Stops this channel's source (a reload that changes or removes the
+    /// channel; a child of the gateway's shutdown).
+    stop: CancellationToken,
     broker: Arc<dyn Broker>,
     cmd_tx: mpsc::UnboundedSender<SourceCmd>,
     /// The running plugin instance (for commands).
@@ -210,6 +213,12 @@ impl ChannelRuntime {
         true
     }
 
+    /// Stop the source; the publisher ends once the source's messages are
+    /// out. Subscribers stay subscribed to the channel's topics.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
     /// The latest message of the (unkeyed) channel.
     pub fn latest(&self) -> Option<Message> {
         self.broker.last(&Topic {
@@ -300,10 +309,12 @@ pub fn start(
     let cm = metrics.channel(&cfg.name, &cfg.source.plugin.name);
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::channel(limits.source_buffer);
+    let stop = shutdown.child_token();
     let rt = Arc::new(ChannelRuntime {
         cfg: cfg.clone(),
         metrics: cm,
         started: AtomicBool::new(false),
+        stop: stop.clone(),
         broker,
         cmd_tx,
         key_refs: Mutex::new(KeyRefs::default()),
@@ -318,7 +329,7 @@ pub fn start(
         ev_tx,
         cmd_rx,
         limits.max_message_size.max(1 << 20),
-        shutdown,
+        stop,
     ));
     rt
 }
@@ -616,7 +627,11 @@ async fn supervise(
                     }
                     fail = run_instance(&rt, &inst, exited, &mut cmds, &mut open_keys, &shutdown)
                         .await;
-                    rt.metrics.plugin_up.store(false, Relaxed);
+                    // A stopped channel's metrics belong to its successor (a
+                    // reload that changed it) from now on.
+                    if !shutdown.is_cancelled() {
+                        rt.metrics.plugin_up.store(false, Relaxed);
+                    }
                     *rt.current.lock() = None;
                 }
                 failure = fail;

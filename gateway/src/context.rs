@@ -60,12 +60,13 @@ impl GatewayCtx<'_> {
         if let Some(v) = gateway_basic(&st.metrics, st.started, key) {
             return Some(v);
         }
+        let live = st.live();
         Some(match key {
             "clients" => Value::Array(st.clients().iter().map(|c| c.to_json()).collect()),
             "subscription_counts" => {
                 let mut m = Map::new();
-                for c in &st.config.channels {
-                    let n = st
+                for c in &live.config.channels {
+                    let n = live
                         .channels
                         .get(&c.name)
                         .map(|r| r.metrics.subscribers.load(Relaxed).max(0))
@@ -75,7 +76,7 @@ impl GatewayCtx<'_> {
                 Value::Object(m)
             }
             "channels" => Value::Array(
-                st.config
+                live.config
                     .channels
                     .iter()
                     .map(|c| {
@@ -86,13 +87,13 @@ impl GatewayCtx<'_> {
                             "mode": c.source.mode.to_string(),
                             "interval": c.source.interval.map(|d| humantime::format_duration(d).to_string()),
                             "interval_seconds": c.source.interval.map(|d| d.as_secs_f64()),
-                            "subscribers": st.channels.get(&c.name).map(|r| r.metrics.subscribers.load(Relaxed).max(0)).unwrap_or(0),
+                            "subscribers": live.channels.get(&c.name).map(|r| r.metrics.subscribers.load(Relaxed).max(0)).unwrap_or(0),
                         })
                     })
                     .collect(),
             ),
             "endpoints" => Value::Array(
-                st.config
+                live.config
                     .endpoints
                     .iter()
                     .flat_map(|e| {
@@ -111,7 +112,7 @@ impl GatewayCtx<'_> {
                     .collect(),
             ),
             "http" => Value::Array(
-                st.config
+                live.config
                     .http
                     .iter()
                     .map(|h| {

@@ -199,7 +199,8 @@ impl Control {
     }
 
     fn subscribe(&mut self, c: &Arc<ChannelCfg>, filter: Option<Arc<SubFilter>>) {
-        let Some(rt) = self.state.channels.get(&c.name).cloned() else {
+        // A channel a reload removed after this client connected is gone.
+        let Some(rt) = self.state.live().channels.get(&c.name).cloned() else {
             return;
         };
         // Re-subscribing replaces the filters: drop the old one first.
@@ -416,7 +417,12 @@ impl Control {
                     }
                     return;
                 }
-                let Some(ch) = self.ep.channel(&name).cloned() else {
+                let Some(ch) = self
+                    .ep
+                    .channel(&name)
+                    .filter(|c| self.state.live().channels.contains_key(&c.name))
+                    .cloned()
+                else {
                     out.extend(self.error(
                         refusal(
                             "unknown_channel",
@@ -480,7 +486,7 @@ impl Control {
                     ));
                     return;
                 }
-                let Some(rt) = self.state.channels.get(&cmd.channel).cloned() else {
+                let Some(rt) = self.state.live().channels.get(&cmd.channel).cloned() else {
                     return;
                 };
                 let request = render_value(

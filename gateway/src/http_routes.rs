@@ -180,7 +180,7 @@ where
             let Some(rt) = allowed
                 .iter()
                 .find(|c| &***c == name)
-                .and_then(|c| state.channels.get(c))
+                .and_then(|c| state.live().channels.get(c).cloned())
             else {
                 let names: Vec<&str> = allowed.iter().map(|c| &**c).collect();
                 return error_reply(
@@ -261,7 +261,7 @@ where
             };
             json_reply(route.status, &t.render(&ctx))
         }
-        HttpAnswer::Latest(ch) => match state.channels.get(ch).and_then(|c| c.latest()) {
+        HttpAnswer::Latest(ch) => match state.live().channels.get(ch).and_then(|c| c.latest()) {
             Some(m) => {
                 let mut r = Reply::new(m.json().to_vec().into());
                 *r.status_mut() = route.status;
@@ -278,7 +278,7 @@ where
             ),
         },
         HttpAnswer::Command(cmd, wrap) => {
-            let Some(rt) = state.channels.get(&cmd.channel).cloned() else {
+            let Some(rt) = state.live().channels.get(&cmd.channel).cloned() else {
                 return error_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "plugin_unavailable",

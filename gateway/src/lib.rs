@@ -33,6 +33,7 @@ pub mod logging;
 pub mod metrics;
 pub mod plugin;
 pub mod queue;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod session;
@@ -50,7 +51,8 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{Broker, MemoryBroker};
 use crate::config::{Config, ConfigErrors};
 use crate::metrics::Metrics;
-use crate::state::GatewayState;
+use crate::reload::{ReloadReport, Reloader};
+use crate::state::{GatewayState, Live};
 
 /// Most connections waiting to be accepted per listener (the kernel caps it
 /// at `net.core.somaxconn`). tokio's default of 1024 overflows under
@@ -75,6 +77,7 @@ pub struct Gateway {
     addrs: BTreeMap<String, SocketAddr>,
     state: Arc<GatewayState>,
     tracker: TaskTracker,
+    reloader: Arc<Reloader>,
 }
 
 impl Gateway {
@@ -134,28 +137,33 @@ impl Gateway {
             addrs.insert(name.clone(), addr);
             listeners.push((name, listener));
         }
+        metrics.config_loaded_at.store(
+            state::epoch_ms(std::time::SystemTime::now()) / 1000,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let state = Arc::new(GatewayState::new(
-            config.clone(),
+            Live::new(config.clone(), channels, 1),
             metrics,
-            channels,
             broker,
             addrs.clone(),
             shutdown.clone(),
         ));
         // Forget keyed rate-limiter state of clients gone quiet.
-        if !config.prunable.limiters.is_empty() {
+        {
             let st = state.clone();
             let stop = shutdown.clone();
             tracker.spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => st.config.prunable.prune(),
+                        _ = tick.tick() => st.config().prunable.prune(),
                         _ = stop.cancelled() => break,
                     }
                 }
             });
         }
+        let reloader = Arc::new(Reloader::new(state.clone(), tracker.clone()));
+        tracker.spawn(reloader.clone().watch(shutdown.clone()));
         for (name, listener) in listeners {
             tracker.spawn(server::serve_listener(
                 listener,
@@ -169,7 +177,15 @@ impl Gateway {
             addrs,
             state,
             tracker,
+            reloader,
         })
+    }
+
+    /// Load the configuration files again and serve them (what SIGHUP and a
+    /// change of the files do); on any error the running configuration stays
+    /// and the errors are returned. See [`reload`].
+    pub async fn reload(&self) -> Result<ReloadReport, ConfigErrors> {
+        self.reloader.reload().await
     }
 
     /// The bound address of a listener.
@@ -190,7 +206,7 @@ impl Gateway {
     /// Shut down: every client gets Close 1001, plugins are stopped. Returns
     /// false if tasks were still running at the configured deadline.
     pub async fn shutdown(self) -> bool {
-        let deadline = self.state.config.shutdown_deadline;
+        let deadline = self.state.config().shutdown_deadline;
         tracing::info!(?deadline, "shutting down");
         self.state.shutdown.cancel();
         self.tracker.close();

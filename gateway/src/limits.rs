@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -40,8 +41,9 @@ pub fn retry_after_secs(d: Duration) -> u64 {
 /// At most `max` holders per key.
 #[derive(Debug)]
 pub struct ConnCounter {
-    /// The cap.
-    pub max: usize,
+    /// The cap (a reload may change it; holders above a lowered cap keep
+    /// their slots, new ones wait until the count is under it).
+    max: AtomicUsize,
     /// What is counted, for messages (`client IP`, `principal`, `endpoint`).
     pub what: &'static str,
     counts: Mutex<HashMap<String, usize>>,
@@ -70,7 +72,7 @@ impl ConnCounter {
     /// A counter allowing `max` per key.
     pub fn new(max: usize, what: &'static str) -> Arc<ConnCounter> {
         Arc::new(ConnCounter {
-            max,
+            max: AtomicUsize::new(max),
             what,
             counts: Mutex::new(HashMap::new()),
         })
@@ -80,7 +82,7 @@ impl ConnCounter {
     pub fn try_acquire(self: &Arc<Self>, key: &str) -> Option<CountGuard> {
         let mut m = self.counts.lock();
         let n = m.entry(key.to_string()).or_insert(0);
-        if *n >= self.max {
+        if *n >= self.max() {
             if *n == 0 {
                 m.remove(key);
             }
@@ -91,6 +93,16 @@ impl ConnCounter {
             counter: self.clone(),
             key: key.to_string(),
         })
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max.load(Relaxed)
+    }
+
+    /// Holders of `key` now.
+    pub fn count(&self, key: &str) -> usize {
+        self.counts.lock().get(key).copied().unwrap_or(0)
     }
 
     /// Keys currently counted (for tests and pruning checks).
@@ -160,7 +172,10 @@ impl ConnLimits {
                 None => {
                     return Err(Refused {
                         error: "too_many_connections",
-                        message: format!("this endpoint is at its limit of {} connections", t.max),
+                        message: format!(
+                            "this endpoint is at its limit of {} connections",
+                            t.max()
+                        ),
                         retry_after: None,
                     });
                 }
@@ -173,7 +188,7 @@ impl ConnLimits {
                 None => {
                     return Err(Refused {
                         error: "too_many_connections_per_ip",
-                        message: format!("at most {} connections per client IP", c.max),
+                        message: format!("at most {} connections per client IP", c.max()),
                         retry_after: None,
                     });
                 }
@@ -191,13 +206,64 @@ impl ConnLimits {
                 None => {
                     return Err(Refused {
                         error: "too_many_connections_per_principal",
-                        message: format!("at most {} connections per user", c.max),
+                        message: format!("at most {} connections per user", c.max()),
                         retry_after: None,
                     });
                 }
             }
         }
         Ok(guards)
+    }
+}
+
+/// Counters and keyed rate limiters by the setting that made them, shared by
+/// every configuration a gateway loads: a reloaded configuration counts the
+/// connections its predecessor admitted (a changed cap applies to the same
+/// count), and keeps the state of rate limiters whose rate did not change.
+#[derive(Default)]
+pub struct LimiterPool {
+    counters: Mutex<HashMap<String, Arc<ConnCounter>>>,
+    rates: Mutex<HashMap<String, (Rate, Arc<IpLimiter>)>>,
+}
+
+impl LimiterPool {
+    /// The counter for setting `id` (e.g. `limits.max_connections_per_ip`),
+    /// with its cap set to `max`.
+    pub fn counter(&self, id: &str, max: usize, what: &'static str) -> Arc<ConnCounter> {
+        let mut m = self.counters.lock();
+        if let Some(c) = m.get(id)
+            && c.what == what
+        {
+            c.max.store(max, Relaxed);
+            return c.clone();
+        }
+        let c = ConnCounter::new(max, what);
+        m.insert(id.to_string(), c.clone());
+        c
+    }
+
+    /// The per-IP rate limiter for setting `id` at `rate`.
+    pub fn rate(&self, id: &str, rate: Rate) -> Arc<IpLimiter> {
+        let mut m = self.rates.lock();
+        match m.get(id) {
+            Some((r, l)) if *r == rate => l.clone(),
+            _ => {
+                let l = ip_limiter(rate);
+                m.insert(id.to_string(), (rate, l.clone()));
+                l
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for LimiterPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LimiterPool({} counters, {} rate limiters)",
+            self.counters.lock().len(),
+            self.rates.lock().len()
+        )
     }
 }
 

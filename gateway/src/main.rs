@@ -51,6 +51,7 @@ fn options(cli: &Cli) -> Result<LoadOptions, String> {
     Ok(LoadOptions {
         plugin_dirs: (!cli.plugin_dirs.is_empty()).then(|| cli.plugin_dirs.clone()),
         listen,
+        ..Default::default()
     })
 }
 
@@ -127,6 +128,25 @@ async fn serve(cfg: config::Config) -> i32 {
             return 1;
         }
     };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => loop {
+                tokio::select! {
+                    _ = wait_for_signal() => break,
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        // Errors are logged by the reload; the running
+                        // configuration stays.
+                        let _ = gw.reload().await;
+                    }
+                }
+            },
+            Err(_) => wait_for_signal().await,
+        }
+    }
+    #[cfg(not(unix))]
     wait_for_signal().await;
     // A second signal exits at once.
     tokio::spawn(async {

@@ -74,6 +74,14 @@ pub struct Metrics {
     pub http_rate_limited: AtomicU64,
     /// Connections closed after `idle_timeout`.
     pub closed_idle: AtomicU64,
+    /// Configuration reloads applied.
+    pub reloads: AtomicU64,
+    /// Configuration reloads refused (the running configuration was kept).
+    pub reload_failures: AtomicU64,
+    /// When the configuration was last (re)loaded, seconds since the epoch.
+    pub config_loaded_at: AtomicU64,
+    /// Subscribers closed because a reload removed (or reconfigured) their channel.
+    pub closed_by_reload: AtomicU64,
     /// Connections closed at `max_connection_duration`.
     pub closed_lifetime: AtomicU64,
     /// Connections closed because no Pong came back in time.
@@ -103,6 +111,11 @@ impl Metrics {
                 })
             })
             .clone()
+    }
+
+    /// Stop listing a channel (a reload removed it).
+    pub fn forget_channel(&self, name: &str) {
+        self.channels.write().remove(name);
     }
 
     /// Render everything in the Prometheus text exposition format (0.0.4).
@@ -153,6 +166,26 @@ impl Metrics {
             "counter",
             "Connections closed (1009) for an oversized inbound message.",
             self.closed_too_big.load(Relaxed) as i64,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_config_reloads_total Configuration reloads, by result (error: refused, the running configuration was kept).\n# TYPE gateway_config_reloads_total counter\ngateway_config_reloads_total{{result=\"ok\"}} {}\ngateway_config_reloads_total{{result=\"error\"}} {}",
+            self.reloads.load(Relaxed),
+            self.reload_failures.load(Relaxed)
+        );
+        g(
+            &mut out,
+            "gateway_config_loaded_timestamp_seconds",
+            "gauge",
+            "When the running configuration was loaded (start or last successful reload).",
+            self.config_loaded_at.load(Relaxed) as i64,
+        );
+        g(
+            &mut out,
+            "gateway_closed_by_reload_total",
+            "counter",
+            "Subscriptions closed (1001) because a reload removed their channel or changed a keyed one.",
+            self.closed_by_reload.load(Relaxed) as i64,
         );
         let _ = writeln!(
             out,

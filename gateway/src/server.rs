@@ -23,7 +23,7 @@ use tungstenite::handshake::derive_accept_key;
 use warp::Filter;
 
 use crate::auth::Principal;
-use crate::router::{Router, Target};
+use crate::router::Target;
 use crate::session::{self, SessionCtx};
 use crate::state::GatewayState;
 
@@ -73,26 +73,10 @@ pub async fn serve_listener(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let router = Arc::new(Router::new(
-        state
-            .config
-            .endpoints
-            .iter()
-            .filter(|e| *e.listener == *name)
-            .cloned()
-            .collect(),
-        state
-            .config
-            .http
-            .iter()
-            .filter(|h| *h.listener == *name)
-            .cloned()
-            .collect(),
-    ));
-    let admin = state.config.admin_listener.as_deref() == Some(&*name);
+    let admin = state.config().admin_listener.as_deref() == Some(&*name);
     let filter = routes(
         state.clone(),
-        router,
+        name.clone(),
         admin,
         tracker.clone(),
         shutdown.clone(),
@@ -151,7 +135,7 @@ pub async fn serve_listener(
 
 fn routes(
     state: Arc<GatewayState>,
-    router: Arc<Router>,
+    listener: Arc<str>,
     admin: bool,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -174,11 +158,13 @@ fn routes(
                   slot: UpgradeSlot,
                   body| {
                 let st = st.clone();
-                let router = router.clone();
+                // The routes of the configuration served now (a reload
+                // replaces them; requests already routed keep theirs).
+                let router = st.live().routers.get(&*listener).cloned();
                 let tracker = tracker.clone();
                 let shutdown = shutdown.clone();
                 async move {
-                    let Some((target, params)) = router.find(path.as_str()) else {
+                    let Some((target, params)) = router.and_then(|r| r.find(path.as_str())) else {
                         return error_reply(
                             StatusCode::NOT_FOUND,
                             "not_found",

@@ -187,7 +187,8 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
     let m = ctx.state.metrics.clone();
     m.connections.fetch_add(1, Relaxed);
     m.connections_total.fetch_add(1, Relaxed);
-    let limits = &ctx.state.config.limits;
+    let config = ctx.state.config();
+    let limits = &config.limits;
     let batch_max = limits.write_batch;
     tracing::debug!(conn_id = ctx.conn_id, peer = %ctx.peer, path = %ctx.path, principal = ?ctx.principal, "session opened");
 

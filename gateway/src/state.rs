@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::SystemTime;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::channel::ChannelRuntime;
 use crate::config::Config;
+use crate::limits::CountGuard;
 use crate::metrics::Metrics;
+use crate::router::Router;
 
 /// What the gateway knows about one connected client (for status replies
 /// and the clients listing).
@@ -71,14 +72,62 @@ impl ClientInfo {
     }
 }
 
-/// Shared gateway state.
-pub struct GatewayState {
+/// What a reload replaces: the configuration, the channels running it and
+/// the routes of every listener. Requests and new subscriptions take the
+/// current one; connections keep the endpoint they were accepted on.
+pub struct Live {
     /// The configuration being served.
     pub config: Arc<Config>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
     /// Running channels by name.
     pub channels: HashMap<Arc<str>, Arc<ChannelRuntime>>,
+    /// Routes by listener name.
+    pub routers: HashMap<String, Arc<Router>>,
+    /// 1 for the configuration started with, +1 per successful reload.
+    pub generation: u64,
+}
+
+impl Live {
+    /// Routes for every listener of `config`.
+    pub fn new(
+        config: Arc<Config>,
+        channels: HashMap<Arc<str>, Arc<ChannelRuntime>>,
+        generation: u64,
+    ) -> Live {
+        let routers = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let r = Router::new(
+                    config
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.listener == l.name)
+                        .cloned()
+                        .collect(),
+                    config
+                        .http
+                        .iter()
+                        .filter(|h| h.listener == l.name)
+                        .cloned()
+                        .collect(),
+                );
+                (l.name.clone(), Arc::new(r))
+            })
+            .collect();
+        Live {
+            config,
+            channels,
+            routers,
+            generation,
+        }
+    }
+}
+
+/// Shared gateway state.
+pub struct GatewayState {
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    live: RwLock<Arc<Live>>,
     /// The broker.
     pub broker: Arc<dyn Broker>,
     /// Cancelled when shutdown begins.
@@ -88,7 +137,6 @@ pub struct GatewayState {
     /// When the gateway started.
     pub started: SystemTime,
     clients: Mutex<HashMap<u64, Arc<ClientInfo>>>,
-    connections: Arc<Semaphore>,
     conn_ids: AtomicU64,
     id_salt: u64,
 }
@@ -96,32 +144,43 @@ pub struct GatewayState {
 impl GatewayState {
     /// New state.
     pub fn new(
-        config: Arc<Config>,
+        live: Live,
         metrics: Arc<Metrics>,
-        channels: HashMap<Arc<str>, Arc<ChannelRuntime>>,
         broker: Arc<dyn Broker>,
         addrs: BTreeMap<String, SocketAddr>,
         shutdown: CancellationToken,
     ) -> GatewayState {
-        let max = config.limits.max_connections;
         GatewayState {
-            config,
+            live: RwLock::new(Arc::new(live)),
             metrics,
-            channels,
             broker,
             shutdown,
             addrs,
             started: SystemTime::now(),
             clients: Mutex::new(HashMap::new()),
-            connections: Arc::new(Semaphore::new(max)),
             conn_ids: AtomicU64::new(1),
             id_salt: rand::random::<u64>(),
         }
     }
 
+    /// What is being served now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().clone()
+    }
+
+    /// The configuration being served now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.read().config.clone()
+    }
+
+    /// Serve `live` from now on; returns what it replaced.
+    pub fn replace(&self, live: Live) -> Arc<Live> {
+        std::mem::replace(&mut *self.live.write(), Arc::new(live))
+    }
+
     /// A connection slot, or None at `limits.max_connections`.
-    pub fn try_connection(&self) -> Option<OwnedSemaphorePermit> {
-        self.connections.clone().try_acquire_owned().ok()
+    pub fn try_connection(&self) -> Option<CountGuard> {
+        self.live.read().config.limits.total.try_acquire("")
     }
 
     /// A fresh connection id.
@@ -173,6 +232,7 @@ impl GatewayState {
     /// Channels whose plugin has not started yet.
     pub fn not_ready(&self) -> Vec<String> {
         let mut v: Vec<String> = self
+            .live()
             .channels
             .values()
             .filter(|c| !c.started.load(Relaxed))

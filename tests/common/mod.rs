@@ -411,6 +411,7 @@ pub async fn start_example(name: &str, listeners: &[&str]) -> Gateway {
         &LoadOptions {
             plugin_dirs,
             listen,
+            ..Default::default()
         },
     )
     .unwrap_or_else(|e| panic!("{} should load:\n{e}", path.display()));

@@ -12,7 +12,7 @@ use super::error::Sink;
 use super::types::*;
 use super::{ChannelCfg, Origin, compile_schema, unknown_listener};
 use crate::auth::{Auth, Inband};
-use crate::limits::{ConnCounter, ConnLimits};
+use crate::limits::ConnLimits;
 use crate::router::PathPattern;
 use crate::template::{Template, parse_path};
 
@@ -254,6 +254,8 @@ pub(crate) struct Lookup<'a> {
     pub limits: &'a super::Limits,
     /// Keyed limiters created here are registered for pruning.
     pub prunable: &'a mut crate::limits::Prunable,
+    /// Where counters and limiters come from (shared across reloads).
+    pub pool: &'a crate::limits::LimiterPool,
 }
 
 fn template(v: &Value, roots: &[&str]) -> Result<Template, String> {
@@ -283,9 +285,9 @@ fn many(o: &OneOrMany) -> Vec<&Value> {
 }
 
 impl Lookup<'_> {
-    /// A new per-IP rate limiter, registered for pruning.
-    fn ip_limiter(&mut self, rate: Rate) -> Arc<crate::limits::IpLimiter> {
-        let lim = crate::limits::ip_limiter(rate);
+    /// The per-IP rate limiter of setting `id`, registered for pruning.
+    fn ip_limiter(&mut self, id: &str, rate: Rate) -> Arc<crate::limits::IpLimiter> {
+        let lim = self.pool.rate(id, rate);
         self.prunable.limiters.push(lim.clone());
         lim
     }
@@ -868,7 +870,11 @@ pub(crate) fn compile_endpoint(
     if !ok || paths.is_empty() {
         return None;
     }
-    let limits = endpoint_limits(ep.limits.as_ref().map(|l| &l.value), lk);
+    let limits = endpoint_limits(
+        &format!("endpoint {listener} {}", paths[0].as_str()),
+        ep.limits.as_ref().map(|l| &l.value),
+        lk,
+    );
     Some(EndpointCfg {
         listener,
         path: paths[0].clone(),
@@ -888,12 +894,16 @@ pub(crate) fn compile_endpoint(
     })
 }
 
-fn endpoint_limits(own: Option<&EndpointLimitsFile>, lk: &mut Lookup) -> ConnLimits {
+/// An endpoint's limits; `id` names the endpoint in the limiter pool.
+fn endpoint_limits(id: &str, own: Option<&EndpointLimitsFile>, lk: &mut Lookup) -> ConnLimits {
     let g = lk.limits;
     let d = EndpointLimitsFile::default();
     let e = own.unwrap_or(&d);
     let mut l = ConnLimits {
-        total: e.max_connections.map(|n| ConnCounter::new(n, "endpoint")),
+        total: e.max_connections.map(|n| {
+            lk.pool
+                .counter(&format!("{id} max_connections"), n, "endpoint")
+        }),
         per_ip: g.per_ip.iter().cloned().collect(),
         per_principal: g.per_principal.iter().cloned().collect(),
         new_per_ip: g.new_per_ip.iter().cloned().collect(),
@@ -912,13 +922,21 @@ fn endpoint_limits(own: Option<&EndpointLimitsFile>, lk: &mut Lookup) -> ConnLim
         pong_timeout: e.pong_timeout.map(|d| d.0).unwrap_or(g.pong_timeout),
     };
     if let Some(n) = e.max_connections_per_ip {
-        l.per_ip.push(ConnCounter::new(n, "client IP"));
+        l.per_ip.push(
+            lk.pool
+                .counter(&format!("{id} max_connections_per_ip"), n, "client IP"),
+        );
     }
     if let Some(n) = e.max_connections_per_principal {
-        l.per_principal.push(ConnCounter::new(n, "principal"));
+        l.per_principal.push(lk.pool.counter(
+            &format!("{id} max_connections_per_principal"),
+            n,
+            "principal",
+        ));
     }
     if let Some(r) = e.new_connections_per_ip {
-        l.new_per_ip.push(lk.ip_limiter(r));
+        l.new_per_ip
+            .push(lk.ip_limiter(&format!("{id} new_connections_per_ip"), r));
     }
     l
 }
@@ -1050,6 +1068,12 @@ pub(crate) fn compile_http(
             }
         },
     };
+    let per_ip = match r.requests_per_ip {
+        Some(rate) => {
+            Some(lk.ip_limiter(&format!("http {listener} {method} {}", path.as_str()), rate))
+        }
+        None => lk.limits.http_per_ip.clone(),
+    };
     Some(HttpRouteCfg {
         listener,
         path,
@@ -1058,10 +1082,7 @@ pub(crate) fn compile_http(
         answer,
         status,
         max_body: r.max_body.map(|b| b.0).unwrap_or(1 << 20),
-        per_ip: match r.requests_per_ip {
-            Some(rate) => Some(lk.ip_limiter(rate)),
-            None => lk.limits.http_per_ip.clone(),
-        },
+        per_ip,
     })
 }
 
@@ -1288,7 +1309,7 @@ pub(crate) fn compile_publish(
         status: http::StatusCode::ACCEPTED,
         max_body: p.max_body.map(|b| b.0).unwrap_or(1 << 20),
         per_ip: match p.requests_per_ip {
-            Some(rate) => Some(lk.ip_limiter(rate)),
+            Some(rate) => Some(lk.ip_limiter("publish", rate)),
             None => lk.limits.http_per_ip.clone(),
         },
     })

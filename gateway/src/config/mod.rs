@@ -29,7 +29,7 @@ pub mod endpoints;
 
 use crate::auth::Auth;
 use crate::filter::FilterRule;
-use crate::limits::{ConnCounter, IpLimiter, Prunable, ip_limiter};
+use crate::limits::{ConnCounter, IpLimiter, LimiterPool, Prunable};
 use crate::plugin::{LoadedPlugin, PluginRegistry};
 use crate::template::Template;
 
@@ -40,6 +40,9 @@ pub struct LoadOptions {
     pub plugin_dirs: Option<Vec<PathBuf>>,
     /// Replace listener bind addresses by name, e.g. `main` → `127.0.0.1:0`.
     pub listen: BTreeMap<String, String>,
+    /// Take connection counters and rate limiters from this pool (a reload
+    /// passes the running configuration's, so counts carry over).
+    pub limiters: Option<Arc<LimiterPool>>,
 }
 
 /// Where a setting was written, for errors raised after loading (e.g. bind failures).
@@ -106,6 +109,14 @@ pub struct Config {
     pub prunable: Prunable,
     /// Non-fatal findings (e.g. a plugin built with `panic = "abort"`).
     pub warnings: Vec<String>,
+    /// The options it was loaded with (a reload loads the same way).
+    pub options: LoadOptions,
+    /// Counters and limiters, shared with the configurations reloaded from this one.
+    pub pool: Arc<LimiterPool>,
+    /// Files (and directories of channel globs) whose change triggers a reload.
+    pub watched: Vec<PathBuf>,
+    /// Watch the files (`reload.watch`), checking this often.
+    pub watch: Option<Duration>,
 }
 
 /// One listener.
@@ -124,6 +135,8 @@ pub struct ListenerCfg {
 pub struct Limits {
     /// Most connections open at once.
     pub max_connections: usize,
+    /// Counts them.
+    pub total: Arc<ConnCounter>,
     /// Largest inbound client message.
     pub max_message_size: usize,
     /// Frames queued per session.
@@ -184,6 +197,10 @@ pub struct ChannelCfg {
     pub filters: Vec<(String, FilterRule)>,
     /// Outbound rate limit.
     pub rate_limit: Option<(types::Rate, types::OnRateLimit)>,
+    /// Digest of everything the channel's runtime is made of (spec text,
+    /// schema text, plugin, buffer sizes): a reload restarts the channel
+    /// only when it changed.
+    pub fingerprint: u64,
 }
 
 impl std::fmt::Debug for ChannelCfg {
@@ -437,23 +454,29 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     };
 
     let gl = &gw.limits;
+    let pool = opts.limiters.clone().unwrap_or_default();
     let mut prunable = Prunable::default();
-    let new_per_ip = gl.new_connections_per_ip.map(ip_limiter);
-    let http_per_ip = gl.http_requests_per_ip.map(ip_limiter);
+    let new_per_ip = gl
+        .new_connections_per_ip
+        .map(|r| pool.rate("limits.new_connections_per_ip", r));
+    let http_per_ip = gl
+        .http_requests_per_ip
+        .map(|r| pool.rate("limits.http_requests_per_ip", r));
     prunable.limiters.extend(new_per_ip.iter().cloned());
     prunable.limiters.extend(http_per_ip.iter().cloned());
     let limits = Limits {
         max_connections: gl.max_connections,
+        total: pool.counter("limits.max_connections", gl.max_connections, "gateway"),
         max_message_size: gl.max_message_size.0,
         session_queue: gl.session_queue.max(1),
         write_batch: gl.write_batch.max(1),
         source_buffer: gl.source_buffer.max(1),
         per_ip: gl
             .max_connections_per_ip
-            .map(|n| ConnCounter::new(n, "client IP")),
+            .map(|n| pool.counter("limits.max_connections_per_ip", n, "client IP")),
         per_principal: gl
             .max_connections_per_principal
-            .map(|n| ConnCounter::new(n, "principal")),
+            .map(|n| pool.counter("limits.max_connections_per_principal", n, "principal")),
         new_per_ip,
         inbound: gl.inbound_messages,
         on_inbound: gl.on_inbound_limit,
@@ -485,8 +508,17 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
 
     // Channel spec files.
     let mut spec_files = Vec::new();
+    let mut watched = vec![path.to_path_buf()];
     for (i, pat) in gw.channels.iter().enumerate() {
         let full = base.join(&pat.value);
+        // A file added to or removed from a globbed directory changes the
+        // directory's modification time.
+        if let Some(dir) = full.parent()
+            && !dir.to_string_lossy().contains(['*', '?', '['])
+            && !watched.iter().any(|w| w == dir)
+        {
+            watched.push(dir.to_path_buf());
+        }
         let full_s = full.to_string_lossy();
         match glob::glob(&full_s) {
             Err(e) => sink.at(
@@ -571,6 +603,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         }
 
         let schema_file = spec_dir.join(&spec.schema.value);
+        watched.push(spec_path.clone());
+        watched.push(schema_file.clone());
         let validator = compile_schema(&schema_file)
             .map_err(|m| sink.at(&spec.schema, "schema", m))
             .ok();
@@ -673,6 +707,15 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         }
 
         if let (Some(validator), Some(plugin)) = (validator, plugin) {
+            let fingerprint = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                text.hash(&mut h);
+                std::fs::read(&schema_file).unwrap_or_default().hash(&mut h);
+                plugin.path.hash(&mut h);
+                (limits.source_buffer, limits.max_message_size).hash(&mut h);
+                h.finish()
+            };
             let ch = Arc::new(ChannelCfg {
                 name: name.clone().into(),
                 description: spec.description.clone(),
@@ -693,6 +736,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 last_value: spec.last_value,
                 filters,
                 rate_limit: spec.rate_limit.as_ref().map(|r| (r.rate, r.on_exceed)),
+                fingerprint,
             });
             spec_endpoints.push((
                 spec_path.clone(),
@@ -725,6 +769,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         paths: &mut path_origin,
         limits: &limits,
         prunable: &mut prunable,
+        pool: &pool,
     };
     for (spec_path, eps, ch_name, ch) in &spec_endpoints {
         let mut sink = Sink {
@@ -832,6 +877,13 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         protocols,
         prunable,
         warnings,
+        options: LoadOptions {
+            limiters: Some(pool.clone()),
+            ..opts.clone()
+        },
+        pool,
+        watched,
+        watch: gw.reload.watch.then_some(gw.reload.interval.0),
     })
 }
 

@@ -217,6 +217,9 @@ pub struct GatewayFile {
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownFile,
+    /// Reloading the configuration while running.
+    #[serde(default)]
+    pub reload: ReloadFile,
     /// Named client control protocols, used by endpoints (`protocol: NAME`).
     #[serde(default)]
     pub protocols: BTreeMap<String, Spanned<ProtocolFile>>,
@@ -427,6 +430,32 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Reloading the configuration while running.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadFile {
+    /// Reload when gateway.yaml, a channel spec or a schema changes on disk
+    /// (SIGHUP always reloads).
+    #[serde(default = "default_true")]
+    pub watch: bool,
+    /// How often the files are checked for changes.
+    #[serde(default = "default_watch_interval")]
+    pub interval: HumanDuration,
+}
+
+impl Default for ReloadFile {
+    fn default() -> Self {
+        ReloadFile {
+            watch: true,
+            interval: default_watch_interval(),
+        }
+    }
+}
+
+fn default_watch_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
 }
 
 /// Graceful shutdown.

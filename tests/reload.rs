@@ -1,0 +1,336 @@
+//! Hot reload: channels added, changed and removed while clients stay
+//! connected; a bad configuration refused with the running one kept;
+//! connection limits that hold across the swap; the file watcher; SIGHUP.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn ticker_spec(name: &str, rate: u32, pad: u32) -> String {
+    format!(
+        "channel: {name}\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {{rate: {rate}, pad: {pad}}}\nendpoints:\n  - path: /{name}\n"
+    )
+}
+
+fn seq(v: &serde_json::Value) -> i64 {
+    v["seq"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no integer seq in {v}"))
+}
+
+fn pad_len(v: &serde_json::Value) -> usize {
+    v["pad"].as_str().map(str::len).unwrap_or(0)
+}
+
+/// The close code and reason the server sends next (skipping data).
+async fn close_frame(ws: &mut Ws) -> Option<(u16, String)> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("no close in time")
+        {
+            Some(Ok(Message::Close(f))) => {
+                return f.map(|f| (u16::from(f.code), f.reason.to_string()));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+/// Read until a message with a pad of `len` characters arrives (the stream
+/// keeps flowing, so each read is bounded by PATIENCE).
+async fn until_pad(ws: &mut Ws, len: usize) {
+    for _ in 0..100_000 {
+        if pad_len(&next_json(ws).await) == len {
+            return;
+        }
+    }
+    panic!("no message with a pad of {len}");
+}
+
+/// Read `n` messages, asserting each follows the one before.
+async fn read_in_order(ws: &mut Ws, mut prev: i64, n: usize) -> i64 {
+    for _ in 0..n {
+        let s = seq(&next_json(ws).await);
+        assert_eq!(s, prev + 1, "gap or reorder after {prev}");
+        prev = s;
+    }
+    prev
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_are_added_changed_and_removed_without_dropping_the_others() {
+    let dep = Deployment::new();
+    dep.gateway_yaml("reload:\n  watch: false\n")
+        .shipped_schema("ticker.json")
+        .write("specs/keep.yaml", &ticker_spec("keep", 200, 8))
+        .write("specs/change.yaml", &ticker_spec("change", 200, 8))
+        .write("specs/gone.yaml", &ticker_spec("gone", 200, 8));
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut keep = connect(addr, "/keep").await;
+    let mut change = connect(addr, "/change").await;
+    let mut gone = connect(addr, "/gone").await;
+    let first = seq(&next_json(&mut keep).await);
+    let before = next_json(&mut change).await;
+    assert_eq!(pad_len(&before), 8);
+    next_json(&mut gone).await;
+
+    dep.write("specs/change.yaml", &ticker_spec("change", 200, 24))
+        .write("specs/new.yaml", &ticker_spec("new", 200, 8));
+    std::fs::remove_file(dep.path("specs/gone.yaml")).unwrap();
+    let report = gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.added, ["new"]);
+    assert_eq!(report.changed, ["change"]);
+    assert_eq!(report.removed, ["gone"]);
+    assert_eq!(report.unchanged, 1);
+    assert_eq!(report.closed, 1);
+    assert_eq!(report.generation, 2);
+
+    // The removed channel's client is told why.
+    assert_eq!(
+        close_frame(&mut gone).await,
+        Some((1001, "channel removed".to_string()))
+    );
+    // The unchanged channel never paused: its sequence runs on without a gap
+    // from before the reload to well after it.
+    read_in_order(&mut keep, first, 400).await;
+    // The changed channel's client stays connected and gets the new settings.
+    until_pad(&mut change, 24).await;
+    // New connections see the new configuration.
+    let mut new = connect(addr, "/new").await;
+    assert_eq!(pad_len(&next_json(&mut new).await), 8);
+    let (status, _, body) = http(addr, "GET", "/gone", &[]).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(
+        metric(addr, "gateway_config_reloads_total{result=\"ok\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(addr, "gateway_closed_by_reload_total").await,
+        Some(1.0)
+    );
+    let m = http(addr, "GET", "/metrics", &[]).await.2;
+    assert!(
+        !m.contains("channel=\"gone\""),
+        "a removed channel is no longer listed"
+    );
+    assert!(m.contains("gateway_messages_published_total{channel=\"new\""));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_configuration_is_refused_and_the_running_one_kept() {
+    let dep = Deployment::new();
+    dep.gateway_yaml("reload:\n  watch: false\n")
+        .shipped_schema("ticker.json")
+        .write("specs/keep.yaml", &ticker_spec("keep", 200, 8));
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut keep = connect(addr, "/keep").await;
+    let mut prev = seq(&next_json(&mut keep).await);
+
+    // A spec naming a schema that does not exist: the whole reload is refused.
+    dep.write(
+        "specs/broken.yaml",
+        "channel: broken\nschema: schemas/missing.json\nsource:\n  plugin: ticker\n  mode: push\nendpoints:\n  - path: /broken\n",
+    );
+    let err = gw.reload().await.expect_err("a broken spec is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("broken.yaml:2:9: schema: cannot read schema"),
+        "{text}"
+    );
+    prev = read_in_order(&mut keep, prev, 50).await;
+    std::fs::remove_file(dep.path("specs/broken.yaml")).unwrap();
+
+    // Moving a listener needs a restart: refused, saying so.
+    let yaml = std::fs::read_to_string(dep.path("gateway.yaml")).unwrap();
+    dep.write(
+        "gateway.yaml",
+        &yaml.replace("bind: 127.0.0.1:0", "bind: 127.0.0.1:1"),
+    );
+    let err = gw.reload().await.expect_err("a moved listener is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("gateway.yaml:3:11: listeners.main.bind: listener \"main\" moved from 127.0.0.1:0 to 127.0.0.1:1")
+            && text.contains("restart the gateway"),
+        "{text}"
+    );
+    read_in_order(&mut keep, prev, 50).await;
+    assert_eq!(
+        metric(addr, "gateway_config_reloads_total{result=\"error\"}").await,
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(addr, "gateway_config_reloads_total{result=\"ok\"}").await,
+        Some(0.0)
+    );
+    // The running configuration still accepts new clients.
+    let mut again = connect(addr, "/keep").await;
+    next_json(&mut again).await;
+    let (status, _, _) = http(addr, "GET", "/broken", &[]).await;
+    assert_eq!(status, 404);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_count_the_connections_open_before_a_reload() {
+    let dep = Deployment::new();
+    let yaml =
+        |cap: u32| format!("reload:\n  watch: false\nlimits:\n  max_connections_per_ip: {cap}\n");
+    dep.gateway_yaml(&yaml(2))
+        .shipped_schema("ticker.json")
+        .write("specs/keep.yaml", &ticker_spec("keep", 50, 8));
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let a = connect(addr, "/keep").await;
+    let b = connect(addr, "/keep").await;
+    // A reload that changes something else: the two connections still count.
+    dep.write("specs/other.yaml", &ticker_spec("other", 50, 8));
+    gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    let (status, body) = try_connect(addr, "/keep", &[])
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(status, 429, "{body}");
+    // Raising the cap applies to the same count.
+    dep.gateway_yaml(&yaml(3));
+    gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    let c = connect(addr, "/keep").await;
+    let (status, body) = try_connect(addr, "/other", &[])
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(status, 429, "{body}");
+    drop((a, b, c));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_keyed_channel_closes_its_streams_for_the_clients_to_reopen() {
+    let dep = Deployment::new();
+    let spec = |steps: u32| {
+        format!(
+            "channel: jobs\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  config: {{steps: {steps}}}\nendpoints:\n  - path: /jobs/{{id}}\n"
+        )
+    };
+    dep.gateway_yaml("reload:\n  watch: false\n")
+        .write("specs/schemas/any.json", ANY_SCHEMA)
+        .write("specs/jobs.yaml", &spec(1_000_000));
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/jobs/a").await;
+    next_json(&mut ws).await;
+    dep.write("specs/jobs.yaml", &spec(2));
+    let report = gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((report.changed.len(), report.closed), (1, 1));
+    assert_eq!(
+        close_frame(&mut ws).await,
+        Some((1001, "channel reconfigured".to_string()))
+    );
+    // Reopened, the stream comes from the new source: two steps, then 1000.
+    let mut ws = connect(addr, "/jobs/a").await;
+    assert_eq!(next_json(&mut ws).await["step"], 1);
+    assert_eq!(next_json(&mut ws).await["step"], 2);
+    assert_eq!(close_code(&mut ws).await, Some(1000));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_reloads_when_a_spec_file_appears() {
+    let dep = Deployment::new();
+    dep.gateway_yaml("reload:\n  interval: 50ms\n")
+        .shipped_schema("ticker.json")
+        .write("specs/keep.yaml", &ticker_spec("keep", 100, 8));
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let (status, _, _) = http(addr, "GET", "/later", &[]).await;
+    assert_eq!(status, 404);
+    dep.write("specs/later.yaml", &ticker_spec("later", 100, 8));
+    eventually("the watcher's reload", || async {
+        metric(addr, "gateway_config_reloads_total{result=\"ok\"}")
+            .await
+            .filter(|v| *v >= 1.0)
+    })
+    .await;
+    let mut ws = connect(addr, "/later").await;
+    next_json(&mut ws).await;
+    // A broken edit is refused and counted; the watcher keeps watching.
+    dep.write("specs/later.yaml", "channel: [");
+    eventually("the refused reload", || async {
+        metric(addr, "gateway_config_reloads_total{result=\"error\"}")
+            .await
+            .filter(|v| *v >= 1.0)
+    })
+    .await;
+    next_json(&mut ws).await;
+    dep.write("specs/later.yaml", &ticker_spec("later", 100, 16));
+    until_pad(&mut ws, 16).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_running_binary() {
+    let dep = Deployment::new();
+    dep.gateway_yaml("reload:\n  watch: false\n")
+        .shipped_schema("ticker.json")
+        .write("specs/keep.yaml", &ticker_spec("keep", 200, 8));
+    let bin = target_dir().join("gateway");
+    let mut child = Command::new(&bin)
+        .args([
+            "--config",
+            dep.path("gateway.yaml").to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gateway binary");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let addr: std::net::SocketAddr = loop {
+        let v = rx.recv_timeout(PATIENCE).expect("gateway logged nothing");
+        if v["message"] == "listening" {
+            break v["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    let mut keep = connect(addr, "/keep").await;
+    let first = seq(&next_json(&mut keep).await);
+    dep.write("specs/added.yaml", &ticker_spec("added", 200, 8));
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let logged = loop {
+        let v = rx
+            .recv_timeout(PATIENCE)
+            .expect("no reload logged after SIGHUP");
+        if v["message"] == "configuration reloaded" {
+            break v;
+        }
+    };
+    assert_eq!(logged["added"], "[\"added\"]", "{logged}");
+    let mut added = connect(addr, "/added").await;
+    next_json(&mut added).await;
+    read_in_order(&mut keep, first, 200).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
