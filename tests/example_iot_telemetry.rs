@@ -376,20 +376,68 @@ async fn telemetry_updates_and_their_filters() {
     }
     assert_quiet(&mut slow, Duration::from_millis(200)).await;
 
-    // Re-subscribing replaces the filters.
+    // A subscribe naming another device adds it (`subscription_key:
+    // device_id`); device 3 keeps its own filters.
     subscribe(
         &mut one,
         json!({"type": "subscribe", "channel": "telemetry", "device_id": 5}),
     )
     .await;
-    let m = loop {
+    let mut metric_counts: BTreeMap<u64, usize> = BTreeMap::new();
+    while metric_counts.len() < 2 {
         let m = next_json(&mut one).await;
-        if m["device_id"] != 3 {
+        let d = m["device_id"].as_u64().unwrap();
+        assert!(d == 3 || d == 5, "{m}");
+        metric_counts.insert(d, keys(&m["telemetry"]).len());
+    }
+    assert_eq!(metric_counts, BTreeMap::from([(3, 2), (5, 4)]));
+    // Unsubscribing one device ends only that device's subscription.
+    send_json(
+        &mut one,
+        &json!({"type": "unsubscribe", "channel": "telemetry", "device_id": 3}),
+    )
+    .await;
+    let confirmed = loop {
+        let m = next_json(&mut one).await;
+        if m["type"] == "unsubscription_confirmed" {
             break m;
         }
     };
-    assert_eq!(m["device_id"], 5);
-    assert_eq!(keys(&m["telemetry"]).len(), 4);
+    assert_eq!(confirmed["channel"], "telemetry");
+    let at = confirmed["timestamp"].as_str().unwrap().to_string();
+    // Frames queued before the unsubscribe may still arrive; once a reading
+    // taken after it has come, only device 5 follows.
+    loop {
+        let m = next_json(&mut one).await;
+        let taken = m["telemetry"]["temperature"]["timestamp"]
+            .as_str()
+            .unwrap_or("");
+        if m["device_id"] == 5 && taken > at.as_str() {
+            break;
+        }
+    }
+    for _ in 0..6 {
+        let m = next_json(&mut one).await;
+        assert_eq!(m["device_id"], 5, "{m}");
+    }
+    // And the device that is not subscribed is refused by name.
+    send_json(
+        &mut one,
+        &json!({"type": "unsubscribe", "channel": "telemetry", "device_id": 3}),
+    )
+    .await;
+    let refused = loop {
+        let m = next_json(&mut one).await;
+        if m["type"] == "error" {
+            break m;
+        }
+    };
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|t| t.contains("with device_id 3")),
+        "{refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,7 +33,8 @@ pub struct Control {
     key: Option<(Arc<str>, Vec<u8>)>,
     params: Value,
     authed: bool,
-    subs: Vec<(Arc<str>, Subscription)>,
+    /// (channel, subscription key value, subscription).
+    subs: Vec<(Arc<str>, Option<String>, Subscription)>,
     in_flight: Arc<AtomicUsize>,
     /// Per-principal slots taken at in-band authentication.
     guards: Vec<crate::limits::CountGuard>,
@@ -194,32 +195,71 @@ impl Control {
 
     fn auto_subscribe(&mut self) {
         for c in self.ep.subscribe.clone() {
-            self.subscribe(&c, None);
+            self.subscribe(&c, None, None);
         }
     }
 
-    fn subscribe(&mut self, c: &Arc<ChannelCfg>, filter: Option<Arc<SubFilter>>) {
+    /// Subscribe to `c`. Without `id` the subscription covers the channel
+    /// and replaces every earlier one to it; with an `id` (the value of the
+    /// protocol's `subscription_key`) it replaces only the one with that id,
+    /// and one without id.
+    fn subscribe(
+        &mut self,
+        c: &Arc<ChannelCfg>,
+        filter: Option<Arc<SubFilter>>,
+        id: Option<String>,
+    ) {
         // A channel a reload removed after this client connected is gone.
         let Some(rt) = self.state.live().channels.get(&c.name).cloned() else {
             return;
         };
         // Re-subscribing replaces the filters: drop the old one first.
-        self.unsubscribe(&c.name);
+        self.subs
+            .retain(|(n, i, _)| *n != c.name || (id.is_some() && i.is_some() && *i != id));
         let key = if self.ep.keyed.is_some() {
             self.key.clone()
         } else {
             None
         };
         let sub = rt.subscribe(key, self.queue.clone(), filter);
-        self.subs.push((c.name.clone(), sub));
-        self.info.subscriptions.lock().push(c.name.clone());
+        self.subs.push((c.name.clone(), id, sub));
+        let mut listed = self.info.subscriptions.lock();
+        if !listed.contains(&c.name) {
+            listed.push(c.name.clone());
+        }
     }
 
-    fn unsubscribe(&mut self, name: &str) -> bool {
+    /// End the subscriptions to `name` (only the one with `id`, if given;
+    /// with an `id` no subscription has, the whole-channel subscription if
+    /// there is one); false if there was none.
+    fn unsubscribe(&mut self, name: &str, id: Option<&str>) -> bool {
         let before = self.subs.len();
-        self.subs.retain(|(n, _)| &**n != name);
-        self.info.subscriptions.lock().retain(|n| &**n != name);
+        let known = id.is_some_and(|id| {
+            self.subs
+                .iter()
+                .any(|(n, i, _)| &**n == name && i.as_deref() == Some(id))
+        });
+        self.subs.retain(|(n, i, _)| {
+            &**n != name
+                || match id {
+                    None => false,
+                    Some(id) if known => i.as_deref() != Some(id),
+                    Some(_) => i.is_some(),
+                }
+        });
+        if !self.subs.iter().any(|(n, _, _)| &**n == name) {
+            self.info.subscriptions.lock().retain(|n| &**n != name);
+        }
         self.subs.len() != before
+    }
+
+    /// The subscription key's value in `msg`, as JSON text.
+    fn sub_id(p: &crate::config::ProtocolCfg, msg: &Value) -> Option<String> {
+        let field = p.subscription_key.as_deref()?;
+        match msg.get(field) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.to_string()),
+        }
     }
 
     /// Handle one text message from the client.
@@ -386,7 +426,7 @@ impl Control {
                     // A set: every channel of it, one confirmation.
                     if matches!(act, Action::Unsubscribe) {
                         for c in &set {
-                            self.unsubscribe(&c.name);
+                            self.unsubscribe(&c.name, None);
                         }
                         out.extend(self.render(
                             &p.replies.unsubscribed,
@@ -413,7 +453,7 @@ impl Control {
                         vec![("request", msg.clone()), ("channel", Value::String(name))],
                     ));
                     for (c, f) in set.iter().zip(filters) {
-                        self.subscribe(c, f.map(Arc::new));
+                        self.subscribe(c, f.map(Arc::new), None);
                     }
                     return;
                 }
@@ -441,15 +481,20 @@ impl Control {
                     ));
                     return;
                 };
+                let id = Self::sub_id(&p, &msg);
                 if matches!(act, Action::Unsubscribe) {
-                    if self.unsubscribe(&name) {
+                    if self.unsubscribe(&name, id.as_deref()) {
                         out.extend(self.render(
                             &p.replies.unsubscribed,
                             vec![("request", msg), ("channel", Value::String(name))],
                         ));
                     } else {
+                        let what = match (&id, &p.subscription_key) {
+                            (Some(v), Some(k)) => format!("{name:?} with {k} {v}"),
+                            _ => format!("{name:?}"),
+                        };
                         out.extend(self.error(
-                            refusal("not_subscribed", format!("not subscribed to {name:?}")),
+                            refusal("not_subscribed", format!("not subscribed to {what}")),
                             Some(&msg),
                             Some(&name),
                         ));
@@ -472,7 +517,7 @@ impl Control {
                     &p.replies.subscribed,
                     vec![("request", msg.clone()), ("channel", Value::String(name))],
                 ));
-                self.subscribe(&ch, filter.map(Arc::new));
+                self.subscribe(&ch, filter.map(Arc::new), id);
             }
             Action::Command(cmd) => {
                 if self.in_flight.load(Relaxed) >= MAX_COMMANDS_IN_FLIGHT {
@@ -701,7 +746,7 @@ impl std::fmt::Debug for Control {
             .field("authed", &self.authed)
             .field(
                 "subscriptions",
-                &self.subs.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                &self.subs.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
             )
             .finish()
     }

@@ -93,6 +93,8 @@ pub struct ProtocolCfg {
     pub filters_top_level: bool,
     /// Field holding filters (when accepted there).
     pub filters_field: Option<String>,
+    /// Field whose value identifies one of several subscriptions to a channel.
+    pub subscription_key: Option<String>,
     /// `{{now}}` format.
     pub timestamps: TimestampFormat,
     /// Client action name → action.
@@ -486,6 +488,7 @@ pub(crate) fn compile_protocols(
                         .filters_at
                         .contains(&FiltersAt::Filters)
                         .then(|| pv.filters_field.clone()),
+                    subscription_key: pv.subscription_key.clone(),
                     timestamps: pv.timestamps,
                     actions,
                     replies: Replies {

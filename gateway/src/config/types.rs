@@ -564,6 +564,10 @@ pub struct ProtocolFile {
     /// The field holding filters when `filters_at` has `filters`.
     #[serde(default = "default_filters_field")]
     pub filters_field: String,
+    /// A top-level subscribe/unsubscribe field (e.g. `device_id`) whose
+    /// value makes a subscription of its own: subscribing with several values
+    /// follows each, and unsubscribing with one ends only that one.
+    pub subscription_key: Option<String>,
     /// How `{{now}}` renders in replies.
     #[serde(default)]
     pub timestamps: TimestampFormat,
