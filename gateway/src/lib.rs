@@ -12,7 +12,8 @@
 //!   (in-memory here; the trait leaves room for a distributed engine).
 //! - [`queue`]: the bounded per-session queue and its slow-consumer policy.
 //! - [`server`]: listeners, HTTP routes (`/healthz`, `/readyz`, `/metrics`),
-//!   auth ([`auth`]) and the WebSocket upgrade, routed by [`router`].
+//!   auth ([`auth`]) and the WebSocket upgrade, routed by [`router`]; TLS
+//!   listeners use the rustls configuration [`tls`] builds from PEM files.
 //! - [`session`]: one task per connection, batched writes, Close codes.
 //! - [`metrics`], [`state`], [`logging`]: shared plumbing.
 //!
@@ -38,6 +39,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod template;
+pub mod tls;
 pub mod ws;
 
 use std::collections::{BTreeMap, HashMap};
