@@ -132,7 +132,11 @@ impl Gateway {
                         }),
                 ])
             })?;
-            tracing::info!(listener = %name, %addr, "listening");
+            let tls = config
+                .listeners
+                .iter()
+                .any(|l| l.name == name && l.tls.is_some());
+            tracing::info!(listener = %name, %addr, tls, "listening");
             addrs.insert(name.clone(), addr);
             listeners.push((name, listener));
         }
