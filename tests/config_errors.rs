@@ -882,6 +882,141 @@ async fn listener_address_already_in_use() {
     drop(taken);
 }
 
+// --- TLS listeners. ---
+
+/// A deployment whose listener `main` serves TLS with `tls/cert.pem` and
+/// `tls/key.pem` (`cert` on line 5, col 13; `key` on line 6, col 12), with
+/// whichever of the two files are given.
+fn tls_deployment(cert: Option<&str>, key: Option<&str>) -> Deployment {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\n    tls:\n      cert: tls/cert.pem\n      key: tls/key.pem\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n",
+            target_dir().display()
+        ),
+    );
+    dep.shipped_schema("ticker.json");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    if let Some(c) = cert {
+        dep.write("tls/cert.pem", c);
+    }
+    if let Some(k) = key {
+        dep.write("tls/key.pem", k);
+    }
+    dep
+}
+
+const CERT_HINT: &str = "`cert` must be a PEM file holding the server's certificate (-----BEGIN CERTIFICATE-----), then any intermediates";
+const KEY_HINT: &str = "`key` must be a PEM file holding the certificate's private key, unencrypted (BEGIN PRIVATE KEY, BEGIN RSA PRIVATE KEY or BEGIN EC PRIVATE KEY)";
+
+#[test]
+fn tls_listener_loads_with_a_matching_certificate_and_key() {
+    let (cert, key) = self_signed_cert();
+    let dep = tls_deployment(Some(&cert), Some(&key));
+    let cfg = dep.load().unwrap_or_else(|e| panic!("should load:\n{e}"));
+    assert!(cfg.listeners[0].tls.is_some());
+}
+
+#[test]
+fn tls_certificate_file_missing() {
+    let (_, key) = self_signed_cert();
+    let dep = tls_deployment(None, Some(&key));
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:5:13: listeners.main.tls.cert: cannot read certificate file {}: No such file or directory (os error 2); {CERT_HINT}",
+            at(&dep, "gateway.yaml"),
+            at(&dep, "tls/cert.pem")
+        )]
+    );
+}
+
+#[test]
+fn tls_key_of_another_certificate() {
+    let (cert, _) = self_signed_cert();
+    let (_, other_key) = self_signed_cert();
+    let dep = tls_deployment(Some(&cert), Some(&other_key));
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:6:12: listeners.main.tls.key: the private key in {} does not belong to the certificate in {}: give the key the certificate was issued for",
+            at(&dep, "gateway.yaml"),
+            at(&dep, "tls/key.pem"),
+            at(&dep, "tls/cert.pem")
+        )]
+    );
+}
+
+#[test]
+fn tls_files_without_a_certificate_or_a_key() {
+    let (cert, key) = self_signed_cert();
+    // Swapped: the certificate file holds the key.
+    let dep = tls_deployment(Some(&key), Some(&cert));
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:5:13: listeners.main.tls.cert: {} holds no certificate (it holds a private key: are `cert` and `key` swapped?); {CERT_HINT}",
+            at(&dep, "gateway.yaml"),
+            at(&dep, "tls/cert.pem")
+        )]
+    );
+    let dep = tls_deployment(Some(&cert), Some("not a key\n"));
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:6:12: listeners.main.tls.key: {} holds no private key; {KEY_HINT}",
+            at(&dep, "gateway.yaml"),
+            at(&dep, "tls/key.pem")
+        )]
+    );
+    let dep = tls_deployment(
+        Some(&cert),
+        Some("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:6:12: listeners.main.tls.key: the private key in {} is not usable (failed to parse private key as RSA, ECDSA, or EdDSA); supported keys: RSA (2048 bits or more), ECDSA P-256 or P-384, Ed25519",
+            at(&dep, "gateway.yaml"),
+            at(&dep, "tls/key.pem")
+        )]
+    );
+}
+
+#[test]
+fn tls_settings_misspelled() {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\n    tsl: {{cert: c.pem, key: k.pem}}\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n",
+            target_dir().display()
+        ),
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:4:5: listeners.main.tsl: unknown field `tsl`, expected one of bind, tls",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\n    tls: {{cert: c.pem, private_key: k.pem}}\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n",
+            target_dir().display()
+        ),
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:4:24: listeners.main.tls.private_key: unknown field `private_key`, expected one of cert, key",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
 // --- Several mistakes at once. ---
 
 #[test]

@@ -98,10 +98,11 @@ impl GatewayCtx<'_> {
                     .iter()
                     .flat_map(|e| {
                         let addr = st.addrs.get(&e.listener).copied();
+                        let scheme = if self.tls(&e.listener) { "wss" } else { "ws" };
                         e.paths.iter().map(move |p| {
                             json!({
                                 "path": p.as_str(),
-                                "url": addr.map(|a| format!("ws://{a}{}", p.as_str())),
+                                "url": addr.map(|a| format!("{scheme}://{a}{}", p.as_str())),
                                 "listener": e.listener,
                                 "protocol": e.protocol.as_ref().map(|p| p.name.as_str()).unwrap_or("stream"),
                                 "channels": e.channels.iter().map(|c| c.name.to_string()).collect::<Vec<_>>(),
@@ -117,10 +118,11 @@ impl GatewayCtx<'_> {
                     .iter()
                     .map(|h| {
                         let addr = st.addrs.get(&h.listener);
+                        let scheme = if self.tls(&h.listener) { "https" } else { "http" };
                         json!({
                             "path": h.path.as_str(),
                             "method": h.method.as_str(),
-                            "url": addr.map(|a| format!("http://{a}{}", h.path.as_str())),
+                            "url": addr.map(|a| format!("{scheme}://{a}{}", h.path.as_str())),
                         })
                     })
                     .collect(),
@@ -134,10 +136,19 @@ impl GatewayCtx<'_> {
         for (name, a) in &self.state.addrs {
             m.insert(
                 name.clone(),
-                json!({"host": a.ip().to_string(), "port": a.port(), "address": a.to_string()}),
+                json!({"host": a.ip().to_string(), "port": a.port(), "address": a.to_string(), "tls": self.tls(name)}),
             );
         }
         Value::Object(m)
+    }
+
+    /// Whether a listener serves TLS.
+    fn tls(&self, listener: &str) -> bool {
+        self.state
+            .config
+            .listeners
+            .iter()
+            .any(|l| l.name == listener && l.tls.is_some())
     }
 }
 

@@ -12,7 +12,8 @@
 //!   (in-memory here; the trait leaves room for a distributed engine).
 //! - [`queue`]: the bounded per-session queue and its slow-consumer policy.
 //! - [`server`]: listeners, HTTP routes (`/healthz`, `/readyz`, `/metrics`),
-//!   auth ([`auth`]) and the WebSocket upgrade, routed by [`router`].
+//!   auth ([`auth`]) and the WebSocket upgrade, routed by [`router`]; TLS
+//!   listeners use the rustls configuration [`tls`] builds from PEM files.
 //! - [`session`]: one task per connection, batched writes, Close codes.
 //! - [`metrics`], [`state`], [`logging`]: shared plumbing.
 //!
@@ -39,6 +40,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod template;
+pub mod tls;
 pub mod ws;
 
 use std::collections::{BTreeMap, HashMap};
@@ -133,7 +135,11 @@ impl Gateway {
                         }),
                 ])
             })?;
-            tracing::info!(listener = %name, %addr, "listening");
+            let tls = config
+                .listeners
+                .iter()
+                .any(|l| l.name == name && l.tls.is_some());
+            tracing::info!(listener = %name, %addr, tls, "listening");
             addrs.insert(name.clone(), addr);
             listeners.push((name, listener));
         }

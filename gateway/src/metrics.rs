@@ -92,6 +92,8 @@ pub struct Metrics {
     pub inbound_rate_errors: AtomicU64,
     /// Connections closed because in-band authentication did not come in time.
     pub auth_timeouts: AtomicU64,
+    /// TLS handshakes that failed or timed out on TLS listeners.
+    pub tls_handshake_failures: AtomicU64,
     channels: RwLock<BTreeMap<Arc<str>, Arc<ChannelMetrics>>>,
 }
 
@@ -224,6 +226,13 @@ impl Metrics {
             "counter",
             "Connections closed (1008) because in-band authentication did not come in time.",
             self.auth_timeouts.load(Relaxed) as i64,
+        );
+        g(
+            &mut out,
+            "gateway_tls_handshake_failures_total",
+            "counter",
+            "Connections to TLS listeners dropped because the TLS handshake failed or timed out.",
+            self.tls_handshake_failures.load(Relaxed) as i64,
         );
         g(
             &mut out,

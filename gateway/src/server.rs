@@ -5,6 +5,10 @@
 //! hyper's `OnUpgrade` into a slot that the warp route takes, and the
 //! WebSocket is built with our own small buffers instead of warp's defaults
 //! (about 128 KiB of read buffer per connection).
+//!
+//! A listener with `tls` runs the TLS handshake (rustls, see [`crate::tls`])
+//! in each connection's task, then serves the same routes over the TLS
+//! stream; a WebSocket upgraded there runs its session over TLS.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,7 +19,8 @@ use http::{HeaderMap, Method, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
@@ -27,7 +32,8 @@ use crate::router::Target;
 use crate::session::{self, SessionCtx};
 use crate::state::GatewayState;
 
-/// How long a client may take to send its request headers.
+/// How long a client may take to send its request headers (and, on a TLS
+/// listener, to complete the TLS handshake before that).
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long HTTP requests in flight get to finish at shutdown.
 const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
@@ -82,6 +88,14 @@ pub async fn serve_listener(
         shutdown.clone(),
     );
     let svc = warp::service(filter);
+    // One acceptor per TLS listener, from the configuration checked at load.
+    let tls = state
+        .config
+        .listeners
+        .iter()
+        .find(|l| *l.name == *name)
+        .and_then(|l| l.tls.clone())
+        .map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -102,6 +116,8 @@ pub async fn serve_listener(
         };
         let svc = svc.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        let metrics = state.metrics.clone();
         tracker.spawn(async move {
             let hyper_svc =
                 hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
@@ -112,24 +128,56 @@ pub async fn serve_listener(
                     let mut svc = svc.clone();
                     async move { svc.call(req).await }
                 });
-            // A client that never finishes its request headers is dropped
-            // after HEADER_TIMEOUT (hyper needs a timer for that).
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), hyper_svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => { let _ = r; }
-                _ = shutdown.cancelled() => {
-                    // Let a request in flight finish, briefly; upgraded
-                    // sessions have their own shutdown.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(HTTP_DRAIN, conn).await;
+            let Some(acceptor) = tls else {
+                return serve_http(TokioIo::new(tcp), hyper_svc, shutdown).await;
+            };
+            // The TLS handshake runs here, in the connection's own task, and
+            // gets as long as a client has to send its request headers.
+            let handshake = tokio::select! {
+                r = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)) => r,
+                _ = shutdown.cancelled() => return,
+            };
+            match handshake {
+                Ok(Ok(stream)) => serve_http(TokioIo::new(stream), hyper_svc, shutdown).await,
+                Ok(Err(e)) => {
+                    metrics.tls_handshake_failures.fetch_add(1, Relaxed);
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.tls_handshake_failures.fetch_add(1, Relaxed);
+                    tracing::debug!(%peer, "TLS handshake timed out");
                 }
             }
         });
+    }
+}
+
+/// Serve HTTP/1.1 (with upgrades) on one connection, plain or TLS, until the
+/// client goes or the gateway shuts down.
+async fn serve_http<I, S, B>(io: I, svc: S, shutdown: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // A client that never finishes its request headers is dropped
+    // after HEADER_TIMEOUT (hyper needs a timer for that).
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => { let _ = r; }
+        _ = shutdown.cancelled() => {
+            // Let a request in flight finish, briefly; upgraded
+            // sessions have their own shutdown.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(HTTP_DRAIN, conn).await;
+        }
     }
 }
 
@@ -404,18 +452,26 @@ fn handle_endpoint(
         match on_upgrade.await {
             // Take the socket back from hyper: the session owns it, with no
             // buffering layer in between.
-            Ok(upgraded) => match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) => {
                     // `read_buf` is a view into hyper's connection buffer
                     // (kilobytes): keep a copy of what the client already
                     // sent, not the buffer.
                     let early = parts.read_buf.to_vec();
                     drop(parts.read_buf);
-                    session::run(parts.io.into_inner(), early, ctx).await
+                    session::run_tcp(parts.io.into_inner(), early, ctx).await
                 }
-                Err(_) => {
-                    tracing::error!(peer = %info.peer, "upgraded connection is not a TCP stream")
-                }
+                Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                    Ok(parts) => {
+                        let early = parts.read_buf.to_vec();
+                        drop(parts.read_buf);
+                        session::run_tls(parts.io.into_inner(), early, ctx).await
+                    }
+                    Err(_) => tracing::error!(
+                        peer = %info.peer,
+                        "upgraded connection is neither a TCP nor a TLS stream"
+                    ),
+                },
             },
             Err(e) => tracing::debug!(peer = %info.peer, error = %e, "upgrade failed"),
         }

@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::server::TlsStream;
 
 use crate::config::types::OnInboundLimit;
 use tokio_util::sync::CancellationToken;
@@ -181,9 +183,34 @@ impl Flags {
     }
 }
 
-/// Run a session until either side closes or the gateway shuts down.
-/// `early` holds bytes the client sent right behind its handshake.
-pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
+/// Run a session over plain TCP until either side closes or the gateway
+/// shuts down. `early` holds bytes the client sent right behind its
+/// handshake.
+pub async fn run_tcp(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
+    // Borrowed halves of the socket itself: no lock, no extra buffer.
+    let (mut rd, mut wr) = tcp.split();
+    run(&mut rd, &mut wr, early, ctx).await;
+}
+
+/// [`run_tcp`] over TLS. The halves share the TLS state through
+/// `tokio::io::split`; at the end the client gets a TLS close_notify, if it
+/// takes it within [`CLOSE_NOTIFY_WAIT`].
+pub async fn run_tls(mut tls: TlsStream<TcpStream>, early: Vec<u8>, ctx: SessionCtx) {
+    let (mut rd, mut wr) = tokio::io::split(&mut tls);
+    run(&mut rd, &mut wr, early, ctx).await;
+    drop((rd, wr));
+    let _ = tokio::time::timeout(CLOSE_NOTIFY_WAIT, tls.shutdown()).await;
+}
+
+/// How long a TLS session's end waits to hand its close_notify to the socket.
+const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(500);
+
+/// Run a session on a connection's two halves.
+async fn run<R, W>(rd: &mut R, wr: &mut W, early: Vec<u8>, ctx: SessionCtx)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let m = ctx.state.metrics.clone();
     m.connections.fetch_add(1, Relaxed);
     m.connections_total.fetch_add(1, Relaxed);
@@ -214,7 +241,6 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
     let mut incoming = Vec::new();
     let mut linger: Option<Pin<Box<Sleep>>> = None;
     let mut f = Flags::default();
-    let (mut rd, mut wr) = tcp.split();
     let mut replies = Vec::new();
     control.start(&mut replies);
     for r in replies.drain(..) {
@@ -290,12 +316,12 @@ pub async fn run(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
             _ = ctx.shutdown.cancelled(), if !f.shutting => Event::Shutdown,
             r = poll_fn(|cx| {
                 if discarding {
-                    ws::poll_discard(cx, &mut rd).map(|r| r.map(Ok))
+                    ws::poll_discard(cx, rd).map(|r| r.map(Ok))
                 } else {
-                    ws::poll_read_frames(cx, &mut rd, &mut reader, &mut incoming)
+                    ws::poll_read_frames(cx, rd, &mut reader, &mut incoming)
                 }
             }), if reading || discarding => Event::Read(r),
-            r = poll_fn(|cx| writer.poll_write_all(cx, &mut wr)), if !writer.is_empty() => Event::Written(r),
+            r = poll_fn(|cx| writer.poll_write_all(cx, wr)), if !writer.is_empty() => Event::Written(r),
             _ = queue.notified(), if writer.is_empty() && !f.close_queued => Event::Queued,
             _ = maybe_sleep(&mut linger) => Event::LingerOver,
             _ = maybe_sleep(&mut timer) => Event::Timer,

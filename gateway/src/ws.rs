@@ -374,6 +374,9 @@ pub struct FrameWriter {
     pending: VecDeque<Bytes>,
     /// Bytes of the first pending frame already written.
     offset: usize,
+    /// Written but not flushed yet: a TLS stream may hold the tail of a
+    /// write in its own buffer until flushed (plain TCP never does).
+    unflushed: bool,
 }
 
 /// Most frames gathered into one vectored write.
@@ -395,9 +398,9 @@ impl FrameWriter {
         self.pending.len()
     }
 
-    /// Whether everything was written.
+    /// Whether everything was written (and flushed).
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.pending.is_empty() && !self.unflushed
     }
 
     /// Write until everything queued is written (Ready) or the socket is
@@ -424,6 +427,15 @@ impl FrameWriter {
                 }
             };
             self.advance(n);
+            self.unflushed = true;
+        }
+        if self.unflushed {
+            // A no-op for TCP; TLS writes out what it still holds.
+            match Pin::new(&mut *wr).poll_flush(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => self.unflushed = false,
+            }
         }
         if self.pending.capacity() > 4 {
             // Idle sessions keep (almost) nothing after a burst.
@@ -639,5 +651,66 @@ mod tests {
         assert!(w.is_empty());
         drop(a);
         assert_eq!(reader.await.unwrap(), expected);
+    }
+
+    /// A stream that, like TLS, takes writes into its own buffer and hands
+    /// them on only when flushed; its flush needs two polls.
+    #[derive(Default)]
+    struct Buffering {
+        held: Vec<u8>,
+        out: Vec<u8>,
+        flush_polls: usize,
+    }
+
+    impl tokio::io::AsyncWrite for Buffering {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            // At most 10 bytes per call, so frames end up split.
+            let n = buf.len().min(10);
+            self.held.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flush_polls += 1;
+            if self.flush_polls % 2 == 1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let held = std::mem::take(&mut self.held);
+            self.out.extend(held);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_is_empty_only_once_everything_is_flushed() {
+        let mut s = Buffering::default();
+        let mut w = FrameWriter::new();
+        let frames: Vec<Bytes> = (0..5)
+            .map(|i| frame(OP_TEXT, format!("message {i}").as_bytes()))
+            .collect();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        for f in &frames {
+            w.push(f.clone());
+        }
+        // Every frame is taken by the stream, but the flush is still pending.
+        let first = std::future::poll_fn(|cx| Poll::Ready(w.poll_write_all(cx, &mut s))).await;
+        assert!(first.is_pending());
+        assert_eq!(w.len(), 0);
+        assert!(!w.is_empty(), "written but not flushed is not empty");
+        std::future::poll_fn(|cx| w.poll_write_all(cx, &mut s))
+            .await
+            .unwrap();
+        assert!(w.is_empty());
+        assert_eq!(s.out, expected);
+        assert!(s.held.is_empty());
     }
 }

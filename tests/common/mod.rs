@@ -472,3 +472,11 @@ pub fn before(deadline: tokio::time::Instant, what: &str) {
         "timed out waiting for {what}"
     );
 }
+
+/// A self-signed certificate for `localhost` and `127.0.0.1`, made now:
+/// (certificate PEM, PKCS#8 private key PEM).
+pub fn self_signed_cert() -> (String, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("generate a self-signed certificate");
+    (ck.cert.pem(), ck.signing_key.serialize_pem())
+}

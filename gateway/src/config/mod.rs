@@ -32,6 +32,7 @@ use crate::filter::FilterRule;
 use crate::limits::{ConnCounter, IpLimiter, LimiterPool, Prunable};
 use crate::plugin::{LoadedPlugin, PluginRegistry};
 use crate::template::Template;
+use crate::tls::TlsFileError;
 
 /// Overrides applied on top of the files (from the command line or tests).
 #[derive(Clone, Debug, Default)]
@@ -128,6 +129,9 @@ pub struct ListenerCfg {
     pub bind: SocketAddr,
     /// Where `bind` was written.
     pub origin: Origin,
+    /// TLS (`tls:` in the file): the rustls configuration built from its
+    /// certificate and key. None: plain TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Compiled limits.
@@ -406,11 +410,22 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         let field = format!("listeners.{name}.bind");
         let origin = Origin::of(path, &l.bind, &field);
         let text = opts.listen.get(name).unwrap_or(&l.bind.value);
+        let tls = l.tls.as_ref().and_then(|t| {
+            crate::tls::server_config(&base.join(&t.cert.value), &base.join(&t.key.value))
+                .map_err(|e| match e {
+                    TlsFileError::Cert(m) => {
+                        sink.at(&t.cert, format!("listeners.{name}.tls.cert"), m)
+                    }
+                    TlsFileError::Key(m) => sink.at(&t.key, format!("listeners.{name}.tls.key"), m),
+                })
+                .ok()
+        });
         match resolve_addr(text) {
             Ok(bind) => listeners.push(ListenerCfg {
                 name: name.clone(),
                 bind,
                 origin,
+                tls,
             }),
             Err(m) => sink.at(&l.bind, field, m),
         }

@@ -258,6 +258,18 @@ pub struct PublishFile {
 pub struct ListenerFile {
     /// Socket address to bind, e.g. `127.0.0.1:8080` (port 0 picks a free port).
     pub bind: Spanned<String>,
+    /// Serve TLS (`wss://`, `https://`) with this certificate and key.
+    pub tls: Option<TlsFile>,
+}
+
+/// A listener's certificate and private key, PEM files relative to gateway.yaml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// The server certificate, then any intermediates.
+    pub cert: Spanned<String>,
+    /// The certificate's private key (PKCS#8, PKCS#1/RSA or SEC1/EC), unencrypted.
+    pub key: Spanned<String>,
 }
 
 /// Plugin lookup.
