@@ -425,3 +425,33 @@ async fn a_stalled_tls_reader_gets_the_whole_burst() {
     }
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_picks_up_a_renewed_certificate_for_new_connections() {
+    let s = setup();
+    let gw = s.dep.start().await;
+    let secure = gw.addr("secure").unwrap();
+    let schema = ticker_schema();
+    let mut before = wss(secure, &s.client, "/ticker").await;
+    three_ticks(&mut before, &schema).await;
+
+    let (cert, key) = self_signed_cert();
+    s.dep
+        .write("tls/cert.pem", &cert)
+        .write("tls/key.pem", &key);
+    gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+
+    // New connections get the new certificate: trusted by a client that
+    // knows it, refused by one that knows only the old one.
+    let renewed = client_config(&cert);
+    let mut after = wss(secure, &renewed, "/ticker").await;
+    three_ticks(&mut after, &schema).await;
+    let tcp = TcpStream::connect(secure).await.expect("connect");
+    let r = tokio_rustls::TlsConnector::from(s.client.clone())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await;
+    assert!(r.is_err(), "the old certificate is still served");
+    // The connection made before the reload carries on.
+    three_ticks(&mut before, &schema).await;
+    gw.shutdown().await;
+}

@@ -145,7 +145,7 @@ impl GatewayCtx<'_> {
     /// Whether a listener serves TLS.
     fn tls(&self, listener: &str) -> bool {
         self.state
-            .config
+            .config()
             .listeners
             .iter()
             .any(|l| l.name == listener && l.tls.is_some())

@@ -88,14 +88,6 @@ pub async fn serve_listener(
         shutdown.clone(),
     );
     let svc = warp::service(filter);
-    // One acceptor per TLS listener, from the configuration checked at load.
-    let tls = state
-        .config
-        .listeners
-        .iter()
-        .find(|l| *l.name == *name)
-        .and_then(|l| l.tls.clone())
-        .map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -116,7 +108,15 @@ pub async fn serve_listener(
         };
         let svc = svc.clone();
         let shutdown = shutdown.clone();
-        let tls = tls.clone();
+        // The listener's TLS settings as configured now: a reload with a
+        // renewed certificate applies to the next connection.
+        let tls = state
+            .config()
+            .listeners
+            .iter()
+            .find(|l| *l.name == *name)
+            .and_then(|l| l.tls.clone())
+            .map(tokio_rustls::TlsAcceptor::from);
         let metrics = state.metrics.clone();
         tracker.spawn(async move {
             let hyper_svc =

@@ -406,7 +406,13 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
 
     // Listeners.
     let mut listeners = Vec::new();
+    let mut watched = vec![path.to_path_buf()];
     for (name, l) in &gw.listeners {
+        if let Some(t) = &l.tls {
+            // A renewed certificate is picked up by a reload.
+            watched.push(base.join(&t.cert.value));
+            watched.push(base.join(&t.key.value));
+        }
         let field = format!("listeners.{name}.bind");
         let origin = Origin::of(path, &l.bind, &field);
         let text = opts.listen.get(name).unwrap_or(&l.bind.value);
@@ -523,7 +529,6 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
 
     // Channel spec files.
     let mut spec_files = Vec::new();
-    let mut watched = vec![path.to_path_buf()];
     for (i, pat) in gw.channels.iter().enumerate() {
         let full = base.join(&pat.value);
         // A file added to or removed from a globbed directory changes the
