@@ -419,3 +419,74 @@ async fn a_push_plugin_that_finished_by_itself_is_finished_and_ready() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_that_overruns_its_interval_neither_piles_up_nor_blocks_other_channels() {
+    let dep = Deployment::new();
+    dep.gateway_yaml("")
+        .shipped_schema("ticker.json")
+        .write("specs/schemas/seq.json", SEQ_SCHEMA)
+        .write(
+            "specs/slow.yaml",
+            "channel: slow\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\nendpoints:\n  - path: /slow\n",
+        )
+        .write(
+            "specs/steady.yaml",
+            "channel: steady\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {rate: 200}\nendpoints:\n  - path: /steady\n",
+        );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let slow = gw.state().channels["slow"].clone();
+    let status = || async {
+        let reply = slow
+            .command(br#"{"op":"status"}"#.to_vec(), PATIENCE)
+            .await
+            .expect("status");
+        serde_json::from_slice::<serde_json::Value>(&reply).unwrap()
+    };
+    eventually("the slow channel's plugin", || async {
+        slow.command(br#"{"op":"hold"}"#.to_vec(), PATIENCE)
+            .await
+            .ok()
+    })
+    .await;
+    // A poll is now held inside the plugin, far beyond its 20 ms interval.
+    let polls = eventually("a held poll", || async {
+        let v = status().await;
+        (v["in_poll"] == 1).then(|| v["polls"].as_u64().unwrap())
+    })
+    .await;
+    let mut steady = connect(addr, "/steady").await;
+    let mut prev = seq(&next_json(&mut steady).await);
+    // 100 messages at 200/s: at least 25 of the slow channel's intervals.
+    for _ in 0..100 {
+        let s = seq(&next_json(&mut steady).await);
+        assert_eq!(s, prev + 1, "the steady channel lost a message");
+        prev = s;
+    }
+    // Still the same poll: none started beside it or queued behind it.
+    let v = status().await;
+    assert_eq!(v["in_poll"], 1, "{v}");
+    assert_eq!(v["polls"], polls, "{v}");
+    let released = std::time::Instant::now();
+    slow.command(br#"{"op":"release"}"#.to_vec(), PATIENCE)
+        .await
+        .expect("release");
+    // The missed intervals are not made up in a burst: one poll follows the
+    // held one at once, the next ones an interval apart, so three more take
+    // at least 40 ms (a slow machine only makes them take longer).
+    eventually("polls again", || async {
+        (status().await["polls"].as_u64().unwrap() >= polls + 4).then_some(())
+    })
+    .await;
+    let took = released.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(40),
+        "3 polls after the held one within {took:?}: missed intervals made up in a burst"
+    );
+    assert_eq!(status().await["most_in_poll"], 1, "polls never overlap");
+    let mut ws = connect(addr, "/slow").await;
+    let a = seq(&next_json(&mut ws).await);
+    assert_eq!(seq(&next_json(&mut ws).await), a + 1);
+    gw.shutdown().await;
+}
