@@ -153,10 +153,15 @@ async fn a_plugin_that_cannot_start_keeps_readyz_at_503_and_is_retried() {
     let (status, _, body) = http(addr, "GET", "/readyz", &[]).await;
     assert_eq!(status, 503);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        v,
-        serde_json::json!({"status": "starting", "waiting_for": ["broken"]})
-    );
+    assert_eq!(v["status"], "starting");
+    assert_eq!(v["waiting_for"], serde_json::json!(["broken"]));
+    let broken = &v["channels"]["broken"];
+    assert_eq!(broken["plugin"], "test-faults");
+    assert_eq!(broken["state"], "starting");
+    assert_eq!(broken["last_error"], "upstream unreachable");
+    assert!(broken["consecutive_failures"].as_u64().unwrap() >= 2, "{v}");
+    assert!(broken["last_failure"].is_string(), "{v}");
+    assert!(broken["retry_in_ms"].as_u64().unwrap() <= 30_000, "{v}");
     // The other channel is unaffected.
     let mut ws = connect(addr, "/steady").await;
     let a = seq(&next_json(&mut ws).await);
@@ -194,7 +199,14 @@ async fn readyz_turns_ready_once_every_plugin_started() {
         (status == 200).then_some(body)
     })
     .await;
-    assert_eq!(body, r#"{"status":"ready"}"#);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"status": "ready", "channels": {"steady": {
+            "plugin": "ticker", "state": "up", "consecutive_failures": 0,
+            "last_error": null, "last_failure": null, "retry_in_ms": null,
+        }}})
+    );
     gw.shutdown().await;
 }
 
@@ -237,4 +249,255 @@ async fn commands_round_trip_and_a_panicking_command_is_contained() {
     tokio::task::spawn_blocking(move || inst.shutdown())
         .await
         .unwrap();
+}
+
+/// `/readyz` as (status code, body).
+async fn readyz(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    let (status, _, body) = http(addr, "GET", "/readyz", &[]).await;
+    let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    (status, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_plugin_makes_readyz_degraded_naming_its_error_and_ready_again_after() {
+    let dep = Deployment::new();
+    // test-faults fails every poll while this file exists.
+    let down = dep.path("upstream-down");
+    dep.gateway_yaml("")
+        .shipped_schema("ticker.json")
+        .write("specs/schemas/seq.json", SEQ_SCHEMA)
+        .write(
+            "specs/flaky.yaml",
+            &format!(
+                "channel: flaky\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  config: {{error_while_exists: '{}'}}\nendpoints:\n  - path: /flaky\n",
+                down.display()
+            ),
+        )
+        .write(
+            "specs/steady.yaml",
+            "channel: steady\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {rate: 200}\nendpoints:\n  - path: /steady\n",
+        );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    eventually("ready", || async {
+        let (status, v) = readyz(addr).await;
+        (status == 200 && v["status"] == "ready").then_some(())
+    })
+    .await;
+    let mut steady = connect(addr, "/steady").await;
+    let mut prev = seq(&next_json(&mut steady).await);
+
+    std::fs::write(&down, "").unwrap();
+    let failing_since = std::time::Instant::now();
+    let expected_error = format!("test-faults: {} exists", down.display());
+    // Degraded, not unready: the other channel is still served.
+    let v = eventually("readyz degraded after 3 failures in a row", || async {
+        let (status, v) = readyz(addr).await;
+        let failures = v["channels"]["flaky"]["consecutive_failures"].as_u64()?;
+        (status == 200 && v["status"] == "degraded" && failures >= 3).then_some(v)
+    })
+    .await;
+    let flaky = &v["channels"]["flaky"];
+    assert_eq!(flaky["plugin"], "test-faults");
+    assert_eq!(flaky["state"], "restarting", "{v}");
+    assert_eq!(flaky["last_error"], expected_error.as_str());
+    assert!(flaky["last_failure"].is_string(), "{v}");
+    assert!(flaky["retry_in_ms"].as_u64().unwrap() <= 30_000, "{v}");
+    assert_eq!(
+        v["channels"]["steady"],
+        serde_json::json!({
+            "plugin": "ticker", "state": "up", "consecutive_failures": 0,
+            "last_error": null, "last_failure": null, "retry_in_ms": null,
+        })
+    );
+    // Not retried at full speed (a poll every 20 ms): the wait before
+    // restart n (from 0) is at least 50 ms × 2ⁿ, so n failures in a row
+    // take at least 50 ms × (2ⁿ⁻¹ − 1). (A slow machine only makes the
+    // elapsed time longer.)
+    let failures = flaky["consecutive_failures"].as_u64().unwrap() as u32;
+    let least =
+        std::time::Duration::from_millis(50).saturating_mul(2u32.saturating_pow(failures - 1) - 1);
+    assert!(
+        failing_since.elapsed() >= least,
+        "{failures} failures in a row within {:?}",
+        failing_since.elapsed()
+    );
+    // The gauge says the same (read between two readyz answers).
+    let gauge = "gateway_plugin_consecutive_failures{channel=\"flaky\",plugin=\"test-faults\"}";
+    let low = readyz(addr).await.1["channels"]["flaky"]["consecutive_failures"]
+        .as_u64()
+        .unwrap() as f64;
+    let g = metric(addr, gauge).await.unwrap();
+    let high = readyz(addr).await.1["channels"]["flaky"]["consecutive_failures"]
+        .as_u64()
+        .unwrap() as f64;
+    assert!(low <= g && g <= high, "{low} <= {g} <= {high}");
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_plugin_consecutive_failures{channel=\"steady\",plugin=\"ticker\"}"
+        )
+        .await,
+        Some(0.0)
+    );
+    assert!(
+        metric(
+            addr,
+            "gateway_plugin_last_failure_timestamp_seconds{channel=\"flaky\",plugin=\"test-faults\"}"
+        )
+        .await
+        .unwrap()
+            > 1.7e9
+    );
+    // The steady channel lost nothing meanwhile.
+    for _ in 0..20 {
+        let s = seq(&next_json(&mut steady).await);
+        assert_eq!(s, prev + 1, "the steady channel lost a message");
+        prev = s;
+    }
+
+    // The upstream is back: the next restart sticks.
+    std::fs::remove_file(&down).unwrap();
+    let v = eventually("readyz ready again", || async {
+        let (status, v) = readyz(addr).await;
+        (status == 200 && v["status"] == "ready").then_some(v)
+    })
+    .await;
+    let flaky = &v["channels"]["flaky"];
+    assert_eq!(flaky["state"], "up");
+    assert_eq!(flaky["retry_in_ms"], serde_json::Value::Null);
+    // The last error stays on record; the count starts over only once an
+    // instance has run 30 s without failing.
+    assert_eq!(flaky["last_error"], expected_error.as_str());
+    assert!(flaky["consecutive_failures"].as_u64().unwrap() >= 3);
+    // It delivers again: two messages in a row.
+    let mut ws = connect(addr, "/flaky").await;
+    let until = deadline();
+    let mut prev = seq(&next_json(&mut ws).await);
+    loop {
+        before(until, "two consecutive messages from the recovered channel");
+        let s = seq(&next_json(&mut ws).await);
+        if s == prev + 1 {
+            break;
+        }
+        prev = s;
+    }
+    eventually("plugin_up 1", || async {
+        metric(
+            addr,
+            "gateway_plugin_up{channel=\"flaky\",plugin=\"test-faults\"}",
+        )
+        .await
+        .filter(|v| *v == 1.0)
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_plugin_that_finished_by_itself_is_finished_and_ready() {
+    let dep = Deployment::new();
+    dep.gateway_yaml("").shipped_schema("ticker.json").write(
+        "specs/once.yaml",
+        "channel: once\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {rate: 1000, limit: 3}\nendpoints:\n  - path: /once\n",
+    );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let (status, v) = eventually("the ticker finished", || async {
+        let (status, v) = readyz(addr).await;
+        (v["channels"]["once"]["state"] == "finished").then_some((status, v))
+    })
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["status"], "ready");
+    assert_eq!(v["channels"]["once"]["consecutive_failures"], 0);
+    // Its instance stays (commands still answered) and is not restarted.
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_plugin_up{channel=\"once\",plugin=\"ticker\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_plugin_restarts_total{channel=\"once\",plugin=\"ticker\"}"
+        )
+        .await,
+        Some(0.0)
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_that_overruns_its_interval_neither_piles_up_nor_blocks_other_channels() {
+    let dep = Deployment::new();
+    dep.gateway_yaml("")
+        .shipped_schema("ticker.json")
+        .write("specs/schemas/seq.json", SEQ_SCHEMA)
+        .write(
+            "specs/slow.yaml",
+            "channel: slow\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\nendpoints:\n  - path: /slow\n",
+        )
+        .write(
+            "specs/steady.yaml",
+            "channel: steady\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {rate: 200}\nendpoints:\n  - path: /steady\n",
+        );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let slow = gw.state().live().channels["slow"].clone();
+    let status = || async {
+        let reply = slow
+            .command(br#"{"op":"status"}"#.to_vec(), PATIENCE)
+            .await
+            .expect("status");
+        serde_json::from_slice::<serde_json::Value>(&reply).unwrap()
+    };
+    eventually("the slow channel's plugin", || async {
+        slow.command(br#"{"op":"hold"}"#.to_vec(), PATIENCE)
+            .await
+            .ok()
+    })
+    .await;
+    // A poll is now held inside the plugin, far beyond its 20 ms interval.
+    let polls = eventually("a held poll", || async {
+        let v = status().await;
+        (v["in_poll"] == 1).then(|| v["polls"].as_u64().unwrap())
+    })
+    .await;
+    let mut steady = connect(addr, "/steady").await;
+    let mut prev = seq(&next_json(&mut steady).await);
+    // 100 messages at 200/s: at least 25 of the slow channel's intervals.
+    for _ in 0..100 {
+        let s = seq(&next_json(&mut steady).await);
+        assert_eq!(s, prev + 1, "the steady channel lost a message");
+        prev = s;
+    }
+    // Still the same poll: none started beside it or queued behind it.
+    let v = status().await;
+    assert_eq!(v["in_poll"], 1, "{v}");
+    assert_eq!(v["polls"], polls, "{v}");
+    let released = std::time::Instant::now();
+    slow.command(br#"{"op":"release"}"#.to_vec(), PATIENCE)
+        .await
+        .expect("release");
+    // The missed intervals are not made up in a burst: one poll follows the
+    // held one at once, the next ones an interval apart, so three more take
+    // at least 40 ms (a slow machine only makes them take longer).
+    eventually("polls again", || async {
+        (status().await["polls"].as_u64().unwrap() >= polls + 4).then_some(())
+    })
+    .await;
+    let took = released.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(40),
+        "3 polls after the held one within {took:?}: missed intervals made up in a burst"
+    );
+    assert_eq!(status().await["most_in_poll"], 1, "polls never overlap");
+    let mut ws = connect(addr, "/slow").await;
+    let a = seq(&next_json(&mut ws).await);
+    assert_eq!(seq(&next_json(&mut ws).await), a + 1);
+    gw.shutdown().await;
 }

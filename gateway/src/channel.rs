@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -34,8 +34,85 @@ use crate::queue::SessionQueue;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Longest restart delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// An instance that ran this long without failing resets the backoff.
+/// An instance that ran this long without failing resets the backoff and
+/// the count of failures in a row.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Failures in a row from which the log line is an error.
+const KEEPS_FAILING: u32 = 5;
+/// Longest plugin error message kept for `/readyz`, in bytes.
+const MAX_ERROR_LEN: usize = 512;
+
+/// What the supervisor is doing with a channel's plugin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PluginState {
+    /// No instance has run yet (the first create, or retries of it).
+    Starting,
+    /// An instance runs.
+    Up,
+    /// The instance failed; waiting out the backoff or creating the next one.
+    Restarting,
+    /// A push plugin's run loop ended by itself without an error. Its
+    /// instance stays (commands, keyed streams) and is not restarted.
+    Finished,
+}
+
+impl PluginState {
+    /// As reported by `/readyz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginState::Starting => "starting",
+            PluginState::Up => "up",
+            PluginState::Restarting => "restarting",
+            PluginState::Finished => "finished",
+        }
+    }
+
+    /// Whether the channel is served as configured (up, or finished by itself).
+    pub fn healthy(self) -> bool {
+        matches!(self, PluginState::Up | PluginState::Finished)
+    }
+}
+
+/// A channel's plugin health, as the supervisor last saw it.
+#[derive(Clone, Debug)]
+pub struct PluginHealth {
+    /// What the supervisor is doing.
+    pub state: PluginState,
+    /// Failures since an instance last ran `HEALTHY_AFTER` (30 s) without
+    /// failing; the restart backoff grows with it.
+    pub consecutive_failures: u32,
+    /// The last failure's message (at most 512 bytes), kept after recovery.
+    pub last_error: Option<String>,
+    /// When the last failure happened.
+    pub last_failure: Option<SystemTime>,
+    /// When the next instance will be created (while starting or restarting
+    /// after a failure; in the past while it is being created).
+    pub retry_at: Option<Instant>,
+}
+
+impl Default for PluginHealth {
+    fn default() -> PluginHealth {
+        PluginHealth {
+            state: PluginState::Starting,
+            consecutive_failures: 0,
+            last_error: None,
+            last_failure: None,
+            retry_at: None,
+        }
+    }
+}
+
+/// `msg` cut to at most `max` bytes at a character boundary, marked with `…`.
+fn truncate(msg: &str, max: usize) -> String {
+    if msg.len() <= max {
+        return msg.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &msg[..end])
+}
 
 enum SourceCmd {
     OpenKey(Arc<str>, Vec<u8>),
@@ -53,6 +130,8 @@ pub struct ChannelRuntime {
     /// Stops this channel's source (a reload that changes or removes the
     /// channel; a child of the gateway's shutdown).
     stop: CancellationToken,
+    /// The plugin's health (for `/readyz`; the metrics mirror the counts).
+    health: Mutex<PluginHealth>,
     broker: Arc<dyn Broker>,
     cmd_tx: mpsc::UnboundedSender<SourceCmd>,
     /// The running plugin instance (for commands).
@@ -219,6 +298,66 @@ impl ChannelRuntime {
         self.stop.cancel();
     }
 
+    /// This runtime replaces `prev` (a reload changed the channel): a
+    /// channel that was ready stays ready, its new source restarting.
+    pub fn succeed(&self, prev: &ChannelRuntime) {
+        if prev.started.load(Relaxed) {
+            self.started.store(true, Relaxed);
+            let mut h = self.health.lock();
+            if h.state == PluginState::Starting {
+                h.state = PluginState::Restarting;
+            }
+        }
+    }
+
+    /// The plugin's health now.
+    pub fn health(&self) -> PluginHealth {
+        self.health.lock().clone()
+    }
+
+    /// An instance runs.
+    fn set_up(&self) {
+        self.metrics.plugin_up.store(true, Relaxed);
+        let mut h = self.health.lock();
+        h.state = PluginState::Up;
+        h.retry_at = None;
+    }
+
+    /// The push plugin finished by itself.
+    fn set_finished(&self) {
+        self.health.lock().state = PluginState::Finished;
+    }
+
+    /// The instance ran `HEALTHY_AFTER` without failing: failures in a row
+    /// start over. Returns how many there had been.
+    fn set_healthy(&self) -> u32 {
+        self.metrics.plugin_consecutive_failures.store(0, Relaxed);
+        std::mem::take(&mut self.health.lock().consecutive_failures)
+    }
+
+    /// A failure; the next instance is created after `delay`. Returns the
+    /// failures in a row, this one included.
+    fn set_failed(&self, f: &PluginFailure, delay: Duration) -> u32 {
+        let now = SystemTime::now();
+        let mut h = self.health.lock();
+        h.state = if self.started.load(Relaxed) {
+            PluginState::Restarting
+        } else {
+            PluginState::Starting
+        };
+        h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+        h.last_error = Some(truncate(&f.to_string(), MAX_ERROR_LEN));
+        h.last_failure = Some(now);
+        h.retry_at = Some(Instant::now() + delay);
+        let m = &self.metrics;
+        m.plugin_failures.fetch_add(1, Relaxed);
+        m.plugin_consecutive_failures
+            .store(u64::from(h.consecutive_failures), Relaxed);
+        m.plugin_last_failure_ms
+            .store(crate::state::epoch_ms(now), Relaxed);
+        h.consecutive_failures
+    }
+
     /// The latest message of the (unkeyed) channel.
     pub fn latest(&self) -> Option<Message> {
         self.broker.last(&Topic {
@@ -315,6 +454,7 @@ pub fn start(
         metrics: cm,
         started: AtomicBool::new(false),
         stop: stop.clone(),
+        health: Mutex::new(PluginHealth::default()),
         broker,
         cmd_tx,
         key_refs: Mutex::new(KeyRefs::default()),
@@ -577,7 +717,6 @@ async fn supervise(
     let plugin = cfg.source.plugin.clone();
     let (ch, pname) = (cfg.name.clone(), plugin.name.clone());
     let mut open_keys: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
-    let mut attempt: u32 = 0;
     let handle = tokio::runtime::Handle::current();
 
     'outer: while !shutdown.is_cancelled() {
@@ -592,7 +731,6 @@ async fn supervise(
         let p2 = plugin.clone();
         let created = blocking(move || Instance::create(p2, params)).await;
         let failure: Option<PluginFailure>;
-        let began = Instant::now();
         match created {
             None | Some(Err(_)) => {
                 failure = Some(match created {
@@ -620,8 +758,8 @@ async fn supervise(
                     }
                 }
                 if fail.is_none() {
-                    rt.metrics.plugin_up.store(true, Relaxed);
                     *rt.current.lock() = Some(inst.clone());
+                    rt.set_up();
                     if !rt.started.swap(true, Relaxed) {
                         tracing::info!(channel = %ch, plugin = %pname, mode = %cfg.source.mode, "source started");
                     }
@@ -650,16 +788,15 @@ async fn supervise(
         if shutdown.is_cancelled() {
             break;
         }
-        rt.metrics.plugin_failures.fetch_add(1, Relaxed);
-        if began.elapsed() >= HEALTHY_AFTER {
-            attempt = 0;
-        }
-        let delay = backoff(attempt);
-        attempt = attempt.saturating_add(1);
-        if attempt >= 5 {
-            tracing::error!(channel = %ch, plugin = %pname, failures_in_a_row = attempt, retry_in = ?delay, "plugin keeps failing: {f}");
+        // The backoff grows with the failures in a row before this one.
+        let delay = backoff(rt.health.lock().consecutive_failures);
+        let in_a_row = rt.set_failed(&f, delay);
+        // One line per failure, and the failures slow down: at most one line
+        // per BACKOFF_MAX / 2 once the delay is at its cap.
+        if in_a_row >= KEEPS_FAILING {
+            tracing::error!(channel = %ch, plugin = %pname, failures_in_a_row = in_a_row, retry_in = ?delay, "plugin keeps failing: {f}");
         } else {
-            tracing::warn!(channel = %ch, plugin = %pname, retry_in = ?delay, "plugin failed: {f}");
+            tracing::warn!(channel = %ch, plugin = %pname, failures_in_a_row = in_a_row, retry_in = ?delay, "plugin failed: {f}");
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -685,6 +822,9 @@ async fn run_instance(
     // A poll that overruns its interval delays the next one; polls never pile up.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut finished = false;
+    let healthy = tokio::time::sleep(HEALTHY_AFTER);
+    tokio::pin!(healthy);
+    let mut proven = false;
     loop {
         tokio::select! {
             biased;
@@ -694,9 +834,20 @@ async fn run_instance(
                     Ok(f) if f.code == 0 => {
                         tracing::info!(channel = %cfg.name, plugin = %cfg.source.plugin.name, "push plugin finished");
                         finished = true;
+                        rt.set_finished();
                     }
                     Ok(f) => return Some(f),
-                    Err(_) => finished = true,
+                    Err(_) => {
+                        finished = true;
+                        rt.set_finished();
+                    }
+                }
+            }
+            _ = &mut healthy, if !proven => {
+                proven = true;
+                let failures = rt.set_healthy();
+                if failures > 0 {
+                    tracing::info!(channel = %cfg.name, plugin = %cfg.source.plugin.name, failures_in_a_row = failures, "plugin recovered: ran {HEALTHY_AFTER:?} without failing");
                 }
             }
             cmd = cmds.recv() => {
@@ -790,6 +941,17 @@ mod tests {
             Err(Dropped::Invalid { instance_path, .. }) => assert_eq!(instance_path, "/"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn long_errors_are_cut_at_a_character_boundary() {
+        assert_eq!(truncate("short", 512), "short");
+        let long = "é".repeat(400);
+        let cut = truncate(&long, 512);
+        assert!(cut.len() <= 512, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(long.starts_with(cut.trim_end_matches('…')));
+        assert_eq!(truncate("abcdef", 4), "a…");
     }
 
     #[test]

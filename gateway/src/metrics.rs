@@ -37,6 +37,10 @@ pub struct ChannelMetrics {
     pub plugin_failures: AtomicU64,
     /// Whether a plugin instance is running now.
     pub plugin_up: AtomicBool,
+    /// Plugin failures since an instance last ran 30 s without failing.
+    pub plugin_consecutive_failures: AtomicU64,
+    /// When the plugin last failed, ms since the epoch (0: never).
+    pub plugin_last_failure_ms: AtomicU64,
     /// Current subscribers.
     pub subscribers: AtomicI64,
     /// Messages over the channel's `rate_limit`, dropped.
@@ -244,7 +248,7 @@ impl Metrics {
 
         let chans = self.channels.read();
         type Get = fn(&ChannelMetrics) -> i64;
-        let series: [(&str, &str, &str, Get); 14] = [
+        let series: [(&str, &str, &str, Get); 16] = [
             (
                 "gateway_rate_limit_dropped_total",
                 "counter",
@@ -322,6 +326,18 @@ impl Metrics {
                 "gauge",
                 "1 while the channel's plugin instance runs.",
                 |m| m.plugin_up.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_plugin_consecutive_failures",
+                "gauge",
+                "Plugin failures in a row (since an instance last ran 30 s without failing).",
+                |m| m.plugin_consecutive_failures.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_plugin_last_failure_timestamp_seconds",
+                "gauge",
+                "When the channel's plugin last failed, seconds since the UNIX epoch (0: never).",
+                |m| (m.plugin_last_failure_ms.load(Relaxed) / 1000) as i64,
             ),
             (
                 "gateway_subscribers",

@@ -137,7 +137,7 @@ impl Reloader {
             // A restarted channel was ready before; readiness is about the
             // first start.
             if let Some(p) = prev {
-                rt.started.store(p.started.load(Relaxed), Relaxed);
+                rt.succeed(p);
             }
             channels.insert(ch.name.clone(), rt);
         }

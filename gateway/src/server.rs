@@ -252,15 +252,13 @@ fn routes(
         .and(warp::get())
         .map(|| json_reply(StatusCode::OK, &serde_json::json!({"status": "ok"})));
     let readyz = warp::path!("readyz").and(warp::get()).map(move || {
-        let waiting = s1.not_ready();
-        if waiting.is_empty() && !s1.shutting_down() {
-            json_reply(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+        let (ok, body) = s1.readiness();
+        let status = if ok {
+            StatusCode::OK
         } else {
-            json_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({"status": if s1.shutting_down() { "stopping" } else { "starting" }, "waiting_for": waiting}),
-            )
-        }
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json_reply(status, &body)
     });
     let metrics = warp::path!("metrics").and(warp::get()).map(move || {
         let mut r = Reply::new(s2.metrics.render().into());

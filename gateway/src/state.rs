@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
-use crate::channel::ChannelRuntime;
+use crate::channel::{ChannelRuntime, PluginState};
 use crate::config::Config;
 use crate::limits::CountGuard;
 use crate::metrics::Metrics;
@@ -235,7 +235,7 @@ impl GatewayState {
             .live()
             .channels
             .values()
-            .filter(|c| !c.started.load(Relaxed))
+            .filter(|c| c.health().state == PluginState::Starting)
             .map(|c| c.cfg.name.to_string())
             .collect();
         v.sort();
@@ -245,5 +245,60 @@ impl GatewayState {
     /// Whether shutdown has begun.
     pub fn shutting_down(&self) -> bool {
         self.shutdown.is_cancelled()
+    }
+
+    /// The `/readyz` answer: whether to send traffic here (200) or not
+    /// (503), and the body with every channel's plugin health.
+    ///
+    /// - `stopping` (503): shutdown has begun.
+    /// - `starting` (503): some channel's plugin never ran yet (`waiting_for`).
+    /// - `degraded` (200): every plugin ran, but some are failing now
+    ///   (restarting). The other channels are served; failing readiness
+    ///   would take every replica out of service when a shared upstream is
+    ///   down.
+    /// - `ready` (200): every plugin is up, or finished by itself.
+    pub fn readiness(&self) -> (bool, Value) {
+        let now = std::time::Instant::now();
+        let live = self.live();
+        let mut runtimes: Vec<&Arc<ChannelRuntime>> = live.channels.values().collect();
+        runtimes.sort_by(|a, b| a.cfg.name.cmp(&b.cfg.name));
+        let mut channels = serde_json::Map::new();
+        let mut waiting = Vec::new();
+        let mut degraded = false;
+        for rt in runtimes {
+            let h = rt.health();
+            if h.state == PluginState::Starting {
+                waiting.push(rt.cfg.name.to_string());
+            }
+            degraded |= !h.state.healthy();
+            let retry_in_ms = match h.state {
+                PluginState::Starting | PluginState::Restarting => h
+                    .retry_at
+                    .map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                PluginState::Up | PluginState::Finished => None,
+            };
+            channels.insert(
+                rt.cfg.name.to_string(),
+                json!({
+                    "plugin": rt.cfg.source.plugin.name,
+                    "state": h.state.as_str(),
+                    "consecutive_failures": h.consecutive_failures,
+                    "last_error": h.last_error,
+                    "last_failure": h.last_failure.map(iso),
+                    "retry_in_ms": retry_in_ms,
+                }),
+            );
+        }
+        let (ok, mut body) = if self.shutting_down() {
+            (false, json!({"status": "stopping"}))
+        } else if !waiting.is_empty() {
+            (false, json!({"status": "starting", "waiting_for": waiting}))
+        } else if degraded {
+            (true, json!({"status": "degraded"}))
+        } else {
+            (true, json!({"status": "ready"}))
+        };
+        body["channels"] = Value::Object(channels);
+        (ok, body)
     }
 }

@@ -82,6 +82,13 @@ struct RunArgs {
     /// Limit for one client's connect + handshake (+ NATS subscribe).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     connect_timeout: Duration,
+    /// Extra clients that connect first and never read (slow consumers
+    /// beside the measured clients; stream and idle modes).
+    #[arg(long, default_value_t = 0)]
+    stalled: usize,
+    /// Socket receive buffer (SO_RCVBUF) of the stalled clients, in bytes.
+    #[arg(long, default_value_t = 4096)]
+    stalled_rcvbuf: u32,
     /// No progress output on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -173,7 +180,7 @@ fn main() -> ExitCode {
             let threads = usize::from(a.threads);
             match loadgen::sys::raise_nofile_limit() {
                 Ok(limit) => {
-                    let needed = a.clients as u64 + 64;
+                    let needed = (a.clients + a.stalled) as u64 + 64;
                     if limit < needed {
                         eprintln!(
                             "loadgen: warning: open-file limit {limit} is below the {needed} this run needs"
@@ -200,6 +207,8 @@ fn main() -> ExitCode {
                 progress: !a.quiet,
                 threads,
                 on_measure_start: None,
+                stalled: a.stalled,
+                stalled_rcvbuf: a.stalled_rcvbuf,
             };
             if a.clients == 0 {
                 eprintln!("loadgen: --clients must be at least 1");
@@ -288,6 +297,18 @@ mod tests {
         assert_eq!(c.run.spread, 10);
         let c = Cli::try_parse_from(["loadgen", "--url", "ws://x/"]).unwrap();
         assert_eq!(c.run.spread, 1);
+        assert_eq!((c.run.stalled, c.run.stalled_rcvbuf), (0, 4096));
+        let c = Cli::try_parse_from([
+            "loadgen",
+            "--url",
+            "ws://x/",
+            "--stalled",
+            "1",
+            "--stalled-rcvbuf",
+            "8192",
+        ])
+        .unwrap();
+        assert_eq!((c.run.stalled, c.run.stalled_rcvbuf), (1, 8192));
         assert!(Cli::try_parse_from(["loadgen", "--url", "ws://x/", "--mode", "bogus"]).is_err());
     }
 }

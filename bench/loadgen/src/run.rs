@@ -95,6 +95,12 @@ pub struct Config {
     /// Notified once when the measurement window opens (after the warmup):
     /// lets an in-process test server start sending exactly then.
     pub on_measure_start: Option<Arc<tokio::sync::Notify>>,
+    /// Extra clients that connect first (and send `send`) and then never
+    /// read: slow consumers beside the measured clients (plain modes only).
+    pub stalled: usize,
+    /// Socket receive buffer of the stalled clients (`SO_RCVBUF`), so that
+    /// the server notices them after kilobytes instead of megabytes.
+    pub stalled_rcvbuf: u32,
 }
 
 impl Default for Config {
@@ -117,6 +123,8 @@ impl Default for Config {
             progress: true,
             threads: 2,
             on_measure_start: None,
+            stalled: 0,
+            stalled_rcvbuf: 4096,
         }
     }
 }
@@ -197,10 +205,30 @@ pub struct Report {
     pub nats_errors: Option<u64>,
     pub threads: usize,
     pub sources: u8,
+    /// The clients that never read (`--stalled`); absent without them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<StalledReport>,
     /// The generator's own CPU (user + system) over the whole run.
     pub loadgen_cpu_secs: Option<f64>,
     /// ... and during the measurement window / hold only.
     pub loadgen_cpu_window_secs: Option<f64>,
+}
+
+/// What became of the clients that never read.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StalledReport {
+    /// As asked (`--stalled`).
+    pub clients: usize,
+    /// Those that completed the handshake.
+    pub connected: usize,
+    /// Connected ones the server had closed by the end of the run (seen
+    /// when they read what their buffers held, after the run).
+    pub closed_by_server: usize,
+    /// Why, by reason (`"close 1008"`, `"eof"`, `"read: …"`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub close_reasons: BTreeMap<String, u64>,
+    /// Connected ones still open at the end.
+    pub open_at_end: usize,
 }
 
 impl Report {
@@ -261,6 +289,8 @@ struct Shared {
     connect_errors: Mutex<HashMap<String, u64>>,
     hists: Mutex<Vec<SharedHist>>,
     log_budget: AtomicU64,
+    /// Stalled clients whose connect attempt is over (either way).
+    stalled_done: AtomicUsize,
 }
 
 impl Shared {
@@ -381,12 +411,17 @@ async fn connect(
     url: &WsUrl,
     headers: &[(String, String)],
     rng: &mut ws::MaskRng,
+    rcvbuf: Option<u32>,
 ) -> Result<(TcpStream, Vec<u8>), String> {
     let sock = match target {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(|e| format!("socket: {e}"))?;
+    if let Some(size) = rcvbuf {
+        sock.set_recv_buffer_size(size)
+            .map_err(|e| format!("SO_RCVBUF: {e}"))?;
+    }
     if let Some(src) = source {
         sock.set_reuseaddr(true)
             .map_err(|e| format!("SO_REUSEADDR: {e}"))?;
@@ -613,8 +648,11 @@ async fn client(
     };
     let deadline = tokio::time::Instant::now() + connect_timeout;
     let mut rng = ws::MaskRng::new((idx as u64) ^ now_ns().rotate_left(17));
-    let connected =
-        tokio::time::timeout_at(deadline, connect(target, source, &url, &headers, &mut rng)).await;
+    let connected = tokio::time::timeout_at(
+        deadline,
+        connect(target, source, &url, &headers, &mut rng, None),
+    )
+    .await;
     let (mut stream, early) = match connected {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
@@ -745,6 +783,92 @@ async fn client(
     stats
 }
 
+/// How long a stalled client reads, after the run, to find out whether the
+/// server had closed it.
+const STALLED_DRAIN: Duration = Duration::from_secs(1);
+
+/// A client that connects, sends `--send`, and never reads until the run is
+/// over. Returns whether it connected and, if the server had closed it, why.
+#[allow(clippy::too_many_arguments)]
+async fn stalled_client(
+    idx: usize,
+    shared: Arc<Shared>,
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    url: Arc<WsUrl>,
+    headers: Arc<Vec<(String, String)>>,
+    connect_timeout: Duration,
+    rcvbuf: u32,
+) -> (bool, Option<String>) {
+    let mut rng = ws::MaskRng::new((idx as u64) ^ now_ns().rotate_left(29));
+    let connected = tokio::time::timeout(
+        connect_timeout,
+        connect(target, source, &url, &headers, &mut rng, Some(rcvbuf)),
+    )
+    .await;
+    let mut conn = ws::Conn::new(rng.next_u64());
+    let stream = match connected {
+        Ok(Ok((mut stream, _))) => {
+            if let Some(text) = &shared.send {
+                conn.queue(ws::OP_TEXT, text);
+            }
+            match stream.write_all(&conn.out).await {
+                Ok(()) => Some(stream),
+                Err(e) => {
+                    shared.log(|| format!("stalled client {idx}: send: {e}"));
+                    None
+                }
+            }
+        }
+        Ok(Err(e)) => {
+            shared.log(|| format!("stalled client {idx}: {e}"));
+            None
+        }
+        Err(_) => {
+            shared.log(|| format!("stalled client {idx}: timeout (connect/handshake)"));
+            None
+        }
+    };
+    shared.stalled_done.fetch_add(1, Relaxed);
+    let Some(mut stream) = stream else {
+        return (false, None);
+    };
+    conn.out.clear();
+    shared.cancel.cancelled().await;
+    // Now read what the buffers held: a Close or EOF means the server had
+    // closed the connection; still data after STALLED_DRAIN means it is open.
+    let closed = tokio::time::timeout(STALLED_DRAIN, async {
+        let mut pending = Vec::new();
+        let mut chunk = vec![0u8; 256 * 1024];
+        loop {
+            let n = match stream.read(&mut chunk).await {
+                Ok(0) => return "eof".to_string(),
+                Ok(n) => n,
+                Err(e) => return format!("read: {e}"),
+            };
+            pending.extend_from_slice(&chunk[..n]);
+            match conn.feed(&mut pending, false, |_, _| {}) {
+                Ok(fed) if fed.closed => {
+                    return format!("close {}", conn.close_code.unwrap_or(1005));
+                }
+                Ok(fed) => {
+                    pending.drain(..fed.consumed);
+                }
+                Err(e) => return format!("websocket: {e}"),
+            }
+        }
+    })
+    .await
+    .ok();
+    conn.out.clear();
+    if closed.is_none() {
+        conn.queue_close(1000);
+    }
+    // The close reply (or our own close); the server may be gone already.
+    let _ = stream.write_all(&conn.out).await;
+    (true, closed)
+}
+
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -845,6 +969,11 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
     if cfg.mode.nats() && cfg.nats_subject.trim().is_empty() {
         return Err(SetupError("--nats-subject must not be empty".into()));
     }
+    if cfg.mode.nats() && cfg.stalled > 0 {
+        return Err(SetupError(
+            "--stalled works with the plain WebSocket modes (stream, idle) only".into(),
+        ));
+    }
     let (target, sources) = resolve(url, cfg.sources).await?;
     let cpu_start = cpu_secs();
     let shared = Arc::new(Shared {
@@ -864,6 +993,7 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
         connect_errors: Mutex::new(HashMap::new()),
         hists: Mutex::new(Vec::new()),
         log_budget: AtomicU64::new(0),
+        stalled_done: AtomicUsize::new(0),
     });
     let urls: Vec<Arc<WsUrl>> = urls.into_iter().map(Arc::new).collect();
     let headers = Arc::new(cfg.headers.clone());
@@ -882,6 +1012,32 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
             target,
             cfg.ramp,
             sources
+        );
+    }
+
+    // --- stalled clients: connected first, never read -------------------
+    let mut stalled = Vec::with_capacity(cfg.stalled);
+    for i in 0..cfg.stalled {
+        let source = (sources > 1)
+            .then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % sources as usize) as u8)));
+        stalled.push(tokio::spawn(stalled_client(
+            i,
+            shared.clone(),
+            target,
+            source,
+            urls[i % urls.len()].clone(),
+            headers.clone(),
+            cfg.connect_timeout,
+            cfg.stalled_rcvbuf,
+        )));
+    }
+    while shared.stalled_done.load(Relaxed) < cfg.stalled {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    if progress && cfg.stalled > 0 {
+        eprintln!(
+            "loadgen: {} stalled client(s) connected; they never read",
+            cfg.stalled
         );
     }
 
@@ -1040,6 +1196,33 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
             Err(e) => eprintln!("loadgen: client task failed: {e}"),
         }
     }
+    let stalled_report = if cfg.stalled > 0 {
+        let mut r = StalledReport {
+            clients: cfg.stalled,
+            connected: 0,
+            closed_by_server: 0,
+            close_reasons: BTreeMap::new(),
+            open_at_end: 0,
+        };
+        for h in stalled {
+            match h.await {
+                Ok((true, Some(reason))) => {
+                    r.connected += 1;
+                    r.closed_by_server += 1;
+                    *r.close_reasons.entry(reason).or_insert(0) += 1;
+                }
+                Ok((true, None)) => {
+                    r.connected += 1;
+                    r.open_at_end += 1;
+                }
+                Ok((false, _)) => {}
+                Err(e) => eprintln!("loadgen: stalled client task failed: {e}"),
+            }
+        }
+        Some(r)
+    } else {
+        None
+    };
 
     // --- report ----------------------------------------------------------
     let ready: Vec<&ClientStats> = all.iter().filter(|s| s.ready).collect();
@@ -1128,6 +1311,7 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
             .then(|| all.iter().map(|s| s.nats_errors).sum()),
         threads: cfg.threads,
         sources,
+        stalled: stalled_report,
         loadgen_cpu_secs: cpu_start.zip(cpu_secs()).map(|(a, b)| round(b - a, 2)),
         loadgen_cpu_window_secs: window_cpu,
     };

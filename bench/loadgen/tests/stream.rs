@@ -362,6 +362,103 @@ async fn spread_clients_over_channels_with_their_own_seq() {
     assert_eq!(json["spread"], SPREAD);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_connect_first_never_read_and_are_reported() {
+    const STALLED: usize = 2;
+    const N: u64 = 100;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/bench", listener.local_addr().unwrap());
+    let start = Arc::new(Notify::new());
+
+    let server = {
+        let start = start.clone();
+        tokio::spawn(async move {
+            // The stalled clients connect before the measured ones.
+            let mut stalled = accept_clients(&listener, STALLED).await;
+            let mut clients = accept_clients(&listener, CLIENTS).await;
+            for ws in stalled.iter_mut().chain(&mut clients) {
+                let first = ws.next().await.unwrap().unwrap();
+                assert_eq!(first, Message::Text(SUBSCRIBE.into()));
+            }
+            start.notified().await;
+            // A few messages for the stalled ones (their small buffers take
+            // them); the first is then closed as a server's policy would.
+            for ws in &mut stalled {
+                for seq in 1..=5 {
+                    ws.send(Message::Text(msg(seq).into())).await.unwrap();
+                }
+            }
+            stalled[0]
+                .send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: "slow consumer".into(),
+                })))
+                .await
+                .unwrap();
+            for seq in 1..=N {
+                let m = msg(seq);
+                for ws in &mut clients {
+                    ws.send(Message::Text(m.clone().into())).await.unwrap();
+                }
+            }
+            for ws in &mut clients {
+                ws.close(None).await.unwrap();
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+            // After the run the stalled clients read: the closed one answers
+            // the Close, the open one closes with 1000.
+            for ws in &mut stalled {
+                match ws.next().await {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {}
+                    Some(Ok(other)) => panic!("unexpected {other:?}"),
+                }
+            }
+        })
+    };
+
+    let mut cfg = config(url, Mode::Stream, start);
+    cfg.send = Some(SUBSCRIBE.into());
+    cfg.stalled = STALLED;
+    let report = tokio::time::timeout(Duration::from_secs(20), run(cfg))
+        .await
+        .expect("run finished in time")
+        .expect("run set up");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server finished")
+        .expect("server assertions");
+
+    // The stalled clients are not among the measured ones.
+    assert_eq!(report.connected, CLIENTS);
+    assert_eq!(report.messages, N * CLIENTS as u64);
+    assert_eq!(report.gaps, Some(0));
+    let stalled = report.stalled.clone().expect("stalled report");
+    assert_eq!(
+        (
+            stalled.clients,
+            stalled.connected,
+            stalled.closed_by_server,
+            stalled.open_at_end
+        ),
+        (STALLED, STALLED, 1, 1)
+    );
+    assert_eq!(stalled.close_reasons.get("close 1008"), Some(&1));
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["stalled"]["closed_by_server"], 1);
+}
+
+#[tokio::test]
+async fn stalled_clients_need_a_plain_websocket_mode() {
+    let cfg = Config {
+        mode: Mode::Nats,
+        stalled: 1,
+        progress: false,
+        ..Config::default()
+    };
+    let err = run(cfg).await.unwrap_err();
+    assert!(err.0.contains("--stalled"), "{err}");
+}
+
 #[tokio::test]
 async fn spread_without_placeholder_is_a_setup_error() {
     let cfg = Config {

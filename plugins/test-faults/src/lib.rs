@@ -22,7 +22,11 @@
 //! - `interval_ms` (integer ≥ 1, default 10): push mode tick interval;
 //! - `steps` (integer ≥ 1, default 3): steps of a keyed stream;
 //! - `limit` (N): push mode: the run loop returns Ok (a normal exit) once it has
-//!   emitted N unkeyed messages.
+//!   emitted N unkeyed messages;
+//! - `error_while_exists` (string, a file path): while that file exists, every
+//!   poll (push mode: every tick) fails with `test-faults: <path> exists`.
+//!   It outlives restarts, so a test can make a channel fail for a while and
+//!   then recover.
 //!
 //! Polls (keyed or not) share one counter for `panic_every`/`error_every`; a
 //! panicking or failing poll emits nothing.
@@ -38,13 +42,17 @@
 //! `test-faults: planned command failure`; `{"op":"status"}` answers
 //! `{"polls":p,"seq":s,"open_keys":[...]}`; `{"op":"emit","messages":[...]}`
 //! queues those messages, emitted as they are on the unkeyed stream at the
-//! next tick (push) or poll, and answers `{"queued":n}`.
+//! next tick (push) or poll, and answers `{"queued":n}`; `{"op":"hold"}` makes
+//! every poll that starts from then on wait at its start until
+//! `{"op":"release"}` (both answer `{"held":bool}`). `status` also reports
+//! `"in_poll"`, the polls running now, and `"most_in_poll"`, the most that
+//! ever ran at once.
 
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use plugin_api::{EmitError, Emitter, Host, Plugin, PluginError, parse_config};
@@ -71,6 +79,8 @@ pub struct Config {
     pub steps: u64,
     /// Push mode: finish after N messages.
     pub limit: Option<u64>,
+    /// Fail every poll / tick while this file exists.
+    pub error_while_exists: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -84,6 +94,7 @@ impl Default for Config {
             interval_ms: 10,
             steps: 3,
             limit: None,
+            error_while_exists: None,
         }
     }
 }
@@ -110,6 +121,28 @@ impl Config {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Counts a poll as running while it lives.
+struct InPoll<'a>(&'a Mutex<(u64, u64)>);
+
+impl<'a> InPoll<'a> {
+    fn enter(m: &'a Mutex<(u64, u64)>) -> InPoll<'a> {
+        let mut g = lock(m);
+        g.0 += 1;
+        g.1 = g.1.max(g.0);
+        InPoll(m)
+    }
+}
+
+impl Drop for InPoll<'_> {
+    fn drop(&mut self) {
+        lock(self.0).0 -= 1;
+    }
+}
+
 /// True when `n` is a multiple of `every`.
 fn hits(every: Option<u64>, n: u64) -> bool {
     every.is_some_and(|every| n.is_multiple_of(every))
@@ -126,6 +159,11 @@ struct KeyState {
 pub struct TestFaults {
     config: Config,
     polls: AtomicU64,
+    /// Polls running now, and the most that ever ran at once.
+    in_poll: Mutex<(u64, u64)>,
+    /// Polls wait at their start while this is true.
+    held: Mutex<bool>,
+    released: Condvar,
     /// Last used seq.
     seq: AtomicU64,
     keys: Mutex<BTreeMap<String, KeyState>>,
@@ -136,16 +174,39 @@ pub struct TestFaults {
 impl TestFaults {
     /// Emit what the `emit` command queued.
     fn emit_pending(&self, out: &Emitter) -> Result<(), EmitError> {
-        let pending =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        let pending = std::mem::take(&mut *lock(&self.pending));
         for m in pending {
             out.emit_json("", &m)?;
         }
         Ok(())
     }
 
-    fn keys(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, KeyState>> {
-        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    fn keys(&self) -> MutexGuard<'_, BTreeMap<String, KeyState>> {
+        lock(&self.keys)
+    }
+
+    /// The `error_while_exists` failure, if its file exists now.
+    fn planned_file_error(&self) -> Option<PluginError> {
+        let path = self.config.error_while_exists.as_ref()?;
+        path.exists()
+            .then(|| PluginError::new(format!("test-faults: {} exists", path.display())))
+    }
+
+    /// Wait while held (the `hold` command).
+    fn wait_released(&self) {
+        let mut held = lock(&self.held);
+        while *held {
+            held = self
+                .released
+                .wait(held)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn set_held(&self, hold: bool) -> Value {
+        *lock(&self.held) = hold;
+        self.released.notify_all();
+        json!({ "held": hold })
     }
 
     /// Emit one unkeyed message; returns its seq.
@@ -196,6 +257,9 @@ impl Plugin for TestFaults {
         Ok(TestFaults {
             config,
             polls: AtomicU64::new(0),
+            in_poll: Mutex::new((0, 0)),
+            held: Mutex::new(false),
+            released: Condvar::new(),
             seq: AtomicU64::new(0),
             keys: Mutex::new(BTreeMap::new()),
             pending: Mutex::new(Vec::new()),
@@ -203,7 +267,12 @@ impl Plugin for TestFaults {
     }
 
     fn poll(&self, key: Option<&str>, out: &Emitter) -> Result<(), PluginError> {
+        let _in_poll = InPoll::enter(&self.in_poll);
         let n = self.polls.fetch_add(1, Ordering::Relaxed) + 1;
+        self.wait_released();
+        if let Some(e) = self.planned_file_error() {
+            return Err(e);
+        }
         if hits(self.config.panic_every, n) {
             panic!("test-faults: planned panic at poll {n}");
         }
@@ -234,6 +303,9 @@ impl Plugin for TestFaults {
         let interval = Duration::from_millis(self.config.interval_ms);
         let mut emitted = 0u64;
         loop {
+            if let Some(e) = self.planned_file_error() {
+                return Err(e);
+            }
             match self.emit_pending(&out) {
                 Ok(()) => {}
                 Err(EmitError::Stopped) => return Ok(()),
@@ -289,19 +361,23 @@ impl Plugin for TestFaults {
             Some("emit") => match request.get("messages") {
                 Some(Value::Array(m)) => {
                     let n = m.len();
-                    self.pending
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .extend(m.iter().cloned());
+                    lock(&self.pending).extend(m.iter().cloned());
                     Ok(json!({ "queued": n }))
                 }
                 _ => Err("test-faults: `emit` needs `messages`: a list".into()),
             },
-            Some("status") => Ok(json!({
-                "polls": self.polls.load(Ordering::Relaxed),
-                "seq": self.seq.load(Ordering::Relaxed),
-                "open_keys": self.keys().keys().collect::<Vec<_>>(),
-            })),
+            Some("hold") => Ok(self.set_held(true)),
+            Some("release") => Ok(self.set_held(false)),
+            Some("status") => {
+                let (in_poll, most_in_poll) = *lock(&self.in_poll);
+                Ok(json!({
+                    "polls": self.polls.load(Ordering::Relaxed),
+                    "in_poll": in_poll,
+                    "most_in_poll": most_in_poll,
+                    "seq": self.seq.load(Ordering::Relaxed),
+                    "open_keys": self.keys().keys().collect::<Vec<_>>(),
+                }))
+            }
             _ => Err(PluginError::new(format!(
                 "test-faults: unknown command {request}"
             ))),
@@ -340,9 +416,11 @@ mod tests {
         assert_eq!(Config::parse(Value::Null).unwrap(), Config::default());
         let c = Config::parse(json!({
             "panic_every": 3, "error_every": 4, "invalid_every": 5,
-            "burst": 0, "interval_ms": 7, "steps": 2, "limit": 9
+            "burst": 0, "interval_ms": 7, "steps": 2, "limit": 9,
+            "error_while_exists": "/tmp/x"
         }))
         .unwrap();
+        assert_eq!(c.error_while_exists, Some("/tmp/x".into()));
         assert_eq!(
             (c.panic_every, c.error_every, c.invalid_every),
             (Some(3), Some(4), Some(5))
@@ -521,9 +599,68 @@ mod tests {
         assert_eq!(status, GW_OK);
         assert_eq!(
             serde_json::from_str::<Value>(&reply).unwrap(),
-            json!({"polls":1,"seq":1,"open_keys":["a"]})
+            json!({"polls":1,"in_poll":0,"most_in_poll":1,"seq":1,"open_keys":["a"]})
         );
         assert_eq!(inst.command(r#"{"op":"x"}"#).0, GW_ERROR);
+    }
+
+    #[test]
+    fn error_while_exists_fails_polls_and_ticks_while_the_file_is_there() {
+        let path = std::env::temp_dir().join(format!("test-faults-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let config = json!({"error_while_exists": path, "interval_ms": 1});
+        let expected = format!("test-faults: {} exists", path.display());
+        let host = TestHost::new();
+        let p = create(&host, config.clone());
+        let out = host.emitter();
+        p.poll(None, &out).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(p.poll(None, &out).unwrap_err().message(), expected);
+        assert_eq!(p.poll(None, &out).unwrap_err().message(), expected);
+        // Push mode: the run loop fails at its next tick.
+        let loaded = Loaded::of::<TestFaults>();
+        let push_host = TestHost::new();
+        let inst = loaded.create(&push_host, &config.to_string()).unwrap();
+        assert_eq!(inst.start().0, GW_OK);
+        assert_eq!(push_host.wait_for_exit(WAIT), Some((GW_ERROR, expected)));
+        std::fs::remove_file(&path).unwrap();
+        p.poll(None, &out).unwrap();
+        assert_eq!(seqs(&host), vec![json!(1), json!(2)]);
+    }
+
+    #[test]
+    fn hold_keeps_polls_waiting_until_release() {
+        let host = TestHost::new();
+        let p = create(&host, json!({}));
+        let out = host.emitter();
+        assert_eq!(
+            p.command(json!({"op": "hold"})).unwrap(),
+            json!({"held": true})
+        );
+        std::thread::scope(|s| {
+            let poll = s.spawn(|| p.poll(None, &out));
+            let status = |p: &TestFaults| p.command(json!({"op": "status"})).unwrap();
+            let deadline = std::time::Instant::now() + WAIT;
+            while status(&p)["in_poll"] != json!(1) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the poll never started"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Held: nothing emitted, however long it waits.
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(host.message_count(), 0);
+            assert_eq!(status(&p)["polls"], json!(1));
+            assert_eq!(
+                p.command(json!({"op": "release"})).unwrap(),
+                json!({"held": false})
+            );
+            poll.join().unwrap().unwrap();
+            assert_eq!(status(&p)["in_poll"], json!(0));
+            assert_eq!(status(&p)["most_in_poll"], json!(1));
+        });
+        assert_eq!(seqs(&host), vec![json!(1)]);
     }
 
     #[test]

@@ -21,14 +21,19 @@
 //!   the instance is created, overrides `rate` (same rules);
 //! - `pad` (integer ≥ 0, default 0): padding length;
 //! - `limit` (integer ≥ 1): after that many messages the run loop finishes
-//!   (reported to the host as a normal exit).
+//!   (reported to the host as a normal exit);
+//! - `paused` (boolean, default false): the run loop waits for the `resume`
+//!   command before its first message, and the rate's clock starts then (for
+//!   tests and benchmarks that connect every client before the stream starts).
 //!
-//! Command: `{"op":"status"}` answers `{"seq": <last emitted seq, 0 before the first>}`.
+//! Commands: `{"op":"status"}` answers `{"seq": <last emitted seq, 0 before
+//! the first>, "paused": bool}`; `{"op":"resume"}` starts a paused instance
+//! (no effect otherwise) and answers `{"resumed": true}`.
 
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use plugin_api::{EmitError, Emitter, Host, Plugin, PluginError, parse_config};
@@ -43,6 +48,7 @@ struct RawConfig {
     rate_env: Option<String>,
     pad: usize,
     limit: Option<u64>,
+    paused: bool,
 }
 
 impl Default for RawConfig {
@@ -52,6 +58,7 @@ impl Default for RawConfig {
             rate_env: None,
             pad: 0,
             limit: None,
+            paused: false,
         }
     }
 }
@@ -68,6 +75,8 @@ pub struct Config {
     pub pad: usize,
     /// Stop after this many messages.
     pub limit: Option<u64>,
+    /// Wait for the `resume` command before the first message.
+    pub paused: bool,
 }
 
 fn check_rate(rate: f64, origin: &str) -> Result<f64, PluginError> {
@@ -114,6 +123,7 @@ impl Config {
             rate,
             pad: raw.pad,
             limit: raw.limit,
+            paused: raw.paused,
         })
     }
 }
@@ -123,6 +133,8 @@ pub struct Ticker {
     config: Config,
     /// Last emitted seq.
     seq: AtomicU64,
+    /// Waiting for the `resume` command.
+    paused: AtomicBool,
 }
 
 fn now_ns() -> u64 {
@@ -133,6 +145,8 @@ fn now_ns() -> u64 {
 
 /// Longest sleep between checks; stop wakes the sleep at once anyway.
 const MAX_SLEEP: Duration = Duration::from_millis(50);
+/// How often a paused instance looks for `resume`.
+const PAUSE_CHECK: Duration = Duration::from_millis(2);
 
 impl Ticker {
     /// Messages due `elapsed` after the start (the first is due at once).
@@ -154,13 +168,20 @@ impl Ticker {
 
 impl Plugin for Ticker {
     fn create(config: Value, _host: Host) -> Result<Self, PluginError> {
+        let config = Config::parse(config, |name| std::env::var(name).ok())?;
         Ok(Ticker {
-            config: Config::parse(config, |name| std::env::var(name).ok())?,
+            paused: AtomicBool::new(config.paused),
+            config,
             seq: AtomicU64::new(0),
         })
     }
 
     fn run(&self, out: Emitter) -> Result<(), PluginError> {
+        while self.paused.load(Ordering::Acquire) {
+            if out.wait_stopped(PAUSE_CHECK) {
+                return Ok(());
+            }
+        }
         out.host().info(&format!(
             "emitting {} messages per second",
             self.config.rate
@@ -201,9 +222,16 @@ impl Plugin for Ticker {
 
     fn command(&self, request: Value) -> Result<Value, PluginError> {
         match request.get("op").and_then(Value::as_str) {
-            Some("status") => Ok(json!({ "seq": self.seq.load(Ordering::Relaxed) })),
+            Some("status") => Ok(json!({
+                "seq": self.seq.load(Ordering::Relaxed),
+                "paused": self.paused.load(Ordering::Acquire),
+            })),
+            Some("resume") => {
+                self.paused.store(false, Ordering::Release);
+                Ok(json!({ "resumed": true }))
+            }
             _ => Err(PluginError::new(format!(
-                "ticker: unknown command {request}; expected {{\"op\":\"status\"}}"
+                "ticker: unknown command {request}; expected {{\"op\":\"status\"}} or {{\"op\":\"resume\"}}"
             ))),
         }
     }
@@ -222,8 +250,10 @@ mod tests {
     }
 
     fn ticker(config: Value) -> Ticker {
+        let config = Config::parse(config, no_env).unwrap();
         Ticker {
-            config: Config::parse(config, no_env).unwrap(),
+            paused: AtomicBool::new(config.paused),
+            config,
             seq: AtomicU64::new(0),
         }
     }
@@ -248,11 +278,16 @@ mod tests {
             Config {
                 rate: 1.0,
                 pad: 0,
-                limit: None
+                limit: None,
+                paused: false,
             }
         );
-        let c = Config::parse(json!({"rate": 2.5, "pad": 3, "limit": 7}), no_env).unwrap();
-        assert_eq!((c.rate, c.pad, c.limit), (2.5, 3, Some(7)));
+        let c = Config::parse(
+            json!({"rate": 2.5, "pad": 3, "limit": 7, "paused": true}),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!((c.rate, c.pad, c.limit, c.paused), (2.5, 3, Some(7), true));
         for (config, expect) in [
             (json!({"rate": 0}), "`rate` must be a number > 0"),
             (json!({"rate": -1}), "`rate` must be a number > 0"),
@@ -304,7 +339,7 @@ mod tests {
         }
         assert_eq!(
             t.command(json!({"op": "status"})).unwrap(),
-            json!({"seq": 50})
+            json!({"seq": 50, "paused": false})
         );
     }
 
@@ -346,6 +381,52 @@ mod tests {
         assert!(took >= Duration::from_millis(99), "{took:?}");
         assert!(took < Duration::from_secs(5), "{took:?}");
         assert_eq!(host.message_count(), 100_000);
+    }
+
+    #[test]
+    fn paused_waits_for_resume_and_starts_its_clock_then() {
+        let host = TestHost::new();
+        let t = ticker(json!({"rate": 1000, "limit": 5, "paused": true}));
+        let out = host.emitter();
+        std::thread::scope(|s| {
+            let run = s.spawn(|| t.run(out));
+            // Nothing while paused, however long it waits (an absence check).
+            std::thread::sleep(Duration::from_millis(30));
+            assert_eq!(host.message_count(), 0);
+            assert_eq!(
+                t.command(json!({"op": "status"})).unwrap(),
+                json!({"seq": 0, "paused": true})
+            );
+            assert_eq!(
+                t.command(json!({"op": "resume"})).unwrap(),
+                json!({"resumed": true})
+            );
+            run.join().unwrap().unwrap();
+        });
+        let seqs: Vec<Value> = host
+            .json_messages()
+            .into_iter()
+            .map(|(_, m)| m["seq"].clone())
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5].map(|n| json!(n)));
+        assert_eq!(
+            t.command(json!({"op": "status"})).unwrap(),
+            json!({"seq": 5, "paused": false})
+        );
+    }
+
+    #[test]
+    fn a_paused_instance_stops_at_once() {
+        let host = TestHost::new();
+        let t = ticker(json!({"paused": true}));
+        let out = host.emitter();
+        std::thread::scope(|s| {
+            let run = s.spawn(|| t.run(out));
+            std::thread::sleep(Duration::from_millis(10));
+            host.stop();
+            run.join().unwrap().unwrap();
+        });
+        assert_eq!(host.message_count(), 0);
     }
 
     #[test]
@@ -392,7 +473,7 @@ mod tests {
         assert_eq!(status, GW_OK);
         assert_eq!(
             serde_json::from_str::<Value>(&reply).unwrap(),
-            json!({"seq": count})
+            json!({"seq": count, "paused": false})
         );
         let (status, msg) = inst.command(r#"{"op":"nope"}"#);
         assert_eq!(status, GW_ERROR);
