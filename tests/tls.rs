@@ -280,7 +280,9 @@ async fn https_serves_admin_and_http_routes() {
         (status == 200).then_some(body)
     })
     .await;
-    assert_eq!(body, r#"{"status":"ready"}"#);
+    let ready: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(ready["status"], "ready", "{body}");
+    assert_eq!(ready["channels"]["ticker"]["state"], "up", "{body}");
     let (status, _, body) = https(secure, &s.client, "GET", "/metrics", "").await;
     assert_eq!(status, 200);
     assert!(body.contains(&format!("\n{FAILURES} 0\n")), "{body}");
