@@ -144,11 +144,7 @@ impl GatewayCtx<'_> {
 
     /// Whether a listener serves TLS.
     fn tls(&self, listener: &str) -> bool {
-        self.state
-            .config()
-            .listeners
-            .iter()
-            .any(|l| l.name == listener && l.tls.is_some())
+        self.state.config().listener_tls(listener).is_some()
     }
 }
 

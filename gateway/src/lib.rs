@@ -135,10 +135,7 @@ impl Gateway {
                         }),
                 ])
             })?;
-            let tls = config
-                .listeners
-                .iter()
-                .any(|l| l.name == name && l.tls.is_some());
+            let tls = config.listener_tls(&name).is_some();
             tracing::info!(listener = %name, %addr, tls, "listening");
             addrs.insert(name.clone(), addr);
             listeners.push((name, listener));

@@ -81,6 +81,7 @@ impl Reloader {
             Ok(r) => r,
             Err(e) => Err(ConfigErrors(vec![whole_file(
                 &file,
+                ".",
                 format!("loading the configuration failed: {e}"),
             )])),
         };
@@ -245,12 +246,13 @@ fn stamp(files: &[PathBuf]) -> Vec<Stamp> {
         .collect()
 }
 
-fn whole_file(file: &std::path::Path, message: String) -> ConfigError {
+/// An error about `field` with no line to point at.
+fn whole_file(file: &std::path::Path, field: &str, message: String) -> ConfigError {
     ConfigError {
         file: file.to_path_buf(),
         line: 0,
         col: 0,
-        field: ".".into(),
+        field: field.into(),
         message,
     }
 }
@@ -273,29 +275,25 @@ fn restart_only(old: &Config, new: &Config) -> Vec<ConfigError> {
     }
     for o in &old.listeners {
         if !new.listeners.iter().any(|l| l.name == o.name) {
-            errors.push(ConfigError {
-                file: new.file.clone(),
-                line: 0,
-                col: 0,
-                field: format!("listeners.{}", o.name),
-                message: format!(
+            errors.push(whole_file(
+                &new.file,
+                &format!("listeners.{}", o.name),
+                format!(
                     "listener {:?} was removed: listeners are bound at start; restart the gateway to remove it",
                     o.name
                 ),
-            });
+            ));
         }
     }
     if old.admin_listener != new.admin_listener {
-        errors.push(ConfigError {
-            file: new.file.clone(),
-            line: 0,
-            col: 0,
-            field: "admin".into(),
-            message: format!(
+        errors.push(whole_file(
+            &new.file,
+            "admin",
+            format!(
                 "the admin routes moved from {:?} to {:?}: restart the gateway to move them",
                 old.admin_listener, new.admin_listener
             ),
-        });
+        ));
     }
     errors
 }

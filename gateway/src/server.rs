@@ -112,10 +112,8 @@ pub async fn serve_listener(
         // renewed certificate applies to the next connection.
         let tls = state
             .config()
-            .listeners
-            .iter()
-            .find(|l| *l.name == *name)
-            .and_then(|l| l.tls.clone())
+            .listener_tls(&name)
+            .cloned()
             .map(tokio_rustls::TlsAcceptor::from);
         let metrics = state.metrics.clone();
         tracker.spawn(async move {

@@ -229,19 +229,6 @@ impl GatewayState {
         v.into_iter().map(|(_, c)| c).collect()
     }
 
-    /// Channels whose plugin has not started yet.
-    pub fn not_ready(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .live()
-            .channels
-            .values()
-            .filter(|c| c.health().state == PluginState::Starting)
-            .map(|c| c.cfg.name.to_string())
-            .collect();
-        v.sort();
-        v
-    }
-
     /// Whether shutdown has begun.
     pub fn shutting_down(&self) -> bool {
         self.shutdown.is_cancelled()

@@ -120,6 +120,16 @@ pub struct Config {
     pub watch: Option<Duration>,
 }
 
+impl Config {
+    /// The TLS configuration of listener `name` (None: plain TCP, or no such listener).
+    pub fn listener_tls(&self, name: &str) -> Option<&Arc<rustls::ServerConfig>> {
+        self.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .and_then(|l| l.tls.as_ref())
+    }
+}
+
 /// One listener.
 #[derive(Clone, Debug)]
 pub struct ListenerCfg {
