@@ -158,14 +158,7 @@ async fn https(
         .await
         .expect("response in time")
         .expect("read to a clean end");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    (status, head.to_string(), body.to_string())
+    split_response(&buf)
 }
 
 /// One metric sample, read over https.

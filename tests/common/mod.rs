@@ -221,14 +221,7 @@ pub async fn http(
         .await
         .expect("response in time")
         .expect("read");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    (status, head.to_string(), body.to_string())
+    split_response(&buf)
 }
 
 /// Read one metric sample, e.g. `gateway_validation_failures_total{channel="x",plugin="y"}`.
@@ -307,14 +300,7 @@ pub async fn http_body(
         .await
         .expect("response in time")
         .expect("read");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    (status, head.to_string(), body.to_string())
+    split_response(&buf)
 }
 
 /// Connect with extra request headers; Err carries the HTTP status of a refusal.
@@ -479,4 +465,16 @@ pub fn self_signed_cert() -> (String, String) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
         .expect("generate a self-signed certificate");
     (ck.cert.pem(), ck.signing_key.serialize_pem())
+}
+
+/// An HTTP/1.1 response read to its end, as (status, headers, body).
+pub fn split_response(buf: &[u8]) -> (u16, String, String) {
+    let text = String::from_utf8_lossy(buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    (status, head.to_string(), body.to_string())
 }
