@@ -108,6 +108,18 @@ endpoints:
         required: [client_id, version]
         reply: {{type: handshake_response, client_id: "{{{{request.client_id}}}}", accepted: true}}
         error_reply: {{type: error, code: "{{{{error.code}}}}", message: "{{{{error.message}}}}"}}
+  - path: /relay-checked
+    channels: all
+    close_codes: {{1009: 1003}}
+    limits: {{max_message_size: 1KiB}}
+    auth:
+      mode: handshake
+      message:
+        match: {{type: handshake}}
+        required: [client_id]
+        reply: {{type: handshake_response, client_id: "{{{{request.client_id}}}}"}}
+        error_reply: {{type: error, code: "{{{{error.code}}}}"}}
+        schema: schemas/handshake.json
 http:
   - path: /emit/feed
     method: POST
@@ -115,6 +127,15 @@ http:
 "#
     ))
     .write("specs/schemas/any.json", ANY_SCHEMA)
+    // Client ids must start with "c"; errors carry a code.
+    .write(
+        "schemas/handshake.json",
+        r#"{"oneOf": [
+            {"type": "object", "required": ["type", "client_id"],
+             "properties": {"type": {"const": "handshake_response"}, "client_id": {"type": "string", "pattern": "^c"}}},
+            {"type": "object", "required": ["type", "code"], "properties": {"type": {"const": "error"}}}
+        ]}"#,
+    )
     .write("specs/feed.yaml", &bus_spec("feed", ""))
     .write(
         "keys/jwks.json",
@@ -323,6 +344,69 @@ async fn handshake_first_then_a_one_way_stream() {
     send_text(&mut ws, "anything at all").await;
     emit(addr, json!([{"z": 4}])).await;
     assert_eq!(next_json(&mut ws).await, json!({"z": 4}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_replies_are_checked_against_their_schema() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let failures = "gateway_reply_schema_failures_total";
+    let mut ws = connect(addr, "/relay-checked").await;
+    // An error reply that satisfies the schema is sent.
+    send_json(&mut ws, &json!({"type": "handshake"})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "error", "code": "invalid_handshake"})
+    );
+    // A reply the schema refuses (client id "x9") is dropped and counted;
+    // the handshake itself is accepted, so the stream starts.
+    send_json(&mut ws, &json!({"type": "handshake", "client_id": "x9"})).await;
+    eventually("the refused reply to be counted", || async {
+        (metric(addr, failures).await == Some(1.0)).then_some(())
+    })
+    .await;
+    emit(addr, json!([{"z": 1}])).await;
+    assert_eq!(next_json(&mut ws).await, json!({"z": 1}));
+    // A reply that satisfies it is sent.
+    let mut ok = connect(addr, "/relay-checked").await;
+    send_json(&mut ok, &json!({"type": "handshake", "client_id": "c2"})).await;
+    assert_eq!(
+        next_json(&mut ok).await,
+        json!({"type": "handshake_response", "client_id": "c2"})
+    );
+    assert_eq!(metric(addr, failures).await, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_codes_map_the_gateways_codes_but_not_the_clients_echo() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    // Too big: 1009, sent as 1003 on this endpoint.
+    let mut ws = connect(addr, "/relay-checked").await;
+    send_text(&mut ws, &"x".repeat(2048)).await;
+    assert_eq!(close_code(&mut ws).await, Some(1003));
+    // The same on an endpoint without the map.
+    let mut plain = connect(addr, "/relay").await;
+    send_text(
+        &mut plain,
+        &format!("{{\"pad\": \"{}\"}}", "x".repeat(70 * 1024)),
+    )
+    .await;
+    assert_eq!(close_code(&mut plain).await, Some(1009));
+    // A client's own Close is echoed with its code, unmapped.
+    let mut ws = connect(addr, "/relay-checked").await;
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Close(Some(
+        tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: 1009.into(),
+            reason: "".into(),
+        },
+    )))
+    .await
+    .unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1009));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -997,7 +997,7 @@ fn tls_settings_misspelled() {
     assert_eq!(
         errors(&dep),
         [format!(
-            "{}:4:5: listeners.main.tsl: unknown field `tsl`, expected one of bind, tls",
+            "{}:4:5: listeners.main.tsl: unknown field `tsl`, expected one of bind, tls, status_codes",
             at(&dep, "gateway.yaml")
         )]
     );
@@ -1215,4 +1215,62 @@ fn filter_auth_and_route_mistakes_are_located() {
             ),
         ]
     );
+}
+
+#[test]
+fn close_codes_must_map_a_code_the_gateway_sends_to_one_it_may_send() {
+    for (map, msg) in [
+        (
+            "{1011: 1000}",
+            "1011 is not a code the gateway sends; it sends 1000, 1001, 1002, 1007, 1008, 1009",
+        ),
+        (
+            "{1009: 1006}",
+            "1009: 1006 cannot be sent in its place; a server may send 1000-1003, 1007-1014 or 3000-4999",
+        ),
+    ] {
+        let dep = deployment(&format!(
+            "endpoints:\n  - path: /t\n    channels: all\n    close_codes: {map}\n"
+        ));
+        dep.write("specs/ticker.yaml", TICKER_SPEC);
+        assert_eq!(
+            errors(&dep),
+            [format!(
+                "{}:11:18: endpoints[0].close_codes: {msg}",
+                at(&dep, "gateway.yaml")
+            )]
+        );
+    }
+}
+
+#[test]
+fn listener_status_codes_must_map_an_error_status_to_an_error_status() {
+    for (map, msg) in [
+        (
+            "{200: 404}",
+            "200 is not a code the gateway sends; it sends 400, 401, 403, 404, 405, 413, 426, 429, 500, 503, 504",
+        ),
+        (
+            "{405: 302}",
+            "405: 302 cannot be sent in its place; answer an error status, 400-599",
+        ),
+    ] {
+        let dep = Deployment::new();
+        dep.shipped_schema("ticker.json");
+        dep.write(
+            "gateway.yaml",
+            &format!(
+                "listeners:\n  main:\n    bind: 127.0.0.1:0\n    status_codes: {map}\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n",
+                target_dir().display()
+            ),
+        );
+        dep.write("specs/ticker.yaml", TICKER_SPEC);
+        assert_eq!(
+            errors(&dep),
+            [format!(
+                "{}:4:19: listeners.main.status_codes: {msg}",
+                at(&dep, "gateway.yaml")
+            )]
+        );
+    }
 }

@@ -41,6 +41,8 @@ pub struct Inband {
     pub reply: Option<Template>,
     /// Reply on failure.
     pub error_reply: Option<Template>,
+    /// JSON Schema both replies must satisfy.
+    pub schema: Option<Arc<jsonschema::Validator>>,
     /// Time allowed.
     pub timeout: Duration,
     /// Actions answered before it.

@@ -141,7 +141,23 @@ impl Control {
 
     /// Render `t` into a frame, with these extra roots.
     fn render(&self, t: &Template, extra: Vec<(&'static str, Value)>) -> Option<Bytes> {
-        let v = render_value(
+        let v = self.render_value(t, extra);
+        self.frame_of(v)
+    }
+
+    /// Render a reply of the in-band message (`auth.message.reply` or
+    /// `error_reply`): checked against `auth.message.schema` when given,
+    /// else against the protocol's schema.
+    fn render_inband(&self, t: &Template, extra: Vec<(&'static str, Value)>) -> Option<Bytes> {
+        let v = self.render_value(t, extra);
+        match self.ep.auth.inband().and_then(|ib| ib.schema.as_deref()) {
+            Some(schema) => self.frame_checked(v, Some(schema)),
+            None => self.frame_of(v),
+        }
+    }
+
+    fn render_value(&self, t: &Template, extra: Vec<(&'static str, Value)>) -> Value {
+        render_value(
             &self.state,
             &self.ep,
             &self.info,
@@ -151,19 +167,29 @@ impl Control {
             extra,
             self.channels_value(),
             self.groups_value(),
-        );
-        self.frame_of(v)
+        )
     }
 
     fn frame_of(&self, v: Value) -> Option<Bytes> {
-        if let Some(val) = self.ep.protocol.as_ref().and_then(|p| p.validator.as_ref())
+        let schema = self
+            .ep
+            .protocol
+            .as_ref()
+            .and_then(|p| p.validator.as_deref());
+        self.frame_checked(v, schema)
+    }
+
+    /// Serialize a reply into a frame; one that fails `schema` is dropped,
+    /// logged and counted.
+    fn frame_checked(&self, v: Value, schema: Option<&jsonschema::Validator>) -> Option<Bytes> {
+        if let Some(val) = schema
             && let Err(e) = val.validate(&v)
         {
             self.state
                 .metrics
                 .reply_schema_failures
                 .fetch_add(1, Relaxed);
-            tracing::warn!(endpoint = %self.ep.path.as_str(), instance_path = %e.instance_path(), error = %e, "dropped a reply that fails the protocol schema");
+            tracing::warn!(endpoint = %self.ep.path.as_str(), instance_path = %e.instance_path(), error = %e, "dropped a reply that fails its schema");
             return None;
         }
         let body = serde_json::to_vec(&v).ok()?;
@@ -318,7 +344,7 @@ impl Control {
                         *self.info.principal.lock() = p.clone();
                     }
                     if let Some(t) = &ib.reply {
-                        out.extend(self.render(
+                        out.extend(self.render_inband(
                             t,
                             vec![
                                 ("request", msg.clone()),
@@ -335,7 +361,7 @@ impl Control {
                     self.state.metrics.refused_auth.fetch_add(1, Relaxed);
                     let r = refusal(code, message);
                     match &ib.error_reply {
-                        Some(t) => out.extend(self.render(
+                        Some(t) => out.extend(self.render_inband(
                             t,
                             vec![
                                 ("request", msg.clone()),
@@ -604,7 +630,7 @@ impl Control {
         if let Some(q) = request {
             extra.push(("request", q.clone()));
         }
-        self.render(t, extra)
+        self.render_inband(t, extra)
     }
 
     fn filters_of(

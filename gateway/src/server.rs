@@ -207,37 +207,28 @@ fn routes(
                 // The routes of the configuration served now (a reload
                 // replaces them; requests already routed keep theirs).
                 let router = st.live().routers.get(&*listener).cloned();
+                let listener = listener.clone();
                 let tracker = tracker.clone();
                 let shutdown = shutdown.clone();
                 async move {
-                    let Some((target, params)) = router.and_then(|r| r.find(path.as_str())) else {
-                        return error_reply(
-                            StatusCode::NOT_FOUND,
-                            "not_found",
-                            &format!("nothing is served at {}", path.as_str()),
-                        );
-                    };
-                    match target {
-                        Target::Ws(endpoint) => handle_endpoint(
-                            &st,
-                            endpoint,
-                            params,
-                            &tracker,
-                            &shutdown,
-                            method,
-                            path.as_str(),
-                            &headers,
-                            &query,
-                            info,
-                            slot,
-                        ),
-                        Target::Http(route) => {
-                            crate::http_routes::handle(
-                                &st, route, method, &headers, &query, body, info.peer, params,
-                            )
-                            .await
-                        }
+                    let mut reply = route(
+                        &st, router, &tracker, &shutdown, method, path, &headers, &query, info,
+                        slot, body,
+                    )
+                    .await;
+                    // The listener's `status_codes`: errors answered as others.
+                    let from = reply.status().as_u16();
+                    if from >= 400
+                        && let Some((_, to)) = st
+                            .config()
+                            .listener_status_codes(&listener)
+                            .iter()
+                            .find(|(f, _)| *f == from)
+                        && let Ok(to) = StatusCode::from_u16(*to)
+                    {
+                        *reply.status_mut() = to;
                     }
+                    reply
                 }
             },
         );
@@ -274,6 +265,54 @@ fn routes(
         .or(ws)
         .unify()
         .boxed()
+}
+
+/// Answer one request on a listener: its endpoint's upgrade or refusal, its
+/// HTTP route's answer, or 404.
+#[allow(clippy::too_many_arguments)]
+async fn route<S, B>(
+    st: &Arc<GatewayState>,
+    router: Option<Arc<crate::router::Router>>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    method: Method,
+    path: warp::path::FullPath,
+    headers: &HeaderMap,
+    query: &str,
+    info: ConnInfo,
+    slot: UpgradeSlot,
+    body: S,
+) -> Reply
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: bytes::Buf,
+{
+    let Some((target, params)) = router.and_then(|r| r.find(path.as_str())) else {
+        return error_reply(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("nothing is served at {}", path.as_str()),
+        );
+    };
+    match target {
+        Target::Ws(endpoint) => handle_endpoint(
+            st,
+            endpoint,
+            params,
+            tracker,
+            shutdown,
+            method,
+            path.as_str(),
+            headers,
+            query,
+            info,
+            slot,
+        ),
+        Target::Http(route) => {
+            crate::http_routes::handle(st, route, method, headers, query, body, info.peer, params)
+                .await
+        }
+    }
 }
 
 fn header_has(headers: &HeaderMap, name: http::HeaderName, token: &str) -> bool {

@@ -171,10 +171,23 @@ struct Flags {
     /// The newest unanswered Ping payload: at most one Pong waits (RFC 6455
     /// §5.5.3), so a client pinging without reading cannot grow our memory.
     pong: Option<Vec<u8>>,
+    /// The endpoint's `close_codes`: codes sent as others.
+    close_codes: Vec<(u16, u16)>,
 }
 
 impl Flags {
+    /// Queue our Close (its code mapped by the endpoint's `close_codes`).
     fn queue_close(&mut self, writer: &mut FrameWriter, code: u16, reason: &str) {
+        let code = self
+            .close_codes
+            .iter()
+            .find(|(from, _)| *from == code)
+            .map_or(code, |(_, to)| *to);
+        self.queue_close_as_is(writer, code, reason);
+    }
+
+    /// Queue a Close with exactly this code (the echo of the client's).
+    fn queue_close_as_is(&mut self, writer: &mut FrameWriter, code: u16, reason: &str) {
         if !self.close_queued {
             writer.push(ws::close_frame(code, reason));
             self.close_queued = true;
@@ -240,7 +253,10 @@ where
     let mut writer = FrameWriter::new();
     let mut incoming = Vec::new();
     let mut linger: Option<Pin<Box<Sleep>>> = None;
-    let mut f = Flags::default();
+    let mut f = Flags {
+        close_codes: ctx.endpoint.close_codes.clone(),
+        ..Flags::default()
+    };
     let mut replies = Vec::new();
     control.start(&mut replies);
     for r in replies.drain(..) {
@@ -450,7 +466,7 @@ fn handle_read(
                     Some((code, _)) if ws::valid_close_code(code) => code,
                     Some(_) => close::PROTOCOL,
                 };
-                f.queue_close(writer, code, "");
+                f.queue_close_as_is(writer, code, "");
             }
             // Text goes to the control protocol; stream endpoints ignore
             // it once authenticated: never an error, never a close.

@@ -200,6 +200,8 @@ pub struct EndpointCfg {
     pub keyed: Option<Arc<ChannelCfg>>,
     /// Its connection limits.
     pub limits: ConnLimits,
+    /// Close codes sent as others (`close_codes`), e.g. `(1009, 1003)`.
+    pub close_codes: Vec<(u16, u16)>,
 }
 
 impl EndpointCfg {
@@ -870,6 +872,22 @@ pub(crate) fn compile_endpoint(
             }
         }
     }
+    let close_codes = match &ep.close_codes {
+        None => Vec::new(),
+        Some(cc) => match code_map(
+            &cc.value,
+            CLOSE_CODES_SENT,
+            crate::ws::valid_close_code,
+            "a server may send 1000-1003, 1007-1014 or 3000-4999",
+        ) {
+            Ok(v) => v,
+            Err(m) => {
+                sink.at(cc, f("close_codes"), m);
+                ok = false;
+                Vec::new()
+            }
+        },
+    };
     if !ok || paths.is_empty() {
         return None;
     }
@@ -894,7 +912,34 @@ pub(crate) fn compile_endpoint(
         on_connect,
         keyed,
         limits,
+        close_codes,
     })
+}
+
+/// The close codes the gateway sends (docs/architecture.md#close-codes).
+pub(crate) const CLOSE_CODES_SENT: &[u16] = &[1000, 1001, 1002, 1007, 1008, 1009];
+
+/// Check a `{from: to}` map of codes: each `from` one the gateway sends,
+/// each `to` one it may send instead.
+pub(crate) fn code_map(
+    m: &std::collections::BTreeMap<u16, u16>,
+    sent: &[u16],
+    valid: fn(u16) -> bool,
+    hint: &str,
+) -> Result<Vec<(u16, u16)>, String> {
+    let list = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    for (from, to) in m {
+        if !sent.contains(from) {
+            return Err(format!(
+                "{from} is not a code the gateway sends; it sends {}",
+                list(sent)
+            ));
+        }
+        if !valid(*to) {
+            return Err(format!("{from}: {to} cannot be sent in its place; {hint}"));
+        }
+    }
+    Ok(m.iter().map(|(a, b)| (*a, *b)).collect())
 }
 
 /// An endpoint's limits; `id` names the endpoint in the limiter pool.
@@ -1089,7 +1134,7 @@ pub(crate) fn compile_http(
     })
 }
 
-fn compile_inband(m: &InbandFile, jwt: bool) -> Result<Inband, String> {
+fn compile_inband(m: &InbandFile, jwt: bool, dir: &Path) -> Result<Inband, String> {
     if m.match_fields.is_empty() {
         return Err("`message.match` must name at least one field that identifies the message, e.g. `{type: auth}`".into());
     }
@@ -1117,12 +1162,19 @@ fn compile_inband(m: &InbandFile, jwt: bool) -> Result<Inband, String> {
         .map(|v| Template::compile(v, REPLY_ROOTS))
         .transpose()
         .map_err(|e| format!("message.error_reply: {e}"))?;
+    let schema = m
+        .schema
+        .as_ref()
+        .map(|s| compile_schema(&dir.join(s)).map(Arc::new))
+        .transpose()
+        .map_err(|e| format!("message.schema: {e}"))?;
     Ok(Inband {
         match_fields: m.match_fields.clone(),
         token_field,
         required: m.required.clone(),
         reply,
         error_reply,
+        schema,
         timeout: m
             .timeout
             .as_ref()
@@ -1175,7 +1227,7 @@ pub(crate) fn compile_auth(a: &AuthFile, spec_dir: &Path) -> Result<Auth, String
             }
             let inband = message
                 .as_ref()
-                .map(|m| compile_inband(m, true))
+                .map(|m| compile_inband(m, true, spec_dir))
                 .transpose()?;
             Ok(Auth::Jwt(Arc::new(crate::auth::JwtAuth {
                 verifier,
@@ -1184,9 +1236,9 @@ pub(crate) fn compile_auth(a: &AuthFile, spec_dir: &Path) -> Result<Auth, String
                 inband,
             })))
         }
-        AuthFile::Handshake { message } => {
-            Ok(Auth::Handshake(Arc::new(compile_inband(message, false)?)))
-        }
+        AuthFile::Handshake { message } => Ok(Auth::Handshake(Arc::new(compile_inband(
+            message, false, spec_dir,
+        )?))),
     }
 }
 

@@ -120,7 +120,18 @@ pub struct Config {
     pub watch: Option<Duration>,
 }
 
+/// The HTTP error statuses the gateway answers with (docs/configuration.md).
+const HTTP_ERRORS_SENT: &[u16] = &[400, 401, 403, 404, 405, 413, 426, 429, 500, 503, 504];
+
 impl Config {
+    /// The statuses listener `name` answers as others (`status_codes`).
+    pub fn listener_status_codes(&self, name: &str) -> &[(u16, u16)] {
+        self.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map_or(&[], |l| &l.status_codes)
+    }
+
     /// The TLS configuration of listener `name` (None: plain TCP, or no such listener).
     pub fn listener_tls(&self, name: &str) -> Option<&Arc<rustls::ServerConfig>> {
         self.listeners
@@ -142,6 +153,8 @@ pub struct ListenerCfg {
     /// TLS (`tls:` in the file): the rustls configuration built from its
     /// certificate and key. None: plain TCP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// HTTP error statuses answered as others (`status_codes`).
+    pub status_codes: Vec<(u16, u16)>,
 }
 
 /// Compiled limits.
@@ -436,12 +449,24 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 })
                 .ok()
         });
+        let status_codes = match &l.status_codes {
+            None => Vec::new(),
+            Some(sc) => endpoints::code_map(
+                &sc.value,
+                HTTP_ERRORS_SENT,
+                |s| (400..=599).contains(&s),
+                "answer an error status, 400-599",
+            )
+            .map_err(|m| sink.at(sc, format!("listeners.{name}.status_codes"), m))
+            .unwrap_or_default(),
+        };
         match resolve_addr(text) {
             Ok(bind) => listeners.push(ListenerCfg {
                 name: name.clone(),
                 bind,
                 origin,
                 tls,
+                status_codes,
             }),
             Err(m) => sink.at(&l.bind, field, m),
         }
@@ -941,8 +966,11 @@ pub fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {
         std::fs::read(file).map_err(|e| format!("cannot read schema {}: {e}", file.display()))?;
     let schema: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| format!("schema {} is not valid JSON: {e}", file.display()))?;
+    // Relative `$ref`s ("other.json") resolve next to the schema file.
+    let base = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     jsonschema::options()
         .should_validate_formats(true)
+        .with_base_uri(format!("file://{}", base.display()))
         .build(&schema)
         .map_err(|e| {
             let at = e.instance_path().to_string();

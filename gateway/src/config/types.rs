@@ -260,6 +260,9 @@ pub struct ListenerFile {
     pub bind: Spanned<String>,
     /// Serve TLS (`wss://`, `https://`) with this certificate and key.
     pub tls: Option<TlsFile>,
+    /// HTTP error statuses answered as others on this listener, e.g.
+    /// `{405: 404, 429: 503}`, for APIs that document a fixed set.
+    pub status_codes: Option<Spanned<BTreeMap<u16, u16>>>,
 }
 
 /// A listener's certificate and private key, PEM files relative to gateway.yaml.
@@ -887,6 +890,9 @@ pub struct EndpointFile {
     pub on_connect: Option<Spanned<OneOrMany>>,
     /// Limits of this endpoint (override `limits` of gateway.yaml).
     pub limits: Option<Spanned<EndpointLimitsFile>>,
+    /// Close codes sent as others on this endpoint, e.g. `{1009: 1003}`,
+    /// for APIs that document a fixed set.
+    pub close_codes: Option<Spanned<BTreeMap<u16, u16>>>,
 }
 
 /// Authentication before the WebSocket upgrade.
@@ -961,6 +967,8 @@ pub struct InbandFile {
     pub reply: Option<serde_json::Value>,
     /// Reply on failure (template with `{{error.code}}`, `{{error.message}}`).
     pub error_reply: Option<serde_json::Value>,
+    /// JSON Schema both replies must satisfy (relative to the file).
+    pub schema: Option<String>,
     /// Time allowed to send it; then close 1008.
     pub timeout: Option<HumanDuration>,
     /// Client actions still answered before it (e.g. `ping`).
