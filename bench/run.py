@@ -738,8 +738,11 @@ def idle_run(cfg, server: Server, clients: int, ramp: float, hold: float, tag: s
         out["rss_kib_before"] = rss_kib(pids)
         connect_secs = clients / ramp
         # loadgen's --hold starts once every client is connected; the sample
-        # below is taken 1.5 s after the server holds them all.
-        hold = max(hold, 3)
+        # below is taken --idle-sample-after seconds (default 1.5) after the
+        # server holds them all. A sample after the server's first ping round
+        # (the gateway pings every 30 s) includes what pings and pongs cost.
+        sample_after = cfg.idle_sample_after
+        hold = max(hold, 3, sample_after + 3)
         lg = Proc(f"{server.name}-loadgen-{tag}", loadgen_cmd(cfg, server, "idle", [
             "--clients", clients, "--ramp", ramp, "--hold", secs_arg(hold)]),
             results=cfg.results, capture_stdout=True)
@@ -756,7 +759,12 @@ def idle_run(cfg, server: Server, clients: int, ramp: float, hold: float, tag: s
         out["loadgen_connect_phase_over"] = loadgen_connected(lg)
         out["connect_wait_secs"] = round(time.monotonic() - t0, 3)
         # Let the server finish its per-connection allocations, then sample.
-        sleep_until(time.monotonic() + 1.5, alive=lg.alive)
+        held_at = time.monotonic()
+        sleep_until(held_at + min(1.5, sample_after), alive=lg.alive)
+        if sample_after > 1.5:
+            out["rss_kib_early"] = rss_kib(pids)
+            sleep_until(held_at + sample_after, alive=lg.alive)
+        out["sampled_after_secs"] = round(time.monotonic() - held_at, 1)
         out["held_by_server"] = fd_count(pids) - base_fds
         out["held_by_server_peak"] = max(peak[0], out["held_by_server"])
         out["rss_kib_after"] = rss_kib(pids)
@@ -1150,8 +1158,8 @@ def render_summary(docs: list[dict], tag: str) -> str:
               "machine busy is of the whole machine (100% = both cores).", ""]
 
     lines += ["## Idle connections", "",
-              "| server | idle conns asked | held | RSS before KiB | RSS held KiB | KiB/conn |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| server | idle conns asked | held | RSS before KiB | RSS held KiB | KiB/conn | sampled after s |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for doc in docs:
         for key in ("idle", "max_idle"):
             idle = doc.get(key)
@@ -1160,7 +1168,7 @@ def render_summary(docs: list[dict], tag: str) -> str:
             lines.append(
                 f"| {doc['server']} | {fmt_int(idle.get('clients'))} | {fmt_int(idle.get('held_by_server_peak'))} "
                 f"| {fmt_int(idle.get('rss_kib_before'))} | {fmt_int(idle.get('rss_kib_after'))} "
-                f"| {fmt_num(idle.get('kib_per_connection'), 1)} |")
+                f"| {fmt_num(idle.get('kib_per_connection'), 1)} | {fmt_num(idle.get('sampled_after_secs'), 1)} |")
     lines += ["", "## Connection rate", "",
               "| server | clients | --ramp | connected | failures | connects/s | listen-queue overflows "
               "| server CPU-s |",
@@ -1612,6 +1620,9 @@ def main(argv=None) -> int:
     c.add_argument("--idle-clients", type=int, help="idle connections (default 10000, quick 5000)")
     c.add_argument("--idle-ramp", type=float, default=5000)
     c.add_argument("--hold", type=int, help="seconds idle connections are held once connected")
+    c.add_argument("--idle-sample-after", type=float, default=1.5,
+                   help="seconds after the server holds every idle connection that RSS is sampled "
+                        "(default 1.5; 40 includes the gateway's first 30 s ping round)")
     c.add_argument("--max-idle-servers", default=None,
                    help="servers tried with --max-idle-clients (default gateway; none with --quick)")
     c.add_argument("--max-idle-clients", type=int, default=19900,

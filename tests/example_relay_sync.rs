@@ -383,6 +383,19 @@ async fn only_the_documented_close_codes_are_sent() {
     assert_eq!(next_json(&mut ws).await["type"], "handshake_response");
     send_text(&mut ws, &format!(r#"{{"pad": "{}"}}"#, "x".repeat(1 << 20))).await;
     assert_eq!(close_code(&mut ws).await, Some(1003));
+    // Invalid UTF-8 in a text message: 1003, not 1007.
+    let mut ws = connect(ws_addr, "/").await;
+    send_json(&mut ws, &handshake()).await;
+    assert_eq!(next_json(&mut ws).await["type"], "handshake_response");
+    {
+        use futures_util::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        let bad = Frame::message(&b"{\"type\":\"\xff\"}"[..], OpCode::Data(Data::Text), true);
+        ws.send(Message::Frame(bad)).await.unwrap();
+    }
+    assert_eq!(close_code(&mut ws).await, Some(1003));
     // No handshake within its 10 s: 1002 (protocol error), not 1008.
     let mut silent = connect(ws_addr, "/").await;
     let started = std::time::Instant::now();

@@ -248,9 +248,15 @@ impl Control {
             None
         };
         let sub = rt.subscribe(key, self.queue.clone(), filter);
+        // Most sessions hold one subscription: room for exactly one at
+        // first (a plain push reserves four, ~300 bytes per idle session).
+        let first = self.subs.is_empty();
+        self.subs.reserve_exact(usize::from(first));
         self.subs.push((c.name.clone(), id, sub));
         let mut listed = self.info.subscriptions.lock();
         if !listed.contains(&c.name) {
+            let first = listed.is_empty();
+            listed.reserve_exact(usize::from(first));
             listed.push(c.name.clone());
         }
     }

@@ -323,6 +323,47 @@ fn header_has(headers: &HeaderMap, name: http::HeaderName, token: &str) -> bool 
     })
 }
 
+/// The session future for an upgraded connection, boxed: the socket taken
+/// back from hyper (plain TCP or TLS) with what the client already sent.
+fn session_on(
+    upgraded: hyper::upgrade::Upgraded,
+    ctx: Box<SessionCtx>,
+) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+    // Take the socket back from hyper: the session owns it, with no
+    // buffering layer in between. `read_buf` is a view into hyper's
+    // connection buffer (kilobytes): keep a copy of what the client already
+    // sent, not the buffer.
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let early = parts.read_buf.to_vec();
+            drop(parts.read_buf);
+            Some(Box::pin(session::run_tcp(
+                parts.io.into_inner(),
+                early,
+                ctx,
+            )))
+        }
+        Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+            Ok(parts) => {
+                let early = parts.read_buf.to_vec();
+                drop(parts.read_buf);
+                Some(Box::pin(session::run_tls(
+                    parts.io.into_inner(),
+                    early,
+                    ctx,
+                )))
+            }
+            Err(_) => {
+                tracing::error!(
+                    peer = %ctx.peer,
+                    "upgraded connection is neither a TCP nor a TLS stream"
+                );
+                None
+            }
+        },
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn handle_endpoint(
     state: &Arc<GatewayState>,
@@ -470,7 +511,8 @@ fn handle_endpoint(
     } else {
         None
     };
-    let ctx = SessionCtx {
+    // Boxed: the session's futures carry a pointer, not a copy each.
+    let ctx = Box::new(SessionCtx {
         conn_id: state.next_conn_id(),
         peer: info.peer,
         endpoint: endpoint.clone(),
@@ -481,34 +523,23 @@ fn handle_endpoint(
         guards,
         state: state.clone(),
         shutdown: shutdown.clone(),
-    };
+    });
+    // The task holds only what the upgrade needs, and then one pointer: the
+    // session's own state machine lives in a box of its exact size, so a
+    // plain TCP session does not pay for the larger TLS one (a future is as
+    // large as its largest state).
+    let peer = info.peer;
     tracker.spawn(async move {
         let _permit = permit;
-        match on_upgrade.await {
-            // Take the socket back from hyper: the session owns it, with no
-            // buffering layer in between.
-            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => {
-                    // `read_buf` is a view into hyper's connection buffer
-                    // (kilobytes): keep a copy of what the client already
-                    // sent, not the buffer.
-                    let early = parts.read_buf.to_vec();
-                    drop(parts.read_buf);
-                    session::run_tcp(parts.io.into_inner(), early, ctx).await
-                }
-                Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-                    Ok(parts) => {
-                        let early = parts.read_buf.to_vec();
-                        drop(parts.read_buf);
-                        session::run_tls(parts.io.into_inner(), early, ctx).await
-                    }
-                    Err(_) => tracing::error!(
-                        peer = %info.peer,
-                        "upgraded connection is neither a TCP nor a TLS stream"
-                    ),
-                },
-            },
-            Err(e) => tracing::debug!(peer = %info.peer, error = %e, "upgrade failed"),
+        let session = match on_upgrade.await {
+            Ok(upgraded) => session_on(upgraded, ctx),
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "upgrade failed");
+                None
+            }
+        };
+        if let Some(session) = session {
+            session.await;
         }
     });
     let mut r = Reply::new(Default::default());

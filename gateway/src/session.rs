@@ -173,6 +173,9 @@ struct Flags {
     pong: Option<Vec<u8>>,
     /// The endpoint's `close_codes`: codes sent as others.
     close_codes: Vec<(u16, u16)>,
+    /// A ping went into the writer: give the writer's memory back once it is
+    /// written (a session idle but for pings then holds none).
+    release_after_write: bool,
 }
 
 impl Flags {
@@ -199,7 +202,7 @@ impl Flags {
 /// Run a session over plain TCP until either side closes or the gateway
 /// shuts down. `early` holds bytes the client sent right behind its
 /// handshake.
-pub async fn run_tcp(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
+pub async fn run_tcp(mut tcp: TcpStream, early: Vec<u8>, ctx: Box<SessionCtx>) {
     // Borrowed halves of the socket itself: no lock, no extra buffer.
     let (mut rd, mut wr) = tcp.split();
     run(&mut rd, &mut wr, early, ctx).await;
@@ -208,7 +211,7 @@ pub async fn run_tcp(mut tcp: TcpStream, early: Vec<u8>, ctx: SessionCtx) {
 /// [`run_tcp`] over TLS. The halves share the TLS state through
 /// `tokio::io::split`; at the end the client gets a TLS close_notify, if it
 /// takes it within [`CLOSE_NOTIFY_WAIT`].
-pub async fn run_tls(mut tls: TlsStream<TcpStream>, early: Vec<u8>, ctx: SessionCtx) {
+pub async fn run_tls(mut tls: TlsStream<TcpStream>, early: Vec<u8>, ctx: Box<SessionCtx>) {
     let (mut rd, mut wr) = tokio::io::split(&mut tls);
     run(&mut rd, &mut wr, early, ctx).await;
     drop((rd, wr));
@@ -219,7 +222,7 @@ pub async fn run_tls(mut tls: TlsStream<TcpStream>, early: Vec<u8>, ctx: Session
 const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(500);
 
 /// Run a session on a connection's two halves.
-async fn run<R, W>(rd: &mut R, wr: &mut W, early: Vec<u8>, ctx: SessionCtx)
+async fn run<R, W>(rd: &mut R, wr: &mut W, early: Vec<u8>, mut ctx: Box<SessionCtx>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -244,9 +247,10 @@ where
         ctx.state.clone(),
         queue.clone(),
         info,
-        ctx.key.clone(),
-        ctx.params.clone(),
-        ctx.principal.clone(),
+        // Moved, not cloned: the session keeps one copy, in `control`.
+        ctx.key.take(),
+        std::mem::take(&mut ctx.params),
+        ctx.principal.take(),
     );
     let el = &ctx.endpoint.limits;
     let mut reader = FrameReader::new(el.max_message_size);
@@ -351,6 +355,10 @@ where
                 if f.close_queued && writer.is_empty() {
                     f.close_sent = true;
                 }
+                if f.release_after_write && writer.is_empty() {
+                    f.release_after_write = false;
+                    writer.release();
+                }
             }
             Event::Written(Err(e)) => {
                 tracing::debug!(conn_id = ctx.conn_id, error = %e, "write failed");
@@ -364,6 +372,7 @@ where
                     Due::Ping => {
                         if !f.close_queued {
                             writer.push(ws::frame(ws::OP_PING, b"gw"));
+                            f.release_after_write = true;
                         }
                     }
                     Due::Close(code, reason, which) => {
@@ -394,7 +403,9 @@ where
                 ) {
                     break;
                 }
-                if incoming.capacity() > 4 {
+                // Clients send little (control messages, pongs): keep no
+                // memory between reads.
+                if incoming.capacity() > 0 {
                     incoming = Vec::new();
                 }
             }

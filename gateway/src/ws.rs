@@ -444,6 +444,14 @@ impl FrameWriter {
         Poll::Ready(Ok(()))
     }
 
+    /// Give the frame queue's memory back once everything is written (an
+    /// idle session then holds no writer memory between pings).
+    pub fn release(&mut self) {
+        if self.is_empty() {
+            self.pending = VecDeque::new();
+        }
+    }
+
     fn advance(&mut self, mut n: usize) {
         while n > 0 {
             let Some(front) = self.pending.front() else {
