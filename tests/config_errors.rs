@@ -1400,6 +1400,20 @@ fn the_status_page_needs_a_status_channel_behind_an_api_key() {
             at(&dep, "gateway.yaml")
         )]
     );
+    // The key in a header only: a browser's WebSocket cannot send it.
+    let dep = deployment("admin:\n  status_page:\n    endpoint: /ws/status\n");
+    dep.write("specs/status.keys", "k\n");
+    dep.write(
+        "specs/status.yaml",
+        "channel: status\nschema: schemas/ticker.json\nsource:\n  builtin: status\n  interval: 1s\nendpoints:\n  - path: /ws/status\n    auth: {mode: api_key, header: X-Api-Key, keys_file: status.keys}\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:10:15: admin.status_page.endpoint: endpoint \"/ws/status\" takes its API key from a header only: add e.g. `query: api_key` (a browser sends the key in the URL)",
+            at(&dep, "gateway.yaml")
+        )]
+    );
     // Admin routes switched off.
     let dep = deployment("admin:\n  enabled: false\n  status_page:\n    endpoint: /ws/status\n");
     dep.write(

@@ -1090,6 +1090,17 @@ fn compile_status_page(
     }
     let key_query = match &ep.auth {
         Auth::ApiKey { query: Some(q), .. } => q.clone(),
+        Auth::ApiKey { query: None, .. } => {
+            sink.at(
+                ep_path,
+                field,
+                format!(
+                    "endpoint {:?} takes its API key from a header only: add e.g. `query: api_key` (a browser sends the key in the URL)",
+                    ep_path.value
+                ),
+            );
+            return None;
+        }
         other => {
             sink.at(
                 ep_path,
