@@ -282,3 +282,37 @@ async fn the_shipped_deployment_serves_the_status_page_with_the_demo_key() {
     }
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reload_restarts_the_status_source_and_shows_the_new_generation() {
+    let dep = deployment();
+    // Reloads only when asked, so the generation is known.
+    dep.gateway_yaml(
+        "admin:\n  status_page:\n    path: /status\n    endpoint: /ws/status\nreload:\n  watch: false\n",
+    );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let schema = gateway::config::compile_schema(
+        &repo_root().join("channel-specs/schemas/gateway-status.json"),
+    )
+    .expect("the shipped schema compiles");
+    let mut ws = connect(addr, &status_path(KEY)).await;
+    let s = snapshot_where(&mut ws, &schema, "a first snapshot", |_| true).await;
+    assert_eq!(s["gateway"]["generation"], 1);
+    // A changed status spec: its source is stopped and started again, and the
+    // subscriber stays.
+    let spec = std::fs::read_to_string(dep.path("specs/status.yaml")).unwrap();
+    dep.write(
+        "specs/status.yaml",
+        &spec.replace("interval: 100ms", "interval: 150ms"),
+    );
+    let report = gw.reload().await.expect("the reload applies");
+    assert_eq!(report.changed, ["status"], "{report:?}");
+    let s = snapshot_where(&mut ws, &schema, "a snapshot of generation 2", |s| {
+        s["gateway"]["generation"] == 2
+    })
+    .await;
+    assert_eq!(channel(&s, "status")["plugin"]["state"], "up", "{s}");
+    assert_eq!(s["gateway"]["reloads"]["ok"], 1, "{s}");
+    gw.shutdown().await;
+}
