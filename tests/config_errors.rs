@@ -68,7 +68,7 @@ fn unknown_key_in_a_channel_spec_lists_the_expected_keys() {
     assert_eq!(
         errors(&dep),
         [format!(
-            "{}:6:3: source.intervl: unknown field `intervl`, expected one of plugin, mode, interval, config",
+            "{}:6:3: source.intervl: unknown field `intervl`, expected one of plugin, builtin, mode, interval, config",
             at(&dep, "specs/system.yaml")
         )]
     );
@@ -1051,7 +1051,7 @@ fn mistakes_in_several_files_are_reported_together_in_order() {
         format!("{a}:5:9: source.interval: poll sources need an interval, e.g. `interval: 5s`"),
         format!("{a}:9:15: endpoints[1].listener: no listener named \"public\"; defined: main"),
         format!(
-            "{b}:6:3: source.intervl: unknown field `intervl`, expected one of plugin, mode, interval, config"
+            "{b}:6:3: source.intervl: unknown field `intervl`, expected one of plugin, builtin, mode, interval, config"
         ),
         format!(
             "{c}:6:13: source.interval: interval applies to poll sources only; remove it or use `mode: poll`"
@@ -1273,4 +1273,158 @@ fn listener_status_codes_must_map_an_error_status_to_an_error_status() {
             )]
         );
     }
+}
+
+// --- Builtin sources and the status page. ---
+
+#[test]
+fn a_source_with_both_a_plugin_and_a_builtin() {
+    let dep = deployment("");
+    dep.write(
+        "specs/status.yaml",
+        "channel: status\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  builtin: status\n  mode: push\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:5:12: source.builtin: give either `plugin` (a source plugin) or `builtin` (a source of the gateway's own), not both",
+            at(&dep, "specs/status.yaml")
+        )]
+    );
+}
+
+#[test]
+fn a_source_with_neither_a_plugin_nor_a_builtin() {
+    let dep = deployment("");
+    dep.write(
+        "specs/status.yaml",
+        "channel: status\nschema: schemas/ticker.json\nsource:\n  interval: 1s\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:4:3: source: name what produces the messages: `plugin: NAME` (a source plugin) or `builtin: status`",
+            at(&dep, "specs/status.yaml")
+        )]
+    );
+}
+
+#[test]
+fn an_unknown_builtin_source_and_a_builtin_without_interval() {
+    let dep = deployment("");
+    dep.write(
+        "specs/a.yaml",
+        "channel: a\nschema: schemas/ticker.json\nsource:\n  builtin: stats\n  interval: 1s\n",
+    );
+    dep.write(
+        "specs/b.yaml",
+        "channel: b\nschema: schemas/ticker.json\nsource:\n  builtin: status\n  mode: push\n  config: {x: 1}\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [
+            format!(
+                "{}:4:12: source.builtin: unknown builtin source \"stats\"; the builtin sources are: status",
+                at(&dep, "specs/a.yaml")
+            ),
+            format!(
+                "{}:4:12: source.config: builtin source \"status\" takes no `config`; remove it",
+                at(&dep, "specs/b.yaml")
+            ),
+            format!(
+                "{}:4:12: source.interval: builtin source \"status\" needs an interval, e.g. `interval: 1s`",
+                at(&dep, "specs/b.yaml")
+            ),
+            format!(
+                "{}:5:9: source.mode: builtin source \"status\" publishes every `interval`: remove `mode` or write `mode: poll`",
+                at(&dep, "specs/b.yaml")
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_plugin_source_without_a_mode() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:4:3: source.mode: plugin sources need a mode: `mode: poll` (with an interval) or `mode: push`",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn the_status_page_needs_a_status_channel_behind_an_api_key() {
+    // An endpoint whose channel is not the builtin status source.
+    let dep = deployment("admin:\n  status_page:\n    endpoint: /ws/ticker\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:10:15: admin.status_page.endpoint: endpoint \"/ws/ticker\" serves channel \"ticker\", whose source is plugin \"ticker\", not `builtin: status`",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    // No such endpoint.
+    let dep = deployment("admin:\n  status_page:\n    path: /healthz\n    endpoint: /ws/nothing\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [
+            format!(
+                "{}:10:11: admin.status_page.path: path \"/healthz\" is already served on the admin listener \"main\"; pick another",
+                at(&dep, "gateway.yaml")
+            ),
+            format!(
+                "{}:11:15: admin.status_page.endpoint: no endpoint \"/ws/nothing\" on the admin listener \"main\": the page connects back to the host it was loaded from; serve a channel with `source: {{builtin: status}}` there",
+                at(&dep, "gateway.yaml")
+            ),
+        ]
+    );
+    // The status channel open to anyone.
+    let dep = deployment("admin:\n  status_page:\n    endpoint: /ws/status\n");
+    dep.write(
+        "specs/status.yaml",
+        "channel: status\nschema: schemas/ticker.json\nsource:\n  builtin: status\n  interval: 1s\nendpoints:\n  - path: /ws/status\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:10:15: admin.status_page.endpoint: endpoint \"/ws/status\" has auth mode none: the status page needs `mode: api_key` with a `query` parameter (a browser sends the key in the URL)",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    // The key in a header only: a browser's WebSocket cannot send it.
+    let dep = deployment("admin:\n  status_page:\n    endpoint: /ws/status\n");
+    dep.write("specs/status.keys", "k\n");
+    dep.write(
+        "specs/status.yaml",
+        "channel: status\nschema: schemas/ticker.json\nsource:\n  builtin: status\n  interval: 1s\nendpoints:\n  - path: /ws/status\n    auth: {mode: api_key, header: X-Api-Key, keys_file: status.keys}\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:10:15: admin.status_page.endpoint: endpoint \"/ws/status\" takes its API key from a header only: add e.g. `query: api_key` (a browser sends the key in the URL)",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    // Admin routes switched off.
+    let dep = deployment("admin:\n  enabled: false\n  status_page:\n    endpoint: /ws/status\n");
+    dep.write(
+        "specs/status.yaml",
+        "channel: status\nschema: schemas/ticker.json\nsource:\n  builtin: status\n  interval: 1s\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:11:5: admin.status_page: the status page is an admin route: remove `admin.enabled: false` or the status page",
+            at(&dep, "gateway.yaml")
+        )]
+    );
 }

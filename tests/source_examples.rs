@@ -25,7 +25,7 @@ async fn the_service_source_examples_load_and_their_plugin_configs_are_accepted(
     let mut seen: Vec<(String, String, bool)> = cfg
         .channels
         .iter()
-        .map(|c| (c.name.to_string(), c.source.plugin.name.clone(), c.keyed))
+        .map(|c| (c.name.to_string(), c.source.name().to_string(), c.keyed))
         .collect();
     seen.sort();
     let expect = [
@@ -49,7 +49,7 @@ async fn the_service_source_examples_load_and_their_plugin_configs_are_accepted(
             metrics: Arc::default(),
             rt: tokio::runtime::Handle::current(),
         };
-        let plugin = ch.source.plugin.clone();
+        let plugin = ch.source.plugin().expect("a plugin source").clone();
         let name = ch.name.clone();
         tokio::task::spawn_blocking(move || match Instance::create(plugin, params) {
             Ok((inst, _exited)) => inst.shutdown(),

@@ -519,7 +519,7 @@ async fn the_shipped_source_examples_load_and_the_exec_ones_deliver() {
     let mut channels: Vec<(String, String)> = cfg
         .channels
         .iter()
-        .map(|c| (c.name.to_string(), c.source.plugin.name.clone()))
+        .map(|c| (c.name.to_string(), c.source.name().to_string()))
         .collect();
     channels.sort();
     assert_eq!(

@@ -11,8 +11,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -24,11 +24,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Message, Subscriber, SubscriptionId, Topic};
 use crate::config::types::OnRateLimit;
-use crate::config::{ChannelCfg, Limits, SourceMode};
+use crate::config::{Builtin, ChannelCfg, Limits, SourceKind, SourceMode};
 use crate::filter::SubFilter;
-use crate::metrics::{ChannelMetrics, Metrics};
-use crate::plugin::{Instance, InstanceParams, PluginFailure, SourceEvent};
+use crate::metrics::{ChannelMetrics, Metrics, ValidationFailure};
+use crate::plugin::{Instance, InstanceParams, LoadedPlugin, PluginFailure, SourceEvent};
 use crate::queue::SessionQueue;
+use crate::state::GatewayState;
 
 /// First restart delay.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -436,7 +437,9 @@ pub enum CommandError {
     Crashed(String),
 }
 
-/// Start a channel's publisher and source supervisor.
+/// Start a channel's publisher and source supervisor. `state` is the
+/// gateway's (builtin sources report on it; it may not be upgradable yet
+/// while the gateway starts).
 pub fn start(
     cfg: Arc<ChannelCfg>,
     limits: &Limits,
@@ -444,8 +447,9 @@ pub fn start(
     broker: Arc<dyn Broker>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
+    state: Weak<GatewayState>,
 ) -> Arc<ChannelRuntime> {
-    let cm = metrics.channel(&cfg.name, &cfg.source.plugin.name);
+    let cm = metrics.channel(&cfg.name, cfg.source.name());
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::channel(limits.source_buffer);
     let stop = shutdown.child_token();
@@ -464,14 +468,61 @@ pub fn start(
         started_at: std::time::SystemTime::now(),
     });
     tracker.spawn(publish_loop(rt.clone(), ev_rx));
-    tracker.spawn(supervise(
-        rt.clone(),
-        ev_tx,
-        cmd_rx,
-        limits.max_message_size.max(1 << 20),
-        stop,
-    ));
+    match &cfg.source.kind {
+        SourceKind::Plugin(plugin) => {
+            tracker.spawn(supervise(
+                rt.clone(),
+                plugin.clone(),
+                ev_tx,
+                cmd_rx,
+                limits.max_message_size.max(1 << 20),
+                stop,
+            ));
+        }
+        SourceKind::Builtin(Builtin::Status) => {
+            tracker.spawn(run_status(rt.clone(), ev_tx, state, stop));
+        }
+    }
     rt
+}
+
+/// The builtin `status` source: a snapshot of the gateway's state every
+/// `interval`, through the channel's publisher like any plugin message.
+async fn run_status(
+    rt: Arc<ChannelRuntime>,
+    tx: mpsc::Sender<SourceEvent>,
+    state: Weak<GatewayState>,
+    stop: CancellationToken,
+) {
+    let every = rt.cfg.source.interval.unwrap_or(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rates = crate::status::Rates::default();
+    rt.started.store(true, Relaxed);
+    rt.set_up();
+    tracing::info!(channel = %rt.cfg.name, source = rt.cfg.source.name(), interval = ?every, "source started");
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        // None only while the gateway is still starting (or already gone).
+        let Some(st) = state.upgrade() else { continue };
+        let snapshot = crate::status::snapshot(&st, &mut rates);
+        drop(st);
+        let body = serde_json::to_vec(&snapshot).unwrap_or_default();
+        let (frame, header) = crate::ws::text_frame(&body);
+        rt.metrics.received.fetch_add(1, Relaxed);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            r = tx.send(SourceEvent::Message { key: None, frame, header }) => if r.is_err() { break },
+        }
+    }
+    // A stopped channel's metrics belong to its successor (a reload that
+    // changed it) from now on.
+    if !stop.is_cancelled() {
+        rt.metrics.plugin_up.store(false, Relaxed);
+    }
 }
 
 /// Parse, validate and frame each message once, then hand it to the broker.
@@ -665,7 +716,7 @@ fn prepare(
     log_limit: &DefaultDirectRateLimiter,
 ) -> Option<Message> {
     let cfg = &rt.cfg;
-    let plugin = &cfg.source.plugin.name;
+    let plugin = cfg.source.name();
     let checked = if cfg.envelope.is_none() && cfg.filters.is_empty() {
         check_message(&cfg.validator, frame, header)
     } else {
@@ -685,6 +736,11 @@ fn prepare(
             error,
         }) => {
             rt.metrics.schema_failures.fetch_add(1, Relaxed);
+            *rt.metrics.last_validation_failure.lock() = Some(ValidationFailure {
+                instance_path: instance_path.clone(),
+                error: truncate(&error, 256),
+                at: SystemTime::now(),
+            });
             if log_limit.check().is_ok() {
                 tracing::warn!(channel = %cfg.name, plugin = %plugin, instance_path = %instance_path, error = %error, "dropped a message that fails the channel schema");
             }
@@ -708,13 +764,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 /// Run the channel's plugin for as long as the gateway runs.
 async fn supervise(
     rt: Arc<ChannelRuntime>,
+    plugin: Arc<LoadedPlugin>,
     tx: mpsc::Sender<SourceEvent>,
     mut cmds: mpsc::UnboundedReceiver<SourceCmd>,
     max_message: usize,
     shutdown: CancellationToken,
 ) {
     let cfg = rt.cfg.clone();
-    let plugin = cfg.source.plugin.clone();
     let (ch, pname) = (cfg.name.clone(), plugin.name.clone());
     let mut open_keys: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
     let handle = tokio::runtime::Handle::current();
@@ -832,7 +888,7 @@ async fn run_instance(
             r = &mut exited, if !poll && !finished => {
                 match r {
                     Ok(f) if f.code == 0 => {
-                        tracing::info!(channel = %cfg.name, plugin = %cfg.source.plugin.name, "push plugin finished");
+                        tracing::info!(channel = %cfg.name, plugin = cfg.source.name(), "push plugin finished");
                         finished = true;
                         rt.set_finished();
                     }
@@ -847,7 +903,7 @@ async fn run_instance(
                 proven = true;
                 let failures = rt.set_healthy();
                 if failures > 0 {
-                    tracing::info!(channel = %cfg.name, plugin = %cfg.source.plugin.name, failures_in_a_row = failures, "plugin recovered: ran {HEALTHY_AFTER:?} without failing");
+                    tracing::info!(channel = %cfg.name, plugin = cfg.source.name(), failures_in_a_row = failures, "plugin recovered: ran {HEALTHY_AFTER:?} without failing");
                 }
             }
             cmd = cmds.recv() => {

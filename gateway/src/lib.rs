@@ -15,6 +15,8 @@
 //!   auth ([`auth`]) and the WebSocket upgrade, routed by [`router`]; TLS
 //!   listeners use the rustls configuration [`tls`] builds from PEM files.
 //! - [`session`]: one task per connection, batched writes, Close codes.
+//! - [`status`]: the builtin `status` source's snapshot of the gateway and
+//!   the HTML status page that shows it.
 //! - [`metrics`], [`state`], [`logging`]: shared plumbing.
 //!
 //! The library is in charge and `main` is thin: [`Gateway::start`] takes a
@@ -39,6 +41,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod status;
 pub mod template;
 pub mod tls;
 pub mod ws;
@@ -104,18 +107,6 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
         let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
-        let mut channels = HashMap::new();
-        for ch in &config.channels {
-            let rt = channel::start(
-                ch.clone(),
-                &config.limits,
-                &metrics,
-                broker.clone(),
-                &tracker,
-                shutdown.clone(),
-            );
-            channels.insert(ch.name.clone(), rt);
-        }
         let mut addrs = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, listener) in bound {
@@ -144,13 +135,29 @@ impl Gateway {
             state::epoch_ms(std::time::SystemTime::now()) / 1000,
             std::sync::atomic::Ordering::Relaxed,
         );
-        let state = Arc::new(GatewayState::new(
-            Live::new(config.clone(), channels, 1),
-            metrics,
-            broker,
-            addrs.clone(),
-            shutdown.clone(),
-        ));
+        // Channels get the state weakly: builtin sources report on it.
+        let state = Arc::new_cyclic(|weak| {
+            let mut channels = HashMap::new();
+            for ch in &config.channels {
+                let rt = channel::start(
+                    ch.clone(),
+                    &config.limits,
+                    &metrics,
+                    broker.clone(),
+                    &tracker,
+                    shutdown.clone(),
+                    weak.clone(),
+                );
+                channels.insert(ch.name.clone(), rt);
+            }
+            GatewayState::new(
+                Live::new(config.clone(), channels, 1),
+                metrics,
+                broker,
+                addrs.clone(),
+                shutdown.clone(),
+            )
+        });
         // Forget keyed rate-limiter state of clients gone quiet.
         {
             let st = state.clone();

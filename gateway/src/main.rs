@@ -86,11 +86,14 @@ fn main() -> ExitCode {
         tracing::warn!("{w}");
     }
     if matches!(cli.command, Some(Command::Check)) {
-        let plugins: std::collections::BTreeSet<&str> = cfg
+        let mut plugins: std::collections::BTreeSet<&str> = cfg
             .channels
             .iter()
-            .map(|c| c.source.plugin.name.as_str())
+            .filter_map(|c| c.source.plugin().map(|p| p.name.as_str()))
             .collect();
+        if plugins.is_empty() {
+            plugins.insert("none");
+        }
         println!(
             "{}: OK ({} listener(s), {} channel(s), {} endpoint(s), plugins: {})",
             cli.config.display(),

@@ -8,7 +8,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 /// Per-channel figures.
 #[derive(Debug, Default)]
@@ -47,6 +47,19 @@ pub struct ChannelMetrics {
     pub rate_dropped: AtomicU64,
     /// Messages over the channel's `rate_limit`, replaced by a later one (conflated).
     pub rate_conflated: AtomicU64,
+    /// The latest message that failed the channel's schema: where and why.
+    pub last_validation_failure: Mutex<Option<ValidationFailure>>,
+}
+
+/// A message dropped because it failed its channel's schema.
+#[derive(Clone, Debug)]
+pub struct ValidationFailure {
+    /// JSON pointer of the failing value (`/` for the root).
+    pub instance_path: String,
+    /// What is wrong (at most 256 bytes).
+    pub error: String,
+    /// When.
+    pub at: std::time::SystemTime,
 }
 
 /// Process-wide figures.

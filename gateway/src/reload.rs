@@ -134,6 +134,7 @@ impl Reloader {
                 st.broker.clone(),
                 &self.tracker,
                 st.shutdown.clone(),
+                Arc::downgrade(st),
             );
             // A restarted channel was ready before; readiness is about the
             // first start.

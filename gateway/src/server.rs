@@ -257,10 +257,26 @@ fn routes(
         );
         r
     });
+    // The status page, at the path the configuration served now names.
+    let s3 = state.clone();
+    let status_page = warp::get()
+        .and(warp::path::full())
+        .and(warp::header::optional::<String>("host"))
+        .and_then(move |path: warp::path::FullPath, host: Option<String>| {
+            let page = s3
+                .config()
+                .status_page
+                .as_ref()
+                .filter(|p| p.path == path.as_str())
+                .map(|p| crate::status::page(p, host.as_deref()));
+            async move { page.ok_or_else(warp::reject::not_found) }
+        });
     healthz
         .or(readyz)
         .unify()
         .or(metrics)
+        .unify()
+        .or(status_page)
         .unify()
         .or(ws)
         .unify()

@@ -267,7 +267,7 @@ impl GatewayState {
             channels.insert(
                 rt.cfg.name.to_string(),
                 json!({
-                    "plugin": rt.cfg.source.plugin.name,
+                    "plugin": rt.cfg.source.name(),
                     "state": h.state.as_str(),
                     "consecutive_failures": h.consecutive_failures,
                     "last_error": h.last_error,

@@ -798,14 +798,14 @@ pub(crate) fn compile_endpoint(
             None
         } else {
             let c = &channels[0];
-            if !c.source.plugin.keyed() {
+            if !c.source.keyed() {
                 sink.at(
                     &ep.path,
                     f("path"),
                     format!(
-                        "path parameters select keyed streams, but plugin {:?} has none (it supports: {})",
-                        c.source.plugin.name,
-                        c.source.plugin.modes_text()
+                        "path parameters select keyed streams, but {} has none (it supports: {})",
+                        c.source.describe(),
+                        c.source.modes_text()
                     ),
                 );
                 ok = false;

@@ -90,6 +90,8 @@ pub struct Config {
     pub listeners: Vec<ListenerCfg>,
     /// Listener serving `/healthz`, `/readyz`, `/metrics` (None: admin routes disabled).
     pub admin_listener: Option<String>,
+    /// The HTML status page on the admin listener (`admin.status_page`).
+    pub status_page: Option<StatusPageCfg>,
     /// Limits.
     pub limits: Limits,
     /// Log level filter.
@@ -139,6 +141,18 @@ impl Config {
             .find(|l| l.name == name)
             .and_then(|l| l.tls.as_ref())
     }
+}
+
+/// The HTML status page (`admin.status_page`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusPageCfg {
+    /// URL path of the page on the admin listener.
+    pub path: String,
+    /// Path of the WebSocket endpoint (on the admin listener) serving a
+    /// channel with `source: {builtin: status}`.
+    pub endpoint: String,
+    /// The query parameter that endpoint takes its API key from.
+    pub key_query: String,
 }
 
 /// One listener.
@@ -246,14 +260,92 @@ impl std::fmt::Debug for ChannelCfg {
 /// A channel's source.
 #[derive(Debug)]
 pub struct SourceCfg {
-    /// The plugin library.
-    pub plugin: Arc<LoadedPlugin>,
-    /// Poll or push.
+    /// What produces the messages.
+    pub kind: SourceKind,
+    /// Poll or push (builtin sources poll).
     pub mode: SourceMode,
     /// Poll interval.
     pub interval: Option<Duration>,
     /// Plugin config as JSON bytes.
     pub config_json: Vec<u8>,
+}
+
+/// What produces a channel's messages.
+#[derive(Debug)]
+pub enum SourceKind {
+    /// A source plugin library.
+    Plugin(Arc<LoadedPlugin>),
+    /// A source built into the gateway.
+    Builtin(Builtin),
+}
+
+/// The sources built into the gateway (`source: {builtin: NAME}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Builtin {
+    /// A snapshot of the gateway's own state every `interval` (the status page's data).
+    Status,
+}
+
+impl Builtin {
+    /// Every builtin source.
+    pub const ALL: [Builtin; 1] = [Builtin::Status];
+
+    /// The name written after `builtin:`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Builtin::Status => "status",
+        }
+    }
+
+    /// The builtin source called `name`.
+    pub fn from_name(name: &str) -> Option<Builtin> {
+        Builtin::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
+impl SourceCfg {
+    /// The source's name as metrics and `/readyz` label it: the plugin's
+    /// name, or `builtin:NAME`.
+    pub fn name(&self) -> &str {
+        match &self.kind {
+            SourceKind::Plugin(p) => &p.name,
+            SourceKind::Builtin(Builtin::Status) => "builtin:status",
+        }
+    }
+
+    /// The plugin library, for plugin sources.
+    pub fn plugin(&self) -> Option<&Arc<LoadedPlugin>> {
+        match &self.kind {
+            SourceKind::Plugin(p) => Some(p),
+            SourceKind::Builtin(_) => None,
+        }
+    }
+
+    /// The source in words, for messages: `plugin "ticker"`, `builtin source "status"`.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            SourceKind::Plugin(p) => format!("plugin {:?}", p.name),
+            SourceKind::Builtin(b) => format!("builtin source {:?}", b.name()),
+        }
+    }
+
+    /// Whether the source has keyed streams.
+    pub fn keyed(&self) -> bool {
+        self.plugin().is_some_and(|p| p.keyed())
+    }
+
+    /// Whether the source answers commands.
+    pub fn commands(&self) -> bool {
+        self.plugin().is_some_and(|p| p.commands())
+    }
+
+    /// What the source supports, as words (`poll, command`).
+    pub fn modes_text(&self) -> String {
+        match &self.kind {
+            SourceKind::Plugin(p) => p.modes_text(),
+            SourceKind::Builtin(_) => "poll".into(),
+        }
+    }
 }
 
 /// Parse one YAML document strictly, locating any error.
@@ -417,7 +509,6 @@ fn read_text(file: &Path) -> Result<String, ConfigError> {
 
 /// Load, validate and compile `gateway.yaml` and everything it names.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
-    let registry = PluginRegistry::global();
     let mut errors = Vec::new();
     let text = read_text(path).map_err(|e| ConfigErrors(vec![e]))?;
     let gw: GatewayFile = parse_yaml(path, &text).map_err(|e| ConfigErrors(vec![e]))?;
@@ -665,61 +756,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             .ok();
 
         // Source.
-        let src = &spec.source;
-        let mode = src.mode.value;
-        // With no plugin directory (reported above) there is nowhere to look.
-        let plugin = match registry.find(&src.plugin.value, &plugin_dirs) {
-            Ok(p) => Some(p),
-            Err(_) if plugin_dirs.is_empty() => None,
-            Err(m) => {
-                sink.at(&src.plugin, "source.plugin", m);
-                None
-            }
-        };
-        if let Some(p) = &plugin {
-            if !p.supports(mode) {
-                sink.at(
-                    &src.mode,
-                    "source.mode",
-                    format!(
-                        "plugin {:?} does not support {mode} mode (it supports: {})",
-                        p.name,
-                        p.modes_text()
-                    ),
-                );
-            }
-            if !p.panic_unwind {
-                let w = format!(
-                    "{}: plugin {:?} ({}) was built with panic = \"abort\": a panic in it ends the whole gateway; build it with panic = \"unwind\"",
-                    spec_path.display(),
-                    p.name,
-                    p.path.display()
-                );
-                if !warnings.contains(&w) {
-                    warnings.push(w);
-                }
-            }
-        }
-        let interval = match (mode, &src.interval) {
-            (SourceMode::Poll, None) => {
-                sink.at(
-                    &src.mode,
-                    "source.interval",
-                    "poll sources need an interval, e.g. `interval: 5s`",
-                );
-                None
-            }
-            (SourceMode::Poll, Some(i)) => Some(i.value.0),
-            (SourceMode::Push, Some(i)) => {
-                sink.at(
-                    i,
-                    "source.interval",
-                    "interval applies to poll sources only; remove it or use `mode: poll`",
-                );
-                None
-            }
-            (SourceMode::Push, None) => None,
-        };
+        let kind = compile_source(&mut sink, &spec.source, &plugin_dirs, &mut warnings);
+        let src = &spec.source.value;
         let config_json = serde_json::to_vec(
             src.config
                 .as_ref()
@@ -761,13 +799,16 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             groups.push(g.value.clone());
         }
 
-        if let (Some(validator), Some(plugin)) = (validator, plugin) {
+        if let (Some(validator), Some((kind, mode, interval))) = (validator, kind) {
             let fingerprint = {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 text.hash(&mut h);
                 std::fs::read(&schema_file).unwrap_or_default().hash(&mut h);
-                plugin.path.hash(&mut h);
+                match &kind {
+                    SourceKind::Plugin(p) => p.path.hash(&mut h),
+                    SourceKind::Builtin(b) => b.name().hash(&mut h),
+                }
                 (limits.source_buffer, limits.max_message_size).hash(&mut h);
                 h.finish()
             };
@@ -778,7 +819,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 schema_file,
                 validator,
                 source: SourceCfg {
-                    plugin,
+                    kind,
                     mode,
                     interval,
                     config_json,
@@ -876,20 +917,23 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     {
         http.push(Arc::new(h));
     }
+    let status_page = gw.admin.status_page.as_ref().and_then(|sp| {
+        compile_status_page(&mut sink, sp, admin_listener.as_deref(), &endpoints, &http)
+    });
     // Commands need a plugin that answers them.
     let check_cmd = |c: &CommandCfg, where_: String, sink: &mut Sink| {
         if let Some(ch) = channels.iter().find(|x| x.name == c.channel)
-            && !ch.source.plugin.commands()
+            && !ch.source.commands()
         {
             sink.push(
                 c.line,
                 c.col,
                 where_,
                 format!(
-                    "channel {:?}: plugin {:?} answers no commands (it supports: {})",
+                    "channel {:?}: {} answers no commands (it supports: {})",
                     ch.name,
-                    ch.source.plugin.name,
-                    ch.source.plugin.modes_text()
+                    ch.source.describe(),
+                    ch.source.modes_text()
                 ),
             );
         }
@@ -922,6 +966,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         file: path.to_path_buf(),
         listeners,
         admin_listener,
+        status_page,
         limits,
         log_level: gw.log.level,
         log_format: gw.log.format,
@@ -940,6 +985,283 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         watched,
         watch: gw.reload.watch.then_some(gw.reload.interval.0),
     })
+}
+
+/// The status page: its path on the admin listener, and the endpoint
+/// there whose `builtin: status` channel it shows.
+fn compile_status_page(
+    sink: &mut Sink,
+    sp: &Spanned<types::StatusPageFile>,
+    admin: Option<&str>,
+    endpoints: &[Arc<EndpointCfg>],
+    http: &[Arc<HttpRouteCfg>],
+) -> Option<StatusPageCfg> {
+    let Some(admin) = admin else {
+        sink.at(
+            sp,
+            "admin.status_page",
+            "the status page is an admin route: remove `admin.enabled: false` or the status page",
+        );
+        return None;
+    };
+    let mut ok = true;
+    let path = match &sp.value.path {
+        None => "/status".to_string(),
+        Some(p) => {
+            if !p.value.starts_with('/') || p.value.contains(['{', '}', '?', '#']) {
+                sink.at(
+                    p,
+                    "admin.status_page.path",
+                    format!(
+                        "invalid path {:?}: write a literal URL path starting with /, e.g. /status",
+                        p.value
+                    ),
+                );
+                ok = false;
+            }
+            p.value.clone()
+        }
+    };
+    let taken = ["/healthz", "/readyz", "/metrics"].contains(&path.as_str())
+        || endpoints
+            .iter()
+            .any(|e| e.listener == admin && e.paths.iter().any(|p| p.as_str() == path))
+        || http
+            .iter()
+            .any(|h| h.listener == admin && h.path.as_str() == path);
+    if taken {
+        let at = sp
+            .value
+            .path
+            .as_ref()
+            .map_or((sp.referenced.line(), sp.referenced.column()), |p| {
+                (p.referenced.line(), p.referenced.column())
+            });
+        sink.push(
+            at.0,
+            at.1,
+            "admin.status_page.path",
+            format!(
+                "path {path:?} is already served on the admin listener {admin:?}; pick another"
+            ),
+        );
+        ok = false;
+    }
+    let ep_path = &sp.value.endpoint;
+    let field = "admin.status_page.endpoint";
+    let Some(ep) = endpoints
+        .iter()
+        .find(|e| e.listener == admin && e.paths.iter().any(|p| p.as_str() == ep_path.value))
+    else {
+        sink.at(
+            ep_path,
+            field,
+            format!(
+                "no endpoint {:?} on the admin listener {admin:?}: the page connects back to the host it was loaded from; serve a channel with `source: {{builtin: status}}` there",
+                ep_path.value
+            ),
+        );
+        return None;
+    };
+    if ep.protocol.is_some() || ep.channels.len() != 1 {
+        sink.at(
+            ep_path,
+            field,
+            format!(
+                "endpoint {:?} must stream exactly one channel (no `protocol`): the one with `source: {{builtin: status}}`",
+                ep_path.value
+            ),
+        );
+        return None;
+    }
+    let ch = &ep.channels[0];
+    if !matches!(ch.source.kind, SourceKind::Builtin(Builtin::Status)) {
+        sink.at(
+            ep_path,
+            field,
+            format!(
+                "endpoint {:?} serves channel {:?}, whose source is {}, not `builtin: status`",
+                ep_path.value,
+                ch.name,
+                ch.source.describe()
+            ),
+        );
+        return None;
+    }
+    let key_query = match &ep.auth {
+        Auth::ApiKey { query: Some(q), .. } => q.clone(),
+        Auth::ApiKey { query: None, .. } => {
+            sink.at(
+                ep_path,
+                field,
+                format!(
+                    "endpoint {:?} takes its API key from a header only: add e.g. `query: api_key` (a browser sends the key in the URL)",
+                    ep_path.value
+                ),
+            );
+            return None;
+        }
+        other => {
+            sink.at(
+                ep_path,
+                field,
+                format!(
+                    "endpoint {:?} has auth mode {}: the status page needs `mode: api_key` with a `query` parameter (a browser sends the key in the URL)",
+                    ep_path.value,
+                    other.mode()
+                ),
+            );
+            return None;
+        }
+    };
+    ok.then(|| StatusPageCfg {
+        path,
+        endpoint: ep_path.value.clone(),
+        key_query,
+    })
+}
+
+/// A channel's source: its kind, mode and interval (None: an error was
+/// reported, or there is no plugin directory to look in).
+fn compile_source(
+    sink: &mut Sink,
+    source: &Spanned<types::SourceFile>,
+    plugin_dirs: &[PathBuf],
+    warnings: &mut Vec<String>,
+) -> Option<(SourceKind, SourceMode, Option<Duration>)> {
+    let src = &source.value;
+    let kind = match (&src.plugin, &src.builtin) {
+        (Some(_), Some(b)) => {
+            sink.at(
+                b,
+                "source.builtin",
+                "give either `plugin` (a source plugin) or `builtin` (a source of the gateway's own), not both",
+            );
+            return None;
+        }
+        (None, None) => {
+            sink.at(
+                source,
+                "source",
+                "name what produces the messages: `plugin: NAME` (a source plugin) or `builtin: status`",
+            );
+            return None;
+        }
+        (None, Some(b)) => {
+            let Some(builtin) = Builtin::from_name(&b.value) else {
+                let known: Vec<&str> = Builtin::ALL.iter().map(|b| b.name()).collect();
+                sink.at(
+                    b,
+                    "source.builtin",
+                    format!(
+                        "unknown builtin source {:?}; the builtin sources are: {}",
+                        b.value,
+                        known.join(", ")
+                    ),
+                );
+                return None;
+            };
+            if let Some(m) = &src.mode
+                && m.value != SourceMode::Poll
+            {
+                sink.at(
+                    m,
+                    "source.mode",
+                    format!(
+                        "builtin source {:?} publishes every `interval`: remove `mode` or write `mode: poll`",
+                        b.value
+                    ),
+                );
+            }
+            if src.config.is_some() {
+                sink.at(
+                    b,
+                    "source.config",
+                    format!("builtin source {:?} takes no `config`; remove it", b.value),
+                );
+            }
+            let Some(interval) = &src.interval else {
+                sink.at(
+                    b,
+                    "source.interval",
+                    format!(
+                        "builtin source {:?} needs an interval, e.g. `interval: 1s`",
+                        b.value
+                    ),
+                );
+                return None;
+            };
+            return Some((
+                SourceKind::Builtin(builtin),
+                SourceMode::Poll,
+                Some(interval.value.0),
+            ));
+        }
+        (Some(p), None) => p,
+    };
+    let Some(mode_s) = &src.mode else {
+        sink.at(
+            source,
+            "source.mode",
+            "plugin sources need a mode: `mode: poll` (with an interval) or `mode: push`",
+        );
+        return None;
+    };
+    let mode = mode_s.value;
+    // With no plugin directory (reported already) there is nowhere to look.
+    let plugin = match PluginRegistry::global().find(&kind.value, plugin_dirs) {
+        Ok(p) => Some(p),
+        Err(_) if plugin_dirs.is_empty() => None,
+        Err(m) => {
+            sink.at(kind, "source.plugin", m);
+            None
+        }
+    };
+    if let Some(p) = &plugin {
+        if !p.supports(mode) {
+            sink.at(
+                mode_s,
+                "source.mode",
+                format!(
+                    "plugin {:?} does not support {mode} mode (it supports: {})",
+                    p.name,
+                    p.modes_text()
+                ),
+            );
+        }
+        if !p.panic_unwind {
+            let w = format!(
+                "{}: plugin {:?} ({}) was built with panic = \"abort\": a panic in it ends the whole gateway; build it with panic = \"unwind\"",
+                sink.file.display(),
+                p.name,
+                p.path.display()
+            );
+            if !warnings.contains(&w) {
+                warnings.push(w);
+            }
+        }
+    }
+    let interval = match (mode, &src.interval) {
+        (SourceMode::Poll, None) => {
+            sink.at(
+                mode_s,
+                "source.interval",
+                "poll sources need an interval, e.g. `interval: 5s`",
+            );
+            None
+        }
+        (SourceMode::Poll, Some(i)) => Some(i.value.0),
+        (SourceMode::Push, Some(i)) => {
+            sink.at(
+                i,
+                "source.interval",
+                "interval applies to poll sources only; remove it or use `mode: poll`",
+            );
+            None
+        }
+        (SourceMode::Push, None) => None,
+    };
+    Some((SourceKind::Plugin(plugin?), mode, interval))
 }
 
 fn unknown_listener(name: &str, known: &[&str]) -> String {

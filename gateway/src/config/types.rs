@@ -306,6 +306,8 @@ pub struct AdminFile {
     /// Set to false to serve no admin routes at all.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// The HTML status page (off when absent).
+    pub status_page: Option<Spanned<StatusPageFile>>,
 }
 
 impl Default for AdminFile {
@@ -313,8 +315,21 @@ impl Default for AdminFile {
         AdminFile {
             listener: None,
             enabled: true,
+            status_page: None,
         }
     }
+}
+
+/// The HTML status page, served on the admin listener: it shows what the
+/// WebSocket endpoint `endpoint` (a channel with `source: {builtin: status}`)
+/// sends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusPageFile {
+    /// URL path of the page (default `/status`).
+    pub path: Option<Spanned<String>>,
+    /// Path of the endpoint serving the status channel, on the admin listener.
+    pub endpoint: Spanned<String>,
 }
 
 fn default_true() -> bool {
@@ -506,7 +521,7 @@ pub struct ChannelFile {
     /// JSON Schema every outbound message must satisfy (path relative to this file).
     pub schema: Spanned<String>,
     /// Where the data comes from.
-    pub source: SourceFile,
+    pub source: Spanned<SourceFile>,
     /// What happens when a subscriber's queue is full.
     #[serde(default)]
     pub queue: QueueFile,
@@ -829,14 +844,18 @@ impl fmt::Display for SourceMode {
     }
 }
 
-/// A channel's source plugin.
+/// A channel's source: a plugin, or a source built into the gateway.
+/// Exactly one of `plugin` and `builtin` is given (checked after parsing,
+/// so the error can say so).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceFile {
     /// Plugin name (looked up as `lib<name>.so` in `plugins.dirs`).
-    pub plugin: Spanned<String>,
-    /// `poll` or `push`.
-    pub mode: Spanned<SourceMode>,
+    pub plugin: Option<Spanned<String>>,
+    /// A source built into the gateway, e.g. `status` (the gateway's own state).
+    pub builtin: Option<Spanned<String>>,
+    /// `poll` or `push` (plugins: required; builtin sources poll).
+    pub mode: Option<Spanned<SourceMode>>,
     /// Poll sources: time between polls.
     pub interval: Option<Spanned<HumanDuration>>,
     /// Plugin configuration, passed to the plugin as JSON.
