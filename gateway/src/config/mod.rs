@@ -206,6 +206,10 @@ pub struct ChannelCfg {
     pub schema_file: PathBuf,
     /// The compiled schema.
     pub validator: jsonschema::Validator,
+    /// The schema as written (JSON).
+    pub schema: serde_json::Value,
+    /// Sample messages (`examples`), each satisfying the schema.
+    pub examples: Vec<serde_json::Value>,
     /// Source.
     pub source: SourceCfg,
     /// Slow-consumer policy.
@@ -228,6 +232,13 @@ pub struct ChannelCfg {
     /// schema text, plugin, buffer sizes): a reload restarts the channel
     /// only when it changed.
     pub fingerprint: u64,
+}
+
+impl ChannelCfg {
+    /// The name of the channel's source (its plugin), for listings and documents.
+    pub fn source_name(&self) -> &str {
+        &self.source.plugin.name
+    }
 }
 
 impl std::fmt::Debug for ChannelCfg {
@@ -660,9 +671,16 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         let schema_file = spec_dir.join(&spec.schema.value);
         watched.push(spec_path.clone());
         watched.push(schema_file.clone());
-        let validator = compile_schema(&schema_file)
-            .map_err(|m| sink.at(&spec.schema, "schema", m))
-            .ok();
+        let (validator, schema_json) = match compile_schema_json(&schema_file) {
+            Ok((v, j)) => {
+                check_examples(&mut sink, &spec.examples, &v, &spec.schema.value);
+                (Some(v), j)
+            }
+            Err(m) => {
+                sink.at(&spec.schema, "schema", m);
+                (None, serde_json::Value::Null)
+            }
+        };
 
         // Source.
         let src = &spec.source;
@@ -777,6 +795,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 spec_file: spec_path.clone(),
                 schema_file,
                 validator,
+                schema: schema_json,
+                examples: spec.examples.iter().map(|e| e.value.clone()).collect(),
                 source: SourceCfg {
                     plugin,
                     mode,
@@ -962,6 +982,13 @@ fn resolve_addr(text: &str) -> Result<SocketAddr, String> {
 
 /// Read and compile a JSON Schema with format checks on.
 pub fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {
+    compile_schema_json(file).map(|(v, _)| v)
+}
+
+/// [`compile_schema`], also returning the schema as written.
+pub fn compile_schema_json(
+    file: &Path,
+) -> Result<(jsonschema::Validator, serde_json::Value), String> {
     let text =
         std::fs::read(file).map_err(|e| format!("cannot read schema {}: {e}", file.display()))?;
     let schema: serde_json::Value = serde_json::from_slice(&text)
@@ -972,6 +999,7 @@ pub fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {
         .should_validate_formats(true)
         .with_base_uri(format!("file://{}", base.display()))
         .build(&schema)
+        .map(|v| (v, schema.clone()))
         .map_err(|e| {
             let at = e.instance_path().to_string();
             let at = if at.is_empty() { "/".to_string() } else { at };
@@ -980,6 +1008,29 @@ pub fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {
                 file.display()
             )
         })
+}
+
+/// Check a channel's `examples` against its schema: one error per mismatch,
+/// naming the example and the instance path.
+fn check_examples(
+    sink: &mut Sink,
+    examples: &[Spanned<serde_json::Value>],
+    validator: &jsonschema::Validator,
+    schema: &str,
+) {
+    for (i, ex) in examples.iter().enumerate() {
+        for e in validator.iter_errors(&ex.value) {
+            let at = e.instance_path().to_string();
+            let at = if at.is_empty() { "/".to_string() } else { at };
+            sink.at(
+                ex,
+                format!("examples[{i}]"),
+                format!(
+                    "the example does not satisfy schema {schema} at {at}: {e}; correct the example or the schema"
+                ),
+            );
+        }
+    }
 }
 
 pub(crate) fn compile_api_key(

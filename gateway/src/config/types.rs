@@ -529,6 +529,10 @@ pub struct ChannelFile {
     pub filters: BTreeMap<String, Spanned<FilterFile>>,
     /// Most messages published per period.
     pub rate_limit: Option<ChannelRateFile>,
+    /// Sample messages, as subscribers receive them (with the envelope, if
+    /// any): each must satisfy the channel's schema.
+    #[serde(default)]
+    pub examples: Vec<Spanned<serde_json::Value>>,
 }
 
 /// How `{{now}}` renders.
