@@ -38,6 +38,21 @@ enum Command {
     /// Load, validate and compile everything (schemas, plugins found and
     /// ABI-checked) without serving; print every error; exit 1 on any.
     Check,
+    /// Print the JSON Schema of gateway.yaml or of channel spec files (for
+    /// editors; the repository's copies are in docs/schema/).
+    Schema {
+        /// Which file: `gateway` (gateway.yaml) or `channel` (a channel spec).
+        #[arg(value_enum)]
+        file: SchemaFile,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SchemaFile {
+    /// gateway.yaml.
+    Gateway,
+    /// A channel spec file.
+    Channel,
 }
 
 fn options(cli: &Cli) -> Result<LoadOptions, String> {
@@ -57,6 +72,14 @@ fn options(cli: &Cli) -> Result<LoadOptions, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Schema { file }) = &cli.command {
+        let kind = match file {
+            SchemaFile::Gateway => config::schema::SchemaKind::Gateway,
+            SchemaFile::Channel => config::schema::SchemaKind::Channel,
+        };
+        print!("{}", config::schema::render(kind));
+        return ExitCode::SUCCESS;
+    }
     let opts = match options(&cli) {
         Ok(o) => o,
         Err(e) => {

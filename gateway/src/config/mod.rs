@@ -6,6 +6,7 @@
 //! every error found, each located as `file:line:col: field.path: message`.
 
 mod error;
+pub mod schema;
 pub mod types;
 
 use std::collections::{BTreeMap, HashMap};
