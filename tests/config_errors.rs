@@ -882,6 +882,38 @@ fn api_key_auth_with_an_unknown_key() {
     );
 }
 
+#[test]
+fn admin_asyncapi_must_be_a_free_path() {
+    let dep = deployment("admin:\n  asyncapi: asyncapi.json\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:13: admin.asyncapi: invalid path \"asyncapi.json\": write a path starting with '/', without parameters, e.g. /asyncapi.json",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    let dep = deployment("admin:\n  asyncapi: /metrics\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:13: admin.asyncapi: path \"/metrics\" is an admin route already; choose another, e.g. /asyncapi.json",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    let dep = deployment("admin:\n  asyncapi: /ws/ticker\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let spec = at(&dep, "specs/ticker.yaml");
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:13: admin.asyncapi: path \"/ws/ticker\" on listener \"main\" is already served by channel \"ticker\" ({spec}:7:11)",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
 // --- Listeners. ---
 
 #[test]

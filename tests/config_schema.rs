@@ -149,6 +149,7 @@ listeners:
     status_codes: {405: 404}
 channels: [specs/*.yaml]
 limits: {max_message_size: 64KiB, session_queue: 16, inbound_messages: 100/s, idle_timeout: off}
+admin: {asyncapi: /asyncapi.json}
 ";
 
 const GOOD_CHANNEL: &str = "\

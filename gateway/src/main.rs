@@ -38,6 +38,10 @@ enum Command {
     /// Load, validate and compile everything (schemas, plugins found and
     /// ABI-checked) without serving; print every error; exit 1 on any.
     Check,
+    /// Load the configuration and print its AsyncAPI 3.0 document (JSON):
+    /// listeners, endpoints, the messages of every channel with their
+    /// schemas, the client messages of each protocol, the auth schemes.
+    Asyncapi,
     /// Print the JSON Schema of gateway.yaml or of channel spec files (for
     /// editors; the repository's copies are in docs/schema/).
     Schema {
@@ -107,6 +111,11 @@ fn main() -> ExitCode {
     gateway::logging::init(&cfg.log_level, format.unwrap_or(cfg.log_format));
     for w in &cfg.warnings {
         tracing::warn!("{w}");
+    }
+    if matches!(cli.command, Some(Command::Asyncapi)) {
+        let doc = gateway::asyncapi::document(&cfg, None);
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return ExitCode::SUCCESS;
     }
     if matches!(cli.command, Some(Command::Check)) {
         let plugins: std::collections::BTreeSet<&str> = cfg

@@ -91,6 +91,8 @@ pub struct Config {
     pub listeners: Vec<ListenerCfg>,
     /// Listener serving `/healthz`, `/readyz`, `/metrics` (None: admin routes disabled).
     pub admin_listener: Option<String>,
+    /// Path of the AsyncAPI document on the admin listener (`admin.asyncapi`).
+    pub asyncapi_path: Option<String>,
     /// Limits.
     pub limits: Limits,
     /// Log level filter.
@@ -120,6 +122,9 @@ pub struct Config {
     /// Watch the files (`reload.watch`), checking this often.
     pub watch: Option<Duration>,
 }
+
+/// The fixed admin routes.
+const ADMIN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
 /// The HTTP error statuses the gateway answers with (docs/configuration.md).
 const HTTP_ERRORS_SENT: &[u16] = &[400, 401, 403, 404, 405, 413, 426, 429, 500, 503, 504];
@@ -519,6 +524,31 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         Some(l.value.clone())
     } else {
         listener_names.first().map(|s| s.to_string())
+    };
+
+    let asyncapi_path = match (&admin_listener, &gw.admin.asyncapi) {
+        (Some(_), Some(p)) => {
+            let v = &p.value;
+            if !v.starts_with('/') || v.contains(['{', '}', '?', '#']) {
+                sink.at(
+                    p,
+                    "admin.asyncapi",
+                    format!(
+                        "invalid path {v:?}: write a path starting with '/', without parameters, e.g. /asyncapi.json"
+                    ),
+                );
+            } else if ADMIN_PATHS.contains(&v.as_str()) {
+                sink.at(
+                    p,
+                    "admin.asyncapi",
+                    format!(
+                        "path {v:?} is an admin route already; choose another, e.g. /asyncapi.json"
+                    ),
+                );
+            }
+            Some(v.clone())
+        }
+        _ => None,
     };
 
     let gl = &gw.limits;
@@ -928,6 +958,23 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         }
     }
 
+    // The AsyncAPI document is routed before the admin listener's endpoints.
+    if let (Some(l), Some(p), Some(a)) = (&admin_listener, &asyncapi_path, &gw.admin.asyncapi)
+        && let Ok(pat) = crate::router::PathPattern::parse(p)
+        && let Some((other, prev)) = path_origin.get(&(l.clone(), pat.shape()))
+    {
+        sink.at(
+            a,
+            "admin.asyncapi",
+            format!(
+                "path {p:?} on listener {l:?} is already served by {other} ({}:{}:{})",
+                prev.file.display(),
+                prev.line,
+                prev.col
+            ),
+        );
+    }
+
     if !errors.is_empty() {
         // File by file (in the order files were read), top to bottom.
         let mut order: Vec<PathBuf> = vec![path.to_path_buf()];
@@ -943,6 +990,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         file: path.to_path_buf(),
         listeners,
         admin_listener,
+        asyncapi_path,
         limits,
         log_level: gw.log.level,
         log_format: gw.log.format,

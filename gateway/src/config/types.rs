@@ -309,7 +309,7 @@ fn default_plugin_dirs() -> Vec<Spanned<String>> {
     Vec::new()
 }
 
-/// Where `/healthz`, `/readyz` and `/metrics` are served.
+/// Where `/healthz`, `/readyz`, `/metrics` (and the AsyncAPI document) are served.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
@@ -319,6 +319,10 @@ pub struct AdminFile {
     /// Set to false to serve no admin routes at all.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Serve the configuration's AsyncAPI 3.0 document (JSON) at this path
+    /// on the admin listener, e.g. `/asyncapi.json`. Absent: not served.
+    #[schemars(with = "Option<String>")]
+    pub asyncapi: Option<Spanned<String>>,
 }
 
 impl Default for AdminFile {
@@ -326,6 +330,7 @@ impl Default for AdminFile {
         AdminFile {
             listener: None,
             enabled: true,
+            asyncapi: None,
         }
     }
 }
