@@ -399,6 +399,75 @@ fn schema_that_is_not_json() {
     );
 }
 
+// --- Sample messages (`examples`). ---
+
+#[test]
+fn examples_that_fit_the_schema_load() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        &format!("{TICKER_SPEC}examples:\n  - {{seq: 1, ts: 5}}\n  - {{seq: 2, ts: 6, pad: xx}}\n"),
+    );
+    let cfg = dep.load().unwrap_or_else(|e| panic!("should load:\n{e}"));
+    assert_eq!(
+        cfg.channels[0].examples,
+        [
+            serde_json::json!({"seq": 1, "ts": 5}),
+            serde_json::json!({"seq": 2, "ts": 6, "pad": "xx"})
+        ]
+    );
+}
+
+#[test]
+fn example_mismatches_name_the_example_and_the_instance_path() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        &format!(
+            "{TICKER_SPEC}examples:\n  - {{seq: 1, ts: 5}}\n  - {{seq: 0, ts: 5}}\n  - seq: 3\n  - {{seq: 4, ts: 5, extra: {{pad: yy}}}}\n  - {{seq: 5, ts: 5, pad: \"zz\"}}\n"
+        ),
+    );
+    let spec = at(&dep, "specs/ticker.yaml");
+    assert_eq!(
+        errors(&dep),
+        [
+            format!(
+                "{spec}:10:5: examples[1]: the example does not satisfy schema schemas/ticker.json at /seq: 0 is less than the minimum of 1; correct the example or the schema"
+            ),
+            format!(
+                "{spec}:11:5: examples[2]: the example does not satisfy schema schemas/ticker.json at /: \"ts\" is a required property; correct the example or the schema"
+            ),
+            format!(
+                "{spec}:12:5: examples[3]: the example does not satisfy schema schemas/ticker.json at /: Additional properties are not allowed ('extra' was unexpected); correct the example or the schema"
+            ),
+            format!(
+                "{spec}:13:5: examples[4]: the example does not satisfy schema schemas/ticker.json at /pad: \"zz\" does not match \"^x*$\"; correct the example or the schema"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn check_reports_example_mismatches() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        &format!("{TICKER_SPEC}examples:\n  - {{seq: one, ts: 5}}\n"),
+    );
+    let gw = dep.path("gateway.yaml");
+    let out = gateway_bin(&["check".as_ref(), "--config".as_ref(), gw.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "{}:9:5: examples[0]: the example does not satisfy schema schemas/ticker.json at /seq: \"one\" is not of type \"integer\"; correct the example or the schema\n\
+             1 error(s) in {}\n",
+            at(&dep, "specs/ticker.yaml"),
+            gw.display()
+        )
+    );
+}
+
 // --- Plugins. ---
 
 #[test]
@@ -809,6 +878,38 @@ fn api_key_auth_with_an_unknown_key() {
         [format!(
             "{}:8:5: endpoints[0].auth: unknown field `querry`, expected one of query, header, keys_env, keys_file",
             at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+#[test]
+fn admin_asyncapi_must_be_a_free_path() {
+    let dep = deployment("admin:\n  asyncapi: asyncapi.json\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:13: admin.asyncapi: invalid path \"asyncapi.json\": write a path starting with '/', without parameters, e.g. /asyncapi.json",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    let dep = deployment("admin:\n  asyncapi: /metrics\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:13: admin.asyncapi: path \"/metrics\" is an admin route already; choose another, e.g. /asyncapi.json",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    let dep = deployment("admin:\n  asyncapi: /ws/ticker\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let spec = at(&dep, "specs/ticker.yaml");
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:13: admin.asyncapi: path \"/ws/ticker\" on listener \"main\" is already served by channel \"ticker\" ({spec}:7:11)",
+            at(&dep, "gateway.yaml")
         )]
     );
 }

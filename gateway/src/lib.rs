@@ -22,6 +22,7 @@
 //! The library is in charge and `main` is thin: [`Gateway::start`] takes a
 //! loaded config and serves it, which is also what the tests do (on port 0).
 
+pub mod asyncapi;
 pub mod auth;
 pub mod broker;
 pub mod channel;

@@ -38,6 +38,25 @@ enum Command {
     /// Load, validate and compile everything (schemas, plugins found and
     /// ABI-checked) without serving; print every error; exit 1 on any.
     Check,
+    /// Load the configuration and print its AsyncAPI 3.0 document (JSON):
+    /// listeners, endpoints, the messages of every channel with their
+    /// schemas, the client messages of each protocol, the auth schemes.
+    Asyncapi,
+    /// Print the JSON Schema of gateway.yaml or of channel spec files (for
+    /// editors; the repository's copies are in docs/schema/).
+    Schema {
+        /// Which file: `gateway` (gateway.yaml) or `channel` (a channel spec).
+        #[arg(value_enum)]
+        file: SchemaFile,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SchemaFile {
+    /// gateway.yaml.
+    Gateway,
+    /// A channel spec file.
+    Channel,
 }
 
 fn options(cli: &Cli) -> Result<LoadOptions, String> {
@@ -57,6 +76,14 @@ fn options(cli: &Cli) -> Result<LoadOptions, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Schema { file }) = &cli.command {
+        let kind = match file {
+            SchemaFile::Gateway => config::schema::SchemaKind::Gateway,
+            SchemaFile::Channel => config::schema::SchemaKind::Channel,
+        };
+        print!("{}", config::schema::render(kind));
+        return ExitCode::SUCCESS;
+    }
     let opts = match options(&cli) {
         Ok(o) => o,
         Err(e) => {
@@ -84,6 +111,11 @@ fn main() -> ExitCode {
     gateway::logging::init(&cfg.log_level, format.unwrap_or(cfg.log_format));
     for w in &cfg.warnings {
         tracing::warn!("{w}");
+    }
+    if matches!(cli.command, Some(Command::Asyncapi)) {
+        let doc = gateway::asyncapi::document(&cfg, None);
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return ExitCode::SUCCESS;
     }
     if matches!(cli.command, Some(Command::Check)) {
         let mut plugins: std::collections::BTreeSet<&str> = cfg

@@ -271,12 +271,29 @@ fn routes(
                 .map(|p| crate::status::page(p, host.as_deref()));
             async move { page.ok_or_else(warp::reject::not_found) }
         });
+    // `admin.asyncapi`: the document of the configuration served now, at
+    // the path it names (a reload may move or remove it).
+    let s3 = state.clone();
+    let asyncapi =
+        warp::get()
+            .and(warp::path::full())
+            .and_then(move |path: warp::path::FullPath| {
+                let cfg = s3.config();
+                let hit = cfg.asyncapi_path.as_deref() == Some(path.as_str());
+                let reply = hit.then(|| {
+                    let doc = crate::asyncapi::document(&cfg, Some(&s3.addrs));
+                    json_reply(StatusCode::OK, &doc)
+                });
+                async move { reply.ok_or_else(warp::reject::not_found) }
+            });
     healthz
         .or(readyz)
         .unify()
         .or(metrics)
         .unify()
         .or(status_page)
+        .unify()
+        .or(asyncapi)
         .unify()
         .or(ws)
         .unify()

@@ -10,7 +10,7 @@ use serde_saphyr::Spanned;
 
 use super::error::Sink;
 use super::types::*;
-use super::{ChannelCfg, Origin, compile_schema, unknown_listener};
+use super::{ChannelCfg, Origin, compile_schema, compile_schema_json, unknown_listener};
 use crate::auth::{Auth, Inband};
 use crate::limits::ConnLimits;
 use crate::router::PathPattern;
@@ -103,6 +103,8 @@ pub struct ProtocolCfg {
     pub replies: Replies,
     /// Schema replies must satisfy.
     pub validator: Option<Arc<jsonschema::Validator>>,
+    /// That schema as written (JSON).
+    pub schema: Option<Value>,
     /// Subscribe names standing for several channels (or none).
     pub channel_sets: Vec<(String, ChannelSel)>,
 }
@@ -440,14 +442,14 @@ pub(crate) fn compile_protocols(
                 }
             }
         }
-        let validator = match &pv.schema {
-            None => None,
-            Some(s) => match compile_schema(&base.join(&s.value)) {
-                Ok(v) => Some(Arc::new(v)),
+        let (validator, schema) = match &pv.schema {
+            None => (None, None),
+            Some(s) => match compile_schema_json(&base.join(&s.value)) {
+                Ok((v, j)) => (Some(Arc::new(v)), Some(j)),
                 Err(m) => {
                     sink.at(s, f("schema"), m);
                     ok = false;
-                    None
+                    (None, None)
                 }
             },
         };
@@ -503,6 +505,7 @@ pub(crate) fn compile_protocols(
                         command,
                     },
                     validator,
+                    schema,
                     channel_sets,
                 }),
             );

@@ -6,6 +6,7 @@
 //! every error found, each located as `file:line:col: field.path: message`.
 
 mod error;
+pub mod schema;
 pub mod types;
 
 use std::collections::{BTreeMap, HashMap};
@@ -92,6 +93,8 @@ pub struct Config {
     pub admin_listener: Option<String>,
     /// The HTML status page on the admin listener (`admin.status_page`).
     pub status_page: Option<StatusPageCfg>,
+    /// Path of the AsyncAPI document on the admin listener (`admin.asyncapi`).
+    pub asyncapi_path: Option<String>,
     /// Limits.
     pub limits: Limits,
     /// Log level filter.
@@ -121,6 +124,9 @@ pub struct Config {
     /// Watch the files (`reload.watch`), checking this often.
     pub watch: Option<Duration>,
 }
+
+/// The fixed admin routes.
+const ADMIN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
 /// The HTTP error statuses the gateway answers with (docs/configuration.md).
 const HTTP_ERRORS_SENT: &[u16] = &[400, 401, 403, 404, 405, 413, 426, 429, 500, 503, 504];
@@ -220,6 +226,10 @@ pub struct ChannelCfg {
     pub schema_file: PathBuf,
     /// The compiled schema.
     pub validator: jsonschema::Validator,
+    /// The schema as written (JSON).
+    pub schema: serde_json::Value,
+    /// Sample messages (`examples`), each satisfying the schema.
+    pub examples: Vec<serde_json::Value>,
     /// Source.
     pub source: SourceCfg,
     /// Slow-consumer policy.
@@ -242,6 +252,13 @@ pub struct ChannelCfg {
     /// schema text, plugin, buffer sizes): a reload restarts the channel
     /// only when it changed.
     pub fingerprint: u64,
+}
+
+impl ChannelCfg {
+    /// The name of the channel's source (its plugin, or `builtin:NAME`), for listings and documents.
+    pub fn source_name(&self) -> &str {
+        self.source.name()
+    }
 }
 
 impl std::fmt::Debug for ChannelCfg {
@@ -600,6 +617,31 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         listener_names.first().map(|s| s.to_string())
     };
 
+    let asyncapi_path = match (&admin_listener, &gw.admin.asyncapi) {
+        (Some(_), Some(p)) => {
+            let v = &p.value;
+            if !v.starts_with('/') || v.contains(['{', '}', '?', '#']) {
+                sink.at(
+                    p,
+                    "admin.asyncapi",
+                    format!(
+                        "invalid path {v:?}: write a path starting with '/', without parameters, e.g. /asyncapi.json"
+                    ),
+                );
+            } else if ADMIN_PATHS.contains(&v.as_str()) {
+                sink.at(
+                    p,
+                    "admin.asyncapi",
+                    format!(
+                        "path {v:?} is an admin route already; choose another, e.g. /asyncapi.json"
+                    ),
+                );
+            }
+            Some(v.clone())
+        }
+        _ => None,
+    };
+
     let gl = &gw.limits;
     let pool = opts.limiters.clone().unwrap_or_default();
     let mut prunable = Prunable::default();
@@ -751,9 +793,16 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         let schema_file = spec_dir.join(&spec.schema.value);
         watched.push(spec_path.clone());
         watched.push(schema_file.clone());
-        let validator = compile_schema(&schema_file)
-            .map_err(|m| sink.at(&spec.schema, "schema", m))
-            .ok();
+        let (validator, schema_json) = match compile_schema_json(&schema_file) {
+            Ok((v, j)) => {
+                check_examples(&mut sink, &spec.examples, &v, &spec.schema.value);
+                (Some(v), j)
+            }
+            Err(m) => {
+                sink.at(&spec.schema, "schema", m);
+                (None, serde_json::Value::Null)
+            }
+        };
 
         // Source.
         let kind = compile_source(&mut sink, &spec.source, &plugin_dirs, &mut warnings);
@@ -818,6 +867,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 spec_file: spec_path.clone(),
                 schema_file,
                 validator,
+                schema: schema_json,
+                examples: spec.examples.iter().map(|e| e.value.clone()).collect(),
                 source: SourceCfg {
                     kind,
                     mode,
@@ -918,7 +969,14 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         http.push(Arc::new(h));
     }
     let status_page = gw.admin.status_page.as_ref().and_then(|sp| {
-        compile_status_page(&mut sink, sp, admin_listener.as_deref(), &endpoints, &http)
+        compile_status_page(
+            &mut sink,
+            sp,
+            admin_listener.as_deref(),
+            &endpoints,
+            &http,
+            asyncapi_path.as_deref(),
+        )
     });
     // Commands need a plugin that answers them.
     let check_cmd = |c: &CommandCfg, where_: String, sink: &mut Sink| {
@@ -951,6 +1009,23 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         }
     }
 
+    // The AsyncAPI document is routed before the admin listener's endpoints.
+    if let (Some(l), Some(p), Some(a)) = (&admin_listener, &asyncapi_path, &gw.admin.asyncapi)
+        && let Ok(pat) = crate::router::PathPattern::parse(p)
+        && let Some((other, prev)) = path_origin.get(&(l.clone(), pat.shape()))
+    {
+        sink.at(
+            a,
+            "admin.asyncapi",
+            format!(
+                "path {p:?} on listener {l:?} is already served by {other} ({}:{}:{})",
+                prev.file.display(),
+                prev.line,
+                prev.col
+            ),
+        );
+    }
+
     if !errors.is_empty() {
         // File by file (in the order files were read), top to bottom.
         let mut order: Vec<PathBuf> = vec![path.to_path_buf()];
@@ -967,6 +1042,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         listeners,
         admin_listener,
         status_page,
+        asyncapi_path,
         limits,
         log_level: gw.log.level,
         log_format: gw.log.format,
@@ -995,6 +1071,7 @@ fn compile_status_page(
     admin: Option<&str>,
     endpoints: &[Arc<EndpointCfg>],
     http: &[Arc<HttpRouteCfg>],
+    asyncapi: Option<&str>,
 ) -> Option<StatusPageCfg> {
     let Some(admin) = admin else {
         sink.at(
@@ -1022,7 +1099,8 @@ fn compile_status_page(
             p.value.clone()
         }
     };
-    let taken = ["/healthz", "/readyz", "/metrics"].contains(&path.as_str())
+    let taken = ADMIN_PATHS.contains(&path.as_str())
+        || asyncapi == Some(path.as_str())
         || endpoints
             .iter()
             .any(|e| e.listener == admin && e.paths.iter().any(|p| p.as_str() == path))
@@ -1284,6 +1362,13 @@ fn resolve_addr(text: &str) -> Result<SocketAddr, String> {
 
 /// Read and compile a JSON Schema with format checks on.
 pub fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {
+    compile_schema_json(file).map(|(v, _)| v)
+}
+
+/// [`compile_schema`], also returning the schema as written.
+pub fn compile_schema_json(
+    file: &Path,
+) -> Result<(jsonschema::Validator, serde_json::Value), String> {
     let text =
         std::fs::read(file).map_err(|e| format!("cannot read schema {}: {e}", file.display()))?;
     let schema: serde_json::Value = serde_json::from_slice(&text)
@@ -1294,6 +1379,7 @@ pub fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {
         .should_validate_formats(true)
         .with_base_uri(format!("file://{}", base.display()))
         .build(&schema)
+        .map(|v| (v, schema.clone()))
         .map_err(|e| {
             let at = e.instance_path().to_string();
             let at = if at.is_empty() { "/".to_string() } else { at };
@@ -1302,6 +1388,29 @@ pub fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {
                 file.display()
             )
         })
+}
+
+/// Check a channel's `examples` against its schema: one error per mismatch,
+/// naming the example and the instance path.
+fn check_examples(
+    sink: &mut Sink,
+    examples: &[Spanned<serde_json::Value>],
+    validator: &jsonschema::Validator,
+    schema: &str,
+) {
+    for (i, ex) in examples.iter().enumerate() {
+        for e in validator.iter_errors(&ex.value) {
+            let at = e.instance_path().to_string();
+            let at = if at.is_empty() { "/".to_string() } else { at };
+            sink.at(
+                ex,
+                format!("examples[{i}]"),
+                format!(
+                    "the example does not satisfy schema {schema} at {at}: {e}; correct the example or the schema"
+                ),
+            );
+        }
+    }
 }
 
 pub(crate) fn compile_api_key(

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 use serde_saphyr::Spanned;
@@ -99,7 +100,7 @@ impl<'de> Deserialize<'de> for Rate {
 }
 
 /// What happens when a client sends faster than `inbound_messages` allows.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum OnInboundLimit {
     /// Close with 1008.
@@ -110,7 +111,7 @@ pub enum OnInboundLimit {
 }
 
 /// What a channel does with messages beyond its `rate_limit`.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum OnRateLimit {
     /// Keep only the latest and publish it when the rate allows.
@@ -121,7 +122,7 @@ pub enum OnRateLimit {
 }
 
 /// A channel's outbound rate limit.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelRateFile {
     /// Most messages published per period.
@@ -132,7 +133,7 @@ pub struct ChannelRateFile {
 }
 
 /// Connection limits that an endpoint may set for itself.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointLimitsFile {
     /// Most connections open at once on this endpoint.
@@ -195,7 +196,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 }
 
 /// `gateway.yaml`: the process-wide settings.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayFile {
     /// Named listeners: each is one bind address serving WebSocket endpoints and HTTP routes.
@@ -204,6 +205,7 @@ pub struct GatewayFile {
     #[serde(default)]
     pub plugins: PluginsFile,
     /// Channel spec files to load: file globs, relative to this file.
+    #[schemars(with = "Vec<String>")]
     pub channels: Vec<Spanned<String>>,
     /// Health, readiness and metrics routes.
     #[serde(default)]
@@ -222,6 +224,7 @@ pub struct GatewayFile {
     pub reload: ReloadFile,
     /// Named client control protocols, used by endpoints (`protocol: NAME`).
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, ProtocolFile>")]
     pub protocols: BTreeMap<String, Spanned<ProtocolFile>>,
     /// WebSocket endpoints serving several channels (single-channel ones
     /// may also sit in their channel spec).
@@ -235,16 +238,20 @@ pub struct GatewayFile {
 }
 
 /// The HTTP publish API.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PublishFile {
     /// Path prefix (default `/publish`): messages are POSTed to `{path}/{channel}`.
+    #[schemars(with = "Option<String>")]
     pub path: Option<Spanned<String>>,
     /// Listener (may be omitted when there is only one).
+    #[schemars(with = "Option<String>")]
     pub listener: Option<Spanned<String>>,
     /// Who may publish: required, write `{mode: none}` to let anyone.
+    #[schemars(with = "AuthFile")]
     pub auth: Spanned<AuthFile>,
     /// Channels that accept published messages (default all).
+    #[schemars(with = "Option<ChannelSelFile>")]
     pub channels: Option<Spanned<ChannelSelFile>>,
     /// Largest request body (default 1MiB).
     pub max_body: Option<ByteSize>,
@@ -253,35 +260,40 @@ pub struct PublishFile {
 }
 
 /// One listener.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerFile {
     /// Socket address to bind, e.g. `127.0.0.1:8080` (port 0 picks a free port).
+    #[schemars(with = "String")]
     pub bind: Spanned<String>,
     /// Serve TLS (`wss://`, `https://`) with this certificate and key.
     pub tls: Option<TlsFile>,
     /// HTTP error statuses answered as others on this listener, e.g.
     /// `{405: 404, 429: 503}`, for APIs that document a fixed set.
+    #[schemars(with = "Option<BTreeMap<u16, u16>>")]
     pub status_codes: Option<Spanned<BTreeMap<u16, u16>>>,
 }
 
 /// A listener's certificate and private key, PEM files relative to gateway.yaml.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFile {
     /// The server certificate, then any intermediates.
+    #[schemars(with = "String")]
     pub cert: Spanned<String>,
     /// The certificate's private key (PKCS#8, PKCS#1/RSA or SEC1/EC), unencrypted.
+    #[schemars(with = "String")]
     pub key: Spanned<String>,
 }
 
 /// Plugin lookup.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsFile {
     /// Directories searched in order for `lib<name>.so` (dashes become underscores),
     /// relative to gateway.yaml. Only these directories are ever loaded from.
     #[serde(default = "default_plugin_dirs")]
+    #[schemars(with = "Vec<String>")]
     pub dirs: Vec<Spanned<String>>,
 }
 
@@ -297,17 +309,23 @@ fn default_plugin_dirs() -> Vec<Spanned<String>> {
     Vec::new()
 }
 
-/// Where `/healthz`, `/readyz` and `/metrics` are served.
-#[derive(Debug, Deserialize)]
+/// Where `/healthz`, `/readyz`, `/metrics` (and the AsyncAPI document) are served.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     /// Listener serving the admin routes (default: the first listener by name).
+    #[schemars(with = "Option<String>")]
     pub listener: Option<Spanned<String>>,
     /// Set to false to serve no admin routes at all.
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// The HTML status page (off when absent).
+    #[schemars(with = "Option<StatusPageFile>")]
     pub status_page: Option<Spanned<StatusPageFile>>,
+    /// Serve the configuration's AsyncAPI 3.0 document (JSON) at this path
+    /// on the admin listener, e.g. `/asyncapi.json`. Absent: not served.
+    #[schemars(with = "Option<String>")]
+    pub asyncapi: Option<Spanned<String>>,
 }
 
 impl Default for AdminFile {
@@ -316,6 +334,7 @@ impl Default for AdminFile {
             listener: None,
             enabled: true,
             status_page: None,
+            asyncapi: None,
         }
     }
 }
@@ -323,12 +342,14 @@ impl Default for AdminFile {
 /// The HTML status page, served on the admin listener: it shows what the
 /// WebSocket endpoint `endpoint` (a channel with `source: {builtin: status}`)
 /// sends.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusPageFile {
     /// URL path of the page (default `/status`).
+    #[schemars(with = "Option<String>")]
     pub path: Option<Spanned<String>>,
     /// Path of the endpoint serving the status channel, on the admin listener.
+    #[schemars(with = "String")]
     pub endpoint: Spanned<String>,
 }
 
@@ -337,7 +358,7 @@ fn default_true() -> bool {
 }
 
 /// Process-wide limits.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     /// Most WebSocket connections open at once; further upgrades get HTTP 503.
@@ -427,7 +448,7 @@ fn default_source_buffer() -> usize {
 }
 
 /// Log output.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogFile {
     /// Level or filter (`info`, `debug`, `gateway=debug,info`); `RUST_LOG` wins when set.
@@ -452,7 +473,7 @@ fn default_log_level() -> String {
 }
 
 /// Log format.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -463,7 +484,7 @@ pub enum LogFormat {
 }
 
 /// Reloading the configuration while running.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReloadFile {
     /// Reload when gateway.yaml, a channel spec or a schema changes on disk
@@ -489,7 +510,7 @@ fn default_watch_interval() -> HumanDuration {
 }
 
 /// Graceful shutdown.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownFile {
     /// How long to wait for sessions and plugins after SIGINT/SIGTERM before exiting anyway.
@@ -510,17 +531,20 @@ fn default_shutdown_deadline() -> HumanDuration {
 }
 
 /// A channel spec file: one channel, its source, schema and endpoints.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelFile {
     /// Channel name, unique in the gateway.
+    #[schemars(with = "String")]
     pub channel: Spanned<String>,
     /// What the channel carries (shown in docs and listings).
     #[serde(default)]
     pub description: String,
     /// JSON Schema every outbound message must satisfy (path relative to this file).
+    #[schemars(with = "String")]
     pub schema: Spanned<String>,
     /// Where the data comes from.
+    #[schemars(with = "SourceFile")]
     pub source: Spanned<SourceFile>,
     /// What happens when a subscriber's queue is full.
     #[serde(default)]
@@ -530,8 +554,10 @@ pub struct ChannelFile {
     pub endpoints: Vec<EndpointFile>,
     /// Groups the channel belongs to (endpoints can serve a group).
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub groups: Vec<Spanned<String>>,
     /// Wrap each plugin message in this template (`{{data}}` is the plugin's message).
+    #[schemars(with = "Option<serde_json::Value>")]
     pub envelope: Option<Spanned<serde_json::Value>>,
     /// How `{{now}}` renders in the envelope.
     #[serde(default)]
@@ -541,13 +567,19 @@ pub struct ChannelFile {
     pub last_value: bool,
     /// Filters a subscribe message may set, by the name the client uses.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, FilterFile>")]
     pub filters: BTreeMap<String, Spanned<FilterFile>>,
     /// Most messages published per period.
     pub rate_limit: Option<ChannelRateFile>,
+    /// Sample messages, as subscribers receive them (with the envelope, if
+    /// any): each must satisfy the channel's schema.
+    #[serde(default)]
+    #[schemars(with = "Vec<serde_json::Value>")]
+    pub examples: Vec<Spanned<serde_json::Value>>,
 }
 
 /// How `{{now}}` renders.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestampFormat {
     /// `2026-11-23T12:00:00.123Z`.
@@ -560,7 +592,7 @@ pub enum TimestampFormat {
 }
 
 /// One subscribe filter of a channel.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilterFile {
     /// Keep messages whose field at this dotted path equals the client's
@@ -578,7 +610,7 @@ pub struct FilterFile {
 }
 
 /// A client control protocol.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProtocolFile {
     /// Field of a client message that names its action.
@@ -603,15 +635,18 @@ pub struct ProtocolFile {
     pub timestamps: TimestampFormat,
     /// Client action name → what it does: `subscribe`, `unsubscribe`,
     /// `ping`, `status`, or `{command: {channel, request}}`.
+    #[schemars(with = "Option<BTreeMap<String, ActionFile>>")]
     pub actions: Option<BTreeMap<String, Spanned<ActionFile>>>,
     /// Reply templates.
     #[serde(default)]
     pub replies: RepliesFile,
     /// JSON Schema every reply must satisfy (optional).
+    #[schemars(with = "Option<String>")]
     pub schema: Option<Spanned<String>>,
     /// Names a client may subscribe to that stand for several channels
     /// (`all`, `{group: NAME}`, a list) or none (`none`).
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, ChannelSelFile>")]
     pub channel_sets: BTreeMap<String, Spanned<ChannelSelFile>>,
 }
 
@@ -629,7 +664,7 @@ fn default_filters_at() -> Vec<FiltersAt> {
 }
 
 /// Where a subscribe message may carry filters.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum FiltersAt {
     /// Beside the action and channel fields.
@@ -735,10 +770,11 @@ pub enum BuiltinAction {
 }
 
 /// A call to a channel's plugin command.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandFile {
     /// Channel whose plugin answers.
+    #[schemars(with = "String")]
     pub channel: Spanned<String>,
     /// Request sent to the plugin (a template).
     #[serde(default)]
@@ -748,27 +784,34 @@ pub struct CommandFile {
 }
 
 /// Reply templates of a protocol.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RepliesFile {
     /// Sent on connect (after in-band auth, if any), in order.
+    #[schemars(with = "Option<OneOrMany>")]
     pub connected: Option<Spanned<OneOrMany>>,
     /// Confirms a subscribe.
+    #[schemars(with = "Option<serde_json::Value>")]
     pub subscribed: Option<Spanned<serde_json::Value>>,
     /// Confirms an unsubscribe.
+    #[schemars(with = "Option<serde_json::Value>")]
     pub unsubscribed: Option<Spanned<serde_json::Value>>,
     /// Answers a ping.
+    #[schemars(with = "Option<serde_json::Value>")]
     pub pong: Option<Spanned<serde_json::Value>>,
     /// Answers a status request.
+    #[schemars(with = "Option<serde_json::Value>")]
     pub status: Option<Spanned<serde_json::Value>>,
     /// Reports an error.
+    #[schemars(with = "Option<serde_json::Value>")]
     pub error: Option<Spanned<serde_json::Value>>,
     /// Wraps a plugin command's answer (`{{result}}`).
+    #[schemars(with = "Option<serde_json::Value>")]
     pub command: Option<Spanned<serde_json::Value>>,
 }
 
 /// One template or a list of them.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     /// Several.
@@ -778,7 +821,7 @@ pub enum OneOrMany {
 }
 
 /// Which channels an endpoint serves or subscribes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum ChannelSelFile {
     /// `all`, or one channel name.
@@ -790,7 +833,7 @@ pub enum ChannelSelFile {
 }
 
 /// Channels by group.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GroupSelFile {
     /// One group.
@@ -800,20 +843,26 @@ pub struct GroupSelFile {
 }
 
 /// An HTTP JSON route.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpRouteFile {
     /// URL path (no parameters).
+    #[schemars(with = "String")]
     pub path: Spanned<String>,
     /// Listener name (may be omitted when there is only one listener).
+    #[schemars(with = "Option<String>")]
     pub listener: Option<Spanned<String>>,
     /// `GET` (default) or `POST`.
+    #[schemars(with = "Option<String>")]
     pub method: Option<Spanned<String>>,
     /// Who may call it (`none`, `api_key`, or `jwt` by header/query).
+    #[schemars(with = "Option<AuthFile>")]
     pub auth: Option<Spanned<AuthFile>>,
     /// Answer with this template (gateway state, request, `{{result}}`).
+    #[schemars(with = "Option<serde_json::Value>")]
     pub body: Option<Spanned<serde_json::Value>>,
     /// Answer with a channel's latest message.
+    #[schemars(with = "Option<String>")]
     pub latest: Option<Spanned<String>>,
     /// Ask a plugin command; its answer is the body (or `{{result}}` in `body`).
     pub command: Option<CommandFile>,
@@ -826,7 +875,7 @@ pub struct HttpRouteFile {
 }
 
 /// How a channel's source runs.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceMode {
     /// The gateway calls the plugin every `interval`.
@@ -847,16 +896,21 @@ impl fmt::Display for SourceMode {
 /// A channel's source: a plugin, or a source built into the gateway.
 /// Exactly one of `plugin` and `builtin` is given (checked after parsing,
 /// so the error can say so).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [{"required": ["plugin"]}, {"required": ["builtin"]}]))]
 pub struct SourceFile {
     /// Plugin name (looked up as `lib<name>.so` in `plugins.dirs`).
+    #[schemars(with = "Option<String>")]
     pub plugin: Option<Spanned<String>>,
     /// A source built into the gateway, e.g. `status` (the gateway's own state).
+    #[schemars(with = "Option<String>")]
     pub builtin: Option<Spanned<String>>,
     /// `poll` or `push` (plugins: required; builtin sources poll).
+    #[schemars(with = "Option<SourceMode>")]
     pub mode: Option<Spanned<SourceMode>>,
     /// Poll sources: time between polls.
+    #[schemars(with = "Option<HumanDuration>")]
     pub interval: Option<Spanned<HumanDuration>>,
     /// Plugin configuration, passed to the plugin as JSON.
     #[serde(default)]
@@ -864,7 +918,7 @@ pub struct SourceFile {
 }
 
 /// Per-subscriber queue policy.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QueueFile {
     /// `drop_oldest` (default) or `close` (code 1008).
@@ -873,7 +927,7 @@ pub struct QueueFile {
 }
 
 /// What to do when a subscriber's queue is full.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFull {
     /// Drop the oldest queued frame to make room (counted as a slow-consumer drop).
@@ -884,39 +938,49 @@ pub enum OnFull {
 }
 
 /// A WebSocket endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointFile {
     /// URL path; `{name}` segments are path parameters that select a keyed stream.
+    #[schemars(with = "String")]
     pub path: Spanned<String>,
     /// Listener name (may be omitted when there is only one listener).
+    #[schemars(with = "Option<String>")]
     pub listener: Option<Spanned<String>>,
     /// Who may connect.
     /// Omitted: `mode: none`.
+    #[schemars(with = "Option<AuthFile>")]
     pub auth: Option<Spanned<AuthFile>>,
     /// More paths serving the same endpoint.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub aliases: Vec<Spanned<String>>,
     /// Allowed `Origin` header values (absent: any).
     pub origins: Option<Vec<String>>,
     /// `stream` (default) or the name of a protocol in gateway.yaml.
+    #[schemars(with = "Option<String>")]
     pub protocol: Option<Spanned<String>>,
     /// Channels served (gateway.yaml endpoints): a name, a list, `all`, or `{group: NAME}`.
+    #[schemars(with = "Option<ChannelSelFile>")]
     pub channels: Option<Spanned<ChannelSelFile>>,
     /// Channels subscribed on connect (subscribe protocols): same forms, or `none`.
+    #[schemars(with = "Option<ChannelSelFile>")]
     pub subscribe: Option<Spanned<ChannelSelFile>>,
     /// Replaces the protocol's `connected` replies.
+    #[schemars(with = "Option<OneOrMany>")]
     pub on_connect: Option<Spanned<OneOrMany>>,
     /// Limits of this endpoint (override `limits` of gateway.yaml).
+    #[schemars(with = "Option<EndpointLimitsFile>")]
     pub limits: Option<Spanned<EndpointLimitsFile>>,
     /// Close codes sent as others on this endpoint, e.g. `{1009: 1003}`,
     /// for APIs that document a fixed set.
+    #[schemars(with = "Option<BTreeMap<u16, u16>>")]
     pub close_codes: Option<Spanned<BTreeMap<u16, u16>>>,
 }
 
 /// Authentication before the WebSocket upgrade.
 #[allow(clippy::large_enum_variant)] // parsed once at load time
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, tag = "mode", rename_all = "snake_case")]
 pub enum AuthFile {
     /// Anyone may connect.
@@ -971,7 +1035,7 @@ pub enum AuthFile {
 }
 
 /// An in-band first message (JWT or handshake).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InbandFile {
     /// Fields (and values) that identify the message, e.g. `{type: auth}`.
@@ -993,4 +1057,103 @@ pub struct InbandFile {
     /// Client actions still answered before it (e.g. `ping`).
     #[serde(default)]
     pub allow_before: Vec<String>,
+}
+
+// JSON Schemas of the values parsed by hand (`gateway schema`).
+
+/// A string schema with a pattern and a description.
+fn string_schema(description: &str, pattern: &str) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "pattern": pattern,
+        "description": description,
+    })
+}
+
+/// Number and unit, repeatable: `250ms`, `5 sec`, `1m 30s`.
+const DURATION_PATTERN: &str = r"^\s*([0-9]+\s*[A-Za-zµ]+\s*)+$";
+
+impl JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        string_schema(
+            "A duration with a unit, greater than zero: 250ms, 5s, 1m, 24h, 1m 30s.",
+            DURATION_PATTERN,
+        )
+    }
+}
+
+impl JsonSchema for DurationOrOff {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "DurationOrOff".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A duration with a unit (30s, 1m, 24h), or `off`.",
+            "anyOf": [
+                {"type": "string", "pattern": DURATION_PATTERN},
+                {"type": "string", "enum": ["off", "none", "never"]},
+            ],
+        })
+    }
+}
+
+impl JsonSchema for Rate {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Rate".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        string_schema(
+            "COUNT/PERIOD with COUNT ≥ 1: 100/s, 10/1m, 1000/min, 5/10s.",
+            r"^\s*[0-9]+\s*/\s*\S+\s*$",
+        )
+    }
+}
+
+impl JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Bytes: an integer, or an integer with a unit B, KB, KiB, MB, MiB, GB, GiB (4096, 64KiB, 1MiB).",
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*[0-9]+\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$"},
+            ],
+        })
+    }
+}
+
+impl JsonSchema for ActionFile {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Action".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "What a client action does: a built-in action, or a plugin command that answers.",
+            "anyOf": [
+                {"type": "string", "enum": ["subscribe", "unsubscribe", "ping", "status"]},
+                {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["command"],
+                    "properties": {
+                        "command": {
+                            "type": "object",
+                            "additionalProperties": false,
+                            "required": ["channel"],
+                            "properties": {
+                                "channel": {"type": "string", "description": "Channel whose plugin answers."},
+                                "request": {"description": "Request sent to the plugin (a template)."},
+                                "timeout": {"type": "string", "pattern": DURATION_PATTERN, "description": "Longest wait for the answer."},
+                            },
+                        },
+                    },
+                },
+            ],
+        })
+    }
 }
