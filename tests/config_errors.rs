@@ -1472,6 +1472,18 @@ fn the_status_page_needs_a_status_channel_behind_an_api_key() {
             at(&dep, "gateway.yaml")
         )]
     );
+    // The path of the AsyncAPI document.
+    let dep = deployment(
+        "admin:\n  asyncapi: /api\n  status_page:\n    path: /api\n    endpoint: /ws/ticker\n",
+    );
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep)[0],
+        format!(
+            "{}:11:11: admin.status_page.path: path \"/api\" is already served on the admin listener \"main\"; pick another",
+            at(&dep, "gateway.yaml")
+        )
+    );
     // No such endpoint.
     let dep = deployment("admin:\n  status_page:\n    path: /healthz\n    endpoint: /ws/nothing\n");
     dep.write("specs/ticker.yaml", TICKER_SPEC);
