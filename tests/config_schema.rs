@@ -4,34 +4,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
 use gateway::config::schema::{SchemaKind, json_schema, render};
 use serde_json::Value;
 
-fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if p.is_dir() {
-            if !name.starts_with('.') && name != "target" {
-                yaml_files(&p, out);
-            }
-        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
-            out.push(p);
-        }
-    }
-}
-
 /// Every YAML file of the repository: gateway.yaml files and channel specs
 /// (tests/shipped_yaml.rs checks that each one is one or the other).
 fn shipped() -> Vec<(PathBuf, SchemaKind)> {
-    let mut all = Vec::new();
-    yaml_files(&repo_root(), &mut all);
-    all.sort();
-    all.into_iter()
+    shipped_yaml_files()
+        .into_iter()
         .map(|p| {
             let kind = if p.file_name().is_some_and(|n| n == "gateway.yaml") {
                 SchemaKind::Gateway

@@ -2,31 +2,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use gateway::config::{self, LoadOptions};
-
-fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if p.is_dir() {
-            if !name.starts_with('.') && name != "target" {
-                yaml_files(&p, out);
-            }
-        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
-            out.push(p);
-        }
-    }
-}
 
 #[test]
 fn every_shipped_yaml_loads() {
     let plugins = build_plugins();
     let root = repo_root();
-    let mut all = Vec::new();
-    yaml_files(&root, &mut all);
+    let all = shipped_yaml_files();
     let gateways: Vec<&PathBuf> = all
         .iter()
         .filter(|p| p.file_name().is_some_and(|n| n == "gateway.yaml"))

@@ -14,31 +14,9 @@ use serde_json::Value;
 
 const KEY: &str = "status-test-key";
 
-/// A gateway with the status page, the shipped status schema, a channel whose
-/// plugin emits a schema-invalid message now and then (`faults`, one
-/// connection at most), and one whose plugin keeps failing (`flaky`).
+/// The status page deployment (see `status_page_deployment`), fast.
 fn deployment() -> Deployment {
-    let dep = Deployment::new();
-    dep.gateway_yaml("admin:\n  status_page:\n    path: /status\n    endpoint: /ws/status\n");
-    let schema =
-        std::fs::read_to_string(repo_root().join("channel-specs/schemas/gateway-status.json"))
-            .expect("read the shipped status schema");
-    dep.write("specs/schemas/gateway-status.json", &schema);
-    dep.write("specs/schemas/seq.json", SEQ_SCHEMA);
-    dep.write("specs/status.keys", &format!("# test key\n{KEY}\n"));
-    dep.write(
-        "specs/status.yaml",
-        "channel: status\nschema: schemas/gateway-status.json\nsource:\n  builtin: status\n  interval: 100ms\nlast_value: true\nendpoints:\n  - path: /ws/status\n    auth:\n      mode: api_key\n      query: api_key\n      keys_file: status.keys\n",
-    );
-    dep.write(
-        "specs/faults.yaml",
-        "channel: faults\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  config: {invalid_every: 3}\nendpoints:\n  - path: /ws/faults\n    limits: {max_connections: 1}\n",
-    );
-    dep.write(
-        "specs/flaky.yaml",
-        "channel: flaky\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  config: {error_every: 2}\nendpoints:\n  - path: /ws/flaky\n",
-    );
-    dep
+    status_page_deployment(KEY, "100ms", "20ms", 3, 2)
 }
 
 fn status_path(key: &str) -> String {

@@ -245,28 +245,10 @@ const PAGE_STATE: &str = r#"(() => {
   };
 })()"#;
 
+/// The status page deployment (see `status_page_deployment`), at a pace
+/// a browser redraws comfortably.
 fn deployment() -> Deployment {
-    let dep = Deployment::new();
-    dep.gateway_yaml("admin:\n  status_page:\n    path: /status\n    endpoint: /ws/status\n");
-    let schema =
-        std::fs::read_to_string(repo_root().join("channel-specs/schemas/gateway-status.json"))
-            .expect("read the shipped status schema");
-    dep.write("specs/schemas/gateway-status.json", &schema);
-    dep.write("specs/schemas/seq.json", SEQ_SCHEMA);
-    dep.write("specs/status.keys", &format!("{KEY}\n"));
-    dep.write(
-        "specs/status.yaml",
-        "channel: status\nschema: schemas/gateway-status.json\nsource:\n  builtin: status\n  interval: 200ms\nlast_value: true\nendpoints:\n  - path: /ws/status\n    auth:\n      mode: api_key\n      query: api_key\n      keys_file: status.keys\n",
-    );
-    dep.write(
-        "specs/faults.yaml",
-        "channel: faults\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 50ms\n  config: {invalid_every: 4}\nendpoints:\n  - path: /ws/faults\n    limits: {max_connections: 1}\n",
-    );
-    dep.write(
-        "specs/flaky.yaml",
-        "channel: flaky\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 50ms\n  config: {error_every: 3}\nendpoints:\n  - path: /ws/flaky\n",
-    );
-    dep
+    status_page_deployment(KEY, "200ms", "50ms", 4, 3)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

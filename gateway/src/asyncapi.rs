@@ -96,7 +96,7 @@ impl Doc<'_> {
                 "description": format!(
                     "A message of channel `{}` (source `{}`). Every message is validated against the channel's schema before it is sent.",
                     ch.name,
-                    ch.source_name()
+                    ch.source.name()
                 ),
                 "contentType": "application/json",
                 "payload": payload(&ch.schema),

@@ -367,25 +367,17 @@ fn session_on(
     // connection buffer (kilobytes): keep a copy of what the client already
     // sent, not the buffer.
     match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => {
-            let early = parts.read_buf.to_vec();
-            drop(parts.read_buf);
-            Some(Box::pin(session::run_tcp(
-                parts.io.into_inner(),
-                early,
-                ctx,
-            )))
-        }
+        Ok(parts) => Some(Box::pin(session::run_tcp(
+            parts.io.into_inner(),
+            parts.read_buf.to_vec(),
+            ctx,
+        ))),
         Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-            Ok(parts) => {
-                let early = parts.read_buf.to_vec();
-                drop(parts.read_buf);
-                Some(Box::pin(session::run_tls(
-                    parts.io.into_inner(),
-                    early,
-                    ctx,
-                )))
-            }
+            Ok(parts) => Some(Box::pin(session::run_tls(
+                parts.io.into_inner(),
+                parts.read_buf.to_vec(),
+                ctx,
+            ))),
             Err(_) => {
                 tracing::error!(
                     peer = %ctx.peer,

@@ -157,7 +157,7 @@ impl Timers {
 
 /// What the client side and the close handshake have done so far.
 #[derive(Default)]
-struct Flags {
+struct Flags<'a> {
     /// A Close frame is in the writer; nothing else may follow it.
     close_queued: bool,
     /// Our Close frame was written.
@@ -172,13 +172,13 @@ struct Flags {
     /// §5.5.3), so a client pinging without reading cannot grow our memory.
     pong: Option<Vec<u8>>,
     /// The endpoint's `close_codes`: codes sent as others.
-    close_codes: Vec<(u16, u16)>,
+    close_codes: &'a [(u16, u16)],
     /// A ping went into the writer: give the writer's memory back once it is
     /// written (a session idle but for pings then holds none).
     release_after_write: bool,
 }
 
-impl Flags {
+impl Flags<'_> {
     /// Queue our Close (its code mapped by the endpoint's `close_codes`).
     fn queue_close(&mut self, writer: &mut FrameWriter, code: u16, reason: &str) {
         let code = self
@@ -258,7 +258,7 @@ where
     let mut incoming = Vec::new();
     let mut linger: Option<Pin<Box<Sleep>>> = None;
     let mut f = Flags {
-        close_codes: ctx.endpoint.close_codes.clone(),
+        close_codes: &ctx.endpoint.close_codes,
         ..Flags::default()
     };
     let mut replies = Vec::new();
@@ -424,7 +424,7 @@ fn handle_read(
     r: std::io::Result<Result<bool, ReadError>>,
     incoming: &mut Vec<Incoming>,
     writer: &mut FrameWriter,
-    f: &mut Flags,
+    f: &mut Flags<'_>,
     ctx: &SessionCtx,
     control: &mut Control,
     timers: &mut Timers,

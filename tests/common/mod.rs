@@ -37,6 +37,28 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Every YAML file shipped in the repository (hidden directories and
+/// `target/` aside), sorted.
+pub fn shipped_yaml_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if p.is_dir() {
+                if !name.starts_with('.') && name != "target" {
+                    walk(&p, out);
+                }
+            } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&repo_root(), &mut out);
+    out.sort();
+    out
+}
+
 /// Build the gateway binary and every plugin the tests load, once per test binary.
 pub fn build_plugins() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
@@ -477,4 +499,40 @@ pub fn split_response(buf: &[u8]) -> (u16, String, String) {
         .and_then(|s| s.parse().ok())
         .expect("status code");
     (status, head.to_string(), body.to_string())
+}
+
+/// A gateway with the status page: its `builtin: status` channel (the
+/// shipped schema, a snapshot every `status_every`, `key` in its keys file)
+/// at `/ws/status`, a channel whose test-faults plugin sends a
+/// schema-invalid message every `invalid_every` polls (`/ws/faults`, one
+/// connection at most) and one whose plugin fails every `error_every` polls
+/// (`/ws/flaky`), both polled every `poll_every`.
+pub fn status_page_deployment(
+    key: &str,
+    status_every: &str,
+    poll_every: &str,
+    invalid_every: u32,
+    error_every: u32,
+) -> Deployment {
+    let dep = Deployment::new();
+    dep.gateway_yaml("admin:\n  status_page:\n    path: /status\n    endpoint: /ws/status\n");
+    let schema =
+        std::fs::read_to_string(repo_root().join("channel-specs/schemas/gateway-status.json"))
+            .expect("read the shipped status schema");
+    dep.write("specs/schemas/gateway-status.json", &schema);
+    dep.write("specs/schemas/seq.json", SEQ_SCHEMA);
+    dep.write("specs/status.keys", &format!("# test key\n{key}\n"));
+    dep.write(
+        "specs/status.yaml",
+        &format!("channel: status\nschema: schemas/gateway-status.json\nsource:\n  builtin: status\n  interval: {status_every}\nlast_value: true\nendpoints:\n  - path: /ws/status\n    auth:\n      mode: api_key\n      query: api_key\n      keys_file: status.keys\n"),
+    );
+    dep.write(
+        "specs/faults.yaml",
+        &format!("channel: faults\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: {poll_every}\n  config: {{invalid_every: {invalid_every}}}\nendpoints:\n  - path: /ws/faults\n    limits: {{max_connections: 1}}\n"),
+    );
+    dep.write(
+        "specs/flaky.yaml",
+        &format!("channel: flaky\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: {poll_every}\n  config: {{error_every: {error_every}}}\nendpoints:\n  - path: /ws/flaky\n"),
+    );
+    dep
 }

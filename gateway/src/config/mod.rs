@@ -128,6 +128,12 @@ pub struct Config {
 /// The fixed admin routes.
 const ADMIN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
+/// Whether `p` is a literal URL path (a place for an admin page): it starts
+/// with `/` and has no parameters, query or fragment.
+fn literal_path(p: &str) -> bool {
+    p.starts_with('/') && !p.contains(['{', '}', '?', '#'])
+}
+
 /// The HTTP error statuses the gateway answers with (docs/configuration.md).
 const HTTP_ERRORS_SENT: &[u16] = &[400, 401, 403, 404, 405, 413, 426, 429, 500, 503, 504];
 
@@ -252,13 +258,6 @@ pub struct ChannelCfg {
     /// schema text, plugin, buffer sizes): a reload restarts the channel
     /// only when it changed.
     pub fingerprint: u64,
-}
-
-impl ChannelCfg {
-    /// The name of the channel's source (its plugin, or `builtin:NAME`), for listings and documents.
-    pub fn source_name(&self) -> &str {
-        self.source.name()
-    }
 }
 
 impl std::fmt::Debug for ChannelCfg {
@@ -620,7 +619,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     let asyncapi_path = match (&admin_listener, &gw.admin.asyncapi) {
         (Some(_), Some(p)) => {
             let v = &p.value;
-            if !v.starts_with('/') || v.contains(['{', '}', '?', '#']) {
+            if !literal_path(v) {
                 sink.at(
                     p,
                     "admin.asyncapi",
@@ -1085,7 +1084,7 @@ fn compile_status_page(
     let path = match &sp.value.path {
         None => "/status".to_string(),
         Some(p) => {
-            if !p.value.starts_with('/') || p.value.contains(['{', '}', '?', '#']) {
+            if !literal_path(&p.value) {
                 sink.at(
                     p,
                     "admin.status_page.path",
@@ -1375,11 +1374,10 @@ pub fn compile_schema_json(
         .map_err(|e| format!("schema {} is not valid JSON: {e}", file.display()))?;
     // Relative `$ref`s ("other.json") resolve next to the schema file.
     let base = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-    jsonschema::options()
+    let validator = jsonschema::options()
         .should_validate_formats(true)
         .with_base_uri(format!("file://{}", base.display()))
         .build(&schema)
-        .map(|v| (v, schema.clone()))
         .map_err(|e| {
             let at = e.instance_path().to_string();
             let at = if at.is_empty() { "/".to_string() } else { at };
@@ -1387,7 +1385,8 @@ pub fn compile_schema_json(
                 "schema {} is not a valid JSON Schema: {e} (at {at})",
                 file.display()
             )
-        })
+        })?;
+    Ok((validator, schema))
 }
 
 /// Check a channel's `examples` against its schema: one error per mismatch,
