@@ -81,7 +81,7 @@ fn unknown_top_level_key_in_gateway_yaml() {
     assert_eq!(
         errors(&dep),
         [format!(
-            "{}:8:1: limts: unknown field `limts`, expected one of listeners, plugins, channels, admin, limits, log, shutdown, reload, protocols, endpoints, http, publish",
+            "{}:8:1: limts: unknown field `limts`, expected one of listeners, plugins, channels, admin, limits, log, shutdown, reload, protocols, endpoints, http, publish, broker",
             at(&dep, "gateway.yaml")
         )]
     );

@@ -108,6 +108,11 @@ pub trait Broker: Send + Sync + 'static {
     /// nothing of it) stay subscribed, for the stream to be opened again;
     /// returns those kept.
     fn end(&self, topic: &Topic) -> Vec<Subscriber>;
+    /// [`Broker::end`] for this instance's subscribers only: another
+    /// instance ended the stream and told the others.
+    fn end_here(&self, topic: &Topic) -> Vec<Subscriber> {
+        self.end(topic)
+    }
     /// Add a subscriber; returns its id and the topic's subscriber count
     /// after adding. With `replay`, the retained message (if any) is
     /// delivered to it first, atomically with respect to publishes.
@@ -143,6 +148,33 @@ impl MemoryBroker {
 
     fn state(&self, topic: &Topic) -> Option<Arc<TopicState>> {
         self.topics.read().get(topic).cloned()
+    }
+
+    /// Whether some subscriber follows `topic` here (or it keeps a message).
+    pub fn follows(&self, topic: &Topic) -> bool {
+        self.topics.read().contains_key(topic)
+    }
+
+    /// Give subscriber `id` the topic's last value `msg` fetched from
+    /// elsewhere, if nothing was published to the topic since it joined;
+    /// the topic keeps `msg` unless it has a newer one. Returns whether it
+    /// was delivered.
+    pub fn replay_if_fresh(&self, topic: &Topic, id: SubscriptionId, msg: &Message) -> bool {
+        let Some(st) = self.state(topic) else {
+            return false;
+        };
+        let mut subs = st.subs.write();
+        let published = st.published.load(Relaxed);
+        let Some((_, s)) = subs.iter_mut().find(|(i, _)| *i == id) else {
+            return false;
+        };
+        if s.joined_at != published {
+            return false;
+        }
+        s.deliver(msg);
+        s.joined_at = s.joined_at.saturating_sub(1);
+        st.last.lock().get_or_insert_with(|| msg.clone());
+        true
     }
 }
 

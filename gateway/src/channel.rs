@@ -9,7 +9,7 @@
 //! interval (on a blocking thread) or starts it (push), and restarts it with
 //! exponential backoff and jitter when it fails or panics.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Message, Subscriber, SubscriptionId, Topic};
+use crate::cluster::{Cluster, LeaseError, RemoteAnswer, RemoteInterest};
 use crate::config::types::OnRateLimit;
 use crate::config::{Builtin, ChannelCfg, Limits, SourceKind, SourceMode};
 use crate::filter::SubFilter;
@@ -55,6 +56,9 @@ pub enum PluginState {
     /// A push plugin's run loop ended by itself without an error. Its
     /// instance stays (commands, keyed streams) and is not restarted.
     Finished,
+    /// Another gateway instance of the cluster runs the source (it holds
+    /// the lease); this one takes over if that one goes.
+    Standby,
 }
 
 impl PluginState {
@@ -65,12 +69,17 @@ impl PluginState {
             PluginState::Up => "up",
             PluginState::Restarting => "restarting",
             PluginState::Finished => "finished",
+            PluginState::Standby => "standby",
         }
     }
 
-    /// Whether the channel is served as configured (up, or finished by itself).
+    /// Whether the channel is served as configured (up, finished by itself,
+    /// or run by another instance of the cluster).
     pub fn healthy(self) -> bool {
-        matches!(self, PluginState::Up | PluginState::Finished)
+        matches!(
+            self,
+            PluginState::Up | PluginState::Finished | PluginState::Standby
+        )
     }
 }
 
@@ -116,8 +125,16 @@ fn truncate(msg: &str, max: usize) -> String {
 }
 
 enum SourceCmd {
+    /// Subscribers here want the key (its path parameters).
     OpenKey(Arc<str>, Vec<u8>),
+    /// Nobody here wants the key any more.
     CloseKey(Arc<str>),
+    /// The stream of the key ended (sent before the close and a re-open
+    /// for subscribers kept): in a cluster, everyone's interest in it
+    /// starts over.
+    Ended(Arc<str>),
+    /// Another instance's interest in keyed streams.
+    Remote(RemoteInterest),
 }
 
 /// A channel at run time.
@@ -146,6 +163,9 @@ pub struct ChannelRuntime {
     /// forgotten, so its next subscriber opens it afresh; the generation
     /// keeps sessions of the ended stream from counting against the new one.
     key_refs: Mutex<KeyRefs>,
+    /// The cluster, when several instances share the source (it runs
+    /// where the lease is).
+    cluster: Option<Arc<Cluster>>,
 }
 
 #[derive(Default)]
@@ -324,6 +344,30 @@ impl ChannelRuntime {
         h.retry_at = None;
     }
 
+    /// Another instance runs the source.
+    fn set_standby(&self) {
+        self.started.store(true, Relaxed);
+        self.metrics.plugin_up.store(false, Relaxed);
+        let mut h = self.health.lock();
+        h.state = PluginState::Standby;
+        h.retry_at = None;
+    }
+
+    /// Another instance's interest in keyed streams (for the lease task).
+    pub fn remote_interest(&self, ev: RemoteInterest) {
+        let _ = self.cmd_tx.send(SourceCmd::Remote(ev));
+    }
+
+    /// The keyed streams subscribers here follow, with their parameters.
+    pub fn local_keys(&self) -> Vec<(Arc<str>, Vec<u8>)> {
+        self.key_refs
+            .lock()
+            .open
+            .iter()
+            .map(|(k, r)| (k.clone(), r.params.clone()))
+            .collect()
+    }
+
     /// The push plugin finished by itself.
     fn set_finished(&self) {
         self.health.lock().state = PluginState::Finished;
@@ -373,11 +417,20 @@ impl ChannelRuntime {
         request: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CommandError> {
-        let inst = self
-            .current
-            .lock()
-            .clone()
-            .ok_or(CommandError::Unavailable)?;
+        let current = self.current.lock().clone();
+        let inst = match (current, &self.cluster) {
+            (Some(i), _) => i,
+            // The source runs on another instance: ask it there.
+            (None, Some(c)) if !self.metrics.lease_held.load(Relaxed) => {
+                return match c.command(&self.cfg.name, request, timeout).await {
+                    RemoteAnswer::Ok(v) => Ok(v),
+                    RemoteAnswer::Failed(m) => Err(CommandError::Failed(m)),
+                    RemoteAnswer::Crashed(m) => Err(CommandError::Crashed(m)),
+                    RemoteAnswer::Unavailable => Err(CommandError::Unavailable),
+                };
+            }
+            (None, _) => return Err(CommandError::Unavailable),
+        };
         let call = tokio::task::spawn_blocking(move || inst.command(&request));
         match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(CommandError::Timeout),
@@ -395,11 +448,29 @@ impl ChannelRuntime {
     /// that joined after its last message got nothing of it: the key is
     /// opened again for them at once.
     fn end_key(&self, key: Arc<str>) {
+        self.end_key_where(key, false)
+    }
+
+    /// Another instance's plugin ended `key`: [`Self::end_key`] for the
+    /// subscribers here.
+    pub fn end_key_remote(&self, key: Arc<str>) {
+        self.end_key_where(key, true)
+    }
+
+    fn end_key_where(&self, key: Arc<str>, remote: bool) {
         let mut refs = self.key_refs.lock();
-        let kept = self.broker.end(&Topic {
+        let topic = Topic {
             channel: self.cfg.name.clone(),
             key: Some(key.clone()),
-        });
+        };
+        let kept = if remote {
+            self.broker.end_here(&topic)
+        } else {
+            self.broker.end(&topic)
+        };
+        if self.cluster.is_some() {
+            let _ = self.cmd_tx.send(SourceCmd::Ended(key.clone()));
+        }
         let Some(ended) = refs.open.remove(&key) else {
             return;
         };
@@ -439,7 +510,9 @@ pub enum CommandError {
 
 /// Start a channel's publisher and source supervisor. `state` is the
 /// gateway's (builtin sources report on it; it may not be upgradable yet
-/// while the gateway starts).
+/// while the gateway starts). With a `cluster`, the plugin source runs
+/// where its lease is.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     cfg: Arc<ChannelCfg>,
     limits: &Limits,
@@ -448,8 +521,16 @@ pub fn start(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
     state: Weak<GatewayState>,
+    cluster: Option<&Arc<Cluster>>,
 ) -> Arc<ChannelRuntime> {
     let cm = metrics.channel(&cfg.name, cfg.source.name());
+    // Builtin sources report on this instance: their messages stay here,
+    // and every instance runs its own.
+    let (broker, cluster) = match (cluster, &cfg.source.kind) {
+        (Some(c), SourceKind::Plugin(_)) => (broker, Some(c.clone())),
+        (Some(c), SourceKind::Builtin(_)) => (c.local.clone() as Arc<dyn Broker>, None),
+        (None, _) => (broker, None),
+    };
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::channel(limits.source_buffer);
     let stop = shutdown.child_token();
@@ -466,9 +547,22 @@ pub fn start(
         inject: ev_tx.downgrade(),
         all_metrics: metrics.clone(),
         started_at: std::time::SystemTime::now(),
+        cluster: cluster.clone(),
     });
     tracker.spawn(publish_loop(rt.clone(), ev_rx));
     match &cfg.source.kind {
+        SourceKind::Plugin(plugin) if let Some(c) = cluster => {
+            tracker.spawn(leased(
+                rt.clone(),
+                plugin.clone(),
+                ev_tx,
+                cmd_rx,
+                limits.max_message_size.max(1 << 20),
+                stop,
+                c,
+                tracker.clone(),
+            ));
+        }
         SourceKind::Plugin(plugin) => {
             tracker.spawn(supervise(
                 rt.clone(),
@@ -749,6 +843,284 @@ fn prepare(
     }
 }
 
+/// Who wants one keyed stream, cluster-wide.
+#[derive(Default)]
+struct Want {
+    /// Its path parameters.
+    params: Vec<u8>,
+    /// Subscribers of this instance follow it.
+    local: bool,
+    /// Other instances whose subscribers follow it.
+    remote: HashSet<Arc<str>>,
+}
+
+impl Want {
+    fn wanted(&self) -> bool {
+        self.local || !self.remote.is_empty()
+    }
+}
+
+/// The keyed streams the cluster wants of a channel, and what the plugin
+/// has been asked to open.
+struct Interest {
+    want: HashMap<Arc<str>, Want>,
+    /// Keys whose stream ended lately: a heartbeat sent before its instance
+    /// saw the end does not open them again.
+    ended: HashMap<Arc<str>, Instant>,
+}
+
+impl Interest {
+    /// Apply `cmd`; returns what the plugin must be told (open or close).
+    fn apply(&mut self, cmd: SourceCmd, cluster: &Cluster, channel: &str) -> Vec<SourceCmd> {
+        let mut out = Vec::new();
+        let mut change = |want: &mut HashMap<Arc<str>, Want>,
+                          k: &Arc<str>,
+                          params: Option<Vec<u8>>,
+                          f: &mut dyn FnMut(&mut Want)| {
+            let w = want.entry(k.clone()).or_default();
+            let before = w.wanted();
+            if let Some(p) = params {
+                w.params = p;
+            }
+            f(w);
+            match (before, w.wanted()) {
+                (false, true) => out.push(SourceCmd::OpenKey(k.clone(), w.params.clone())),
+                (true, false) => out.push(SourceCmd::CloseKey(k.clone())),
+                _ => {}
+            }
+            if !w.wanted() {
+                want.remove(k);
+            }
+        };
+        match cmd {
+            SourceCmd::OpenKey(k, p) => {
+                cluster.announce_key(channel, &k, Some(&p));
+                self.ended.remove(&k);
+                change(&mut self.want, &k, Some(p), &mut |w| w.local = true);
+            }
+            SourceCmd::CloseKey(k) => {
+                cluster.announce_key(channel, &k, None);
+                if self.want.contains_key(&k) {
+                    change(&mut self.want, &k, None, &mut |w| w.local = false);
+                }
+            }
+            SourceCmd::Ended(k) => {
+                if self.want.remove(&k).is_some() {
+                    out.push(SourceCmd::CloseKey(k.clone()));
+                }
+                self.ended.insert(k, Instant::now());
+            }
+            SourceCmd::Remote(RemoteInterest::Open(inst, k, p)) => {
+                self.ended.remove(&k);
+                change(&mut self.want, &k, Some(p), &mut |w| {
+                    w.remote.insert(inst.clone());
+                });
+            }
+            SourceCmd::Remote(RemoteInterest::Close(inst, k)) => {
+                if self.want.contains_key(&k) {
+                    change(&mut self.want, &k, None, &mut |w| {
+                        w.remote.remove(&inst);
+                    });
+                }
+            }
+            SourceCmd::Remote(RemoteInterest::Sync(inst, keys)) => {
+                let now = Instant::now();
+                self.ended
+                    .retain(|_, at| now.duration_since(*at) < 2 * crate::cluster::HEARTBEAT);
+                let listed: HashSet<&Arc<str>> = keys.iter().map(|(k, _)| k).collect();
+                let dropped: Vec<Arc<str>> = self
+                    .want
+                    .iter()
+                    .filter(|(k, w)| w.remote.contains(&inst) && !listed.contains(k))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in dropped {
+                    change(&mut self.want, &k, None, &mut |w| {
+                        w.remote.remove(&inst);
+                    });
+                }
+                for (k, p) in keys {
+                    if self.ended.contains_key(&k)
+                        || self.want.get(&k).is_some_and(|w| w.remote.contains(&inst))
+                    {
+                        continue;
+                    }
+                    change(&mut self.want, &k, Some(p), &mut |w| {
+                        w.remote.insert(inst.clone());
+                    });
+                }
+            }
+            SourceCmd::Remote(RemoteInterest::Gone(inst)) => {
+                let keys: Vec<Arc<str>> = self
+                    .want
+                    .iter()
+                    .filter(|(_, w)| w.remote.contains(&inst))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in keys {
+                    change(&mut self.want, &k, None, &mut |w| {
+                        w.remote.remove(&inst);
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Run the channel's plugin on whichever instance of the cluster holds its
+/// lease: take the lease when it is free, run the source while renewing it,
+/// stop the source when it cannot be renewed, give it up at shutdown.
+#[allow(clippy::too_many_arguments)]
+async fn leased(
+    rt: Arc<ChannelRuntime>,
+    plugin: Arc<LoadedPlugin>,
+    tx: mpsc::Sender<SourceEvent>,
+    mut cmds: mpsc::UnboundedReceiver<SourceCmd>,
+    max_message: usize,
+    stop: CancellationToken,
+    cluster: Arc<Cluster>,
+    tracker: TaskTracker,
+) {
+    let ch = rt.cfg.name.clone();
+    let key = cluster.lease_key(&ch);
+    let ttl = cluster.cfg.lease_ttl;
+    // A free lease is noticed within this; a dead holder's lease expires
+    // `ttl` after its last renewal.
+    let retry = (ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let call = ttl / 4;
+    let mut interest = Interest {
+        want: HashMap::new(),
+        ended: HashMap::new(),
+    };
+    let mut first = true;
+    loop {
+        // Standby: try to take the lease; follow what the cluster wants.
+        let mut rev = None;
+        while rev.is_none() {
+            if !first {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    cmd = cmds.recv() => {
+                        let Some(cmd) = cmd else { return };
+                        interest.apply(cmd, &cluster, &ch);
+                        continue;
+                    }
+                    _ = tokio::time::sleep(retry) => {}
+                }
+            }
+            match tokio::time::timeout(call, cluster.lease_write(&key, 0)).await {
+                Ok(Ok(r)) => rev = Some(r),
+                Ok(Err(LeaseError::Held)) | Err(_) => {}
+                Ok(Err(LeaseError::Failed(e))) => {
+                    tracing::debug!(channel = %ch, error = %e, "lease: {e}")
+                }
+            }
+            if rev.is_none() && first {
+                tracing::info!(channel = %ch, "standby: another instance runs the source");
+                rt.set_standby();
+            }
+            first = false;
+        }
+        let mut rev = rev.unwrap_or_default();
+        // Holder.
+        cluster.metrics.leases_acquired.fetch_add(1, Relaxed);
+        rt.metrics.lease_held.store(true, Relaxed);
+        tracing::info!(channel = %ch, instance = cluster.instance(), "took the lease: running the source here");
+        let (sup_tx, sup_rx) = mpsc::unbounded_channel();
+        for (k, w) in &interest.want {
+            let _ = sup_tx.send(SourceCmd::OpenKey(k.clone(), w.params.clone()));
+        }
+        let term = stop.child_token();
+        let running = tracker.spawn(supervise(
+            rt.clone(),
+            plugin.clone(),
+            tx.clone(),
+            sup_rx,
+            max_message,
+            term.clone(),
+        ));
+        let mut requests = cluster
+            .client
+            .subscribe(cluster.cmd_subject(&ch))
+            .await
+            .ok();
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + ttl / 3, ttl / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_ok = Instant::now();
+        let lost = loop {
+            let request = async {
+                match requests.as_mut() {
+                    Some(r) => futures_util::StreamExt::next(r).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break false,
+                _ = renew.tick() => {
+                    match tokio::time::timeout(call, cluster.lease_write(&key, rev)).await {
+                        Ok(Ok(r)) => {
+                            rev = r;
+                            last_ok = Instant::now();
+                        }
+                        Ok(Err(LeaseError::Held)) => break true,
+                        _ => {
+                            // Stop before the lease can expire and another
+                            // instance start the source.
+                            if last_ok.elapsed() >= ttl * 2 / 3 {
+                                break true;
+                            }
+                        }
+                    }
+                }
+                cmd = cmds.recv() => {
+                    let Some(cmd) = cmd else { break false };
+                    for c in interest.apply(cmd, &cluster, &ch) {
+                        let _ = sup_tx.send(c);
+                    }
+                }
+                req = request => {
+                    let Some(req) = req else {
+                        requests = None;
+                        continue;
+                    };
+                    let Some(reply) = req.reply.clone() else { continue };
+                    let (rt, client) = (rt.clone(), cluster.client.clone());
+                    let timeout = req
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Gw-Timeout-Ms"))
+                        .and_then(|v| v.as_str().parse().ok())
+                        .map_or(Duration::from_secs(10), Duration::from_millis);
+                    tokio::spawn(async move {
+                        let answer = match rt.command(req.payload.to_vec(), timeout).await {
+                            Ok(v) => [b"o".as_slice(), &v].concat(),
+                            Err(CommandError::Failed(m)) => [b"f".as_slice(), m.as_bytes()].concat(),
+                            Err(CommandError::Crashed(m)) => [b"c".as_slice(), m.as_bytes()].concat(),
+                            Err(_) => b"u".to_vec(),
+                        };
+                        let _ = client.publish(reply, answer.into()).await;
+                    });
+                }
+            }
+        };
+        drop(requests);
+        term.cancel();
+        drop(sup_tx);
+        let _ = running.await;
+        rt.metrics.lease_held.store(false, Relaxed);
+        if stop.is_cancelled() || !lost {
+            // Give the lease up: another instance starts at once.
+            let _ = tokio::time::timeout(call, cluster.lease_release(&key)).await;
+            tracing::info!(channel = %ch, "gave up the source's lease");
+            return;
+        }
+        cluster.metrics.leases_lost.fetch_add(1, Relaxed);
+        tracing::warn!(channel = %ch, "lost the source's lease (not renewed in time): stopped the source here");
+        rt.set_standby();
+    }
+}
+
 fn backoff(attempt: u32) -> Duration {
     let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16));
     let d = exp.min(BACKOFF_MAX);
@@ -922,6 +1294,7 @@ async fn run_instance(
                             return Some(f);
                         }
                     }
+                    SourceCmd::Ended(_) | SourceCmd::Remote(_) => {}
                     SourceCmd::CloseKey(k) => {
                         open_keys.remove(&k);
                         let i = inst.clone();

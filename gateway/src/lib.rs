@@ -9,7 +9,8 @@
 //!   restart with backoff) and a publisher parses, validates and frames each
 //!   message once.
 //! - [`broker`]: publish/subscribe between publishers and sessions
-//!   (in-memory here; the trait leaves room for a distributed engine).
+//!   (in-memory); [`cluster`]: the NATS broker, for several instances
+//!   serving as one (sources run where their lease is).
 //! - [`queue`]: the bounded per-session queue and its slow-consumer policy.
 //! - [`server`]: listeners, HTTP routes (`/healthz`, `/readyz`, `/metrics`),
 //!   auth ([`auth`]) and the WebSocket upgrade, routed by [`router`]; TLS
@@ -26,6 +27,7 @@ pub mod asyncapi;
 pub mod auth;
 pub mod broker;
 pub mod channel;
+pub mod cluster;
 pub mod config;
 pub mod context;
 pub mod control;
@@ -107,7 +109,18 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+        let cluster = match &config.broker {
+            config::BrokerCfg::Memory => None,
+            config::BrokerCfg::Nats(n) => Some(
+                cluster::Cluster::connect(n.clone())
+                    .await
+                    .map_err(|e| ConfigErrors(vec![n.origin.error(e.0)]))?,
+            ),
+        };
+        let broker: Arc<dyn Broker> = match &cluster {
+            Some(c) => c.clone(),
+            None => Arc::new(MemoryBroker::new()),
+        };
         let mut addrs = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, listener) in bound {
@@ -148,6 +161,7 @@ impl Gateway {
                     &tracker,
                     shutdown.clone(),
                     weak.clone(),
+                    cluster.as_ref(),
                 );
                 channels.insert(ch.name.clone(), rt);
             }
@@ -155,6 +169,7 @@ impl Gateway {
                 Live::new(config.clone(), channels, 1),
                 metrics,
                 broker,
+                cluster.clone(),
                 addrs.clone(),
                 shutdown.clone(),
             )
@@ -172,6 +187,12 @@ impl Gateway {
                     }
                 }
             });
+        }
+        if let (Some(c), config::BrokerCfg::Nats(n)) = (&cluster, &config.broker) {
+            // Serve once the other instances' retained messages are here.
+            c.start(Arc::downgrade(&state), &tracker, shutdown.clone())
+                .await
+                .map_err(|e| ConfigErrors(vec![n.origin.error(e.0)]))?;
         }
         let reloader = Arc::new(Reloader::new(state.clone(), tracker.clone()));
         tracker.spawn(reloader.clone().watch(shutdown.clone()));

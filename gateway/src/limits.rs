@@ -47,6 +47,33 @@ pub struct ConnCounter {
     /// What is counted, for messages (`client IP`, `principal`, `endpoint`).
     pub what: &'static str,
     counts: Mutex<HashMap<String, usize>>,
+    /// The setting it counts for (`limits.max_connections`, ...).
+    id: String,
+    /// The other instances' counts, when the cluster counts together.
+    remote: Arc<RemoteCounts>,
+}
+
+/// The other gateway instances' connection counts, per setting and key,
+/// as their last heartbeats gave them (`broker.cluster_limits`).
+#[derive(Debug, Default)]
+pub struct RemoteCounts {
+    counts: parking_lot::RwLock<HashMap<String, HashMap<String, usize>>>,
+}
+
+impl RemoteCounts {
+    /// Replace every count.
+    pub fn set(&self, counts: HashMap<String, HashMap<String, usize>>) {
+        *self.counts.write() = counts;
+    }
+
+    /// Connections the other instances count for setting `id` and `key`.
+    pub fn get(&self, id: &str, key: &str) -> usize {
+        let c = self.counts.read();
+        if c.is_empty() {
+            return 0;
+        }
+        c.get(id).and_then(|k| k.get(key)).copied().unwrap_or(0)
+    }
 }
 
 /// One slot of a [`ConnCounter`]; released on drop.
@@ -71,18 +98,31 @@ impl Drop for CountGuard {
 impl ConnCounter {
     /// A counter allowing `max` per key.
     pub fn new(max: usize, what: &'static str) -> Arc<ConnCounter> {
+        Self::counting(max, what, String::new(), Arc::default())
+    }
+
+    fn counting(
+        max: usize,
+        what: &'static str,
+        id: String,
+        remote: Arc<RemoteCounts>,
+    ) -> Arc<ConnCounter> {
         Arc::new(ConnCounter {
             max: AtomicUsize::new(max),
             what,
             counts: Mutex::new(HashMap::new()),
+            id,
+            remote,
         })
     }
 
-    /// Take a slot for `key`, or None at the cap.
+    /// Take a slot for `key`, or None at the cap (counting the other
+    /// instances' connections when the cluster counts together).
     pub fn try_acquire(self: &Arc<Self>, key: &str) -> Option<CountGuard> {
+        let others = self.remote.get(&self.id, key);
         let mut m = self.counts.lock();
         let n = m.entry(key.to_string()).or_insert(0);
-        if *n >= self.max() {
+        if *n + others >= self.max() {
             if *n == 0 {
                 m.remove(key);
             }
@@ -224,6 +264,8 @@ impl ConnLimits {
 pub struct LimiterPool {
     counters: Mutex<HashMap<String, Arc<ConnCounter>>>,
     rates: Mutex<HashMap<String, (Rate, Arc<IpLimiter>)>>,
+    /// The other instances' counts (empty unless `broker.cluster_limits`).
+    pub remote: Arc<RemoteCounts>,
 }
 
 impl LimiterPool {
@@ -237,9 +279,21 @@ impl LimiterPool {
             c.max.store(max, Relaxed);
             return c.clone();
         }
-        let c = ConnCounter::new(max, what);
+        let c = ConnCounter::counting(max, what, id.to_string(), self.remote.clone());
         m.insert(id.to_string(), c.clone());
         c
+    }
+
+    /// This instance's counts per setting and key (for the other instances).
+    pub fn local_counts(&self) -> HashMap<String, HashMap<String, usize>> {
+        self.counters
+            .lock()
+            .iter()
+            .filter_map(|(id, c)| {
+                let counts = c.counts.lock().clone();
+                (!counts.is_empty()).then(|| (id.clone(), counts))
+            })
+            .collect()
     }
 
     /// The per-IP rate limiter for setting `id` at `rate`.

@@ -37,6 +37,9 @@ pub struct ChannelMetrics {
     pub plugin_failures: AtomicU64,
     /// Whether a plugin instance is running now.
     pub plugin_up: AtomicBool,
+    /// Whether this instance holds the lease of the channel's source (nats
+    /// broker only).
+    pub lease_held: AtomicBool,
     /// Plugin failures since an instance last ran 30 s without failing.
     pub plugin_consecutive_failures: AtomicU64,
     /// When the plugin last failed, ms since the epoch (0: never).

@@ -135,6 +135,7 @@ impl Reloader {
                 &self.tracker,
                 st.shutdown.clone(),
                 Arc::downgrade(st),
+                st.cluster.as_ref(),
             );
             // A restarted channel was ready before; readiness is about the
             // first start.
@@ -285,6 +286,13 @@ fn restart_only(old: &Config, new: &Config) -> Vec<ConfigError> {
                 ),
             ));
         }
+    }
+    if old.broker != new.broker {
+        errors.push(whole_file(
+            &new.file,
+            "broker",
+            "the broker settings changed: the broker is chosen at start; restart the gateway to change it".into(),
+        ));
     }
     if old.admin_listener != new.admin_listener {
         errors.push(whole_file(

@@ -250,7 +250,11 @@ fn routes(
         json_reply(status, &body)
     });
     let metrics = warp::path!("metrics").and(warp::get()).map(move || {
-        let mut r = Reply::new(s2.metrics.render().into());
+        let mut text = s2.metrics.render();
+        if let Some(c) = &s2.cluster {
+            c.render(&s2, &mut text);
+        }
+        let mut r = Reply::new(text.into());
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

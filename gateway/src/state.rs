@@ -130,6 +130,8 @@ pub struct GatewayState {
     live: RwLock<Arc<Live>>,
     /// The broker.
     pub broker: Arc<dyn Broker>,
+    /// The cluster this instance belongs to (`broker: {kind: nats}`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
     /// Bound listener addresses by name.
@@ -147,6 +149,7 @@ impl GatewayState {
         live: Live,
         metrics: Arc<Metrics>,
         broker: Arc<dyn Broker>,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
         addrs: BTreeMap<String, SocketAddr>,
         shutdown: CancellationToken,
     ) -> GatewayState {
@@ -154,6 +157,7 @@ impl GatewayState {
             live: RwLock::new(Arc::new(live)),
             metrics,
             broker,
+            cluster,
             shutdown,
             addrs,
             started: SystemTime::now(),
@@ -262,7 +266,7 @@ impl GatewayState {
                 PluginState::Starting | PluginState::Restarting => h
                     .retry_at
                     .map(|t| t.saturating_duration_since(now).as_millis() as u64),
-                PluginState::Up | PluginState::Finished => None,
+                PluginState::Up | PluginState::Finished | PluginState::Standby => None,
             };
             channels.insert(
                 rt.cfg.name.to_string(),

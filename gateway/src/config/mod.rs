@@ -123,6 +123,285 @@ pub struct Config {
     pub watched: Vec<PathBuf>,
     /// Watch the files (`reload.watch`), checking this often.
     pub watch: Option<Duration>,
+    /// The broker (`broker:`); fixed for the life of the process.
+    pub broker: BrokerCfg,
+}
+
+/// The broker a gateway runs with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BrokerCfg {
+    /// In this process.
+    #[default]
+    Memory,
+    /// NATS: several instances as one (docs/cluster.md).
+    Nats(Arc<NatsCfg>),
+}
+
+/// `broker: {kind: nats}`.
+#[derive(Clone, Debug)]
+pub struct NatsCfg {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// Subject, stream and bucket prefix.
+    pub prefix: String,
+    /// Credentials, read from the environment at load.
+    pub auth: NatsAuth,
+    /// Lease lifetime without renewal.
+    pub lease_ttl: Duration,
+    /// Connection caps count every instance's connections.
+    pub cluster_limits: bool,
+    /// This instance's name.
+    pub instance: String,
+    /// Where `broker` was written (connection errors point here).
+    pub origin: Origin,
+}
+
+/// The same settings, wherever they were written.
+impl PartialEq for NatsCfg {
+    fn eq(&self, o: &NatsCfg) -> bool {
+        (
+            &self.url,
+            &self.prefix,
+            &self.auth,
+            self.lease_ttl,
+            self.cluster_limits,
+            &self.instance,
+        ) == (
+            &o.url,
+            &o.prefix,
+            &o.auth,
+            o.lease_ttl,
+            o.cluster_limits,
+            &o.instance,
+        )
+    }
+}
+impl Eq for NatsCfg {}
+
+/// NATS credentials. Debug never shows a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// None.
+    None,
+    /// A token.
+    Token(String),
+    /// User and password.
+    UserPassword(String, String),
+    /// A `.creds` file.
+    CredsFile(PathBuf),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatsAuth::None => "None",
+            NatsAuth::Token(_) => "Token(***)",
+            NatsAuth::UserPassword(..) => "UserPassword(***)",
+            NatsAuth::CredsFile(_) => "CredsFile(***)",
+        })
+    }
+}
+
+/// Letters, digits, `-` and `_` only, not empty.
+fn plain_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The value of environment variable `var`, written at `at`.
+fn env_secret(sink: &mut Sink, at: &Spanned<String>, field: &str) -> Option<String> {
+    match std::env::var(&at.value) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            sink.at(
+                at,
+                field,
+                format!(
+                    "environment variable {:?} is not set (or empty): set it, or remove `{}`",
+                    at.value,
+                    field.rsplit('.').next().unwrap_or(field)
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Compile `broker:`.
+fn compile_broker(sink: &mut Sink, b: &Spanned<types::BrokerFile>) -> BrokerCfg {
+    let origin = Origin {
+        file: sink.file.to_path_buf(),
+        line: b.referenced.line(),
+        col: b.referenced.column(),
+        field: "broker".into(),
+    };
+    let f = &b.value;
+    if f.kind == types::BrokerKind::Memory {
+        let nats_only = [
+            (&f.url, "url"),
+            (&f.subject_prefix, "subject_prefix"),
+            (&f.token_env, "token_env"),
+            (&f.user_env, "user_env"),
+            (&f.password_env, "password_env"),
+            (&f.creds_env, "creds_env"),
+            (&f.instance, "instance"),
+        ];
+        for (v, name) in nats_only {
+            if let Some(v) = v {
+                sink.at(
+                    v,
+                    format!("broker.{name}"),
+                    "only the nats broker takes this: set `kind: nats`, or remove it",
+                );
+            }
+        }
+        if let Some(t) = &f.lease_ttl {
+            sink.at(
+                t,
+                "broker.lease_ttl",
+                "only the nats broker takes this: set `kind: nats`, or remove it",
+            );
+        }
+        return BrokerCfg::Memory;
+    }
+    let url = f
+        .url
+        .as_ref()
+        .map_or("nats://127.0.0.1:4222".to_string(), |u| u.value.clone());
+    if let Some(u) = &f.url {
+        for one in u.value.split(',') {
+            let one = one.trim();
+            let ok = match one.split_once("://") {
+                Some((scheme, rest)) => {
+                    ["nats", "tls", "ws", "wss"].contains(&scheme) && !rest.is_empty()
+                }
+                None => !one.is_empty(),
+            };
+            if !ok {
+                sink.at(
+                    u,
+                    "broker.url",
+                    format!("{one:?} is not a NATS server URL: write nats://HOST:PORT (several separated by commas)"),
+                );
+            }
+        }
+    }
+    let prefix = f
+        .subject_prefix
+        .as_ref()
+        .map_or("gateway".to_string(), |p| p.value.clone());
+    if let Some(p) = &f.subject_prefix
+        && !plain_token(&p.value)
+    {
+        sink.at(
+            p,
+            "broker.subject_prefix",
+            format!(
+                "{:?} cannot prefix NATS subjects, streams and buckets: use letters, digits, '-' and '_'",
+                p.value
+            ),
+        );
+    }
+    let lease_ttl = f
+        .lease_ttl
+        .as_ref()
+        .map_or(Duration::from_secs(6), |t| t.value.0);
+    if let Some(t) = &f.lease_ttl
+        && !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&t.value.0)
+    {
+        sink.at(
+            t,
+            "broker.lease_ttl",
+            format!(
+                "{:?} is out of range: a lease lives from 1s to 60s",
+                t.value.0
+            ),
+        );
+    }
+    let auth = match (&f.token_env, &f.user_env, &f.password_env, &f.creds_env) {
+        (None, None, None, None) => NatsAuth::None,
+        (Some(t), None, None, None) => env_secret(sink, t, "broker.token_env")
+            .map(NatsAuth::Token)
+            .unwrap_or(NatsAuth::None),
+        (None, Some(u), Some(p), None) => {
+            match (
+                env_secret(sink, u, "broker.user_env"),
+                env_secret(sink, p, "broker.password_env"),
+            ) {
+                (Some(u), Some(p)) => NatsAuth::UserPassword(u, p),
+                _ => NatsAuth::None,
+            }
+        }
+        (None, None, None, Some(c)) => match env_secret(sink, c, "broker.creds_env") {
+            Some(path) if Path::new(&path).is_file() => NatsAuth::CredsFile(path.into()),
+            Some(path) => {
+                sink.at(
+                    c,
+                    "broker.creds_env",
+                    format!(
+                        "{:?} names {path:?}, which is not a readable file: point it at a NATS .creds file",
+                        c.value
+                    ),
+                );
+                NatsAuth::None
+            }
+            None => NatsAuth::None,
+        },
+        _ => {
+            sink.push(
+                origin.line,
+                origin.col,
+                "broker",
+                "choose one way to authenticate: token_env, user_env with password_env, or creds_env",
+            );
+            NatsAuth::None
+        }
+    };
+    let instance = match &f.instance {
+        Some(i) if !plain_token(&i.value) => {
+            sink.at(
+                i,
+                "broker.instance",
+                format!(
+                    "{:?} is not a valid instance name: use letters, digits, '-' and '_'",
+                    i.value
+                ),
+            );
+            String::new()
+        }
+        Some(i) => i.value.clone(),
+        None => {
+            let host: String = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .unwrap_or_else(|| "gateway".into())
+                .trim()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            format!(
+                "{}-{}",
+                if host.is_empty() { "gateway" } else { &host },
+                std::process::id()
+            )
+        }
+    };
+    BrokerCfg::Nats(Arc::new(NatsCfg {
+        url,
+        prefix,
+        auth,
+        lease_ttl,
+        cluster_limits: f.cluster_limits,
+        instance,
+        origin,
+    }))
 }
 
 /// The fixed admin routes.
@@ -1025,6 +1304,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         );
     }
 
+    let broker = match &gw.broker {
+        Some(b) => compile_broker(&mut sink, b),
+        None => BrokerCfg::Memory,
+    };
+
     if !errors.is_empty() {
         // File by file (in the order files were read), top to bottom.
         let mut order: Vec<PathBuf> = vec![path.to_path_buf()];
@@ -1059,6 +1343,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         pool,
         watched,
         watch: gw.reload.watch.then_some(gw.reload.interval.0),
+        broker,
     })
 }
 

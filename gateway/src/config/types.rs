@@ -235,6 +235,64 @@ pub struct GatewayFile {
     pub http: Vec<HttpRouteFile>,
     /// The HTTP publish API: `POST {path}/{channel}`.
     pub publish: Option<PublishFile>,
+    /// The broker between publishers and sessions: `memory` (this process
+    /// only, the default) or `nats` (several gateway instances as one).
+    #[schemars(with = "Option<BrokerFile>")]
+    pub broker: Option<Spanned<BrokerFile>>,
+}
+
+/// Which broker carries messages from publishers to sessions.
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerKind {
+    /// In this process: one gateway instance.
+    #[default]
+    Memory,
+    /// NATS with JetStream: every instance pointed at the same NATS and
+    /// subject prefix serves as one gateway (docs/cluster.md).
+    Nats,
+}
+
+/// `broker:` in gateway.yaml.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerFile {
+    /// `memory` (default) or `nats`.
+    #[serde(default)]
+    pub kind: BrokerKind,
+    /// NATS server URL(s), comma-separated (default `nats://127.0.0.1:4222`).
+    #[schemars(with = "Option<String>")]
+    pub url: Option<Spanned<String>>,
+    /// First token of every subject, stream and bucket name this cluster
+    /// uses (letters, digits, `-`, `_`; default `gateway`). Instances with
+    /// the same prefix form one cluster.
+    #[schemars(with = "Option<String>")]
+    pub subject_prefix: Option<Spanned<String>>,
+    /// Environment variable holding a NATS token.
+    #[schemars(with = "Option<String>")]
+    pub token_env: Option<Spanned<String>>,
+    /// Environment variable holding a NATS user name (with `password_env`).
+    #[schemars(with = "Option<String>")]
+    pub user_env: Option<Spanned<String>>,
+    /// Environment variable holding the NATS password (with `user_env`).
+    #[schemars(with = "Option<String>")]
+    pub password_env: Option<Spanned<String>>,
+    /// Environment variable holding the path of a NATS `.creds` file.
+    #[schemars(with = "Option<String>")]
+    pub creds_env: Option<Spanned<String>>,
+    /// A source's lease lives this long without renewal (renewed every
+    /// third of it); another instance takes a source over at most about
+    /// this long after its instance died (default 6s, from 1s to 60s).
+    #[schemars(with = "Option<HumanDuration>")]
+    pub lease_ttl: Option<Spanned<HumanDuration>>,
+    /// Connection caps (`max_connections*`) count every instance's
+    /// connections (default true); false: each instance counts its own.
+    #[serde(default = "default_true")]
+    pub cluster_limits: bool,
+    /// This instance's name in logs, metrics and leases (default:
+    /// `$HOSTNAME-<pid>`). Letters, digits, `-`, `_`.
+    #[schemars(with = "Option<String>")]
+    pub instance: Option<Spanned<String>>,
 }
 
 /// The HTTP publish API.

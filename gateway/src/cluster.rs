@@ -1,0 +1,977 @@
+//! Several gateway instances as one, over NATS (`broker: {kind: nats}`).
+//!
+//! ```text
+//!  instance A (holds the lease of channel c)        instance B
+//!  source ─▶ publisher ─▶ ClusterBroker ──local──▶ A's sessions
+//!                              │ core publish {p}.msg.c (the frame bytes)
+//!                              ▼
+//!                 JetStream stream {p}_messages (last per subject)
+//!                              │ ordered consumer per instance
+//!                              ▼
+//!                        B's feed ──local──▶ B's sessions
+//! ```
+//!
+//! - A message is parsed, validated and framed once, by the instance whose
+//!   publisher took it; the frame's bytes travel as the NATS payload and
+//!   every other instance hands them to its sessions as they are.
+//! - The stream keeps the latest message per subject: a starting instance
+//!   gets every channel's last value from it before it serves, and a keyed
+//!   stream's last value is fetched from it on a first local subscribe.
+//! - Each plugin source runs on one instance at a time: the holder of its
+//!   lease in the JetStream KV bucket `{p}_leases` (see `channel::leased`).
+//! - Every instance says once a second which keyed streams its clients
+//!   follow and how many connections it counts per limit (`{p}.ctl.hb.*`),
+//!   so the lease holder opens the streams the cluster wants and connection
+//!   caps count the whole cluster.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, MemoryBroker, Message, Subscriber, SubscriptionId, Topic};
+use crate::config::{NatsAuth, NatsCfg};
+use crate::state::GatewayState;
+
+/// How often instances announce themselves.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// An instance not heard from for this long is gone: its connections and
+/// its clients' keyed streams no longer count.
+pub const PEER_EXPIRY: Duration = Duration::from_secs(4);
+/// Messages waiting to go to NATS; beyond it they are dropped and counted.
+const OUTBOX: usize = 65_536;
+/// Retained messages the stream keeps, in bytes (oldest subjects go first).
+const STREAM_BYTES: i64 = 256 << 20;
+
+const H_ORIGIN: &str = "Gw-Origin";
+const H_RETAIN: &str = "Gw-Retain";
+const H_END: &str = "Gw-End";
+
+/// Cluster figures for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// Messages sent to the other instances.
+    pub sent: AtomicU64,
+    /// Messages dropped because the outbox to NATS was full.
+    pub send_dropped: AtomicU64,
+    /// Publishes NATS refused (connection lost while sending).
+    pub send_errors: AtomicU64,
+    /// Messages received from other instances.
+    pub received: AtomicU64,
+    /// Received frames that were not one whole WebSocket text frame, dropped.
+    pub received_invalid: AtomicU64,
+    /// Received messages for channels this instance does not serve.
+    pub received_unknown: AtomicU64,
+    /// Other instances seen in the last `PEER_EXPIRY`.
+    pub peers: AtomicU64,
+    /// Connections open on the other instances (their last heartbeat).
+    pub peer_connections: AtomicU64,
+    /// Sources this instance took over (leases acquired).
+    pub leases_acquired: AtomicU64,
+    /// Leases this instance lost without giving them up (renewal failed).
+    pub leases_lost: AtomicU64,
+    /// Commands forwarded to the instance running the source.
+    pub commands_forwarded: AtomicU64,
+}
+
+/// What an instance tells the others once a second.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Heartbeat {
+    instance: String,
+    /// Open WebSocket connections.
+    connections: u64,
+    /// Per connection-limit setting, the count per key.
+    counts: HashMap<String, HashMap<String, usize>>,
+    /// Per keyed channel, the keys its clients follow, with their parameters.
+    keys: HashMap<String, Vec<(String, String)>>,
+}
+
+/// A keyed stream wanted, or no longer wanted, by an instance's clients.
+#[derive(Debug, Serialize, Deserialize)]
+struct KeyInterest {
+    instance: String,
+    channel: String,
+    key: String,
+    /// Path parameters (JSON), when opening.
+    params: Option<String>,
+}
+
+/// What another instance wants of a channel's keyed streams (for the
+/// channel's lease task).
+#[derive(Debug)]
+pub enum RemoteInterest {
+    /// `instance` follows `key` now.
+    Open(Arc<str>, Arc<str>, Vec<u8>),
+    /// `instance` no longer follows `key`.
+    Close(Arc<str>, Arc<str>),
+    /// Everything `instance` follows (its heartbeat).
+    Sync(Arc<str>, Vec<(Arc<str>, Vec<u8>)>),
+    /// `instance` is gone.
+    Gone(Arc<str>),
+}
+
+struct Peer {
+    seen: Instant,
+    connections: u64,
+    counts: HashMap<String, HashMap<String, usize>>,
+}
+
+struct Outgoing {
+    subject: Subject,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+/// Why a lease was not written.
+#[derive(Debug)]
+pub enum LeaseError {
+    /// Another instance holds it (or took it meanwhile).
+    Held,
+    /// NATS did not answer, or refused otherwise.
+    Failed(String),
+}
+
+/// Why the cluster could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClusterError(pub String);
+
+/// A command's answer, as it travels between instances.
+pub enum RemoteAnswer {
+    /// The plugin's JSON answer.
+    Ok(Vec<u8>),
+    /// The plugin refused (its message).
+    Failed(String),
+    /// The plugin panicked.
+    Crashed(String),
+    /// No instance runs the source, or it did not answer in time.
+    Unavailable,
+}
+
+/// This instance's membership of the cluster; also its [`Broker`].
+pub struct Cluster {
+    /// Settings.
+    pub cfg: Arc<NatsCfg>,
+    /// The NATS connection.
+    pub client: async_nats::Client,
+    stream: stream::Stream,
+    js: jetstream::Context,
+    leases: stream::Stream,
+    /// Delivery to this instance's sessions.
+    pub local: Arc<MemoryBroker>,
+    out: mpsc::Sender<Outgoing>,
+    out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// Figures.
+    pub metrics: ClusterMetrics,
+    peers: Mutex<HashMap<Arc<str>, Peer>>,
+    /// Keyed topics whose last value was replayed from the stream on a
+    /// first subscribe, with its stream sequence: the feed skips that
+    /// message and older ones.
+    fetched: Arc<Mutex<HashMap<Topic, u64>>>,
+    /// Encoded subject prefix of messages: `{p}.msg`.
+    msg_prefix: String,
+}
+
+/// `s` as one NATS subject token: letters, digits, `-` and `_` stay, every
+/// other byte is `%XX`.
+pub fn encode_token(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The inverse of [`encode_token`].
+pub fn decode_token(t: &str) -> Option<String> {
+    let b = t.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Where a WebSocket frame's payload starts, if `frame` is exactly one
+/// unmasked, final text frame.
+pub fn frame_payload(frame: &[u8]) -> Option<usize> {
+    let (&b0, &b1) = (frame.first()?, frame.get(1)?);
+    if b0 != 0x81 || b1 & 0x80 != 0 {
+        return None;
+    }
+    let (header, len) = match b1 & 0x7f {
+        126 => (
+            4,
+            u16::from_be_bytes(frame.get(2..4)?.try_into().ok()?) as usize,
+        ),
+        127 => (
+            10,
+            u64::from_be_bytes(frame.get(2..10)?.try_into().ok()?) as usize,
+        ),
+        n => (2, n as usize),
+    };
+    (frame.len() == header + len).then_some(header)
+}
+
+impl Cluster {
+    /// Connect to NATS and make sure the message stream and the lease
+    /// bucket exist.
+    pub async fn connect(cfg: Arc<NatsCfg>) -> Result<Arc<Cluster>, ClusterError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| ClusterError(format!("{what}: {e}"));
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(format!("gateway {}", cfg.instance))
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(Duration::from_secs(5)));
+        opts = match &cfg.auth {
+            NatsAuth::None => opts,
+            NatsAuth::Token(t) => opts.token(t.clone()),
+            NatsAuth::UserPassword(u, p) => opts.user_and_password(u.clone(), p.clone()),
+            NatsAuth::CredsFile(path) => opts
+                .credentials_file(path)
+                .await
+                .map_err(|e| fail("cannot read the NATS credentials file", &e))?,
+        };
+        let client = opts
+            .connect(cfg.url.as_str())
+            .await
+            .map_err(|e| fail(&format!("cannot connect to NATS at {}", cfg.url), &e))?;
+        let js = jetstream::new(client.clone());
+        let p = &cfg.prefix;
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: format!("{p}_messages"),
+                subjects: vec![format!("{p}.msg.>")],
+                max_messages_per_subject: 1,
+                max_bytes: STREAM_BYTES,
+                discard: stream::DiscardPolicy::Old,
+                storage: stream::StorageType::Memory,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                fail(
+                    "cannot create the JetStream stream (is JetStream enabled?)",
+                    &e,
+                )
+            })?;
+        // Leases: one subject per source, at most one message each, which
+        // expires `lease_ttl` after it was written. Taking and renewing are
+        // conditional publishes on the subject's last sequence (what a KV
+        // bucket does underneath; NATS 2.9 servers included).
+        let leases = js
+            .get_or_create_stream(stream::Config {
+                name: format!("{p}_leases"),
+                subjects: vec![format!("{p}.lease.>")],
+                max_messages_per_subject: 1,
+                max_age: cfg.lease_ttl,
+                storage: stream::StorageType::Memory,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail("cannot create the lease stream (is JetStream enabled?)", &e))?;
+        if let Ok(info) = leases.get_info().await
+            && info.config.max_age != cfg.lease_ttl
+        {
+            tracing::warn!(
+                configured = ?cfg.lease_ttl,
+                in_use = ?info.config.max_age,
+                "the cluster's lease stream has another lease_ttl (the first instance's); every instance should configure the same one"
+            );
+        }
+        let (out, out_rx) = mpsc::channel(OUTBOX);
+        tracing::info!(instance = %cfg.instance, url = %cfg.url, prefix = %p, lease_ttl = ?cfg.lease_ttl, "joined the cluster");
+        Ok(Arc::new(Cluster {
+            msg_prefix: format!("{p}.msg"),
+            cfg: cfg.clone(),
+            client,
+            js,
+            stream,
+            leases,
+            local: Arc::new(MemoryBroker::new()),
+            out,
+            out_rx: Mutex::new(Some(out_rx)),
+            metrics: ClusterMetrics::default(),
+            peers: Mutex::new(HashMap::new()),
+            fetched: Arc::default(),
+        }))
+    }
+
+    /// This instance's name.
+    pub fn instance(&self) -> &str {
+        &self.cfg.instance
+    }
+
+    fn subject(&self, prefix: &str, channel: &str, key: Option<&str>) -> String {
+        match key {
+            None => format!("{prefix}.{}", encode_token(channel)),
+            Some(k) => format!("{prefix}.{}.{}", encode_token(channel), encode_token(k)),
+        }
+    }
+
+    fn msg_subject(&self, topic: &Topic) -> String {
+        self.subject(&self.msg_prefix, &topic.channel, topic.key.as_deref())
+    }
+
+    /// The subject a channel's commands are asked on.
+    pub fn cmd_subject(&self, channel: &str) -> String {
+        self.subject(&format!("{}.cmd", self.cfg.prefix), channel, None)
+    }
+
+    /// The lease subject of a channel's source.
+    pub fn lease_key(&self, channel: &str) -> String {
+        self.subject(&format!("{}.lease", self.cfg.prefix), channel, None)
+    }
+
+    /// Write this instance's name to lease subject `key` if its last
+    /// sequence is `last` (0: nobody holds it); the new sequence.
+    pub async fn lease_write(&self, key: &str, last: u64) -> Result<u64, LeaseError> {
+        let mut h = HeaderMap::new();
+        h.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            last.to_string().as_str(),
+        );
+        let ack = self
+            .js
+            .publish_with_headers(key.to_string(), h, self.cfg.instance.clone().into())
+            .await
+            .map_err(|e| LeaseError::Failed(e.to_string()))?
+            .await;
+        match ack {
+            Ok(a) => Ok(a.sequence),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(LeaseError::Held)
+            }
+            Err(e) => Err(LeaseError::Failed(e.to_string())),
+        }
+    }
+
+    /// Give lease `key` up.
+    pub async fn lease_release(&self, key: &str) {
+        let _ = self.leases.purge().filter(key).await;
+    }
+
+    fn send(&self, topic: &Topic, payload: Bytes, retain: bool, end: bool) {
+        let mut headers = HeaderMap::new();
+        headers.insert(H_ORIGIN, self.cfg.instance.as_str());
+        if retain {
+            headers.insert(H_RETAIN, "1");
+        }
+        if end {
+            headers.insert(H_END, "1");
+        }
+        let o = Outgoing {
+            subject: self.msg_subject(topic).into(),
+            headers,
+            payload,
+        };
+        if self.out.try_send(o).is_err() {
+            self.metrics.send_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Start the tasks: the outbox pump, the message feed, the control
+    /// subscription and the heartbeat. Returns once the feed has delivered
+    /// the stream's retained messages (or after 10 s).
+    pub async fn start(
+        self: &Arc<Self>,
+        state: Weak<GatewayState>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<(), ClusterError> {
+        if let Some(rx) = self.out_rx.lock().take() {
+            tracker.spawn(pump(self.clone(), rx));
+        }
+        let (ready_tx, mut ready) = watch::channel(false);
+        let consumer = self
+            .stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                filter_subject: format!("{}.>", self.msg_prefix),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError(format!("cannot follow the message stream: {e}")))?;
+        let pending = consumer.cached_info().num_pending;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| ClusterError(format!("cannot follow the message stream: {e}")))?;
+        if pending == 0 {
+            let _ = ready_tx.send(true);
+        }
+        tracker.spawn(feed(
+            self.clone(),
+            messages,
+            state.clone(),
+            ready_tx,
+            shutdown.clone(),
+        ));
+        let ctl = self
+            .client
+            .subscribe(format!("{}.ctl.>", self.cfg.prefix))
+            .await
+            .map_err(|e| {
+                ClusterError(format!(
+                    "cannot subscribe to the cluster's control subjects: {e}"
+                ))
+            })?;
+        tracker.spawn(control(self.clone(), ctl, state.clone(), shutdown.clone()));
+        tracker.spawn(heartbeat(self.clone(), state, shutdown));
+        let _ = tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r)).await;
+        Ok(())
+    }
+
+    /// Tell the other instances that this one follows (or no longer
+    /// follows) `key` of `channel`.
+    pub fn announce_key(&self, channel: &str, key: &str, params: Option<&[u8]>) {
+        let k = KeyInterest {
+            instance: self.cfg.instance.clone(),
+            channel: channel.to_string(),
+            key: key.to_string(),
+            params: params.map(|p| String::from_utf8_lossy(p).into_owned()),
+        };
+        let payload = serde_json::to_vec(&k).unwrap_or_default();
+        let o = Outgoing {
+            subject: format!("{}.ctl.key.{}", self.cfg.prefix, self.cfg.instance).into(),
+            headers: HeaderMap::new(),
+            payload: payload.into(),
+        };
+        if self.out.try_send(o).is_err() {
+            self.metrics.send_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Ask the instance running `channel`'s source for a command's answer.
+    pub async fn command(
+        &self,
+        channel: &str,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> RemoteAnswer {
+        self.metrics.commands_forwarded.fetch_add(1, Relaxed);
+        let mut headers = HeaderMap::new();
+        headers.insert("Gw-Timeout-Ms", timeout.as_millis().to_string().as_str());
+        let req =
+            self.client
+                .request_with_headers(self.cmd_subject(channel), headers, request.into());
+        match tokio::time::timeout(timeout, req).await {
+            Ok(Ok(m)) => match m.payload.split_first() {
+                Some((b'o', rest)) => RemoteAnswer::Ok(rest.to_vec()),
+                Some((b'f', rest)) => RemoteAnswer::Failed(String::from_utf8_lossy(rest).into()),
+                Some((b'c', rest)) => RemoteAnswer::Crashed(String::from_utf8_lossy(rest).into()),
+                _ => RemoteAnswer::Unavailable,
+            },
+            _ => RemoteAnswer::Unavailable,
+        }
+    }
+
+    /// The cluster's series for `/metrics`. Figures named `gateway_cluster_*`
+    /// are cluster-wide (this instance's view of every instance); the
+    /// others are this instance's.
+    pub fn render(&self, st: &GatewayState, out: &mut String) {
+        use std::fmt::Write;
+        let m = &self.metrics;
+        let local = st.metrics.connections.load(Relaxed).max(0) as u64;
+        let mut g = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        g(
+            "gateway_cluster_instances",
+            "gauge",
+            "Cluster-wide: gateway instances in the cluster (this one and those heard from lately).",
+            m.peers.load(Relaxed) + 1,
+        );
+        g(
+            "gateway_cluster_connections",
+            "gauge",
+            "Cluster-wide: open WebSocket connections on every instance (the others' as of their last heartbeat).",
+            local + m.peer_connections.load(Relaxed),
+        );
+        g(
+            "gateway_broker_messages_sent_total",
+            "counter",
+            "This instance: messages published here and sent to the other instances.",
+            m.sent.load(Relaxed),
+        );
+        g(
+            "gateway_broker_messages_received_total",
+            "counter",
+            "This instance: messages from other instances handed to sessions here.",
+            m.received.load(Relaxed),
+        );
+        g(
+            "gateway_broker_send_dropped_total",
+            "counter",
+            "This instance: messages not sent to the other instances because the outbox to NATS was full.",
+            m.send_dropped.load(Relaxed),
+        );
+        g(
+            "gateway_broker_send_errors_total",
+            "counter",
+            "This instance: publishes to NATS that failed.",
+            m.send_errors.load(Relaxed),
+        );
+        g(
+            "gateway_broker_received_invalid_total",
+            "counter",
+            "This instance: messages from NATS that were not one whole text frame of a known subject, dropped.",
+            m.received_invalid.load(Relaxed),
+        );
+        g(
+            "gateway_broker_received_unknown_channel_total",
+            "counter",
+            "This instance: messages from other instances for channels not served here, dropped.",
+            m.received_unknown.load(Relaxed),
+        );
+        g(
+            "gateway_source_leases_acquired_total",
+            "counter",
+            "This instance: source leases taken (sources started here).",
+            m.leases_acquired.load(Relaxed),
+        );
+        g(
+            "gateway_source_leases_lost_total",
+            "counter",
+            "This instance: source leases lost because renewing failed (sources stopped here).",
+            m.leases_lost.load(Relaxed),
+        );
+        g(
+            "gateway_commands_forwarded_total",
+            "counter",
+            "This instance: plugin commands asked of the instance running the source.",
+            m.commands_forwarded.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_source_lease_held This instance: 1 while it holds the channel source's lease and runs the source.\n# TYPE gateway_source_lease_held gauge"
+        );
+        let live = st.live();
+        let mut chans: Vec<_> = live.channels.values().collect();
+        chans.sort_by(|a, b| a.cfg.name.cmp(&b.cfg.name));
+        for rt in chans {
+            let _ = writeln!(
+                out,
+                "gateway_source_lease_held{{channel=\"{}\",instance=\"{}\"}} {}",
+                rt.cfg.name.replace('\\', "\\\\").replace('"', "\\\""),
+                self.cfg.instance,
+                u8::from(rt.metrics.lease_held.load(Relaxed))
+            );
+        }
+    }
+
+    /// Forget the other instances not heard from within `PEER_EXPIRY`;
+    /// returns their names.
+    fn expire_peers(&self) -> Vec<Arc<str>> {
+        let mut peers = self.peers.lock();
+        let now = Instant::now();
+        let gone: Vec<Arc<str>> = peers
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.seen) > PEER_EXPIRY)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for g in &gone {
+            peers.remove(g);
+        }
+        if !gone.is_empty() {
+            self.recount(&peers);
+        }
+        gone
+    }
+
+    /// Sum the other instances' counts into the limits' remote view.
+    fn recount(&self, peers: &HashMap<Arc<str>, Peer>) {
+        self.metrics.peers.store(peers.len() as u64, Relaxed);
+        self.metrics
+            .peer_connections
+            .store(peers.values().map(|p| p.connections).sum(), Relaxed);
+    }
+
+    /// The other instances' connection counts, summed per setting and key.
+    fn remote_counts(&self) -> HashMap<String, HashMap<String, usize>> {
+        let mut sum: HashMap<String, HashMap<String, usize>> = HashMap::new();
+        for p in self.peers.lock().values() {
+            for (id, keys) in &p.counts {
+                let e = sum.entry(id.clone()).or_default();
+                for (k, n) in keys {
+                    *e.entry(k.clone()).or_default() += n;
+                }
+            }
+        }
+        sum
+    }
+}
+
+impl Broker for Cluster {
+    fn publish(&self, topic: &Topic, msg: &Message, retain: bool) {
+        // Keyed streams are kept here only while some session here follows
+        // them; the stream keeps them for everyone else.
+        let keep = retain && (topic.key.is_none() || self.local.follows(topic));
+        self.local.publish(topic, msg, keep);
+        self.metrics.sent.fetch_add(1, Relaxed);
+        self.send(topic, msg.frame.clone(), retain, false);
+    }
+
+    fn last(&self, topic: &Topic) -> Option<Message> {
+        self.local.last(topic)
+    }
+
+    fn end(&self, topic: &Topic) -> Vec<Subscriber> {
+        let kept = self.local.end(topic);
+        self.send(topic, Bytes::new(), false, true);
+        kept
+    }
+
+    fn end_here(&self, topic: &Topic) -> Vec<Subscriber> {
+        self.local.end(topic)
+    }
+
+    fn subscribe(&self, topic: &Topic, sub: Subscriber, replay: bool) -> (SubscriptionId, usize) {
+        let fetch = replay && topic.key.is_some() && self.local.last(topic).is_none();
+        let (id, n) = self.local.subscribe(topic, sub, replay);
+        if fetch && let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (stream, subject, local, topic, fetched) = (
+                self.stream.clone(),
+                self.msg_subject(topic),
+                self.local.clone(),
+                topic.clone(),
+                self.fetched.clone(),
+            );
+            rt.spawn(async move {
+                let Ok(m) = stream.get_last_raw_message_by_subject(&subject).await else {
+                    return;
+                };
+                if m.headers.get(H_END).is_some() || m.headers.get(H_RETAIN).is_none() {
+                    return;
+                }
+                let Some(header) = frame_payload(&m.payload) else {
+                    return;
+                };
+                // Holding the map: the feed sees the replay and its sequence together.
+                let mut f = fetched.lock();
+                if local.replay_if_fresh(&topic, id, &Message::new(m.payload, header)) {
+                    f.insert(topic, m.sequence);
+                }
+            });
+        }
+        (id, n)
+    }
+
+    fn unsubscribe(&self, topic: &Topic, id: SubscriptionId) -> usize {
+        self.local.unsubscribe(topic, id)
+    }
+
+    fn close_channel(&self, channel: &str, code: u16, reason: &'static str) -> usize {
+        self.local.close_channel(channel, code, reason)
+    }
+}
+
+/// Send what publishers hand over to NATS, in order.
+async fn pump(c: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>) {
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        for o in batch.drain(..) {
+            if c.client
+                .publish_with_headers(o.subject, o.headers, o.payload)
+                .await
+                .is_err()
+            {
+                c.metrics.send_errors.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// Hand the other instances' messages to this instance's sessions.
+async fn feed(
+    c: Arc<Cluster>,
+    mut messages: consumer::push::Ordered,
+    state: Weak<GatewayState>,
+    ready: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let skip = c.msg_prefix.len() + 1;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        let m = match next {
+            None => break,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cluster message feed: {e}");
+                continue;
+            }
+            Some(Ok(m)) => m,
+        };
+        if !*ready.borrow() && m.info().map(|i| i.pending == 0).unwrap_or(true) {
+            let _ = ready.send(true);
+        }
+        let headers = m.headers.clone().unwrap_or_default();
+        if headers
+            .get(H_ORIGIN)
+            .is_some_and(|o| o.as_str() == c.cfg.instance)
+        {
+            continue;
+        }
+        let Some(rest) = m.subject.get(skip..) else {
+            continue;
+        };
+        let (ch, key) = match rest.split_once('.') {
+            Some((ch, k)) => (decode_token(ch), decode_token(k).map(Some)),
+            None => (decode_token(rest), Some(None)),
+        };
+        let (Some(ch), Some(key)) = (ch, key) else {
+            c.metrics.received_invalid.fetch_add(1, Relaxed);
+            continue;
+        };
+        let Some(st) = state.upgrade() else { break };
+        let Some(rt) = st.live().channels.get(ch.as_str()).cloned() else {
+            c.metrics.received_unknown.fetch_add(1, Relaxed);
+            continue;
+        };
+        drop(st);
+        let key: Option<Arc<str>> = key.map(Into::into);
+        if headers.get(H_END).is_some() {
+            if let Some(k) = key {
+                c.fetched.lock().remove(&Topic {
+                    channel: rt.cfg.name.clone(),
+                    key: Some(k.clone()),
+                });
+                rt.end_key_remote(k);
+            }
+            continue;
+        }
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let topic = Topic {
+            channel: rt.cfg.name.clone(),
+            key,
+        };
+        let payload = m.message.payload.clone();
+        let Some(header) = frame_payload(&payload) else {
+            c.metrics.received_invalid.fetch_add(1, Relaxed);
+            continue;
+        };
+        let mut msg = Message::new(payload, header);
+        if !rt.cfg.filters.is_empty() {
+            match serde_json::from_slice(msg.json()) {
+                Ok(v) => msg.value = Some(Arc::new(v)),
+                Err(_) => {
+                    c.metrics.received_invalid.fetch_add(1, Relaxed);
+                    continue;
+                }
+            }
+        }
+        c.metrics.received.fetch_add(1, Relaxed);
+        let retain =
+            headers.get(H_RETAIN).is_some() && (topic.key.is_none() || c.local.follows(&topic));
+        // Under the lock: a last value being replayed from the stream and
+        // this message reach the topic's sessions once each, in order.
+        let mut fetched = c.fetched.lock();
+        if topic.key.is_some()
+            && let Some(&s) = fetched.get(&topic)
+        {
+            if seq <= s {
+                continue;
+            }
+            fetched.remove(&topic);
+        }
+        c.local.publish(&topic, &msg, retain);
+        drop(fetched);
+    }
+}
+
+/// Follow the other instances' heartbeats and keyed-stream interest.
+async fn control(
+    c: Arc<Cluster>,
+    mut sub: async_nats::Subscriber,
+    state: Weak<GatewayState>,
+    shutdown: CancellationToken,
+) {
+    let hb = format!("{}.ctl.hb.", c.cfg.prefix);
+    let key = format!("{}.ctl.key.", c.cfg.prefix);
+    let bye = format!("{}.ctl.bye.", c.cfg.prefix);
+    loop {
+        let m = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let Some(st) = state.upgrade() else { break };
+        if let Some(from) = m.subject.strip_prefix(hb.as_str()) {
+            if from == c.cfg.instance {
+                continue;
+            }
+            let Ok(h) = serde_json::from_slice::<Heartbeat>(&m.payload) else {
+                continue;
+            };
+            let from: Arc<str> = from.into();
+            {
+                let mut peers = c.peers.lock();
+                peers.insert(
+                    from.clone(),
+                    Peer {
+                        seen: Instant::now(),
+                        connections: h.connections,
+                        counts: h.counts,
+                    },
+                );
+                c.recount(&peers);
+            }
+            if c.cfg.cluster_limits {
+                st.config().pool.remote.set(c.remote_counts());
+            }
+            let mut keys = h.keys;
+            for rt in st.live().channels.values().filter(|rt| rt.cfg.keyed) {
+                let list = keys
+                    .remove(&*rt.cfg.name)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, p)| (Arc::from(k), p.into_bytes()))
+                    .collect();
+                rt.remote_interest(RemoteInterest::Sync(from.clone(), list));
+            }
+        } else if let Some(from) = m.subject.strip_prefix(key.as_str()) {
+            if from == c.cfg.instance {
+                continue;
+            }
+            let Ok(k) = serde_json::from_slice::<KeyInterest>(&m.payload) else {
+                continue;
+            };
+            if let Some(rt) = st.live().channels.get(k.channel.as_str()) {
+                let inst: Arc<str> = k.instance.into();
+                rt.remote_interest(match k.params {
+                    Some(p) => RemoteInterest::Open(inst, k.key.into(), p.into_bytes()),
+                    None => RemoteInterest::Close(inst, k.key.into()),
+                });
+            }
+        } else if let Some(from) = m.subject.strip_prefix(bye.as_str()) {
+            if from == c.cfg.instance {
+                continue;
+            }
+            let from: Arc<str> = from.into();
+            {
+                let mut peers = c.peers.lock();
+                peers.remove(&from);
+                c.recount(&peers);
+            }
+            if c.cfg.cluster_limits {
+                st.config().pool.remote.set(c.remote_counts());
+            }
+            for rt in st.live().channels.values().filter(|rt| rt.cfg.keyed) {
+                rt.remote_interest(RemoteInterest::Gone(from.clone()));
+            }
+        }
+    }
+}
+
+/// Tell the others once a second what this instance counts and follows;
+/// forget the instances gone quiet. At shutdown, say goodbye.
+async fn heartbeat(c: Arc<Cluster>, state: Weak<GatewayState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let subject = format!("{}.ctl.hb.{}", c.cfg.prefix, c.cfg.instance);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let Some(st) = state.upgrade() else { break };
+        let mut h = Heartbeat {
+            instance: c.cfg.instance.clone(),
+            connections: st.metrics.connections.load(Relaxed).max(0) as u64,
+            ..Default::default()
+        };
+        if c.cfg.cluster_limits {
+            h.counts = st.config().pool.local_counts();
+        }
+        for rt in st.live().channels.values().filter(|rt| rt.cfg.keyed) {
+            let keys = rt.local_keys();
+            if !keys.is_empty() {
+                h.keys.insert(
+                    rt.cfg.name.to_string(),
+                    keys.into_iter()
+                        .map(|(k, p)| (k.to_string(), String::from_utf8_lossy(&p).into_owned()))
+                        .collect(),
+                );
+            }
+        }
+        let gone = c.expire_peers();
+        if !gone.is_empty() {
+            if c.cfg.cluster_limits {
+                st.config().pool.remote.set(c.remote_counts());
+            }
+            for g in gone {
+                tracing::info!(instance = %g, "cluster peer gone quiet");
+                for rt in st.live().channels.values().filter(|rt| rt.cfg.keyed) {
+                    rt.remote_interest(RemoteInterest::Gone(g.clone()));
+                }
+            }
+        }
+        drop(st);
+        let payload = serde_json::to_vec(&h).unwrap_or_default();
+        let _ = c.client.publish(subject.clone(), payload.into()).await;
+    }
+    let _ = c
+        .client
+        .publish(
+            format!("{}.ctl.bye.{}", c.cfg.prefix, c.cfg.instance),
+            Bytes::new(),
+        )
+        .await;
+    let _ = c.client.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_never_hold_subject_separators() {
+        for s in ["ticker", "a.b", "job 1/2", "x*y>z", "é%", ""] {
+            let t = encode_token(s);
+            assert!(!t.contains(['.', '*', '>', ' ']), "{t}");
+            assert_eq!(decode_token(&t).as_deref(), Some(s));
+        }
+        assert_eq!(encode_token("a.b"), "a%2Eb");
+        assert_eq!(decode_token("%zz"), None);
+        assert_eq!(decode_token("%4"), None);
+    }
+
+    #[test]
+    fn frame_payload_accepts_one_whole_text_frame_only() {
+        for len in [0usize, 5, 125, 126, 300, 70_000] {
+            let body = vec![b'1'; len];
+            let (frame, header) = crate::ws::text_frame(&body);
+            assert_eq!(frame_payload(&frame), Some(header), "{len}");
+            assert_eq!(frame_payload(&frame[..frame.len() - 1]), None, "{len} cut");
+        }
+        assert_eq!(frame_payload(b""), None);
+        assert_eq!(frame_payload(b"\x82\x00"), None, "binary");
+        assert_eq!(frame_payload(b"\x81\x81x"), None, "masked");
+    }
+}
