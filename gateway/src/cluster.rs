@@ -14,8 +14,9 @@
 //! - A message is parsed, validated and framed once, by the instance whose
 //!   publisher took it; the frame's bytes travel as the NATS payload and
 //!   every other instance hands them to its sessions as they are.
-//! - The stream keeps the latest message per subject: a starting instance
-//!   gets every channel's last value from it before it serves, and a keyed
+//! - The stream keeps the latest messages per subject (`STREAM_PER_SUBJECT`,
+//!   so a feed that lags a little loses nothing): a starting instance gets
+//!   every channel's last value from it before it serves, and a keyed
 //!   stream's last value is fetched from it on a first local subscribe.
 //! - Each plugin source runs on one instance at a time: the holder of its
 //!   lease in the JetStream KV bucket `{p}_leases` (see `channel::leased`).
@@ -50,8 +51,12 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const PEER_EXPIRY: Duration = Duration::from_secs(4);
 /// Messages waiting to go to NATS; beyond it they are dropped and counted.
 const OUTBOX: usize = 65_536;
-/// Retained messages the stream keeps, in bytes (oldest subjects go first).
+/// Messages the stream keeps, in bytes (the oldest go first).
 const STREAM_BYTES: i64 = 256 << 20;
+/// Messages the stream keeps per subject: how far an instance's feed may
+/// lag behind one channel (or keyed stream) before it misses messages. The
+/// newest one is the subject's last value.
+const STREAM_PER_SUBJECT: i64 = 256;
 
 const H_ORIGIN: &str = "Gw-Origin";
 const H_RETAIN: &str = "Gw-Retain";
@@ -263,7 +268,7 @@ impl Cluster {
             .get_or_create_stream(stream::Config {
                 name: format!("{p}_messages"),
                 subjects: vec![format!("{p}.msg.>")],
-                max_messages_per_subject: 1,
+                max_messages_per_subject: STREAM_PER_SUBJECT,
                 max_bytes: STREAM_BYTES,
                 discard: stream::DiscardPolicy::Old,
                 storage: stream::StorageType::Memory,
@@ -401,7 +406,7 @@ impl Cluster {
         shutdown: CancellationToken,
     ) -> Result<(), ClusterError> {
         if let Some(rx) = self.out_rx.lock().take() {
-            tracker.spawn(pump(self.clone(), rx));
+            tracker.spawn(pump(self.clone(), rx, shutdown.clone()));
         }
         let (ready_tx, mut ready) = watch::channel(false);
         let consumer = self
@@ -691,10 +696,21 @@ impl Broker for Cluster {
     }
 }
 
-/// Send what publishers hand over to NATS, in order.
-async fn pump(c: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>) {
+/// Send what publishers hand over to NATS, in order, until shutdown (and
+/// then what was handed over before it).
+async fn pump(c: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
     let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => n,
+            _ = shutdown.cancelled() => {
+                rx.close();
+                rx.recv_many(&mut batch, OUTBOX).await
+            }
+        };
+        if n == 0 {
+            break;
+        }
         for o in batch.drain(..) {
             if c.client
                 .publish_with_headers(o.subject, o.headers, o.payload)
@@ -704,7 +720,11 @@ async fn pump(c: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>) {
                 c.metrics.send_errors.fetch_add(1, Relaxed);
             }
         }
+        if shutdown.is_cancelled() && rx.is_empty() {
+            break;
+        }
     }
+    let _ = c.client.flush().await;
 }
 
 /// Hand the other instances' messages to this instance's sessions.

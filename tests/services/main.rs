@@ -20,6 +20,7 @@
 mod common;
 mod support;
 
+mod cluster;
 mod mqtt;
 mod nats;
 mod postgres;

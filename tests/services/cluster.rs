@@ -1,0 +1,488 @@
+//! Several gateway instances as one over the local NATS (`broker: {kind:
+//! nats}`): a source runs on one instance and every instance's clients get
+//! its messages; the instance running it is killed and another takes over;
+//! keyed streams, last values, commands and connection caps span instances.
+//!
+//! Each test uses its own subject prefix, so its streams and leases are its
+//! own on the shared server.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use gateway::Gateway;
+use gateway::config::{self, LoadOptions};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::common::*;
+use crate::support::*;
+
+fn broker_yaml(prefix: &str, instance: &str, ttl: &str) -> String {
+    format!(
+        "broker:\n  kind: nats\n  url: nats://{NATS}\n  subject_prefix: {prefix}\n  lease_ttl: {ttl}\n  instance: {instance}\n"
+    )
+}
+
+/// `gw-<name>.yaml` in `dep`: listener `main` on port 0, specs/*.yaml, the
+/// cluster's broker, and `extra`.
+fn instance_yaml(
+    dep: &Deployment,
+    name: &str,
+    prefix: &str,
+    ttl: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let file = format!("gw-{name}.yaml");
+    dep.write(
+        &file,
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n{}{extra}",
+            target_dir().display(),
+            broker_yaml(prefix, name, ttl)
+        ),
+    );
+    dep.path(&file)
+}
+
+async fn start_instance(path: &std::path::Path) -> Gateway {
+    let cfg = config::load(path, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("config should load:\n{e}"));
+    Gateway::start(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("gateway should start:\n{e}"))
+}
+
+/// Whether the instance at `addr` runs `channel`'s source now.
+async fn holds_lease(addr: SocketAddr, channel: &str) -> bool {
+    let (_, _, body) = http_body(addr, "GET", "/metrics", &[], "").await;
+    body.lines().any(|l| {
+        l.starts_with(&format!("gateway_source_lease_held{{channel=\"{channel}\""))
+            && l.ends_with(" 1")
+    })
+}
+
+/// A gateway process; killed when dropped.
+struct Process {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Process {
+    fn spawn(config: &std::path::Path) -> Process {
+        let mut child = Command::new(target_dir().join("gateway"))
+            .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gateway binary");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        let addr = loop {
+            let line = rx
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|_| panic!("gateway did not log `listening`: {seen:#?}"));
+            seen.push(line.clone());
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && v["message"] == "listening"
+            {
+                break v["addr"].as_str().unwrap().parse().unwrap();
+            }
+        };
+        Process { child, addr }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One message as a client got it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Got {
+    seq: u64,
+    ts: u64,
+}
+
+/// A client reading `{seq, ts}` messages in the background into a shared list.
+struct Reader {
+    got: Arc<Mutex<Vec<(Got, Instant)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    async fn connect(addr: SocketAddr, path: &str) -> Reader {
+        let mut ws = connect(addr, path).await;
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        let task = tokio::spawn(async move {
+            while let Some(Ok(m)) = ws.next().await {
+                if let WsMessage::Text(t) = m {
+                    let v: Value = serde_json::from_str(&t).expect("JSON");
+                    let at = Instant::now();
+                    g.lock().unwrap().push((
+                        Got {
+                            seq: v["seq"].as_u64().expect("seq"),
+                            ts: v["ts"].as_u64().expect("ts"),
+                        },
+                        at,
+                    ));
+                }
+            }
+        });
+        Reader { got, task }
+    }
+
+    fn snapshot(&self) -> Vec<(Got, Instant)> {
+        self.got.lock().unwrap().clone()
+    }
+
+    fn len(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_of_three_processes_survives_killing_the_one_running_the_source() {
+    require("NATS", NATS).await;
+    const RATE: u64 = 50;
+    const TTL: Duration = Duration::from_secs(2);
+    let prefix = unique("gwkill");
+    let dep = Deployment::new();
+    dep.write("specs/schemas/ticker.json", &std::fs::read_to_string(repo_root().join("channel-specs/schemas/ticker.json")).unwrap())
+        .write(
+            "specs/ticker.yaml",
+            &format!("channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {{rate: {RATE}}}\nendpoints:\n  - path: /ticker\n"),
+        );
+    let mut procs: Vec<Process> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            Process::spawn(&instance_yaml(
+                &dep,
+                n,
+                &prefix,
+                "2s",
+                "log: {level: info}\n",
+            ))
+        })
+        .collect();
+    // Exactly one of them runs the source.
+    let holder = eventually("one instance holds the lease", || async {
+        let mut held = Vec::new();
+        for (i, p) in procs.iter().enumerate() {
+            if holds_lease(p.addr, "ticker").await {
+                held.push(i);
+            }
+        }
+        (held.len() == 1).then(|| held[0])
+    })
+    .await;
+    // Two clients on every instance.
+    let mut readers = Vec::new();
+    for (i, p) in procs.iter().enumerate() {
+        for _ in 0..2 {
+            readers.push((i, Reader::connect(p.addr, "/ticker").await));
+        }
+    }
+    eventually("every client gets messages", || async {
+        readers.iter().all(|(_, r)| r.len() >= 10).then_some(())
+    })
+    .await;
+
+    let killed_at = Instant::now();
+    procs[holder].kill();
+    let survivors: Vec<&Reader> = readers
+        .iter()
+        .filter(|(i, _)| *i != holder)
+        .map(|(_, r)| r)
+        .collect();
+    // The new source starts its sequence again at 1.
+    let restarted = |r: &Reader| {
+        let g = r.snapshot();
+        g.windows(2)
+            .position(|w| w[1].0.seq < w[0].0.seq)
+            .map(|i| (i + 1, g.len()))
+    };
+    eventually(
+        "every survivor gets 20 messages of the new source",
+        || async {
+            survivors
+                .iter()
+                .all(|r| restarted(r).is_some_and(|(i, n)| n >= i + 20))
+                .then_some(())
+        },
+    )
+    .await;
+
+    let mut takeover = Duration::ZERO;
+    let mut before_last = Vec::new();
+    let mut after_first = Vec::new();
+    let reference: Vec<Got> = {
+        let g = survivors[0].snapshot();
+        let (i, _) = restarted(survivors[0]).unwrap();
+        g[i..i + 20].iter().map(|(m, _)| *m).collect()
+    };
+    for r in &survivors {
+        let g = r.snapshot();
+        let (i, _) = restarted(r).unwrap();
+        let (old, new) = g.split_at(i);
+        // No duplicates, no gaps, on both sides of the takeover.
+        for part in [old, new] {
+            for w in part.windows(2) {
+                assert_eq!(
+                    w[1].0.seq,
+                    w[0].0.seq + 1,
+                    "gap or duplicate: {:?} then {:?}",
+                    w[0].0,
+                    w[1].0
+                );
+                assert!(w[1].0.ts > w[0].0.ts);
+            }
+        }
+        assert_eq!(
+            new[0].0.seq, 1,
+            "the new source starts from its first message"
+        );
+        // Every survivor got the same messages of the new source.
+        let mine: Vec<Got> = new[..20].iter().map(|(m, _)| *m).collect();
+        assert_eq!(mine, reference, "survivors got different messages");
+        takeover = takeover.max(new[0].1.duration_since(killed_at));
+        before_last.push(old.last().unwrap().0);
+        after_first.push(new[0].0);
+    }
+    // The last message before the kill is the same for every survivor: what
+    // the killed instance published reached all of them or none.
+    assert!(
+        before_last.windows(2).all(|w| w[0] == w[1]),
+        "{before_last:?}"
+    );
+    let gap_ns = after_first[0].ts - before_last[0].ts;
+    let not_produced = (gap_ns as f64 / 1e9 * RATE as f64).round() as u64 - 1;
+    eprintln!(
+        "takeover: first message of the new source {takeover:?} after the kill (lease_ttl {TTL:?}); \
+         source silent for {:.2} s between its last message before the kill (seq {}) and the first after; \
+         at {RATE} msg/s about {not_produced} messages were never produced; none published was lost or duplicated",
+        gap_ns as f64 / 1e9,
+        before_last[0].seq,
+    );
+    assert!(
+        takeover <= TTL + Duration::from_secs(3),
+        "takeover took {takeover:?}, lease_ttl is {TTL:?}"
+    );
+    // Exactly one survivor runs the source now.
+    let mut held = 0;
+    for (i, p) in procs.iter().enumerate() {
+        if i != holder && holds_lease(p.addr, "ticker").await {
+            held += 1;
+        }
+    }
+    assert_eq!(held, 1, "exactly one survivor runs the source");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_keyed_streams_last_values_and_commands_span_instances() {
+    require("NATS", NATS).await;
+    let prefix = unique("gwkeyed");
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA)
+        .write(
+            "specs/jobs.yaml",
+            "channel: jobs\nschema: schemas/any.json\nlast_value: true\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 100ms\n  config: {steps: 1000}\nendpoints:\n  - path: /jobs/{job_id}\n",
+        )
+        .write(
+            "specs/feed.yaml",
+            "channel: feed\nschema: schemas/any.json\nlast_value: true\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 0, interval_ms: 5}\nendpoints:\n  - path: /feed\n",
+        );
+    let http = "http:\n  - path: /emit\n    method: POST\n    command: {channel: feed, request: {op: emit, messages: \"{{request.body}}\"}}\n  - path: /open-keys\n    command: {channel: jobs, request: {op: status}}\n";
+    let a = start_instance(&instance_yaml(&dep, "a", &prefix, "3s", http)).await;
+    let aa = a.addr("main").unwrap();
+    eventually("a runs both sources", || async {
+        (holds_lease(aa, "jobs").await && holds_lease(aa, "feed").await).then_some(())
+    })
+    .await;
+    let b = start_instance(&instance_yaml(&dep, "b", &prefix, "3s", http)).await;
+    let ba = b.addr("main").unwrap();
+    assert!(!holds_lease(ba, "jobs").await && !holds_lease(ba, "feed").await);
+
+    // A command asked on b runs on a's plugin; what it emits reaches both.
+    let mut on_a = connect(aa, "/feed").await;
+    let mut on_b = connect(ba, "/feed").await;
+    let (s, _, reply) = http_body(
+        ba,
+        "POST",
+        "/emit",
+        &[("content-type", "application/json")],
+        r#"[{"n": 1}, {"n": 2}]"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{reply}");
+    assert_eq!(serde_json::from_str::<Value>(&reply).unwrap()["queued"], 2);
+    for ws in [&mut on_a, &mut on_b] {
+        let mut ns = Vec::new();
+        while ns.len() < 2 {
+            let m = next_json(ws).await;
+            if let Some(n) = m["n"].as_u64() {
+                ns.push(n);
+            }
+        }
+        assert_eq!(ns, [1, 2]);
+    }
+    // The latest message is the last value on an instance started later.
+    let c = start_instance(&instance_yaml(&dep, "c", &prefix, "3s", http)).await;
+    let ca = c.addr("main").unwrap();
+    let mut on_c = connect(ca, "/feed").await;
+    assert_eq!(next_json(&mut on_c).await, json!({"n": 2}));
+    drop(on_c);
+
+    // A keyed stream followed only on b: a's plugin opens it.
+    let mut x = connect(ba, "/jobs/j1").await;
+    let first = next_json_or_close(&mut x)
+        .await
+        .unwrap_or_else(|c| panic!("x closed: {c:?}"));
+    assert_eq!(
+        (first["key"].as_str(), first["step"].as_u64()),
+        (Some("j1"), Some(1)),
+        "{first}"
+    );
+    let (_, _, status) = http_body(ba, "GET", "/open-keys", &[], "").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&status).unwrap()["open_keys"],
+        json!(["j1"])
+    );
+    for step in 2..=3 {
+        assert_eq!(next_json(&mut x).await["step"].as_u64(), Some(step));
+    }
+    // A first subscriber of j1 on c gets its last value at once, then the
+    // next steps: no duplicate, no gap.
+    let mut y = connect(ca, "/jobs/j1").await;
+    let y1 = next_json(&mut y).await["step"].as_u64().unwrap();
+    let mut x_steps = vec![3];
+    loop {
+        let s = next_json(&mut x).await["step"].as_u64().unwrap();
+        x_steps.push(s);
+        if s >= y1 + 3 {
+            break;
+        }
+    }
+    assert!(
+        x_steps.contains(&y1),
+        "y's first step {y1} is one x got too: {x_steps:?}"
+    );
+    let mut prev = y1;
+    for _ in 0..3 {
+        let s = next_json(&mut y).await["step"].as_u64().unwrap();
+        assert_eq!(s, prev + 1, "y: {prev} then {s}");
+        prev = s;
+    }
+    // Nobody follows j1 any more: a's plugin closes it.
+    drop((x, y));
+    eventually("j1 closed at the plugin", || async {
+        let (_, _, status) = http_body(ba, "GET", "/open-keys", &[], "").await;
+        (serde_json::from_str::<Value>(&status).unwrap()["open_keys"] == json!([])).then_some(())
+    })
+    .await;
+    drop((on_a, on_b));
+    for g in [a, b, c] {
+        assert!(g.shutdown().await, "every task ends at shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_connection_caps_count_every_instance() {
+    require("NATS", NATS).await;
+    let prefix = unique("gwcaps");
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/feed.yaml",
+        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 0, interval_ms: 50}\nendpoints:\n  - path: /feed\n",
+    );
+    let limits = "limits: {max_connections: 3}\n";
+    let a = start_instance(&instance_yaml(&dep, "a", &prefix, "3s", limits)).await;
+    let b = start_instance(&instance_yaml(&dep, "b", &prefix, "3s", limits)).await;
+    let (aa, ba) = (a.addr("main").unwrap(), b.addr("main").unwrap());
+    let a1 = connect(aa, "/feed").await;
+    let a2 = connect(aa, "/feed").await;
+    // b learns a's count from a's next heartbeat.
+    eventually("b counts a's connections", || async {
+        (metric(ba, "gateway_cluster_connections").await == Some(2.0)).then_some(())
+    })
+    .await;
+    let b1 = connect(ba, "/feed").await;
+    let (status, body) = try_connect(ba, "/feed", &[])
+        .await
+        .err()
+        .expect("the fourth connection of the cluster is refused");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too_many_connections"), "{body}");
+    // Per instance the caps would have let it in: b has one connection.
+    assert_eq!(metric(ba, "gateway_connections").await, Some(1.0));
+    // Once a's connections go, b admits again.
+    drop((a1, a2));
+    let b2 = eventually("b admits once a's connections are gone", || async {
+        try_connect(ba, "/feed", &[]).await.ok()
+    })
+    .await;
+    drop((b1, b2));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_source_moves_at_once_when_its_instance_shuts_down() {
+    require("NATS", NATS).await;
+    let prefix = unique("gwmove");
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/feed.yaml",
+        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 1, interval_ms: 20}\nendpoints:\n  - path: /feed\n",
+    );
+    // A long lease: only giving it up at shutdown can move the source fast.
+    let a = start_instance(&instance_yaml(&dep, "a", &prefix, "60s", "")).await;
+    let aa = a.addr("main").unwrap();
+    eventually("a runs the source", || async {
+        holds_lease(aa, "feed").await.then_some(())
+    })
+    .await;
+    let b = start_instance(&instance_yaml(&dep, "b", &prefix, "60s", "")).await;
+    let ba = b.addr("main").unwrap();
+    let mut on_b = connect(ba, "/feed").await;
+    next_json(&mut on_b).await;
+    let stopped = Instant::now();
+    a.shutdown().await;
+    eventually("b runs the source", || async {
+        holds_lease(ba, "feed").await.then_some(())
+    })
+    .await;
+    // The new source's first message (test-faults counts from 1 again).
+    loop {
+        if next_json(&mut on_b).await["seq"] == 1 {
+            break;
+        }
+    }
+    let moved = stopped.elapsed();
+    eprintln!("source moved to b {moved:?} after a began shutting down (lease_ttl 60s)");
+    assert!(moved < Duration::from_secs(10), "{moved:?}");
+    b.shutdown().await;
+}
