@@ -1541,3 +1541,90 @@ fn the_status_page_needs_a_status_channel_behind_an_api_key() {
         )]
     );
 }
+
+// --- The broker. ---
+
+#[test]
+fn broker_settings_are_checked_where_they_are_written() {
+    let dep = deployment(
+        "broker:\n  kind: nats\n  url: nats://127.0.0.1:4222,http://example.com\n  subject_prefix: my.prefix\n  lease_ttl: 90s\n  instance: a b\n  token_env: GW_TEST_BROKER_TOKEN_UNSET\n",
+    );
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let gw = at(&dep, "gateway.yaml");
+    assert_eq!(
+        errors(&dep),
+        [
+            format!(
+                "{gw}:10:8: broker.url: \"http://example.com\" is not a NATS server URL (invalid scheme for NATS server URL: http): write nats://HOST:PORT (several separated by commas)"
+            ),
+            format!(
+                "{gw}:11:19: broker.subject_prefix: \"my.prefix\" cannot prefix NATS subjects, streams and buckets: use letters, digits, '-' and '_'"
+            ),
+            format!(
+                "{gw}:12:14: broker.lease_ttl: 90s is out of range: a lease lives from 1s to 60s"
+            ),
+            format!(
+                "{gw}:13:13: broker.instance: \"a b\" is not a valid instance name: use letters, digits, '-' and '_'"
+            ),
+            format!(
+                "{gw}:14:14: broker.token_env: environment variable \"GW_TEST_BROKER_TOKEN_UNSET\" is not set (or empty): set it, or remove `token_env`"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn broker_nats_settings_need_kind_nats_and_one_way_to_authenticate() {
+    let dep = deployment("broker:\n  subject_prefix: gw\n  lease_ttl: 5s\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let gw = at(&dep, "gateway.yaml");
+    assert_eq!(
+        errors(&dep),
+        [
+            format!(
+                "{gw}:9:19: broker.subject_prefix: only the nats broker takes this: set `kind: nats`, or remove it"
+            ),
+            format!(
+                "{gw}:10:14: broker.lease_ttl: only the nats broker takes this: set `kind: nats`, or remove it"
+            ),
+        ]
+    );
+    let dep = deployment("broker:\n  kind: nats\n  token_env: HOME\n  creds_env: HOME\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:3: broker: choose one way to authenticate: token_env, user_env with password_env, or creds_env",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    let dep = deployment("broker:\n  kind: nats\n  kinds: nats\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let e = errors(&dep);
+    assert!(
+        e.len() == 1
+            && e[0].contains("unknown field `kinds`, expected one of kind, url, subject_prefix"),
+        "{e:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_nats_broker_stops_the_start_naming_the_broker_setting() {
+    // Port 1 on loopback: nothing listens, the connection is refused at once.
+    let dep = deployment("broker:\n  kind: nats\n  url: nats://127.0.0.1:1\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let cfg = dep
+        .load()
+        .unwrap_or_else(|e| panic!("config should load:\n{e}"));
+    let e = match Gateway::start(cfg).await {
+        Ok(_) => panic!("the gateway should not start without its broker"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.starts_with(&format!(
+            "{}:9:3: broker: cannot connect to NATS at nats://127.0.0.1:1",
+            at(&dep, "gateway.yaml")
+        )),
+        "{e}"
+    );
+}

@@ -258,8 +258,9 @@ impl Cluster {
                 .await
                 .map_err(|e| fail("cannot read the NATS credentials file", &e))?,
         };
+        let servers: Vec<&str> = cfg.url.split(',').map(str::trim).collect();
         let client = opts
-            .connect(cfg.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| fail(&format!("cannot connect to NATS at {}", cfg.url), &e))?;
         let js = jetstream::new(client.clone());

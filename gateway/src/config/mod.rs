@@ -272,17 +272,11 @@ fn compile_broker(sink: &mut Sink, b: &Spanned<types::BrokerFile>) -> BrokerCfg 
     if let Some(u) = &f.url {
         for one in u.value.split(',') {
             let one = one.trim();
-            let ok = match one.split_once("://") {
-                Some((scheme, rest)) => {
-                    ["nats", "tls", "ws", "wss"].contains(&scheme) && !rest.is_empty()
-                }
-                None => !one.is_empty(),
-            };
-            if !ok {
+            if let Err(e) = one.parse::<async_nats::ServerAddr>() {
                 sink.at(
                     u,
                     "broker.url",
-                    format!("{one:?} is not a NATS server URL: write nats://HOST:PORT (several separated by commas)"),
+                    format!("{one:?} is not a NATS server URL ({e}): write nats://HOST:PORT (several separated by commas)"),
                 );
             }
         }
