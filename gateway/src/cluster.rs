@@ -494,6 +494,17 @@ impl Cluster {
         }
     }
 
+    /// `gateway.cluster` in templates and the status snapshot: this
+    /// instance's name and the cluster-wide figures.
+    pub fn summary(&self, st: &GatewayState) -> serde_json::Value {
+        let local = st.metrics.connections.load(Relaxed).max(0) as u64;
+        serde_json::json!({
+            "instance": self.cfg.instance,
+            "instances": self.metrics.peers.load(Relaxed) + 1,
+            "connections": local + self.metrics.peer_connections.load(Relaxed),
+        })
+    }
+
     /// The cluster's series for `/metrics`. Figures named `gateway_cluster_*`
     /// are cluster-wide (this instance's view of every instance); the
     /// others are this instance's.

@@ -62,6 +62,7 @@ impl GatewayCtx<'_> {
         }
         let live = st.live();
         Some(match key {
+            "cluster" => st.cluster.as_ref().map_or(Value::Null, |c| c.summary(st)),
             "clients" => Value::Array(st.clients().iter().map(|c| c.to_json()).collect()),
             "subscription_counts" => {
                 let mut m = Map::new();

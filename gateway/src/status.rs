@@ -160,6 +160,7 @@ pub fn snapshot(st: &GatewayState, rates: &mut Rates) -> Value {
                 "ok": m.reloads.load(Relaxed),
                 "error": m.reload_failures.load(Relaxed),
             },
+            "cluster": st.cluster.as_ref().map(|c| c.summary(st)),
         },
         "listeners": listeners,
         "endpoints": endpoints,

@@ -418,7 +418,7 @@ async fn cluster_connection_caps_count_every_instance() {
         "specs/feed.yaml",
         "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 0, interval_ms: 50}\nendpoints:\n  - path: /feed\n",
     );
-    let limits = "limits: {max_connections: 3}\n";
+    let limits = "limits: {max_connections: 3}\nhttp:\n  - path: /stats\n    body: {here: \"{{gateway.connections}}\", cluster: \"{{gateway.cluster}}\"}\n";
     let a = start_instance(&instance_yaml(&dep, "a", &prefix, "3s", limits)).await;
     let b = start_instance(&instance_yaml(&dep, "b", &prefix, "3s", limits)).await;
     let (aa, ba) = (a.addr("main").unwrap(), b.addr("main").unwrap());
@@ -432,12 +432,17 @@ async fn cluster_connection_caps_count_every_instance() {
     let b1 = connect(ba, "/feed").await;
     let (status, body) = try_connect(ba, "/feed", &[])
         .await
-        .err()
-        .expect("the fourth connection of the cluster is refused");
+        .expect_err("the fourth connection of the cluster is refused");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("too_many_connections"), "{body}");
     // Per instance the caps would have let it in: b has one connection.
     assert_eq!(metric(ba, "gateway_connections").await, Some(1.0));
+    // Stats routes tell this instance's figures from the cluster's.
+    let (_, _, stats) = http_body(ba, "GET", "/stats", &[], "").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&stats).unwrap(),
+        json!({"here": 1, "cluster": {"instance": "b", "instances": 2, "connections": 3}})
+    );
     // Once a's connections go, b admits again.
     drop((a1, a2));
     let b2 = eventually("b admits once a's connections are gone", || async {
