@@ -21,6 +21,45 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use crate::common::*;
 use crate::support::*;
 
+/// A subject prefix of its own for one test; its streams are deleted from
+/// the shared NATS server when the test ends, passed or failed.
+struct Prefix(String);
+
+impl Prefix {
+    fn new(what: &str) -> Prefix {
+        Prefix(unique(what))
+    }
+}
+
+impl std::ops::Deref for Prefix {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let p = self.0.clone();
+        // Drop may run on a runtime thread: delete from a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(c) = async_nats::connect(NATS).await {
+                    let js = async_nats::jetstream::new(c);
+                    for s in ["messages", "leases"] {
+                        let _ = js.delete_stream(format!("{p}_{s}")).await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
 fn broker_yaml(prefix: &str, instance: &str, ttl: &str) -> String {
     format!(
         "broker:\n  kind: nats\n  url: nats://{NATS}\n  subject_prefix: {prefix}\n  lease_ttl: {ttl}\n  instance: {instance}\n"
@@ -169,7 +208,7 @@ async fn cluster_of_three_processes_survives_killing_the_one_running_the_source(
     require("NATS", NATS).await;
     const RATE: u64 = 50;
     const TTL: Duration = Duration::from_secs(2);
-    let prefix = unique("gwkill");
+    let prefix = Prefix::new("gwkill");
     let dep = Deployment::new();
     dep.write("specs/schemas/ticker.json", &std::fs::read_to_string(repo_root().join("channel-specs/schemas/ticker.json")).unwrap())
         .write(
@@ -304,7 +343,7 @@ async fn cluster_of_three_processes_survives_killing_the_one_running_the_source(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_keyed_streams_last_values_and_commands_span_instances() {
     require("NATS", NATS).await;
-    let prefix = unique("gwkeyed");
+    let prefix = Prefix::new("gwkeyed");
     let dep = Deployment::new();
     dep.write("specs/schemas/any.json", ANY_SCHEMA)
         .write(
@@ -412,7 +451,7 @@ async fn cluster_keyed_streams_last_values_and_commands_span_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_connection_caps_count_every_instance() {
     require("NATS", NATS).await;
-    let prefix = unique("gwcaps");
+    let prefix = Prefix::new("gwcaps");
     let dep = Deployment::new();
     dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
         "specs/feed.yaml",
@@ -457,7 +496,7 @@ async fn cluster_connection_caps_count_every_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_source_moves_at_once_when_its_instance_shuts_down() {
     require("NATS", NATS).await;
-    let prefix = unique("gwmove");
+    let prefix = Prefix::new("gwmove");
     let dep = Deployment::new();
     dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
         "specs/feed.yaml",
