@@ -93,6 +93,8 @@ pub struct ClusterMetrics {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Heartbeat {
     instance: String,
+    /// The process (instance name and a random part).
+    origin: String,
     /// Open WebSocket connections.
     connections: u64,
     /// Per connection-limit setting, the count per key.
@@ -185,6 +187,12 @@ pub struct Cluster {
     fetched: Arc<Mutex<HashMap<Topic, u64>>>,
     /// Encoded subject prefix of messages: `{p}.msg`.
     msg_prefix: String,
+    /// This process in the cluster: the instance name and a random part, so
+    /// that a restarted instance of the same name reads what its previous
+    /// run published (last values) instead of skipping it as its own.
+    origin: String,
+    /// Whether another process with this instance name was seen (logged once).
+    twin_seen: std::sync::atomic::AtomicBool,
 }
 
 /// `s` as one NATS subject token: letters, digits, `-` and `_` stay, every
@@ -310,6 +318,8 @@ impl Cluster {
         tracing::info!(instance = %cfg.instance, url = %cfg.url, prefix = %p, lease_ttl = ?cfg.lease_ttl, "joined the cluster");
         Ok(Arc::new(Cluster {
             msg_prefix: format!("{p}.msg"),
+            origin: format!("{}/{:016x}", cfg.instance, rand::random::<u64>()),
+            twin_seen: Default::default(),
             cfg: cfg.clone(),
             client,
             js,
@@ -380,7 +390,7 @@ impl Cluster {
 
     fn send(&self, topic: &Topic, payload: Bytes, retain: bool, end: bool) {
         let mut headers = HeaderMap::new();
-        headers.insert(H_ORIGIN, self.cfg.instance.as_str());
+        headers.insert(H_ORIGIN, self.origin.as_str());
         if retain {
             headers.insert(H_RETAIN, "1");
         }
@@ -767,7 +777,7 @@ async fn feed(
         let headers = m.headers.clone().unwrap_or_default();
         if headers
             .get(H_ORIGIN)
-            .is_some_and(|o| o.as_str() == c.cfg.instance)
+            .is_some_and(|o| o.as_str() == c.origin)
         {
             continue;
         }
@@ -855,12 +865,15 @@ async fn control(
         };
         let Some(st) = state.upgrade() else { break };
         if let Some(from) = m.subject.strip_prefix(hb.as_str()) {
-            if from == c.cfg.instance {
-                continue;
-            }
             let Ok(h) = serde_json::from_slice::<Heartbeat>(&m.payload) else {
                 continue;
             };
+            if from == c.cfg.instance {
+                if h.origin != c.origin && !c.twin_seen.swap(true, Relaxed) {
+                    tracing::error!(instance = %from, "another gateway process uses this instance name: give every instance its own `broker.instance`");
+                }
+                continue;
+            }
             let from: Arc<str> = from.into();
             {
                 let mut peers = c.peers.lock();
@@ -935,6 +948,7 @@ async fn heartbeat(c: Arc<Cluster>, state: Weak<GatewayState>, shutdown: Cancell
         let Some(st) = state.upgrade() else { break };
         let mut h = Heartbeat {
             instance: c.cfg.instance.clone(),
+            origin: c.origin.clone(),
             connections: st.metrics.connections.load(Relaxed).max(0) as u64,
             ..Default::default()
         };

@@ -530,3 +530,38 @@ async fn cluster_source_moves_at_once_when_its_instance_shuts_down() {
     assert!(moved < Duration::from_secs(10), "{moved:?}");
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_last_value_outlives_the_instance_that_published_it() {
+    require("NATS", NATS).await;
+    let prefix = Prefix::new("gwlast");
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/feed.yaml",
+        "channel: feed\nschema: schemas/any.json\nlast_value: true\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 0, interval_ms: 5}\nendpoints:\n  - path: /feed\n",
+    );
+    let http = "http:\n  - path: /emit\n    method: POST\n    command: {channel: feed, request: {op: emit, messages: \"{{request.body}}\"}}\n";
+    let path = instance_yaml(&dep, "a", &prefix, "3s", http);
+    let a = start_instance(&path).await;
+    let aa = a.addr("main").unwrap();
+    let mut ws = connect(aa, "/feed").await;
+    let (s, _, reply) = http_body(
+        aa,
+        "POST",
+        "/emit",
+        &[("content-type", "application/json")],
+        r#"[{"v": "kept"}]"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{reply}");
+    assert_eq!(next_json(&mut ws).await, json!({"v": "kept"}));
+    drop(ws);
+    assert!(a.shutdown().await);
+    // The same instance name again, in a new process life: the last value
+    // it published before is its own no more, and is served.
+    let a = start_instance(&path).await;
+    let mut ws = connect(a.addr("main").unwrap(), "/feed").await;
+    assert_eq!(next_json(&mut ws).await, json!({"v": "kept"}));
+    drop(ws);
+    assert!(a.shutdown().await);
+}
