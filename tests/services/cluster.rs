@@ -112,8 +112,13 @@ struct Process {
 
 impl Process {
     fn spawn(config: &std::path::Path) -> Process {
+        Self::spawn_with(config, &[])
+    }
+
+    fn spawn_with(config: &std::path::Path, env: &[(&str, &str)]) -> Process {
         let mut child = Command::new(target_dir().join("gateway"))
             .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -564,4 +569,62 @@ async fn cluster_last_value_outlives_the_instance_that_published_it() {
     assert_eq!(next_json(&mut ws).await, json!({"v": "kept"}));
     drop(ws);
     assert!(a.shutdown().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_credentials_come_from_the_environment_and_are_never_logged() {
+    let secret = format!("pw-{}", unique("s"));
+    let nats = PrivateServer::nats(&["--user", "gw", "--pass", &secret]).await;
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/feed.yaml",
+        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 1, interval_ms: 50}\nendpoints:\n  - path: /feed\n",
+    );
+    dep.write(
+        "gw.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\nbroker:\n  kind: nats\n  url: nats://{}\n  user_env: GW_TEST_NATS_USER\n  password_env: GW_TEST_NATS_PASSWORD\n",
+            target_dir().display(),
+            nats.addr
+        ),
+    );
+    // The right credentials: the instance joins and runs the source.
+    let gw = Process::spawn_with(
+        &dep.path("gw.yaml"),
+        &[
+            ("GW_TEST_NATS_USER", "gw"),
+            ("GW_TEST_NATS_PASSWORD", &secret),
+        ],
+    );
+    eventually("the source runs", || async {
+        holds_lease(gw.addr, "feed").await.then_some(())
+    })
+    .await;
+    let mut ws = connect(gw.addr, "/feed").await;
+    assert!(next_json(&mut ws).await["seq"].is_u64());
+    drop((ws, gw));
+    // A wrong password: the gateway does not start, names the setting and
+    // the server, and logs no secret.
+    let wrong = format!("{secret}-wrong");
+    let out = Command::new(target_dir().join("gateway"))
+        .args(["--config", dep.path("gw.yaml").to_str().unwrap()])
+        .envs([
+            ("GW_TEST_NATS_USER", "gw"),
+            ("GW_TEST_NATS_PASSWORD", wrong.as_str()),
+        ])
+        .output()
+        .expect("run gateway");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "gw.yaml:9:3: broker: cannot connect to NATS at nats://{}",
+            nats.addr
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&secret),
+        "the password is logged: {stderr}"
+    );
 }

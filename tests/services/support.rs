@@ -135,6 +135,26 @@ impl PrivateServer {
         Self::launch("mosquitto", "mosquitto", args, port, dir).await
     }
 
+    /// `nats-server` with JetStream (memory and a temporary store) on a
+    /// free port, plus `extra` arguments (e.g. `--user`/`--pass`).
+    pub async fn nats(extra: &[&str]) -> PrivateServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut args = [
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-sd",
+            &dir.path().display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Self::launch("nats-server", "nats-server", args, port, dir).await
+    }
+
     async fn launch(
         what: &'static str,
         program: &'static str,
