@@ -6,6 +6,8 @@
     bench/run.py summary [--tag 2026-11-23]  # rebuild the markdown from JSON
     bench/run.py scale [--totals 200000,1000000] # gateway cost vs clients and channels
     bench/run.py scale-summary [--tag 2026-11-23-scale]
+    bench/run.py cluster [--quick]           # 1 gateway vs 2 over NATS JetStream
+    bench/run.py cluster-summary [--tag 2026-12-02]
 
 Every server produces the same stream ({"seq":n,"ts":<ns>,"pad":"x"*100} at
 BENCH_RATE messages per second) and broadcasts it to every WebSocket client;
@@ -23,13 +25,17 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -1569,6 +1575,706 @@ def cmd_scale_summary(cfg) -> int:
 
 
 # --------------------------------------------------------------------------
+# cluster: one gateway against two, one cluster over NATS JetStream.
+
+CLUSTER_SETUPS = ["memory", "nats-1", "nats-2"]
+CLUSTER_RATES = [100, 1000]
+CLUSTER_INSTANCES = ["gw-a", "gw-b"]
+LEASE_LINE = re.compile(r'^gateway_source_lease_held\{channel="bench",instance="([^"]*)"\} (\d+)', re.M)
+# No proxy for the runner's own HTTP requests to 127.0.0.1.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+    """(status, body) of GET http://127.0.0.1:port/path; status 0 when unreachable."""
+    try:
+        with _HTTP.open(f"http://{HOST}:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except (OSError, ValueError):
+        return 0, ""
+
+
+class PrivateNats:
+    """The run's own nats-server with JetStream: a free port, a temporary
+    store, killed (and the store removed) at the end. Never the one on 4222."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.port = free_port()
+        while self.port == 4222:
+            self.port = free_port()
+        # Its monitoring port: /jsz and /connz show what the server delivered
+        # to each instance's consumer.
+        self.monitor = free_port()
+        self.store: Path | None = None
+        self.proc: Proc | None = None
+
+    def url(self) -> str:
+        return f"nats://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        binary = nats_server_path()
+        if not binary:
+            raise BenchError("nats-server not found (looked on PATH and /usr/sbin)")
+        self.store = Path(tempfile.mkdtemp(prefix="bench-cluster-js-"))
+        self.proc = Proc("cluster-nats-server", [binary, "-js", "-a", HOST, "-p", self.port,
+                                                 "-m", self.monitor, "-sd", self.store],
+                         results=self.cfg.results)
+        if not wait_until(lambda: port_open(self.port), time.monotonic() + self.cfg.start_timeout,
+                          alive=self.proc.alive):
+            tail = self.proc.log_tail()
+            self.stop()
+            raise BenchError(f"nats-server did not accept on {HOST}:{self.port}\n{tail}")
+        time.sleep(0.5)
+        if not self.proc.alive():
+            raise BenchError(f"nats-server exited after start-up\n{self.proc.log_tail()}")
+        log(f"cluster: private nats-server (JetStream) on {self.url()}, store {self.store}")
+
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc and self.proc.alive() else []
+
+    def consumers(self, prefix: str) -> dict:
+        """Stream `{prefix}_messages` as the server sees it: its last
+        sequence, and per consumer (named by the instance whose connection
+        subscribed to its deliver subject) the messages it delivered
+        (`consumer_seq`) and the stream sequence it reached."""
+        out: dict = {}
+        status, text = http_get(self.monitor, "/jsz?consumers=true&config=true")
+        status2, text2 = http_get(self.monitor, "/connz?subs=detail")
+        if status != 200:
+            return out
+        owner = {}
+        if status2 == 200:
+            for conn in json.loads(text2).get("connections") or []:
+                name = (conn.get("name") or "").removeprefix("gateway ")
+                for sub in conn.get("subscriptions_list_detail") or []:
+                    owner[sub.get("subject")] = name
+        for acct in json.loads(text).get("account_details") or []:
+            for st in acct.get("stream_detail") or []:
+                if st.get("name") != f"{prefix}_messages":
+                    continue
+                out["stream_last_seq"] = (st.get("state") or {}).get("last_seq")
+                out["consumers"] = {}
+                for c in st.get("consumer_detail") or []:
+                    who = owner.get((c.get("config") or {}).get("deliver_subject"), c.get("name"))
+                    d = c.get("delivered") or {}
+                    out["consumers"][who] = {"consumer_seq": d.get("consumer_seq"),
+                                             "stream_seq": d.get("stream_seq"),
+                                             "num_pending": c.get("num_pending")}
+        return out
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+            self.proc = None
+        if self.store:
+            shutil.rmtree(self.store, ignore_errors=True)
+            self.store = None
+
+    def version(self) -> str:
+        return capture([nats_server_path() or "nats-server", "--version"]).split(":", 1)[-1].strip()
+
+
+def write_cluster_config(results: Path, setup: str, instance: str, port: int,
+                         broker: dict | None) -> Path:
+    """The bench deployment (examples/bench: one ticker channel `bench` at
+    /bench, pad 100, the bench schema) on 127.0.0.1:`port`, with the
+    in-memory broker (`broker` None) or `broker: {kind: nats, ...}`."""
+    d = results / f"cluster-{setup}.tmp"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "bench.yaml").write_text(
+        "# Generated by bench/run.py cluster: examples/bench/bench.yaml with an absolute schema path.\n"
+        "channel: bench\n"
+        "description: Benchmark stream of numbered, timestamped, padded messages.\n"
+        f"schema: {json.dumps(str(BENCH_SCHEMA))}\n"
+        "source:\n"
+        "  plugin: ticker\n"
+        "  mode: push\n"
+        "  config:\n"
+        "    rate: 1000\n"
+        "    rate_env: BENCH_RATE\n"
+        "    pad: 100\n"
+        "queue:\n"
+        "  on_full: drop_oldest\n"
+        "endpoints:\n"
+        "  - path: /bench\n")
+    broker_yaml = ""
+    if broker:
+        broker_yaml = ("broker:\n"
+                       "  kind: nats\n"
+                       f"  url: {broker['url']}\n"
+                       f"  subject_prefix: {broker['subject_prefix']}\n"
+                       f"  instance: {instance}\n")
+    conf = d / f"gateway-{instance}.yaml"
+    conf.write_text(
+        f"# Generated by bench/run.py cluster: setup {setup}, instance {instance}.\n"
+        "listeners:\n"
+        "  bench:\n"
+        f"    bind: {HOST}:{port}\n"
+        "plugins:\n"
+        f"  dirs: [{json.dumps(str(ROOT / 'target' / 'release'))}]\n"
+        "channels:\n"
+        "  - bench.yaml\n"
+        "limits:\n"
+        f"  max_connections: {SCALE_MAX_CONNECTIONS}\n"
+        + broker_yaml +
+        "log:\n"
+        "  level: info\n")
+    return conf
+
+
+class ClusterGateway(Gateway):
+    """One gateway process of a cluster setup, on its own port; started
+    means: it logged `listening` and its /readyz answers 200."""
+
+    def __init__(self, cfg, name: str, conf: Path, port: int, instance: str):  # noqa: no PORTS entry
+        self.cfg = cfg
+        self.name = name
+        self.port = port
+        self.proc = None
+        self.publisher = None
+        self.conf = conf
+        self.instance = instance
+
+    def check(self) -> None:
+        if not os.access(self.binary(), os.X_OK):
+            raise BenchError(f"{self.binary()} is missing: run `bench/run.py setup`")
+        if not self.conf.is_file():
+            raise BenchError(f"{self.conf} is missing")
+
+    def command(self) -> list:
+        return [self.binary(), "--config", self.conf]
+
+    def start(self, rate: float) -> Proc:
+        # The listener is bound before the gateway joins the cluster, so an
+        # accepting port is not enough: wait for /readyz.
+        proc = super().start(rate)
+        deadline = time.monotonic() + self.cfg.start_timeout
+        if not wait_until(lambda: http_get(self.port, "/readyz")[0] == 200, deadline, alive=proc.alive):
+            tail = proc.log_tail()
+            self.stop()
+            raise BenchError(f"{self.name}: /readyz did not answer 200 within "
+                             f"{self.cfg.start_timeout:.0f} s\n{tail}")
+        if "listening" not in proc.log_path.read_text(errors="replace"):
+            tail = proc.log_tail()
+            self.stop()
+            raise BenchError(f"{self.name}: ready but never logged `listening`\n{tail}")
+        return proc
+
+    def lease_held(self) -> int | None:
+        """gateway_source_lease_held of channel bench on /metrics (None: no such line)."""
+        status, text = http_get(self.port, "/metrics")
+        m = LEASE_LINE.search(text) if status == 200 else None
+        return int(m.group(2)) if m else None
+
+
+class GatewayGroup:
+    """The gateway processes of one setup, sampled as one server."""
+
+    def __init__(self, gateways: list[ClusterGateway]):
+        self.gateways = gateways
+
+    def pids(self) -> list[int]:
+        return [p for gw in self.gateways for p in gw.pids()]
+
+
+def merge_loadgens(results: list[dict], clients: int) -> dict:
+    """One loadgen-shaped report from several. Counts add up; the latency
+    histograms are not in loadgen's output, so percentiles cannot be merged:
+    a percentile of the union lies between the smallest and the largest of
+    the loadgens' own, and the largest (the worst) is what `latency_us`
+    carries (`*_best` the smallest). max and the mean are exact."""
+    out: dict = {"loadgens": len(results)}
+    for k in ("clients", "connected", "connect_failures", "messages", "gaps", "dups",
+              "clients_with_gaps", "silent_clients", "disconnects", "connected_at_end"):
+        out[k] = sum(r.get(k) or 0 for r in results)
+    out["deliveries_per_sec"] = round(sum(r.get("deliveries_per_sec") or 0 for r in results), 1)
+    expected = sum(r.get("expected_deliveries") or 0 for r in results)
+    if expected:
+        out["expected_deliveries"] = expected
+        out["delivery_ratio"] = round(out["messages"] / expected, 4)
+    lats = [r.get("latency_us") for r in results if r.get("latency_us")]
+    if lats:
+        lat = {}
+        for q in ("p50", "p90", "p99", "p999"):
+            lat[q] = max(x[q] for x in lats)
+            lat[f"{q}_best"] = min(x[q] for x in lats)
+        lat["max"] = max(x["max"] for x in lats)
+        samples = sum(x.get("samples") or 0 for x in lats)
+        lat["samples"] = samples
+        if samples:
+            lat["mean"] = round(sum(x["mean"] * x["samples"] for x in lats) / samples, 1)
+        lat["exact"] = len(lats) == 1
+        out["latency_us"] = lat
+    else:
+        out["latency_us"] = None
+    out["clients"] = out["clients"] or clients
+    return out
+
+
+def cluster_step(cfg, nats: PrivateNats, setup: str, rate: float, run: int) -> dict:
+    """One setup at `rate` msg/s: fresh gateway process(es), --loadgens
+    loadgen processes sharing the clients (spread over the instances), the
+    gateways' CPU (summed) over a window inside the loadgens' windows."""
+    clients, warmup, duration = cfg.clients, cfg.warmup, cfg.duration
+    n_gw = 2 if setup == "nats-2" else 1
+    n_lg = cfg.loadgens
+    shares = [clients // n_lg + (1 if j < clients % n_lg else 0) for j in range(n_lg)]
+    ramp = cfg.ramp / n_lg   # each loadgen; together they connect at --ramp
+    connect_secs = clients / cfg.ramp
+    label = f"cluster-{setup}-{rate_env(rate)}-r{run}"
+    prefix = re.sub(r"[^A-Za-z0-9_]", "_", f"bench_{os.getpid()}_{setup}_{rate_env(rate)}_r{run}")
+    step = {"setup": setup, "rate": rate, "run": run, "clients": clients, "instances": n_gw,
+            "warmup_secs": warmup, "duration_secs": duration, "loadgen_clients": shares}
+    if setup != "memory":
+        step["broker"] = {"kind": "nats", "url": nats.url(), "subject_prefix": prefix}
+    gws: list[ClusterGateway] = []
+    lgs: list[Proc] = []
+    try:
+        for i in range(n_gw):
+            inst = CLUSTER_INSTANCES[i]
+            port = free_port()
+            broker = None if setup == "memory" else {"url": nats.url(), "subject_prefix": prefix}
+            conf = write_cluster_config(cfg.results, setup, inst, port, broker)
+            gw = ClusterGateway(cfg, f"{label}-{inst}", conf, port, inst)
+            gws.append(gw)
+            gw.start(rate)
+            if broker and i == 0:
+                # The first instance takes the source's lease before the
+                # second one starts, so gw-a is the one running the source.
+                if not wait_until(lambda: gw.lease_held() == 1, time.monotonic() + 10):
+                    raise BenchError(f"{gw.name} did not take the source's lease within 10 s\n"
+                                     f"{gw.proc.log_tail()}")
+        step["ports"] = {gw.instance: gw.port for gw in gws}
+        if setup != "memory":
+            time.sleep(1.0)   # a heartbeat round: each instance has seen the other
+            held = {gw.instance: gw.lease_held() for gw in gws}
+            step["lease_held"] = held
+            if sorted(held.values()) != [0] * (n_gw - 1) + [1]:
+                raise BenchError(f"expected exactly one lease holder, /metrics says {held}")
+        if setup != "memory":
+            before = {"metrics": {gw.instance: broker_metrics(gw) for gw in gws},
+                      "nats": nats.consumers(prefix)}
+        group = GatewayGroup(gws)
+        pids = group.pids()
+        base_fds = fd_count(pids)
+        step["rss_kib_before"] = {gw.instance: rss_kib(gw.pids()) for gw in gws}
+        # Loadgen j follows instance j mod n: with two instances, half the
+        # clients on the lease holder (gw-a), half on the other (gw-b).
+        for j, share in enumerate(shares):
+            gw = gws[j % n_gw]
+            lgs.append(Proc(f"{label}-loadgen-{j}", loadgen_cmd(cfg, gw, "stream", [
+                "--clients", share, "--ramp", ramp, "--warmup", secs_arg(warmup),
+                "--duration", secs_arg(duration), "--expect-rate", rate_env(rate)]),
+                results=cfg.results, capture_stdout=True))
+        step["loadgen_targets"] = [gws[j % n_gw].instance for j in range(n_lg)]
+        t0 = min(lg.started for lg in lgs)
+        hard_deadline = t0 + connect_secs + warmup + duration + cfg.step_slack
+        all_alive = lambda: all(lg.alive() for lg in lgs)  # noqa: E731
+        wait_until(lambda: fd_count(pids) - base_fds >= clients or all(loadgen_connected(lg) for lg in lgs),
+                   t0 + connect_secs + cfg.connect_slack, alive=all_alive)
+        t_conn = time.monotonic()
+        step["server_saw_all_clients"] = fd_count(pids) - base_fds >= clients
+        step["loadgen_connect_phase_over"] = all(loadgen_connected(lg) for lg in lgs)
+        step["connect_wait_secs"] = round(t_conn - t0, 3)
+        others: dict[str, Proc | None] = {f"loadgen{j}": lg for j, lg in enumerate(lgs)}
+        others.update({gw.instance: gw.proc for gw in gws})
+        others["nats"] = nats.proc
+        if sleep_until(t_conn + warmup + cfg.window_lead, alive=all_alive):
+            a = Sample(group, others)
+            sleep_until(a.t + max(1.0, duration - cfg.window_lead - 1.0), alive=all_alive)
+            b = Sample(group, others)
+            win = window(a, b)
+            step.update(win)
+            step["loadgen_cpu_secs"] = round(sum(win.get(f"loadgen{j}_cpu_secs") or 0
+                                                 for j in range(n_lg)), 3)
+            step["window_inside_loadgen_run"] = all_alive()
+            # Whatever else ran meanwhile (the runner, other users): machine
+            # busy minus the gateways, loadgens and nats-server, in cores.
+            if win.get("machine_cpu_busy_pct") is not None and win["window_secs"]:
+                ours = step["server_cpu_secs"] + step["loadgen_cpu_secs"] + (win.get("nats_cpu_secs") or 0)
+                step["other_cores"] = round(win["machine_cpu_busy_pct"] / 100 * (os.cpu_count() or 1)
+                                            - ours / win["window_secs"], 2)
+            step["rss_kib_during"] = {gw.instance: rss_kib(gw.pids()) for gw in gws}
+            step["nats_rss_kib_during"] = rss_kib(nats.pids())
+        else:
+            step["window_inside_loadgen_run"] = False
+        raw = []
+        for lg in lgs:
+            raw.append(finish_loadgen(lg, hard_deadline))
+        lgs = []
+        step["loadgens"] = raw
+        step["loadgen"] = merge_loadgens(raw, clients)
+        if setup != "memory":
+            step["lease_held_after"] = {gw.instance: gw.lease_held() for gw in gws}
+            after = {"metrics": {gw.instance: broker_metrics(gw) for gw in gws},
+                     "nats": nats.consumers(prefix)}
+            step["broker_metrics"] = after["metrics"]
+            step["nats_path"] = nats_path(before, after)
+        dps = step["loadgen"].get("deliveries_per_sec") or 0
+        if step.get("window_secs") and dps:
+            deliveries_m = dps * step["window_secs"] / 1e6
+            step["server_cpu_secs_per_1m"] = round(step["server_cpu_secs"] / deliveries_m, 4)
+            step["loadgen_cpu_secs_per_1m"] = round(step["loadgen_cpu_secs"] / deliveries_m, 4)
+            if step.get("nats_cpu_secs") is not None:
+                step["nats_cpu_secs_per_1m"] = round(step["nats_cpu_secs"] / deliveries_m, 4)
+        step["expected_deliveries_per_sec"] = rate * clients
+        return step
+    finally:
+        for lg in lgs:
+            lg.stop(grace=2.0)
+        for gw in gws:
+            gw.stop()
+
+
+def broker_metrics(gw: ClusterGateway) -> dict:
+    """The instance's gateway_broker_* / gateway_cluster_* counters."""
+    status, text = http_get(gw.port, "/metrics")
+    out = {}
+    if status != 200:
+        return out
+    for line in text.splitlines():
+        if line.startswith(("gateway_broker_", "gateway_cluster_", "gateway_source_leases_")):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def nats_path(before: dict, after: dict) -> dict:
+    """What went through NATS during the loadgen run (between two snapshots):
+    messages the source's instance sent, what each consumer got from
+    nats-server, and what each other instance handed to its sessions."""
+    out: dict = {"before": before, "after": after}
+    mb, ma = before["metrics"], after["metrics"]
+    sent_key = "gateway_broker_messages_sent_total"
+    recv_key = "gateway_broker_messages_received_total"
+    sent = sum((ma[i].get(sent_key) or 0) - (mb.get(i, {}).get(sent_key) or 0) for i in ma)
+    out["sent"] = sent
+    nb, na = before.get("nats") or {}, after.get("nats") or {}
+    stream = (na.get("stream_last_seq") or 0) - (nb.get("stream_last_seq") or 0)
+    out["stream_messages"] = stream
+    out["instances"] = {}
+    for inst, m in ma.items():
+        got = (m.get(recv_key) or 0) - (mb.get(inst, {}).get(recv_key) or 0)
+        row = {"received": got}
+        ca = (na.get("consumers") or {}).get(inst)
+        cb = (nb.get("consumers") or {}).get(inst)
+        if ca and cb and ca.get("consumer_seq") is not None and cb.get("consumer_seq") is not None:
+            row["delivered_by_nats"] = ca["consumer_seq"] - cb["consumer_seq"]
+            if stream:
+                row["delivered_by_nats_share"] = round(row["delivered_by_nats"] / stream, 4)
+        if sent and got:
+            row["received_share"] = round(got / sent, 4)
+        out["instances"][inst] = row
+    return out
+
+
+def log_cluster_step(step: dict) -> None:
+    r = step.get("loadgen") or {}
+    lat = r.get("latency_us") or {}
+    per = ", ".join(f"{(x.get('latency_us') or {}).get('p50')}/{(x.get('latency_us') or {}).get('p99')}"
+                    for x in step.get("loadgens") or [])
+    log(f"cluster: {step['setup']} at {rate_env(step['rate'])} msg/s (run {step['run']}) -> "
+        f"{r.get('deliveries_per_sec')} deliveries/s, p50/p99 per loadgen [{per}] us, max {lat.get('max')} us, "
+        f"gaps {r.get('gaps')}, dups {r.get('dups')}, gateway CPU-s/1M {step.get('server_cpu_secs_per_1m')}"
+        + "".join(f"; {inst} got {row.get('received')} of {(step['nats_path'].get('sent'))} sent"
+                  for inst, row in ((step.get("nats_path") or {}).get("instances") or {}).items()
+                  if row.get("received"))
+        + (f"; problem: {step['problem']}" if step.get("problem") else "")
+        + (f"; error: {step['error'].splitlines()[0]}" if "error" in step else ""))
+
+
+def cmd_cluster(cfg) -> int:
+    cfg.results = Path(cfg.results).resolve()
+    cfg.results.mkdir(parents=True, exist_ok=True)
+    cfg.loadgen = Path(cfg.loadgen).resolve()
+    if not os.access(cfg.loadgen, os.X_OK):
+        sys.exit(f"{cfg.loadgen} is missing: run `bench/run.py setup`")
+    if not BENCH_SCHEMA.is_file():
+        sys.exit(f"{BENCH_SCHEMA} is missing")
+    setups = [s.strip() for s in cfg.setups.split(",") if s.strip()]
+    bad = [s for s in setups if s not in CLUSTER_SETUPS]
+    if bad:
+        sys.exit(f"unknown setup(s): {', '.join(bad)} (known: {', '.join(CLUSTER_SETUPS)})")
+    if cfg.loadgens < 2 and "nats-2" in setups:
+        sys.exit("--loadgens must be at least 2 for nats-2 (one per instance)")
+    if cfg.quick:
+        cfg.duration = cfg.duration or 3
+        cfg.warmup = cfg.warmup or 1
+        cfg.repeat = cfg.repeat or 1
+    cfg.duration = cfg.duration or 10
+    cfg.warmup = cfg.warmup or 2
+    cfg.repeat = cfg.repeat or 3
+    tag = cfg.tag or (dt.date.today().isoformat() + ("-quick" if cfg.quick else ""))
+    json_path = cfg.results / f"{tag}-cluster.json"
+    md_path = cfg.results / f"{tag}-cluster-summary.md"
+
+    # A quiet machine first (bounded), as for scale.
+    load1 = os.getloadavg()[0]
+    if cfg.max_load and load1 >= cfg.max_load and cfg.wait_load > 0:
+        log(f"load average {load1:.2f} >= {cfg.max_load}: waiting up to {cfg.wait_load:.0f} s")
+        wait_until(lambda: os.getloadavg()[0] < cfg.max_load, time.monotonic() + cfg.wait_load, poll=5.0)
+        load1 = os.getloadavg()[0]
+        if load1 >= cfg.max_load:
+            log(f"warning: load average still {load1:.2f}; running anyway")
+    a = machine_cpu()
+    time.sleep(1.0)
+    b = machine_cpu()
+    busy_before = round(100.0 * (b[0] - a[0]) / max(1, b[1] - a[1]), 1)
+    if busy_before > 20:
+        log(f"warning: the machine is already {busy_before}% busy before the benchmark: results will be noisy")
+    started = time.monotonic()
+    nats = PrivateNats(cfg)
+    doc = {
+        "kind": "cluster", "tag": tag, "quick": cfg.quick,
+        "started_at": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": {**Gateway(cfg).versions(), "nats-server": nats.version()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()
+                     if k not in ("func",)},
+        "binaries": binaries_info(cfg),
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "machine_busy_pct_before": busy_before,
+        "nats": {"port": nats.port},
+        "steps": [],
+    }
+
+    def save() -> None:
+        doc["elapsed_secs"] = round(time.monotonic() - started, 1)
+        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        md_path.write_text(render_cluster(doc))
+
+    try:
+        nats.start()
+        # Rates outside, setups inside: the three setups of one rate run
+        # back to back, and --repeat rounds interleave, so a drift of the
+        # machine shows up in every setup alike.
+        for run in range(1, cfg.repeat + 1):
+            for rate in cfg.rates:
+                for setup in setups:
+                    busy = quiet_machine(cfg)
+                    log(f"cluster: {setup}, {cfg.clients} clients at {rate_env(rate)} msg/s (run {run})")
+                    try:
+                        step = cluster_step(cfg, nats, setup, rate, run)
+                    except BenchError as e:
+                        step = {"setup": setup, "rate": rate, "run": run, "clients": cfg.clients,
+                                "error": str(e)}
+                    step["machine_busy_pct_before"] = busy
+                    step["problem"] = step_problem(step, 0.0)
+                    if nats.proc is None or not nats.proc.alive():
+                        step["error"] = step.get("error") or "nats-server died"
+                    log_cluster_step(step)
+                    doc["steps"].append(step)
+                    save()
+                    if nats.proc is None or not nats.proc.alive():
+                        raise BenchError(f"the private nats-server died\n{nats.proc.log_tail() if nats.proc else ''}")
+    finally:
+        nats.stop()
+    doc["finished_at"] = dt.datetime.now().isoformat(timespec="seconds")
+    if binaries_info(cfg) != doc["binaries"]:
+        doc["binaries_changed_during_run"] = binaries_info(cfg)
+        log("warning: a measured binary was rebuilt during the run")
+    save()
+    print(md_path.read_text())
+    log(f"wrote {json_path} and {md_path.name}; total {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def quiet_machine(cfg) -> float:
+    """Wait (up to --step-quiet-wait s) until the machine is under
+    --step-max-busy % busy over a second, so that another user's burst of
+    work does not land in a step; the last reading."""
+    deadline = time.monotonic() + cfg.step_quiet_wait
+    while True:
+        a = machine_cpu()
+        time.sleep(1.0)
+        b = machine_cpu()
+        busy = round(100.0 * (b[0] - a[0]) / max(1, b[1] - a[1]), 1)
+        if busy <= cfg.step_max_busy or time.monotonic() >= deadline:
+            if busy > cfg.step_max_busy:
+                log(f"warning: the machine is {busy}% busy before this step; running anyway")
+            return busy
+
+
+def median(xs: list) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+CLUSTER_LABELS = {
+    "memory": "memory: 1 gateway, in-memory broker",
+    "nats-1": "nats-1: 1 gateway, NATS broker",
+    "nats-2": "nats-2: 2 gateways, NATS broker, clients split",
+}
+
+
+def render_cluster(doc: dict) -> str:
+    m = doc.get("machine") or {}
+    st = doc.get("settings") or {}
+    v = doc.get("versions") or {}
+    steps = doc.get("steps") or []
+    lines = [f"# One gateway vs two over NATS JetStream, {doc.get('tag')}"
+             + (" (quick run)" if doc.get("quick") else ""), ""]
+    lines += [
+        f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), "
+        f"{(m.get('mem_kib') or 0) / 1048576:.0f} GiB, Linux {m.get('kernel')}; gateway {v.get('git', '?')}, "
+        f"nats-server {v.get('nats-server', '?')} (private, JetStream, memory-stored stream). "
+        "Gateways, nats-server and loadgens share the machine "
+        f"(load average before: {', '.join(str(x) for x in doc.get('loadavg_before') or [])}; "
+        f"{doc.get('machine_busy_pct_before')}% busy in the second before).",
+        "",
+        f"Workload: the `bench` channel (`ticker`, ~150-byte `{{seq,ts,pad}}` messages) at R msg/s; "
+        f"{st.get('clients')} clients in {st.get('loadgens')} loadgen processes "
+        f"(`--sources {st.get('sources')}`, together `--ramp {fmt_int(st.get('ramp'))}`), warm-up "
+        f"{st.get('warmup')} s, window {st.get('duration')} s; gateway CPU summed over the instances "
+        "(utime+stime from /proc) over a window inside the loadgens'. "
+        f"{st.get('repeat')} round(s); fresh gateway process(es) for every step. "
+        "nats-1 and nats-2 use a fresh `subject_prefix` per step.",
+        "",
+        "- **memory**: one gateway, the default in-memory broker; both loadgens on it.",
+        "- **nats-1**: one gateway with `broker: {kind: nats}`; both loadgens on it "
+        "(it holds the lease, runs the source, publishes every message to the stream and "
+        "reads it back from its own consumer, where it skips its own).",
+        "- **nats-2**: two gateways with the same broker settings; `gw-a` holds the lease and "
+        "runs the source, `gw-b` gets every message through the JetStream stream. Loadgen 0 "
+        "(half the clients) on `gw-a`, loadgen 1 on `gw-b`.",
+        "",
+        "Latency: loadgen does not print its histogram, so percentiles of different loadgens "
+        "cannot be merged. Per loadgen `p50 / p99` are given as `a | b`; **p99 worst** is the "
+        "larger one, an upper bound of the merged p99 (a percentile of the union lies between the "
+        "loadgens' own). max is exact.",
+        "",
+    ]
+    runs = sorted({s.get("run") for s in steps if s.get("run") is not None})
+    keys = []
+    for s in steps:
+        k = (s["rate"], s["setup"])
+        if k not in keys:
+            keys.append(k)
+    keys.sort(key=lambda k: (k[0], CLUSTER_SETUPS.index(k[1]) if k[1] in CLUSTER_SETUPS else 9))
+    if len(runs) > 1:
+        lines += [f"## Medians over {len(runs)} rounds", "",
+                  "| setup | msg/s | deliveries/s | p50 worst | p99 worst | max (worst round) | gaps (sum) "
+                  "| gateway CPU-s per 1M deliveries | nats-server CPU-s per 1M | gateway RSS KiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for rate, setup in keys:
+            ss = [s for s in steps if s["rate"] == rate and s["setup"] == setup and "loadgen" in s]
+            if not ss:
+                continue
+            lat = [s["loadgen"].get("latency_us") or {} for s in ss]
+            lines.append(
+                f"| {setup} | {fmt_int(rate)} "
+                f"| {fmt_int(median([s['loadgen'].get('deliveries_per_sec') for s in ss]))} "
+                f"| {fmt_us(median([x.get('p50') for x in lat]))} | {fmt_us(median([x.get('p99') for x in lat]))} "
+                f"| {fmt_us(max((x.get('max') or 0) for x in lat))} "
+                f"| {fmt_int(sum(s['loadgen'].get('gaps') or 0 for s in ss))} "
+                f"| {fmt_num(median([s.get('server_cpu_secs_per_1m') for s in ss]))} "
+                f"| {fmt_num(median([s.get('nats_cpu_secs_per_1m') for s in ss]))} "
+                f"| {fmt_int(median([sum((s.get('rss_kib_during') or {}).values()) or None for s in ss]))} |")
+        lines += [""]
+    lines += ["## Every step", "",
+              "| setup | msg/s | round | connected | deliveries/s (of offered) | p50 per loadgen | p99 per loadgen "
+              "| p99 worst | max | gaps / dups | gateway CPU-s per 1M | nats CPU-s per 1M | gateway cores "
+              "| loadgen cores | machine busy | other cores | gateway RSS KiB | problem |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for rate, setup in keys:
+        for s in sorted((s for s in steps if s["rate"] == rate and s["setup"] == setup),
+                        key=lambda s: s.get("run") or 0):
+            if "loadgen" not in s:
+                lines.append(f"| {setup} | {fmt_int(rate)} | {s.get('run')} | – | – | – | – | – | – | – | – | – "
+                             f"| – | – | – | – | – | error: {(s.get('error') or '?').splitlines()[0][:100]} |")
+                continue
+            r = s["loadgen"]
+            lat = r.get("latency_us") or {}
+            per = s.get("loadgens") or []
+            p50s = " \\| ".join(fmt_us((x.get("latency_us") or {}).get("p50")) for x in per)
+            p99s = " \\| ".join(fmt_us((x.get("latency_us") or {}).get("p99")) for x in per)
+            win = s.get("window_secs") or 0
+            dps = r.get("deliveries_per_sec")
+            offered = s.get("expected_deliveries_per_sec")
+            share = f" ({100 * dps / offered:.1f}%)" if dps and offered else ""
+            rss = s.get("rss_kib_during") or {}
+            rss_cell = " + ".join(fmt_int(x) for x in rss.values()) if rss else "–"
+            busy = s.get("machine_cpu_busy_pct")
+            lines.append(
+                f"| {setup} | {fmt_int(rate)} | {s.get('run')} | {fmt_int(r.get('connected'))} "
+                f"| {fmt_int(dps)}{share} | {p50s} | {p99s} | {fmt_us(lat.get('p99'))} | {fmt_us(lat.get('max'))} "
+                f"| {fmt_int(r.get('gaps'))} / {fmt_int(r.get('dups'))} "
+                f"| {fmt_num(s.get('server_cpu_secs_per_1m'))} | {fmt_num(s.get('nats_cpu_secs_per_1m'))} "
+                f"| {fmt_num(s['server_cpu_secs'] / win if win and s.get('server_cpu_secs') is not None else None, 2)} "
+                f"| {fmt_num(s['loadgen_cpu_secs'] / win if win and s.get('loadgen_cpu_secs') is not None else None, 2)} "
+                f"| {'–' if busy is None else f'{busy:.0f}%'} | {fmt_num(s.get('other_cores'), 2)} "
+                f"| {rss_cell} | {s.get('problem') or ''} |")
+    lines += ["", "Cores are CPU-s per second of the window (2.00 = both cores); machine busy is of the "
+              "whole machine (100% = both cores); other cores = machine busy minus the gateways, loadgens "
+              "and nats-server (the runner, anything else running). Gateway RSS: one figure per instance (`gw-a + gw-b`), "
+              "sampled during the window. Raw loadgen lines, per-instance CPU, lease state and the "
+              f"instances' `gateway_broker_*` counters: `{doc.get('tag')}-cluster.json`.", ""]
+    paths = [s for s in steps if s.get("nats_path")]
+    if paths:
+        lines += ["## What went through NATS", "",
+                  "Between the moment every instance was ready and the end of the loadgens' run: "
+                  "messages the source's instance published to the stream, the stream's new "
+                  "sequences, and per instance how many messages nats-server delivered to its "
+                  "consumer (JetStream `/jsz`, consumer_seq) and how many it handed to its sessions "
+                  "(`gateway_broker_messages_received_total`; an instance skips its own messages, "
+                  "so the source's instance shows 0 received).", "",
+                  "| setup | msg/s | round | sent | stream seqs | instance | delivered by nats-server "
+                  "| received (to sessions) |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|"]
+        for rate, setup in keys:
+            for s in sorted((s for s in paths if s["rate"] == rate and s["setup"] == setup),
+                            key=lambda s: s.get("run") or 0):
+                p = s["nats_path"]
+                for inst, row in (p.get("instances") or {}).items():
+                    share = row.get("delivered_by_nats_share")
+                    rshare = row.get("received_share")
+                    lines.append(
+                        f"| {setup} | {fmt_int(rate)} | {s.get('run')} | {fmt_int(p.get('sent'))} "
+                        f"| {fmt_int(p.get('stream_messages'))} | {inst} "
+                        f"| {fmt_int(row.get('delivered_by_nats'))}"
+                        + (f" ({100 * share:.1f}%)" if share is not None else "")
+                        + f" | {fmt_int(row.get('received'))}"
+                        + (f" ({100 * rshare:.1f}% of sent)" if rshare is not None else "") + " |")
+        lines += [""]
+    errors = [s for s in steps if "error" in s]
+    for s in errors:
+        lines.append(f"- {s['setup']} at {fmt_int(s['rate'])} msg/s, round {s.get('run')}: "
+                     f"{s['error'].splitlines()[0]}")
+    if errors:
+        lines.append("")
+    lines += [f"Runner time: {doc.get('elapsed_secs')} s.", ""]
+    return "\n".join(lines)
+
+
+def cmd_cluster_summary(cfg) -> int:
+    results = Path(cfg.results).resolve()
+    tag = cfg.tag or dt.date.today().isoformat()
+    path = results / f"{tag}-cluster.json"
+    if not path.is_file():
+        sys.exit(f"{path} is missing")
+    md = render_cluster(json.loads(path.read_text()))
+    (results / f"{tag}-cluster-summary.md").write_text(md)
+    print(md)
+    return 0
+
+
+# --------------------------------------------------------------------------
 # setup.
 
 def cmd_setup(cfg) -> int:
@@ -1684,6 +2390,53 @@ def main(argv=None) -> int:
     gs.add_argument("--results", default=str(DEFAULT_RESULTS))
     gs.add_argument("--tag", help="default <date>-scale")
     gs.set_defaults(func=cmd_scale_summary)
+
+    k = sub.add_parser("cluster", help="one gateway vs two over NATS JetStream (`broker: {kind: nats}`), "
+                                       "clients split over the instances")
+    k.add_argument("--setups", default=",".join(CLUSTER_SETUPS),
+                   help=f"comma-separated subset of {','.join(CLUSTER_SETUPS)} (default: all)")
+    k.add_argument("--quick", action="store_true", help="smoke run: 1 s warm-up, 3 s windows, one round")
+    k.add_argument("--clients", type=int, default=1000, help="clients in all (split over the loadgens)")
+    k.add_argument("--rates", type=lambda v: [float(x) if "." in x else int(x) for x in v.split(",")],
+                   default=CLUSTER_RATES,
+                   help=f"message rates, in order (default {','.join(map(str, CLUSTER_RATES))})")
+    k.add_argument("--repeat", type=int, help="rounds of every setup x rate (default 3, quick 1)")
+    k.add_argument("--duration", type=int, help="loadgen measuring window, s (default 10, quick 3)")
+    k.add_argument("--warmup", type=int, help="loadgen warm-up, s (default 2, quick 1)")
+    k.add_argument("--ramp", type=float, default=2000,
+                   help="connections/s while connecting, all loadgens together")
+    k.add_argument("--loadgens", type=int, default=2,
+                   help="loadgen processes sharing the clients, in every setup (loadgen j follows "
+                        "instance j mod instances; default 2)")
+    k.add_argument("--sources", type=int, default=4, help="loadgen source addresses 127.0.0.1..N")
+    k.add_argument("--loadgen", default=str(ROOT / "target" / "release" / "loadgen"))
+    k.add_argument("--loadgen-threads", type=int, default=1,
+                   help="loadgen --threads of each loadgen (default 1: two loadgens have the two "
+                        "worker threads one loadgen has by default)")
+    k.add_argument("--max-load", type=float, default=1.0,
+                   help="wait for the 1-minute load average to fall below this first (0: do not wait)")
+    k.add_argument("--wait-load", type=float, default=120, help="longest wait for --max-load, s")
+    k.add_argument("--step-max-busy", type=float, default=20.0,
+                   help="before each step, wait for the machine to be at most this %% busy (over 1 s)")
+    k.add_argument("--step-quiet-wait", type=float, default=60.0,
+                   help="longest wait for --step-max-busy before a step, s")
+    k.add_argument("--results", default=str(DEFAULT_RESULTS))
+    k.add_argument("--tag", help="<results>/<tag>-cluster.json and -cluster-summary.md "
+                                 "(default: today's date, + -quick)")
+    k.add_argument("--start-timeout", type=float, default=30.0)
+    k.add_argument("--settle", type=float, default=0.5, help="seconds after a gateway accepts")
+    k.add_argument("--connect-slack", type=float, default=15.0,
+                   help="extra seconds allowed for all clients to connect")
+    k.add_argument("--step-slack", type=float, default=30.0,
+                   help="extra seconds before a loadgen run is killed")
+    k.add_argument("--window-lead", type=float, default=0.5,
+                   help="seconds after loadgen's warm-up before the CPU window opens")
+    k.set_defaults(func=cmd_cluster)
+
+    ks = sub.add_parser("cluster-summary", help="rebuild <tag>-cluster-summary.md from <tag>-cluster.json")
+    ks.add_argument("--results", default=str(DEFAULT_RESULTS))
+    ks.add_argument("--tag", help="default: today's date")
+    ks.set_defaults(func=cmd_cluster_summary)
 
     m = sub.add_parser("summary", help="rebuild <tag>-summary.md from <tag>-<server>.json")
     m.add_argument("--results", default=str(DEFAULT_RESULTS))
