@@ -427,6 +427,7 @@ impl ChannelRuntime {
                     RemoteAnswer::Failed(m) => Err(CommandError::Failed(m)),
                     RemoteAnswer::Crashed(m) => Err(CommandError::Crashed(m)),
                     RemoteAnswer::Unavailable => Err(CommandError::Unavailable),
+                    RemoteAnswer::Timeout => Err(CommandError::Timeout),
                 };
             }
             (None, _) => return Err(CommandError::Unavailable),
@@ -872,6 +873,11 @@ struct Interest {
 impl Interest {
     /// Apply `cmd`; returns what the plugin must be told (open or close).
     fn apply(&mut self, cmd: SourceCmd, cluster: &Cluster, channel: &str) -> Vec<SourceCmd> {
+        if !self.ended.is_empty() {
+            let now = Instant::now();
+            self.ended
+                .retain(|_, at| now.duration_since(*at) < 2 * crate::cluster::HEARTBEAT);
+        }
         let mut out = Vec::new();
         let mut change = |want: &mut HashMap<Arc<str>, Want>,
                           k: &Arc<str>,
@@ -924,9 +930,6 @@ impl Interest {
                 }
             }
             SourceCmd::Remote(RemoteInterest::Sync(inst, keys)) => {
-                let now = Instant::now();
-                self.ended
-                    .retain(|_, at| now.duration_since(*at) < 2 * crate::cluster::HEARTBEAT);
                 let listed: HashSet<&Arc<str>> = keys.iter().map(|(k, _)| k).collect();
                 let dropped: Vec<Arc<str>> = self
                     .want
@@ -984,7 +987,7 @@ async fn leased(
 ) {
     let ch = rt.cfg.name.clone();
     let key = cluster.lease_key(&ch);
-    let ttl = cluster.cfg.lease_ttl;
+    let ttl = cluster.lease_ttl();
     // A free lease is noticed within this; a dead holder's lease expires
     // `ttl` after its last renewal.
     let retry = (ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(1));
@@ -994,35 +997,50 @@ async fn leased(
         ended: HashMap::new(),
     };
     let mut first = true;
+    let mut failing = false;
     loop {
-        // Standby: try to take the lease; follow what the cluster wants.
+        // Standby: try to take the lease every `retry` (commands and
+        // interest arriving meanwhile do not push the next try back).
         let mut rev = None;
+        let mut next_try = tokio::time::Instant::now();
         while rev.is_none() {
-            if !first {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    cmd = cmds.recv() => {
-                        let Some(cmd) = cmd else { return };
-                        interest.apply(cmd, &cluster, &ch);
-                        continue;
-                    }
-                    _ = tokio::time::sleep(retry) => {}
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                cmd = cmds.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    interest.apply(cmd, &cluster, &ch);
+                    continue;
                 }
+                _ = tokio::time::sleep_until(next_try) => {}
             }
+            let sent = Instant::now();
             match tokio::time::timeout(call, cluster.lease_write(&key, 0)).await {
-                Ok(Ok(r)) => rev = Some(r),
-                Ok(Err(LeaseError::Held)) | Err(_) => {}
+                Ok(Ok(r)) => rev = Some((r, sent)),
+                Ok(Err(LeaseError::Held)) => {
+                    failing = false;
+                    if first {
+                        tracing::info!(channel = %ch, "standby: another instance runs the source");
+                        rt.set_standby();
+                    }
+                    first = false;
+                }
                 Ok(Err(LeaseError::Failed(e))) => {
-                    tracing::debug!(channel = %ch, error = %e, "lease: {e}")
+                    // Not standby: nobody may be running the source.
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(channel = %ch, error = %e, "cannot take the source's lease: {e}");
+                    }
+                }
+                Err(_) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(channel = %ch, "cannot take the source's lease: NATS did not answer in {call:?}");
+                    }
                 }
             }
-            if rev.is_none() && first {
-                tracing::info!(channel = %ch, "standby: another instance runs the source");
-                rt.set_standby();
-            }
-            first = false;
+            next_try = tokio::time::Instant::now() + retry;
         }
-        let mut rev = rev.unwrap_or_default();
+        failing = false;
+        first = false;
+        let (mut rev, mut renewed_at) = rev.unwrap_or((0, Instant::now()));
         // Holder.
         cluster.metrics.leases_acquired.fetch_add(1, Relaxed);
         rt.metrics.lease_held.store(true, Relaxed);
@@ -1047,7 +1065,11 @@ async fn leased(
             .ok();
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + ttl / 3, ttl / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_ok = Instant::now();
+        // Stop the source before the lease can expire: two thirds of `ttl`
+        // after the last renewal that NATS took (counted from when it was
+        // sent), whatever the renewals meanwhile are doing.
+        let give_up =
+            |renewed_at: Instant| tokio::time::Instant::from_std(renewed_at + ttl * 2 / 3);
         let lost = loop {
             let request = async {
                 match requests.as_mut() {
@@ -1057,20 +1079,18 @@ async fn leased(
             };
             tokio::select! {
                 _ = stop.cancelled() => break false,
+                _ = tokio::time::sleep_until(give_up(renewed_at)) => break true,
                 _ = renew.tick() => {
-                    match tokio::time::timeout(call, cluster.lease_write(&key, rev)).await {
+                    let sent = Instant::now();
+                    let left = give_up(renewed_at).saturating_duration_since(tokio::time::Instant::now());
+                    match tokio::time::timeout(call.min(left), cluster.lease_write(&key, rev)).await {
                         Ok(Ok(r)) => {
                             rev = r;
-                            last_ok = Instant::now();
+                            renewed_at = sent;
                         }
                         Ok(Err(LeaseError::Held)) => break true,
-                        _ => {
-                            // Stop before the lease can expire and another
-                            // instance start the source.
-                            if last_ok.elapsed() >= ttl * 2 / 3 {
-                                break true;
-                            }
-                        }
+                        // Tried again at the next tick, until `give_up`.
+                        _ => {}
                     }
                 }
                 cmd = cmds.recv() => {
@@ -1097,7 +1117,8 @@ async fn leased(
                             Ok(v) => [b"o".as_slice(), &v].concat(),
                             Err(CommandError::Failed(m)) => [b"f".as_slice(), m.as_bytes()].concat(),
                             Err(CommandError::Crashed(m)) => [b"c".as_slice(), m.as_bytes()].concat(),
-                            Err(_) => b"u".to_vec(),
+                            Err(CommandError::Timeout) => b"t".to_vec(),
+                            Err(CommandError::Unavailable) => b"u".to_vec(),
                         };
                         let _ = client.publish(reply, answer.into()).await;
                     });
@@ -1111,7 +1132,7 @@ async fn leased(
         rt.metrics.lease_held.store(false, Relaxed);
         if stop.is_cancelled() || !lost {
             // Give the lease up: another instance starts at once.
-            let _ = tokio::time::timeout(call, cluster.lease_release(&key)).await;
+            let _ = tokio::time::timeout(call, cluster.lease_release(&key, rev)).await;
             tracing::info!(channel = %ch, "gave up the source's lease");
             return;
         }

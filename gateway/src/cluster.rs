@@ -19,7 +19,8 @@
 //!   every channel's last value from it before it serves, and a keyed
 //!   stream's last value is fetched from it on a first local subscribe.
 //! - Each plugin source runs on one instance at a time: the holder of its
-//!   lease in the JetStream KV bucket `{p}_leases` (see `channel::leased`).
+//!   lease, a subject of the JetStream stream `{p}_leases` written with
+//!   conditional publishes (see `channel::leased`).
 //! - Every instance says once a second which keyed streams its clients
 //!   follow and how many connections it counts per limit (`{p}.ctl.hb.*`),
 //!   so the lease holder opens the streams the cluster wants and connection
@@ -161,8 +162,10 @@ pub enum RemoteAnswer {
     Failed(String),
     /// The plugin panicked.
     Crashed(String),
-    /// No instance runs the source, or it did not answer in time.
+    /// No instance runs the source (or it is not running there).
     Unavailable,
+    /// No answer in time.
+    Timeout,
 }
 
 /// This instance's membership of the cluster; also its [`Broker`].
@@ -174,6 +177,7 @@ pub struct Cluster {
     stream: stream::Stream,
     js: jetstream::Context,
     leases: stream::Stream,
+    lease_ttl: Duration,
     /// Delivery to this instance's sessions.
     pub local: Arc<MemoryBroker>,
     out: mpsc::Sender<Outgoing>,
@@ -181,10 +185,10 @@ pub struct Cluster {
     /// Figures.
     pub metrics: ClusterMetrics,
     peers: Mutex<HashMap<Arc<str>, Peer>>,
-    /// Keyed topics whose last value was replayed from the stream on a
-    /// first subscribe, with its stream sequence: the feed skips that
-    /// message and older ones.
-    fetched: Arc<Mutex<HashMap<Topic, u64>>>,
+    /// The stream sequence of the last message the feed processed. The feed
+    /// holds it while it hands a message to sessions, so a last value
+    /// replayed from the stream and the feed's deliveries never cross.
+    feed_seq: Arc<Mutex<u64>>,
     /// Encoded subject prefix of messages: `{p}.msg`.
     msg_prefix: String,
     /// This process in the cluster: the instance name and a random part, so
@@ -305,14 +309,17 @@ impl Cluster {
             })
             .await
             .map_err(|e| fail("cannot create the lease stream (is JetStream enabled?)", &e))?;
+        let mut lease_ttl = cfg.lease_ttl;
         if let Ok(info) = leases.get_info().await
             && info.config.max_age != cfg.lease_ttl
+            && !info.config.max_age.is_zero()
         {
             tracing::warn!(
                 configured = ?cfg.lease_ttl,
                 in_use = ?info.config.max_age,
-                "the cluster's lease stream has another lease_ttl (the first instance's); every instance should configure the same one"
+                "the cluster's lease stream has another lease_ttl (the first instance's): using it; configure the same one on every instance"
             );
+            lease_ttl = info.config.max_age;
         }
         let (out, out_rx) = mpsc::channel(OUTBOX);
         tracing::info!(instance = %cfg.instance, url = %cfg.url, prefix = %p, lease_ttl = ?cfg.lease_ttl, "joined the cluster");
@@ -325,12 +332,13 @@ impl Cluster {
             js,
             stream,
             leases,
+            lease_ttl,
             local: Arc::new(MemoryBroker::new()),
             out,
             out_rx: Mutex::new(Some(out_rx)),
             metrics: ClusterMetrics::default(),
             peers: Mutex::new(HashMap::new()),
-            fetched: Arc::default(),
+            feed_seq: Arc::default(),
         }))
     }
 
@@ -370,7 +378,7 @@ impl Cluster {
         );
         let ack = self
             .js
-            .publish_with_headers(key.to_string(), h, self.cfg.instance.clone().into())
+            .publish_with_headers(key.to_string(), h, self.origin.clone().into())
             .await
             .map_err(|e| LeaseError::Failed(e.to_string()))?
             .await;
@@ -383,9 +391,17 @@ impl Cluster {
         }
     }
 
-    /// Give lease `key` up.
-    pub async fn lease_release(&self, key: &str) {
-        let _ = self.leases.purge().filter(key).await;
+    /// Give lease `key` up, if this instance's write (sequence `rev`) is
+    /// still its last: the purge removes messages up to `rev` only, so a
+    /// lease another instance took since stays.
+    pub async fn lease_release(&self, key: &str, rev: u64) {
+        let _ = self.leases.purge().filter(key).sequence(rev + 1).await;
+    }
+
+    /// How long a lease lives without renewal: the lease stream's `max_age`
+    /// (the first instance's `lease_ttl`; every instance must agree).
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
     }
 
     fn send(&self, topic: &Topic, payload: Bytes, retain: bool, end: bool) {
@@ -490,17 +506,25 @@ impl Cluster {
         self.metrics.commands_forwarded.fetch_add(1, Relaxed);
         let mut headers = HeaderMap::new();
         headers.insert("Gw-Timeout-Ms", timeout.as_millis().to_string().as_str());
-        let req =
-            self.client
-                .request_with_headers(self.cmd_subject(channel), headers, request.into());
-        match tokio::time::timeout(timeout, req).await {
-            Ok(Ok(m)) => match m.payload.split_first() {
+        let req = self.client.send_request(
+            self.cmd_subject(channel),
+            async_nats::Request::new()
+                .headers(headers)
+                .payload(request.into())
+                // A little longer than the holder's own wait, so its
+                // timeout answer comes back.
+                .timeout(Some(timeout + Duration::from_millis(500))),
+        );
+        match req.await {
+            Ok(m) => match m.payload.split_first() {
                 Some((b'o', rest)) => RemoteAnswer::Ok(rest.to_vec()),
                 Some((b'f', rest)) => RemoteAnswer::Failed(String::from_utf8_lossy(rest).into()),
                 Some((b'c', rest)) => RemoteAnswer::Crashed(String::from_utf8_lossy(rest).into()),
+                Some((b't', _)) => RemoteAnswer::Timeout,
                 _ => RemoteAnswer::Unavailable,
             },
-            _ => RemoteAnswer::Unavailable,
+            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => RemoteAnswer::Timeout,
+            Err(_) => RemoteAnswer::Unavailable,
         }
     }
 
@@ -682,12 +706,13 @@ impl Broker for Cluster {
         let fetch = replay && topic.key.is_some() && self.local.last(topic).is_none();
         let (id, n) = self.local.subscribe(topic, sub, replay);
         if fetch && let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (stream, subject, local, topic, fetched) = (
+            let (stream, subject, local, topic, feed_seq, origin) = (
                 self.stream.clone(),
                 self.msg_subject(topic),
                 self.local.clone(),
                 topic.clone(),
-                self.fetched.clone(),
+                self.feed_seq.clone(),
+                self.origin.clone(),
             );
             rt.spawn(async move {
                 let Ok(m) = stream.get_last_raw_message_by_subject(&subject).await else {
@@ -699,11 +724,19 @@ impl Broker for Cluster {
                 let Some(header) = frame_payload(&m.payload) else {
                     return;
                 };
-                // Holding the map: the feed sees the replay and its sequence together.
-                let mut f = fetched.lock();
-                if local.replay_if_fresh(&topic, id, &Message::new(m.payload, header)) {
-                    f.insert(topic, m.sequence);
+                let own = m
+                    .headers
+                    .get(H_ORIGIN)
+                    .is_some_and(|o| o.as_str() == origin);
+                // A message the feed has not reached yet reaches the new
+                // subscriber through the feed (this instance's own ones
+                // excepted: the feed skips those). Otherwise it is replayed,
+                // unless something was published since the subscriber joined.
+                let fed = feed_seq.lock();
+                if own || *fed >= m.sequence {
+                    local.replay_if_fresh(&topic, id, &Message::new(m.payload, header));
                 }
+                drop(fed);
             });
         }
         (id, n)
@@ -746,6 +779,14 @@ async fn pump(c: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>, shutdown: Cance
             break;
         }
     }
+    // After everything this instance announced: the others forget it now.
+    let _ = c
+        .client
+        .publish(
+            format!("{}.ctl.bye.{}", c.cfg.prefix, c.cfg.instance),
+            Bytes::new(),
+        )
+        .await;
     let _ = c.client.flush().await;
 }
 
@@ -771,9 +812,14 @@ async fn feed(
             }
             Some(Ok(m)) => m,
         };
-        if !*ready.borrow() && m.info().map(|i| i.pending == 0).unwrap_or(true) {
+        let starting = !*ready.borrow();
+        if starting && m.info().map(|i| i.pending == 0).unwrap_or(true) {
             let _ = ready.send(true);
         }
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        // Held until this message is handed to the sessions (see `feed_seq`).
+        let mut fed = c.feed_seq.lock();
+        *fed = (*fed).max(seq);
         let headers = m.headers.clone().unwrap_or_default();
         if headers
             .get(H_ORIGIN)
@@ -801,19 +847,19 @@ async fn feed(
         let key: Option<Arc<str>> = key.map(Into::into);
         if headers.get(H_END).is_some() {
             if let Some(k) = key {
-                c.fetched.lock().remove(&Topic {
-                    channel: rt.cfg.name.clone(),
-                    key: Some(k.clone()),
-                });
                 rt.end_key_remote(k);
             }
             continue;
         }
-        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
         let topic = Topic {
             channel: rt.cfg.name.clone(),
             key,
         };
+        // While starting, the stream's last values arrive; one this
+        // instance published itself meanwhile is newer.
+        if starting && c.local.last(&topic).is_some() {
+            continue;
+        }
         let payload = m.message.payload.clone();
         let Some(header) = frame_payload(&payload) else {
             c.metrics.received_invalid.fetch_add(1, Relaxed);
@@ -832,19 +878,8 @@ async fn feed(
         c.metrics.received.fetch_add(1, Relaxed);
         let retain =
             headers.get(H_RETAIN).is_some() && (topic.key.is_none() || c.local.follows(&topic));
-        // Under the lock: a last value being replayed from the stream and
-        // this message reach the topic's sessions once each, in order.
-        let mut fetched = c.fetched.lock();
-        if topic.key.is_some()
-            && let Some(&s) = fetched.get(&topic)
-        {
-            if seq <= s {
-                continue;
-            }
-            fetched.remove(&topic);
-        }
         c.local.publish(&topic, &msg, retain);
-        drop(fetched);
+        drop(fed);
     }
 }
 
@@ -940,6 +975,7 @@ async fn heartbeat(c: Arc<Cluster>, state: Weak<GatewayState>, shutdown: Cancell
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let subject = format!("{}.ctl.hb.{}", c.cfg.prefix, c.cfg.instance);
+    let mut hb_failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -980,16 +1016,16 @@ async fn heartbeat(c: Arc<Cluster>, state: Weak<GatewayState>, shutdown: Cancell
         }
         drop(st);
         let payload = serde_json::to_vec(&h).unwrap_or_default();
-        let _ = c.client.publish(subject.clone(), payload.into()).await;
+        if let Err(e) = c.client.publish(subject.clone(), payload.into()).await {
+            c.metrics.send_errors.fetch_add(1, Relaxed);
+            if !hb_failing {
+                tracing::warn!(error = %e, "cannot send this instance's heartbeat: the others will count it as gone");
+            }
+            hb_failing = true;
+        } else {
+            hb_failing = false;
+        }
     }
-    let _ = c
-        .client
-        .publish(
-            format!("{}.ctl.bye.{}", c.cfg.prefix, c.cfg.instance),
-            Bytes::new(),
-        )
-        .await;
-    let _ = c.client.flush().await;
 }
 
 #[cfg(test)]

@@ -628,3 +628,69 @@ async fn cluster_credentials_come_from_the_environment_and_are_never_logged() {
         "the password is logged: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_keyed_source_is_taken_over_with_the_keys_the_cluster_follows() {
+    require("NATS", NATS).await;
+    // The default lease_ttl: the standbys try every second while the
+    // others' heartbeats (keyed interest) arrive about as often.
+    let prefix = Prefix::new("gwkeyover");
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/jobs.yaml",
+        "channel: jobs\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 100ms\n  config: {steps: 100000}\nendpoints:\n  - path: /jobs/{job_id}\n",
+    );
+    let http = "http:\n  - path: /open-keys\n    command: {channel: jobs, request: {op: status}}\n";
+    let mut procs: Vec<Process> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Process::spawn(&instance_yaml(&dep, n, &prefix, "6s", http)))
+        .collect();
+    let holder = eventually("one instance runs the source", || async {
+        let mut held = Vec::new();
+        for (i, p) in procs.iter().enumerate() {
+            if holds_lease(p.addr, "jobs").await {
+                held.push(i);
+            }
+        }
+        (held.len() == 1).then(|| held[0])
+    })
+    .await;
+    // Clients of the two other instances follow k1 and k2.
+    let others: Vec<usize> = (0..3).filter(|i| *i != holder).collect();
+    let mut k1 = connect(procs[others[0]].addr, "/jobs/k1").await;
+    let mut k2 = connect(procs[others[1]].addr, "/jobs/k2").await;
+    for ws in [&mut k1, &mut k2] {
+        next_json(ws).await;
+    }
+    let killed_at = Instant::now();
+    procs[holder].kill();
+    // A survivor takes the source over and opens both keys again: their
+    // steps start over (a new plugin instance).
+    for (ws, key) in [(&mut k1, "k1"), (&mut k2, "k2")] {
+        loop {
+            let m = next_json(ws).await;
+            assert_eq!(m["key"], key);
+            if m["step"] == 1 {
+                break;
+            }
+        }
+    }
+    let took = killed_at.elapsed();
+    eprintln!("keyed source taken over with its two keys {took:?} after the kill (lease_ttl 6s)");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let new_holder = eventually("one survivor runs the source", || async {
+        let mut held = Vec::new();
+        for &i in &others {
+            if holds_lease(procs[i].addr, "jobs").await {
+                held.push(i);
+            }
+        }
+        (held.len() == 1).then(|| held[0])
+    })
+    .await;
+    let (_, _, status) = http_body(procs[new_holder].addr, "GET", "/open-keys", &[], "").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&status).unwrap()["open_keys"],
+        json!(["k1", "k2"])
+    );
+}
