@@ -37,15 +37,16 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Every YAML file shipped in the repository (hidden directories and
-/// `target/` aside), sorted.
+/// Every YAML file shipped in the repository (hidden directories, `target/`
+/// and the benchmark runner's `*.tmp` directories aside), sorted.
 pub fn shipped_yaml_files() -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(dir).unwrap().flatten() {
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             if p.is_dir() {
-                if !name.starts_with('.') && name != "target" {
+                // `*.tmp`: the benchmark runner's generated files (git-ignored).
+                if !name.starts_with('.') && name != "target" && !name.ends_with(".tmp") {
                     walk(&p, out);
                 }
             } else if name.ends_with(".yaml") || name.ends_with(".yml") {
