@@ -546,78 +546,77 @@ impl Cluster {
         use std::fmt::Write;
         let m = &self.metrics;
         let local = st.metrics.connections.load(Relaxed).max(0) as u64;
-        let mut g = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        };
-        g(
-            "gateway_cluster_instances",
-            "gauge",
-            "Cluster-wide: gateway instances in the cluster (this one and those heard from lately).",
-            m.peers.load(Relaxed) + 1,
-        );
-        g(
-            "gateway_cluster_connections",
-            "gauge",
-            "Cluster-wide: open WebSocket connections on every instance (the others' as of their last heartbeat).",
-            local + m.peer_connections.load(Relaxed),
-        );
-        g(
-            "gateway_broker_messages_sent_total",
-            "counter",
-            "This instance: messages published here and sent to the other instances.",
-            m.sent.load(Relaxed),
-        );
-        g(
-            "gateway_broker_messages_received_total",
-            "counter",
-            "This instance: messages from other instances handed to sessions here.",
-            m.received.load(Relaxed),
-        );
-        g(
-            "gateway_broker_send_dropped_total",
-            "counter",
-            "This instance: messages not sent to the other instances because the outbox to NATS was full.",
-            m.send_dropped.load(Relaxed),
-        );
-        g(
-            "gateway_broker_send_errors_total",
-            "counter",
-            "This instance: publishes to NATS that failed.",
-            m.send_errors.load(Relaxed),
-        );
-        g(
-            "gateway_broker_received_invalid_total",
-            "counter",
-            "This instance: messages from NATS that were not one whole text frame of a known subject, dropped.",
-            m.received_invalid.load(Relaxed),
-        );
-        g(
-            "gateway_broker_received_unknown_channel_total",
-            "counter",
-            "This instance: messages from other instances for channels not served here, dropped.",
-            m.received_unknown.load(Relaxed),
-        );
-        g(
-            "gateway_source_leases_acquired_total",
-            "counter",
-            "This instance: source leases taken (sources started here).",
-            m.leases_acquired.load(Relaxed),
-        );
-        g(
-            "gateway_source_leases_lost_total",
-            "counter",
-            "This instance: source leases lost because renewing failed (sources stopped here).",
-            m.leases_lost.load(Relaxed),
-        );
-        g(
-            "gateway_commands_forwarded_total",
-            "counter",
-            "This instance: plugin commands asked of the instance running the source.",
-            m.commands_forwarded.load(Relaxed),
-        );
+        let figures: [(&str, &str, &str, u64); 11] = [
+            (
+                "gateway_cluster_instances",
+                "gauge",
+                "Cluster-wide: gateway instances in the cluster (this one and those heard from lately).",
+                m.peers.load(Relaxed) + 1,
+            ),
+            (
+                "gateway_cluster_connections",
+                "gauge",
+                "Cluster-wide: open WebSocket connections on every instance (the others' as of their last heartbeat).",
+                local + m.peer_connections.load(Relaxed),
+            ),
+            (
+                "gateway_broker_messages_sent_total",
+                "counter",
+                "This instance: messages published here and sent to the other instances.",
+                m.sent.load(Relaxed),
+            ),
+            (
+                "gateway_broker_messages_received_total",
+                "counter",
+                "This instance: messages from other instances handed to sessions here.",
+                m.received.load(Relaxed),
+            ),
+            (
+                "gateway_broker_send_dropped_total",
+                "counter",
+                "This instance: messages not sent to the other instances because the outbox to NATS was full.",
+                m.send_dropped.load(Relaxed),
+            ),
+            (
+                "gateway_broker_send_errors_total",
+                "counter",
+                "This instance: publishes to NATS that failed.",
+                m.send_errors.load(Relaxed),
+            ),
+            (
+                "gateway_broker_received_invalid_total",
+                "counter",
+                "This instance: messages from NATS that were not one whole text frame of a known subject, dropped.",
+                m.received_invalid.load(Relaxed),
+            ),
+            (
+                "gateway_broker_received_unknown_channel_total",
+                "counter",
+                "This instance: messages from other instances for channels not served here, dropped.",
+                m.received_unknown.load(Relaxed),
+            ),
+            (
+                "gateway_source_leases_acquired_total",
+                "counter",
+                "This instance: source leases taken (sources started here).",
+                m.leases_acquired.load(Relaxed),
+            ),
+            (
+                "gateway_source_leases_lost_total",
+                "counter",
+                "This instance: source leases lost because renewing failed (sources stopped here).",
+                m.leases_lost.load(Relaxed),
+            ),
+            (
+                "gateway_commands_forwarded_total",
+                "counter",
+                "This instance: plugin commands asked of the instance running the source.",
+                m.commands_forwarded.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, v) in figures {
+            crate::metrics::series(out, name, kind, help, v as i64);
+        }
         let _ = writeln!(
             out,
             "# HELP gateway_source_lease_held This instance: 1 while it holds the channel source's lease and runs the source.\n# TYPE gateway_source_lease_held gauge"
@@ -629,7 +628,7 @@ impl Cluster {
             let _ = writeln!(
                 out,
                 "gateway_source_lease_held{{channel=\"{}\",instance=\"{}\"}} {}",
-                rt.cfg.name.replace('\\', "\\\\").replace('"', "\\\""),
+                crate::metrics::escape(&rt.cfg.name),
                 self.cfg.instance,
                 u8::from(rt.metrics.lease_held.load(Relaxed))
             );
@@ -638,7 +637,7 @@ impl Cluster {
 
     /// Forget the other instances not heard from within `PEER_EXPIRY`;
     /// returns their names.
-    fn expire_peers(&self) -> Vec<Arc<str>> {
+    fn expire_peers(&self, st: &GatewayState) -> Vec<Arc<str>> {
         let mut peers = self.peers.lock();
         let now = Instant::now();
         let gone: Vec<Arc<str>> = peers
@@ -650,23 +649,24 @@ impl Cluster {
             peers.remove(g);
         }
         if !gone.is_empty() {
-            self.recount(&peers);
+            self.peers_changed(&peers, st);
         }
         gone
     }
 
-    /// Sum the other instances' counts into the limits' remote view.
-    fn recount(&self, peers: &HashMap<Arc<str>, Peer>) {
+    /// The other instances changed: recount them and their connections,
+    /// and (with cluster limits) hand their counts, summed per setting and
+    /// key, to the connection caps.
+    fn peers_changed(&self, peers: &HashMap<Arc<str>, Peer>, st: &GatewayState) {
         self.metrics.peers.store(peers.len() as u64, Relaxed);
         self.metrics
             .peer_connections
             .store(peers.values().map(|p| p.connections).sum(), Relaxed);
-    }
-
-    /// The other instances' connection counts, summed per setting and key.
-    fn remote_counts(&self) -> HashMap<String, HashMap<String, usize>> {
+        if !self.cfg.cluster_limits {
+            return;
+        }
         let mut sum: HashMap<String, HashMap<String, usize>> = HashMap::new();
-        for p in self.peers.lock().values() {
+        for p in peers.values() {
             for (id, keys) in &p.counts {
                 let e = sum.entry(id.clone()).or_default();
                 for (k, n) in keys {
@@ -674,7 +674,15 @@ impl Cluster {
                 }
             }
         }
-        sum
+        st.config().pool.remote.set(sum);
+    }
+}
+
+/// Instance `inst` is gone: its clients' keyed-stream interest no longer
+/// counts.
+fn peer_gone(st: &GatewayState, inst: &Arc<str>) {
+    for rt in st.live().channels.values().filter(|rt| rt.cfg.keyed) {
+        rt.remote_interest(RemoteInterest::Gone(inst.clone()));
     }
 }
 
@@ -920,10 +928,7 @@ async fn control(
                         counts: h.counts,
                     },
                 );
-                c.recount(&peers);
-            }
-            if c.cfg.cluster_limits {
-                st.config().pool.remote.set(c.remote_counts());
+                c.peers_changed(&peers, &st);
             }
             let mut keys = h.keys;
             for rt in st.live().channels.values().filter(|rt| rt.cfg.keyed) {
@@ -957,14 +962,9 @@ async fn control(
             {
                 let mut peers = c.peers.lock();
                 peers.remove(&from);
-                c.recount(&peers);
+                c.peers_changed(&peers, &st);
             }
-            if c.cfg.cluster_limits {
-                st.config().pool.remote.set(c.remote_counts());
-            }
-            for rt in st.live().channels.values().filter(|rt| rt.cfg.keyed) {
-                rt.remote_interest(RemoteInterest::Gone(from.clone()));
-            }
+            peer_gone(&st, &from);
         }
     }
 }
@@ -1002,17 +1002,9 @@ async fn heartbeat(c: Arc<Cluster>, state: Weak<GatewayState>, shutdown: Cancell
                 );
             }
         }
-        let gone = c.expire_peers();
-        if !gone.is_empty() {
-            if c.cfg.cluster_limits {
-                st.config().pool.remote.set(c.remote_counts());
-            }
-            for g in gone {
-                tracing::info!(instance = %g, "cluster peer gone quiet");
-                for rt in st.live().channels.values().filter(|rt| rt.cfg.keyed) {
-                    rt.remote_interest(RemoteInterest::Gone(g.clone()));
-                }
-            }
+        for g in c.expire_peers(&st) {
+            tracing::info!(instance = %g, "cluster peer gone quiet");
+            peer_gone(&st, &g);
         }
         drop(st);
         let payload = serde_json::to_vec(&h).unwrap_or_default();

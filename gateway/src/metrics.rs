@@ -143,12 +143,7 @@ impl Metrics {
     /// Render everything in the Prometheus text exposition format (0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let g = |out: &mut String, name: &str, kind: &str, help: &str, v: i64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        };
+        let g = series;
         g(
             &mut out,
             "gateway_connections",
@@ -378,7 +373,16 @@ impl Metrics {
     }
 }
 
-fn escape(s: &str) -> String {
+/// One unlabelled series: its HELP and TYPE lines and its value.
+pub fn series(out: &mut String, name: &str, kind: &str, help: &str, v: i64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+    );
+}
+
+/// A label value escaped for the text format.
+pub fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
