@@ -40,23 +40,10 @@ impl std::ops::Deref for Prefix {
 
 impl Drop for Prefix {
     fn drop(&mut self) {
-        let p = self.0.clone();
-        // Drop may run on a runtime thread: delete from a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(c) = async_nats::connect(NATS).await {
-                    let js = async_nats::jetstream::new(c);
-                    for s in ["messages", "leases"] {
-                        let _ = js.delete_stream(format!("{p}_{s}")).await;
-                    }
-                }
-            });
-        })
-        .join();
+        delete_nats_streams(vec![
+            format!("{}_messages", self.0),
+            format!("{}_leases", self.0),
+        ]);
     }
 }
 
@@ -102,6 +89,20 @@ async fn holds_lease(addr: SocketAddr, channel: &str) -> bool {
         l.starts_with(&format!("gateway_source_lease_held{{channel=\"{channel}\""))
             && l.ends_with(" 1")
     })
+}
+
+/// Which of `addrs` runs `channel`'s source, once exactly one does.
+async fn sole_holder(addrs: &[SocketAddr], channel: &str) -> usize {
+    eventually("exactly one instance runs the source", || async {
+        let mut held = Vec::new();
+        for (i, a) in addrs.iter().enumerate() {
+            if holds_lease(*a, channel).await {
+                held.push(i);
+            }
+        }
+        (held.len() == 1).then(|| held[0])
+    })
+    .await
 }
 
 /// A gateway process; killed when dropped.
@@ -233,16 +234,8 @@ async fn cluster_of_three_processes_survives_killing_the_one_running_the_source(
         })
         .collect();
     // Exactly one of them runs the source.
-    let holder = eventually("one instance holds the lease", || async {
-        let mut held = Vec::new();
-        for (i, p) in procs.iter().enumerate() {
-            if holds_lease(p.addr, "ticker").await {
-                held.push(i);
-            }
-        }
-        (held.len() == 1).then(|| held[0])
-    })
-    .await;
+    let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
+    let holder = sole_holder(&addrs, "ticker").await;
     // Two clients on every instance.
     let mut readers = Vec::new();
     for (i, p) in procs.iter().enumerate() {
@@ -645,16 +638,8 @@ async fn cluster_keyed_source_is_taken_over_with_the_keys_the_cluster_follows() 
         .iter()
         .map(|n| Process::spawn(&instance_yaml(&dep, n, &prefix, "6s", http)))
         .collect();
-    let holder = eventually("one instance runs the source", || async {
-        let mut held = Vec::new();
-        for (i, p) in procs.iter().enumerate() {
-            if holds_lease(p.addr, "jobs").await {
-                held.push(i);
-            }
-        }
-        (held.len() == 1).then(|| held[0])
-    })
-    .await;
+    let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
+    let holder = sole_holder(&addrs, "jobs").await;
     // Clients of the two other instances follow k1 and k2.
     let others: Vec<usize> = (0..3).filter(|i| *i != holder).collect();
     let mut k1 = connect(procs[others[0]].addr, "/jobs/k1").await;
@@ -678,16 +663,7 @@ async fn cluster_keyed_source_is_taken_over_with_the_keys_the_cluster_follows() 
     let took = killed_at.elapsed();
     eprintln!("keyed source taken over with its two keys {took:?} after the kill (lease_ttl 6s)");
     assert!(took < Duration::from_secs(10), "{took:?}");
-    let new_holder = eventually("one survivor runs the source", || async {
-        let mut held = Vec::new();
-        for &i in &others {
-            if holds_lease(procs[i].addr, "jobs").await {
-                held.push(i);
-            }
-        }
-        (held.len() == 1).then(|| held[0])
-    })
-    .await;
+    let new_holder = others[sole_holder(&[addrs[others[0]], addrs[others[1]]], "jobs").await];
     let (_, _, status) = http_body(procs[new_holder].addr, "GET", "/open-keys", &[], "").await;
     assert_eq!(
         serde_json::from_str::<Value>(&status).unwrap()["open_keys"],

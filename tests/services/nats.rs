@@ -119,20 +119,7 @@ struct StreamGuard(String);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let name = self.0.clone();
-        // The test's runtime may be gone: use a small one on a thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(c) = async_nats::connect(NATS).await {
-                    let _ = jetstream::new(c).delete_stream(&name).await;
-                }
-            });
-        })
-        .join();
+        delete_nats_streams(vec![self.0.clone()]);
     }
 }
 

@@ -87,6 +87,27 @@ pub async fn wait_closed(what: &str, addr: SocketAddr) {
     }
 }
 
+/// Delete JetStream streams from the shared NATS server, from a thread of
+/// its own (callable from `Drop`, on a runtime thread or after the test's
+/// runtime is gone). Streams that do not exist are skipped.
+pub fn delete_nats_streams(names: Vec<String>) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(c) = async_nats::connect(NATS).await {
+                let js = async_nats::jetstream::new(c);
+                for name in &names {
+                    let _ = js.delete_stream(name).await;
+                }
+            }
+        });
+    })
+    .join();
+}
+
 /// A private server process (redis-server or mosquitto) on its own port,
 /// which a test may stop and start again. Killed on drop, so a failing test
 /// leaves nothing running; the shared services are never touched.
