@@ -2299,6 +2299,31 @@ def cmd_setup(cfg) -> int:
 
 # --------------------------------------------------------------------------
 
+def add_loadgen_args(p):
+    """The load generator's binary and its source addresses."""
+    p.add_argument("--sources", type=int, default=4, help="loadgen source addresses 127.0.0.1..N")
+    p.add_argument("--loadgen", default=str(ROOT / "target" / "release" / "loadgen"))
+
+
+def add_load_wait_args(p):
+    """Waiting for a quiet machine before a run."""
+    p.add_argument("--max-load", type=float, default=1.0,
+                   help="wait for the 1-minute load average to fall below this first (0: do not wait)")
+    p.add_argument("--wait-load", type=float, default=120, help="longest wait for --max-load, s")
+
+
+def add_step_timing_args(p, server):
+    """Start-up, connection and CPU-window timing of one step."""
+    p.add_argument("--start-timeout", type=float, default=30.0)
+    p.add_argument("--settle", type=float, default=0.5, help=f"seconds after {server} accepts")
+    p.add_argument("--connect-slack", type=float, default=15.0,
+                   help="extra seconds allowed for all clients to connect")
+    p.add_argument("--step-slack", type=float, default=30.0,
+                   help="extra seconds before a loadgen run is killed")
+    p.add_argument("--window-lead", type=float, default=0.5,
+                   help="seconds after loadgen's warm-up before the CPU window opens")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -2338,19 +2363,11 @@ def main(argv=None) -> int:
                    help="--ramp values of the connection-rate runs, in order "
                         f"(default {','.join(map(str, FULL_CONNECT_RAMPS))}; quick "
                         f"{','.join(map(str, QUICK_CONNECT_RAMPS))})")
-    c.add_argument("--sources", type=int, default=4, help="loadgen source addresses 127.0.0.1..N")
-    c.add_argument("--loadgen", default=str(ROOT / "target" / "release" / "loadgen"))
+    add_loadgen_args(c)
     c.add_argument("--loadgen-threads", type=int, help="loadgen --threads (default: loadgen's own)")
     c.add_argument("--results", default=str(DEFAULT_RESULTS))
     c.add_argument("--tag", help="file name prefix (default: today's date, + -quick)")
-    c.add_argument("--start-timeout", type=float, default=30.0)
-    c.add_argument("--settle", type=float, default=0.5, help="seconds after a server accepts")
-    c.add_argument("--connect-slack", type=float, default=15.0,
-                   help="extra seconds allowed for all clients to connect")
-    c.add_argument("--step-slack", type=float, default=30.0,
-                   help="extra seconds before a loadgen run is killed")
-    c.add_argument("--window-lead", type=float, default=0.5,
-                   help="seconds after loadgen's warm-up before the CPU window opens")
+    add_step_timing_args(c, "a server")
     c.set_defaults(func=cmd_compare)
 
     ints = lambda v: [int(x) for x in v.split(",") if x.strip()]  # noqa: E731
@@ -2368,22 +2385,12 @@ def main(argv=None) -> int:
     g.add_argument("--ramp", type=float, default=5000, help="connections/s while connecting")
     g.add_argument("--budget", type=float, default=540,
                    help="seconds: no cell or level is started that would end after this (default 540)")
-    g.add_argument("--max-load", type=float, default=1.0,
-                   help="wait for the 1-minute load average to fall below this first (0: do not wait)")
-    g.add_argument("--wait-load", type=float, default=120, help="longest wait for --max-load, s")
-    g.add_argument("--sources", type=int, default=4, help="loadgen source addresses 127.0.0.1..N")
-    g.add_argument("--loadgen", default=str(ROOT / "target" / "release" / "loadgen"))
+    add_load_wait_args(g)
+    add_loadgen_args(g)
     g.add_argument("--loadgen-threads", type=int, help="loadgen --threads (default: loadgen's own)")
     g.add_argument("--results", default=str(DEFAULT_RESULTS))
     g.add_argument("--tag", help="file name: <results>/<tag>.json and .md (default <date>-scale)")
-    g.add_argument("--start-timeout", type=float, default=30.0)
-    g.add_argument("--settle", type=float, default=0.5, help="seconds after the gateway accepts")
-    g.add_argument("--connect-slack", type=float, default=15.0,
-                   help="extra seconds allowed for all clients to connect")
-    g.add_argument("--step-slack", type=float, default=30.0,
-                   help="extra seconds before a loadgen run is killed")
-    g.add_argument("--window-lead", type=float, default=0.5,
-                   help="seconds after loadgen's warm-up before the CPU window opens")
+    add_step_timing_args(g, "the gateway")
     g.set_defaults(func=cmd_scale)
 
     gs = sub.add_parser("scale-summary", help="rebuild <tag>.md from <tag>.json of a scale run")
@@ -2408,14 +2415,11 @@ def main(argv=None) -> int:
     k.add_argument("--loadgens", type=int, default=2,
                    help="loadgen processes sharing the clients, in every setup (loadgen j follows "
                         "instance j mod instances; default 2)")
-    k.add_argument("--sources", type=int, default=4, help="loadgen source addresses 127.0.0.1..N")
-    k.add_argument("--loadgen", default=str(ROOT / "target" / "release" / "loadgen"))
+    add_loadgen_args(k)
     k.add_argument("--loadgen-threads", type=int, default=1,
                    help="loadgen --threads of each loadgen (default 1: two loadgens have the two "
                         "worker threads one loadgen has by default)")
-    k.add_argument("--max-load", type=float, default=1.0,
-                   help="wait for the 1-minute load average to fall below this first (0: do not wait)")
-    k.add_argument("--wait-load", type=float, default=120, help="longest wait for --max-load, s")
+    add_load_wait_args(k)
     k.add_argument("--step-max-busy", type=float, default=20.0,
                    help="before each step, wait for the machine to be at most this %% busy (over 1 s)")
     k.add_argument("--step-quiet-wait", type=float, default=60.0,
@@ -2423,14 +2427,7 @@ def main(argv=None) -> int:
     k.add_argument("--results", default=str(DEFAULT_RESULTS))
     k.add_argument("--tag", help="<results>/<tag>-cluster.json and -cluster-summary.md "
                                  "(default: today's date, + -quick)")
-    k.add_argument("--start-timeout", type=float, default=30.0)
-    k.add_argument("--settle", type=float, default=0.5, help="seconds after a gateway accepts")
-    k.add_argument("--connect-slack", type=float, default=15.0,
-                   help="extra seconds allowed for all clients to connect")
-    k.add_argument("--step-slack", type=float, default=30.0,
-                   help="extra seconds before a loadgen run is killed")
-    k.add_argument("--window-lead", type=float, default=0.5,
-                   help="seconds after loadgen's warm-up before the CPU window opens")
+    add_step_timing_args(k, "a gateway")
     k.set_defaults(func=cmd_cluster)
 
     ks = sub.add_parser("cluster-summary", help="rebuild <tag>-cluster-summary.md from <tag>-cluster.json")
