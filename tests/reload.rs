@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-
 use common::*;
 
 fn ticker_spec(name: &str, rate: u32, pad: u32) -> String {
@@ -282,55 +279,18 @@ async fn sighup_reloads_the_running_binary() {
     dep.gateway_yaml("reload:\n  watch: false\n")
         .shipped_schema("ticker.json")
         .write("specs/keep.yaml", &ticker_spec("keep", 200, 8));
-    let bin = target_dir().join("gateway");
-    let mut child = Command::new(&bin)
-        .args([
-            "--config",
-            dep.path("gateway.yaml").to_str().unwrap(),
-            "--log-format",
-            "json",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start gateway binary");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let addr: std::net::SocketAddr = loop {
-        let v = rx.recv_timeout(PATIENCE).expect("gateway logged nothing");
-        if v["message"] == "listening" {
-            break v["addr"].as_str().unwrap().parse().unwrap();
-        }
-    };
+    let gw = GatewayProcess::spawn(&dep.path("gateway.yaml"), &[]);
+    let addr = gw.addr;
     let mut keep = connect(addr, "/keep").await;
     let first = seq(&next_json(&mut keep).await);
     dep.write("specs/added.yaml", &ticker_spec("added", 200, 8));
-    let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    let logged = loop {
-        let v = rx
-            .recv_timeout(PATIENCE)
-            .expect("no reload logged after SIGHUP");
-        if v["message"] == "configuration reloaded" {
-            break v;
-        }
-    };
+    gw.signal("HUP");
+    let logged = gw.wait_log("configuration reloaded");
     assert_eq!(logged["added"], "[\"added\"]", "{logged}");
     let mut added = connect(addr, "/added").await;
     next_json(&mut added).await;
     read_in_order(&mut keep, first, 200).await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    let mut gw = gw;
+    gw.signal("TERM");
+    let _ = gw.child.wait();
 }

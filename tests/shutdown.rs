@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -51,47 +49,15 @@ async fn shutdown_closes_every_client_with_1001() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_clients_with_1001_and_the_process_exits() {
     let dep = ticker_deployment();
-    let bin = target_dir().join("gateway");
-    let mut child = Command::new(&bin)
-        .args([
-            "--config",
-            dep.path("gateway.yaml").to_str().unwrap(),
-            "--log-format",
-            "json",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start gateway binary");
-    // The binary logs its bound address (port 0 picks one).
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut early = Vec::new();
-    let addr: std::net::SocketAddr = loop {
-        let line = rx.recv_timeout(PATIENCE).expect("gateway logged nothing");
-        early.push(line.clone());
-        let v: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|_| panic!("log line is not JSON: {line}"));
-        if v["message"] == "listening" {
-            break v["addr"].as_str().unwrap().parse().unwrap();
-        }
-    };
+    let mut gw = GatewayProcess::spawn(&dep.path("gateway.yaml"), &[]);
+    let addr = gw.addr;
     let mut ws = connect(addr, "/ticker").await;
     next_json(&mut ws).await;
     let started = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    gw.signal("TERM");
     assert_eq!(close_code(&mut ws).await, Some(1001));
     let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = gw.child.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -101,7 +67,7 @@ async fn sigterm_closes_clients_with_1001_and_the_process_exits() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code.code(), Some(0), "clean shutdown exits 0");
-    let logs: Vec<String> = rx.try_iter().collect();
+    let logs: Vec<String> = gw.logs.try_iter().collect();
     assert!(
         logs.iter().any(|l| l.contains("shutting down")),
         "shutdown is logged: {logs:?}"

@@ -174,6 +174,83 @@ impl Deployment {
     }
 }
 
+/// The gateway binary serving `config` with JSON logs (and `env` added to
+/// its environment); killed when dropped.
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    /// The address it logged as `listening` (port 0 picks one).
+    pub addr: SocketAddr,
+    /// Its log lines after `listening`.
+    pub logs: std::sync::mpsc::Receiver<String>,
+}
+
+impl GatewayProcess {
+    /// Start it and wait until it logs `listening`; every line before must
+    /// be JSON.
+    pub fn spawn(config: &Path, env: &[(&str, &str)]) -> GatewayProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(target_dir().join("gateway"))
+            .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start gateway binary");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, logs) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut p = GatewayProcess {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            logs,
+        };
+        let v = p.wait_log("listening");
+        p.addr = v["addr"].as_str().unwrap().parse().unwrap();
+        p
+    }
+
+    /// The next log line with this `message` (each line must be JSON).
+    pub fn wait_log(&self, message: &str) -> Value {
+        loop {
+            let line = self
+                .logs
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|_| panic!("the gateway did not log {message:?} in time"));
+            let v: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|_| panic!("log line is not JSON: {line}"));
+            if v["message"] == message {
+                return v;
+            }
+        }
+    }
+
+    /// Send it a signal (`TERM`, `HUP`).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Kill it (SIGKILL) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// The schema test-faults messages satisfy: `{"seq": integer >= 1}` plus keyed fields.
 pub const SEQ_SCHEMA: &str = r#"{
   "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -6,9 +6,8 @@
 //! Each test uses its own subject prefix, so its streams and leases are its
 //! own on the shared server.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -105,59 +104,6 @@ async fn sole_holder(addrs: &[SocketAddr], channel: &str) -> usize {
     .await
 }
 
-/// A gateway process; killed when dropped.
-struct Process {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Process {
-    fn spawn(config: &std::path::Path) -> Process {
-        Self::spawn_with(config, &[])
-    }
-
-    fn spawn_with(config: &std::path::Path, env: &[(&str, &str)]) -> Process {
-        let mut child = Command::new(target_dir().join("gateway"))
-            .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start gateway binary");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut seen = Vec::new();
-        let addr = loop {
-            let line = rx
-                .recv_timeout(PATIENCE)
-                .unwrap_or_else(|_| panic!("gateway did not log `listening`: {seen:#?}"));
-            seen.push(line.clone());
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["message"] == "listening"
-            {
-                break v["addr"].as_str().unwrap().parse().unwrap();
-            }
-        };
-        Process { child, addr }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// One message as a client got it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Got {
@@ -221,16 +167,13 @@ async fn cluster_of_three_processes_survives_killing_the_one_running_the_source(
             "specs/ticker.yaml",
             &format!("channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {{rate: {RATE}}}\nendpoints:\n  - path: /ticker\n"),
         );
-    let mut procs: Vec<Process> = ["a", "b", "c"]
+    let mut procs: Vec<GatewayProcess> = ["a", "b", "c"]
         .iter()
         .map(|n| {
-            Process::spawn(&instance_yaml(
-                &dep,
-                n,
-                &prefix,
-                "2s",
-                "log: {level: info}\n",
-            ))
+            GatewayProcess::spawn(
+                &instance_yaml(&dep, n, &prefix, "2s", "log: {level: info}\n"),
+                &[],
+            )
         })
         .collect();
     // Exactly one of them runs the source.
@@ -582,7 +525,7 @@ async fn cluster_credentials_come_from_the_environment_and_are_never_logged() {
         ),
     );
     // The right credentials: the instance joins and runs the source.
-    let gw = Process::spawn_with(
+    let gw = GatewayProcess::spawn(
         &dep.path("gw.yaml"),
         &[
             ("GW_TEST_NATS_USER", "gw"),
@@ -634,9 +577,9 @@ async fn cluster_keyed_source_is_taken_over_with_the_keys_the_cluster_follows() 
         "channel: jobs\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 100ms\n  config: {steps: 100000}\nendpoints:\n  - path: /jobs/{job_id}\n",
     );
     let http = "http:\n  - path: /open-keys\n    command: {channel: jobs, request: {op: status}}\n";
-    let mut procs: Vec<Process> = ["a", "b", "c"]
+    let mut procs: Vec<GatewayProcess> = ["a", "b", "c"]
         .iter()
-        .map(|n| Process::spawn(&instance_yaml(&dep, n, &prefix, "6s", http)))
+        .map(|n| GatewayProcess::spawn(&instance_yaml(&dep, n, &prefix, "6s", http), &[]))
         .collect();
     let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
     let holder = sole_holder(&addrs, "jobs").await;
