@@ -91,6 +91,23 @@ fn fan_out(c: &mut Criterion) {
                 })
             },
         );
+        // A batch of 10 (what one read of a busy source brings): one lock
+        // and one wake-up per subscriber for all 10.
+        let batch = vec![msg.clone(); 10];
+        g.throughput(Throughput::Elements(subs as u64 * 10));
+        g.bench_with_input(
+            BenchmarkId::new("publish_batch of 10+drain, deliveries", subs),
+            &subs,
+            |b, _| {
+                b.iter(|| {
+                    broker.publish_batch(&topic, &batch, false);
+                    for q in &queues {
+                        q.take(&mut out, 64);
+                        out.clear();
+                    }
+                })
+            },
+        );
     }
     g.finish();
 }

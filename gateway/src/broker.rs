@@ -90,6 +90,17 @@ impl Subscriber {
         };
         self.queue.push(frame, self.on_full)
     }
+
+    /// Hand `msgs` to this subscriber in order: without filters, under one
+    /// lock of its queue and with one wake-up.
+    fn deliver_all(&self, msgs: &[Message], mut each: impl FnMut(Pushed)) {
+        if self.filter.is_some() || msgs.len() == 1 {
+            msgs.iter().for_each(|m| each(self.deliver(m)));
+        } else {
+            self.queue
+                .push_all(msgs.iter().map(|m| m.frame.clone()), self.on_full, each);
+        }
+    }
 }
 
 /// Identifies one subscription for `unsubscribe`.
@@ -101,6 +112,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Deliver `msg` to every subscriber of `topic`; with `retain`, keep it
     /// as the topic's latest message.
     fn publish(&self, topic: &Topic, msg: &Message, retain: bool);
+    /// [`Broker::publish`] for several messages of one topic, in order: each
+    /// subscriber gets them back to back (one wake-up, one socket write).
+    fn publish_batch(&self, topic: &Topic, msgs: &[Message], retain: bool) {
+        for m in msgs {
+            self.publish(topic, m, retain);
+        }
+    }
     /// The topic's latest retained message.
     fn last(&self, topic: &Topic) -> Option<Message>;
     /// End a keyed stream: subscribers get what was published before, then
@@ -180,6 +198,13 @@ impl MemoryBroker {
 
 impl Broker for MemoryBroker {
     fn publish(&self, topic: &Topic, msg: &Message, retain: bool) {
+        self.publish_batch(topic, std::slice::from_ref(msg), retain)
+    }
+
+    fn publish_batch(&self, topic: &Topic, msgs: &[Message], retain: bool) {
+        let Some(newest) = msgs.last() else {
+            return;
+        };
         let st = match self.state(topic) {
             Some(s) => s,
             None if retain => self
@@ -191,9 +216,9 @@ impl Broker for MemoryBroker {
             None => return,
         };
         let subs = st.subs.read();
-        st.published.fetch_add(1, Relaxed);
+        st.published.fetch_add(msgs.len() as u64, Relaxed);
         if retain {
-            *st.last.lock() = Some(msg.clone());
+            *st.last.lock() = Some(newest.clone());
         }
         let Some((_, first)) = subs.first() else {
             return;
@@ -201,7 +226,7 @@ impl Broker for MemoryBroker {
         let metrics = &first.metrics;
         let (mut delivered, mut dropped, mut closed) = (0u64, 0u64, 0u64);
         for (_, s) in subs.iter() {
-            match s.deliver(msg) {
+            s.deliver_all(msgs, |p| match p {
                 Pushed::Queued => delivered += 1,
                 Pushed::DroppedOldest => {
                     delivered += 1;
@@ -209,9 +234,9 @@ impl Broker for MemoryBroker {
                 }
                 Pushed::Closed => closed += 1,
                 Pushed::Ignored => {}
-            }
+            });
         }
-        // One atomic add per message, not per subscriber.
+        // One atomic add per batch, not per subscriber.
         metrics.deliveries.fetch_add(delivered, Relaxed);
         if dropped > 0 {
             metrics.slow_drops.fetch_add(dropped, Relaxed);
@@ -315,6 +340,53 @@ impl Broker for MemoryBroker {
 mod tests {
     use super::*;
     use crate::queue::Outbound;
+
+    #[test]
+    fn a_batch_reaches_every_subscriber_in_order_and_is_counted() {
+        let b = MemoryBroker::new();
+        let m = Arc::new(ChannelMetrics::default());
+        let topic = Topic {
+            channel: "c".into(),
+            key: None,
+        };
+        let qs: Vec<_> = (0..2).map(|_| Arc::new(SessionQueue::new(8))).collect();
+        for q in &qs {
+            b.subscribe(
+                &topic,
+                Subscriber {
+                    queue: q.clone(),
+                    on_full: OnFull::DropOldest,
+                    metrics: m.clone(),
+                    filter: None,
+                    cancelled: Arc::new(AtomicBool::new(false)),
+                    joined_at: 0,
+                    generation: Arc::new(AtomicU64::new(0)),
+                },
+                false,
+            );
+        }
+        let msgs: Vec<Message> = (1..=3u8)
+            .map(|n| Message::new(Bytes::from(vec![b'0' + n]), 0))
+            .collect();
+        b.publish_batch(&topic, &msgs, true);
+        for q in &qs {
+            let mut out = Vec::new();
+            q.take(&mut out, 10);
+            let got: Vec<_> = out
+                .iter()
+                .map(|o| match o {
+                    Outbound::Frame(f) => f.clone(),
+                    Outbound::Close(..) => panic!("closed"),
+                })
+                .collect();
+            assert_eq!(got, [&b"1"[..], b"2", b"3"]);
+        }
+        assert_eq!(m.deliveries.load(Relaxed), 6);
+        assert_eq!(
+            b.last(&topic).map(|l| l.frame),
+            Some(Bytes::from_static(b"3"))
+        );
+    }
 
     #[test]
     fn every_subscriber_gets_the_same_bytes_and_counts_are_kept() {

@@ -688,12 +688,18 @@ fn peer_gone(st: &GatewayState, inst: &Arc<str>) {
 
 impl Broker for Cluster {
     fn publish(&self, topic: &Topic, msg: &Message, retain: bool) {
+        self.publish_batch(topic, std::slice::from_ref(msg), retain)
+    }
+
+    fn publish_batch(&self, topic: &Topic, msgs: &[Message], retain: bool) {
         // Keyed streams are kept here only while some session here follows
         // them; the stream keeps them for everyone else.
         let keep = retain && (topic.key.is_none() || self.local.follows(topic));
-        self.local.publish(topic, msg, keep);
-        self.metrics.sent.fetch_add(1, Relaxed);
-        self.send(topic, msg.frame.clone(), retain, false);
+        self.local.publish_batch(topic, msgs, keep);
+        self.metrics.sent.fetch_add(msgs.len() as u64, Relaxed);
+        for msg in msgs {
+            self.send(topic, msg.frame.clone(), retain, false);
+        }
     }
 
     fn last(&self, topic: &Topic) -> Option<Message> {

@@ -13,6 +13,15 @@ use tokio::sync::Notify;
 
 use crate::config::OnFull;
 
+/// The ring capacity to keep once `taken` items drained a ring of
+/// `capacity`: a ring sized for the batches it carries is kept (no regrowth
+/// on every batch); one at least four times too big for the last batch
+/// shrinks to twice that batch (at least 4), so a burst's memory goes back
+/// once batches are small again.
+pub fn keep_capacity(capacity: usize, taken: usize) -> Option<usize> {
+    (capacity > 4 && taken.saturating_mul(4) <= capacity).then(|| (taken * 2).max(4))
+}
+
 /// One item for the socket writer.
 #[derive(Clone, Debug)]
 pub enum Outbound {
@@ -63,40 +72,65 @@ impl SessionQueue {
     /// Queue a data frame, applying `on_full` when the queue is full.
     pub fn push(&self, frame: Bytes, on_full: OnFull) -> Pushed {
         let mut g = self.inner.lock();
-        if g.closing {
-            return Pushed::Ignored;
-        }
         let was_empty = g.items.is_empty();
-        let outcome = if g.items.len() >= self.cap {
-            match on_full {
-                OnFull::DropOldest => {
-                    // A Close is never dropped; only data.
-                    if let Some(pos) = g.items.iter().position(|i| matches!(i, Outbound::Frame(_)))
-                    {
-                        g.items.remove(pos);
-                    }
-                    g.items.push_back(Outbound::Frame(frame));
-                    Pushed::DroppedOldest
-                }
-                OnFull::Close => {
-                    g.items.clear();
-                    g.items.push_back(Outbound::Close(
-                        crate::ws::close::POLICY,
-                        "slow consumer: queue full",
-                    ));
-                    g.closing = true;
-                    Pushed::Closed
-                }
-            }
-        } else {
-            g.items.push_back(Outbound::Frame(frame));
-            Pushed::Queued
-        };
+        let outcome = self.push_locked(&mut g, frame, on_full);
         drop(g);
-        if was_empty || outcome == Pushed::Closed {
+        if (was_empty && outcome != Pushed::Ignored) || outcome == Pushed::Closed {
             self.notify.notify_one();
         }
         outcome
+    }
+
+    /// Queue data frames in order under one lock, with one wake-up of the
+    /// session; `each` sees what every push did.
+    pub fn push_all(
+        &self,
+        frames: impl IntoIterator<Item = Bytes>,
+        on_full: OnFull,
+        mut each: impl FnMut(Pushed),
+    ) {
+        let mut g = self.inner.lock();
+        let was_empty = g.items.is_empty();
+        let mut wake = false;
+        for frame in frames {
+            let outcome = self.push_locked(&mut g, frame, on_full);
+            wake |= outcome == Pushed::Closed;
+            each(outcome);
+        }
+        let queued = !g.items.is_empty();
+        drop(g);
+        if (was_empty && queued) || wake {
+            self.notify.notify_one();
+        }
+    }
+
+    fn push_locked(&self, g: &mut Inner, frame: Bytes, on_full: OnFull) -> Pushed {
+        if g.closing {
+            return Pushed::Ignored;
+        }
+        if g.items.len() < self.cap {
+            g.items.push_back(Outbound::Frame(frame));
+            return Pushed::Queued;
+        }
+        match on_full {
+            OnFull::DropOldest => {
+                // A Close is never dropped; only data.
+                if let Some(pos) = g.items.iter().position(|i| matches!(i, Outbound::Frame(_))) {
+                    g.items.remove(pos);
+                }
+                g.items.push_back(Outbound::Frame(frame));
+                Pushed::DroppedOldest
+            }
+            OnFull::Close => {
+                g.items.clear();
+                g.items.push_back(Outbound::Close(
+                    crate::ws::close::POLICY,
+                    "slow consumer: queue full",
+                ));
+                g.closing = true;
+                Pushed::Closed
+            }
+        }
     }
 
     /// Close after the frames already queued; later pushes are ignored.
@@ -117,17 +151,21 @@ impl SessionQueue {
     /// returns false (that item is consumed).
     pub fn take_each(&self, max: usize, mut each: impl FnMut(Outbound) -> bool) {
         let mut g = self.inner.lock();
-        for _ in 0..max {
+        let mut taken = 0;
+        while taken < max {
             let Some(item) = g.items.pop_front() else {
                 break;
             };
+            taken += 1;
             if !each(item) {
                 break;
             }
         }
-        if g.items.is_empty() && g.items.capacity() > 4 {
+        if g.items.is_empty()
+            && let Some(keep) = keep_capacity(g.items.capacity(), taken)
+        {
             // A burst grew the ring; give the memory back once it drains.
-            g.items.shrink_to(4);
+            g.items.shrink_to(keep);
         }
     }
 
@@ -172,6 +210,44 @@ mod tests {
                 Outbound::Close(c, r) => format!("close {c} {r}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_drained_ring_is_kept_while_it_fits_its_batches_and_shrinks_after_a_burst() {
+        assert_eq!(keep_capacity(4, 0), None, "the smallest ring stays");
+        assert_eq!(keep_capacity(64, 40), None, "sized for its batches");
+        assert_eq!(keep_capacity(64, 16), Some(32));
+        assert_eq!(keep_capacity(1024, 1), Some(4));
+        let q = SessionQueue::new(1000);
+        q.push_all((0..200).map(|_| t("x")), OnFull::DropOldest, |_| {});
+        let mut out = Vec::new();
+        q.take(&mut out, 200);
+        let burst = q.inner.lock().items.capacity();
+        assert!(burst >= 200, "{burst}");
+        q.push(t("y"), OnFull::DropOldest);
+        q.take(&mut out, 200);
+        assert_eq!(
+            q.inner.lock().items.capacity(),
+            4,
+            "a small batch after a burst"
+        );
+    }
+
+    #[test]
+    fn push_all_applies_the_policy_to_each_frame_in_order() {
+        let q = SessionQueue::new(2);
+        let mut seen = Vec::new();
+        q.push_all([t("1"), t("2"), t("3")], OnFull::DropOldest, |p| {
+            seen.push(p)
+        });
+        assert_eq!(
+            seen,
+            [Pushed::Queued, Pushed::Queued, Pushed::DroppedOldest]
+        );
+        assert_eq!(texts(&q), ["2", "3"]);
+        seen.clear();
+        q.push_all([t("4"), t("5"), t("6")], OnFull::Close, |p| seen.push(p));
+        assert_eq!(seen, [Pushed::Queued, Pushed::Queued, Pushed::Closed]);
     }
 
     #[test]

@@ -377,6 +377,8 @@ pub struct FrameWriter {
     /// Written but not flushed yet: a TLS stream may hold the tail of a
     /// write in its own buffer until flushed (plain TCP never does).
     unflushed: bool,
+    /// Frames written since the writer was last empty.
+    batch: usize,
 }
 
 /// Most frames gathered into one vectored write.
@@ -437,10 +439,11 @@ impl FrameWriter {
                 Poll::Ready(Ok(())) => self.unflushed = false,
             }
         }
-        if self.pending.capacity() > 4 {
-            // Idle sessions keep (almost) nothing after a burst.
-            self.pending.shrink_to(4);
+        if let Some(keep) = crate::queue::keep_capacity(self.pending.capacity(), self.batch) {
+            // Sessions keep (almost) nothing after a burst.
+            self.pending.shrink_to(keep);
         }
+        self.batch = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -462,6 +465,7 @@ impl FrameWriter {
                 n -= left;
                 self.offset = 0;
                 self.pending.pop_front();
+                self.batch += 1;
             } else {
                 self.offset += n;
                 n = 0;
