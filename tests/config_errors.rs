@@ -1628,3 +1628,26 @@ async fn an_unreachable_nats_broker_stops_the_start_naming_the_broker_setting() 
         "{e}"
     );
 }
+
+// --- Channel linger. ---
+
+#[test]
+fn a_linger_longer_than_a_second_is_refused_where_it_is_written() {
+    let dep = deployment("");
+    dep.write("specs/ticker.yaml", &format!("{TICKER_SPEC}linger: 2s\n"));
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:8:9: linger: 2s is too long: a channel lingers at most 1s",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+    dep.write("specs/ticker.yaml", &format!("{TICKER_SPEC}linger: 0s\n"));
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:8:9: linger: invalid duration \"0s\": must be greater than zero",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}

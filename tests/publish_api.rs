@@ -136,3 +136,63 @@ async fn published_messages_are_validated_and_delivered() {
     let (i, b) = refused.expect("a 429 within the hour's quota");
     assert_eq!((i, b["error"].as_str()), (10, Some("rate_limited")));
 }
+
+/// A channel with `linger` sends a message that follows a send closely only
+/// once the linger is up, together with what came after it, in order. (Only
+/// a lower bound on time is checked: it holds however slow the machine is.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_channel_holds_close_followers_back_and_sends_them_together() {
+    const LINGER: std::time::Duration = std::time::Duration::from_millis(400);
+    let dep = Deployment::new();
+    dep.gateway_yaml(
+        "publish:\n  auth: {mode: api_key, header: X-Api-Key, keys_file: keys.txt}\n",
+    )
+    .write("keys.txt", "pub-key\n")
+    .write("specs/schemas/seq.json", SEQ_SCHEMA)
+    .write(
+        "specs/news.yaml",
+        "channel: news\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 0}\nlinger: 400ms\nendpoints:\n  - path: /news\n",
+    );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/news").await;
+    eventually("the subscriber to be counted", || async {
+        metric(
+            addr,
+            "gateway_subscribers{channel=\"news\",plugin=\"test-faults\"}",
+        )
+        .await
+        .filter(|n| *n == 1.0)
+    })
+    .await;
+
+    let t0 = std::time::Instant::now();
+    let (s, _) = post(addr, "/publish/news", Some("pub-key"), r#"{"seq": 1}"#).await;
+    assert_eq!(s, 202);
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 1}));
+    for seq in [2, 3] {
+        let (s, _) = post(
+            addr,
+            "/publish/news",
+            Some("pub-key"),
+            &format!(r#"{{"seq": {seq}}}"#),
+        )
+        .await;
+        assert_eq!(s, 202);
+    }
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 2}));
+    assert!(
+        t0.elapsed() >= LINGER,
+        "seq 2 came {:?} after seq 1 was published, before the 400ms linger was up",
+        t0.elapsed()
+    );
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 3}));
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_messages_published_total{channel=\"news\",plugin=\"test-faults\"}"
+        )
+        .await,
+        Some(3.0)
+    );
+}

@@ -633,6 +633,7 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
     // Conflated messages waiting for the rate limit, latest per key.
     let mut pending: BTreeMap<Option<Arc<str>>, Message> = BTreeMap::new();
     let mut flush_at: Option<tokio::time::Instant> = None;
+    let mut out = Outbox::new(cfg.linger);
     let mut batch = Vec::with_capacity(64);
     loop {
         let flush = async {
@@ -641,8 +642,18 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
                 None => std::future::pending().await,
             }
         };
+        let send_held = async {
+            match out.due() {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             n = rx.recv_many(&mut batch, 64) => if n == 0 { break },
+            _ = send_held => {
+                out.send(&rt);
+                continue;
+            }
             _ = flush => {
                 flush_at = None;
                 if let Some((lim, _)) = &rate {
@@ -653,10 +664,11 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
                         }
                         let key = key.clone();
                         if let Some(msg) = pending.remove(&key) {
-                            publish(&rt, key, &msg);
+                            out.hold(key, msg);
                         }
                     }
                 }
+                out.send_if_due(&rt);
                 continue;
             }
         }
@@ -694,23 +706,93 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
                         }
                         continue;
                     }
-                    publish(&rt, key, &msg);
+                    out.hold(key, msg);
                 }
                 SourceEvent::End { key } => {
                     // A stream's last message is never held back.
                     if let Some(msg) = pending.remove(&Some(key.clone())) {
-                        publish(&rt, Some(key.clone()), &msg);
+                        out.hold(Some(key.clone()), msg);
                     }
+                    out.send(&rt);
                     rt.end_key(key)
                 }
             }
         }
+        out.send_if_due(&rt);
+    }
+    out.send(&rt);
+}
+
+/// Messages ready for the broker. What one read of the source brought goes
+/// out together (each subscriber gets it in one wake-up and one write); with
+/// the channel's `linger`, messages that come less than `linger` after the
+/// last send wait for the next one, at most `linger`.
+struct Outbox {
+    linger: Duration,
+    last_sent: Option<tokio::time::Instant>,
+    keys: Vec<Option<Arc<str>>>,
+    msgs: Vec<Message>,
+}
+
+impl Outbox {
+    fn new(linger: Duration) -> Outbox {
+        Outbox {
+            linger,
+            last_sent: None,
+            keys: Vec::new(),
+            msgs: Vec::new(),
+        }
+    }
+
+    fn hold(&mut self, key: Option<Arc<str>>, msg: Message) {
+        self.keys.push(key);
+        self.msgs.push(msg);
+    }
+
+    /// When what is held must go (None: nothing is held).
+    fn due(&self) -> Option<tokio::time::Instant> {
+        if self.msgs.is_empty() {
+            return None;
+        }
+        Some(match self.last_sent {
+            Some(t) if !self.linger.is_zero() => t + self.linger,
+            _ => tokio::time::Instant::now(),
+        })
+    }
+
+    /// Send what is held if it is due.
+    fn send_if_due(&mut self, rt: &ChannelRuntime) {
+        if self.due().is_some_and(|t| t <= tokio::time::Instant::now()) {
+            self.send(rt);
+        }
+    }
+
+    /// Hand everything held to the broker.
+    fn send(&mut self, rt: &ChannelRuntime) {
+        self.drain(|key, msgs| publish(rt, key, msgs));
+    }
+
+    /// Everything held, one batch per run of one key, in order.
+    fn drain(&mut self, mut each: impl FnMut(Option<Arc<str>>, &[Message])) {
+        if self.msgs.is_empty() {
+            return;
+        }
+        let mut start = 0;
+        while start < self.msgs.len() {
+            let key = &self.keys[start];
+            let run = self.keys[start..].iter().take_while(|k| *k == key).count();
+            each(key.clone(), &self.msgs[start..start + run]);
+            start += run;
+        }
+        self.keys.clear();
+        self.msgs.clear();
+        self.last_sent = Some(tokio::time::Instant::now());
     }
 }
 
-fn publish(rt: &ChannelRuntime, key: Option<Arc<str>>, msg: &Message) {
+fn publish(rt: &ChannelRuntime, key: Option<Arc<str>>, msgs: &[Message]) {
     let cfg = &rt.cfg;
-    rt.metrics.published.fetch_add(1, Relaxed);
+    rt.metrics.published.fetch_add(msgs.len() as u64, Relaxed);
     // Unkeyed channels always keep their latest message (for `latest` HTTP
     // routes); keyed ones only when asked, and only while the key is followed.
     let retain = key.is_none() || cfg.last_value;
@@ -718,7 +800,7 @@ fn publish(rt: &ChannelRuntime, key: Option<Arc<str>>, msg: &Message) {
         channel: cfg.name.clone(),
         key,
     };
-    rt.broker.publish(&topic, msg, retain);
+    rt.broker.publish_batch(&topic, msgs, retain);
 }
 
 /// Why a plugin message was not published.
@@ -1357,6 +1439,82 @@ mod tests {
             .should_validate_formats(true)
             .build(&serde_json::json!({"type":"object","required":["seq"],"properties":{"seq":{"type":"integer"},"at":{"format":"date-time"}}}))
             .unwrap()
+    }
+
+    fn msg(n: u8) -> Message {
+        let (frame, header) = crate::ws::text_frame(format!("{{\"n\":{n}}}").as_bytes());
+        Message::new(frame, header)
+    }
+
+    /// What `drain` hands out: (key, [n, ...]) per batch.
+    fn drained(out: &mut Outbox) -> Vec<(Option<String>, Vec<String>)> {
+        let mut got = Vec::new();
+        out.drain(|k, msgs| {
+            got.push((
+                k.map(|k| k.to_string()),
+                msgs.iter()
+                    .map(|m| String::from_utf8_lossy(m.json()).into_owned())
+                    .collect(),
+            ))
+        });
+        got
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_linger_what_is_held_is_due_at_once() {
+        let mut out = Outbox::new(Duration::ZERO);
+        assert_eq!(out.due(), None, "nothing held, nothing due");
+        out.hold(None, msg(1));
+        let now = tokio::time::Instant::now();
+        assert_eq!(out.due(), Some(now));
+        assert_eq!(drained(&mut out), [(None, vec![r#"{"n":1}"#.to_string()])]);
+        out.hold(None, msg(2));
+        assert_eq!(out.due(), Some(now), "right after a send, still at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_linger_holds_what_comes_soon_after_a_send_until_it_is_up() {
+        let linger = Duration::from_millis(20);
+        let mut out = Outbox::new(linger);
+        let t0 = tokio::time::Instant::now();
+        out.hold(None, msg(1));
+        assert_eq!(out.due(), Some(t0), "the first message goes at once");
+        drained(&mut out);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        out.hold(None, msg(2));
+        out.hold(None, msg(3));
+        assert_eq!(out.due(), Some(t0 + linger), "held until the linger is up");
+        assert_eq!(
+            drained(&mut out),
+            [(None, vec![r#"{"n":2}"#.into(), r#"{"n":3}"#.into()])],
+            "sent together, in order"
+        );
+        // After a quiet spell longer than the linger, a message is due at once.
+        tokio::time::advance(Duration::from_millis(30)).await;
+        out.hold(None, msg(4));
+        assert!(out.due().is_some_and(|t| t <= tokio::time::Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_run_of_one_key_is_one_batch_in_order() {
+        let mut out = Outbox::new(Duration::ZERO);
+        let a: Option<Arc<str>> = Some("a".into());
+        let b: Option<Arc<str>> = Some("b".into());
+        for (k, n) in [(&a, 1), (&a, 2), (&b, 3), (&a, 4)] {
+            out.hold(k.clone(), msg(n));
+        }
+        let got = drained(&mut out);
+        let keys: Vec<_> = got.iter().map(|(k, m)| (k.clone(), m.len())).collect();
+        assert_eq!(
+            keys,
+            [
+                (Some("a".to_string()), 2),
+                (Some("b".to_string()), 1),
+                (Some("a".to_string()), 1)
+            ]
+        );
+        assert_eq!(got[2].1, [r#"{"n":4}"#]);
+        assert_eq!(out.due(), None, "drained");
     }
 
     #[test]

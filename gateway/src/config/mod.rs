@@ -527,6 +527,8 @@ pub struct ChannelCfg {
     pub filters: Vec<(String, FilterRule)>,
     /// Outbound rate limit.
     pub rate_limit: Option<(types::Rate, types::OnRateLimit)>,
+    /// How long a message may wait to go out with the next ones.
+    pub linger: Duration,
     /// Digest of everything the channel's runtime is made of (spec text,
     /// schema text, plugin, buffer sizes): a reload restarts the channel
     /// only when it changed.
@@ -1093,6 +1095,16 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 .map_err(|m| sink.at(e, "envelope", m))
                 .ok()
         });
+        let linger = spec.linger.as_ref().map_or(Duration::ZERO, |l| l.value.0);
+        if let Some(l) = &spec.linger
+            && l.value.0 > MAX_LINGER
+        {
+            sink.at(
+                l,
+                "linger",
+                format!("{:?} is too long: a channel lingers at most 1s", l.value.0),
+            );
+        }
         let mut filters = Vec::new();
         for (fname, fr) in &spec.filters {
             match FilterRule::compile(&fr.value) {
@@ -1155,6 +1167,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 last_value: spec.last_value,
                 filters,
                 rate_limit: spec.rate_limit.as_ref().map(|r| (r.rate, r.on_exceed)),
+                linger,
                 fingerprint,
             });
             spec_endpoints.push((
@@ -1637,6 +1650,9 @@ fn resolve_addr(text: &str) -> Result<SocketAddr, String> {
         )),
     }
 }
+
+/// The longest a channel may hold messages back (`linger`).
+const MAX_LINGER: Duration = Duration::from_secs(1);
 
 /// Read and compile a JSON Schema with format checks on.
 pub fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {

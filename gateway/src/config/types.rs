@@ -629,6 +629,12 @@ pub struct ChannelFile {
     pub filters: BTreeMap<String, Spanned<FilterFile>>,
     /// Most messages published per period.
     pub rate_limit: Option<ChannelRateFile>,
+    /// Hold a message that comes sooner than this after the channel's last
+    /// send, and send everything held together when it is up (at most
+    /// `1s`; default: send at once). Fewer, larger socket writes for a
+    /// delay of at most this much.
+    #[schemars(with = "Option<HumanDuration>")]
+    pub linger: Option<Spanned<HumanDuration>>,
     /// Sample messages, as subscribers receive them (with the envelope, if
     /// any): each must satisfy the channel's schema.
     #[serde(default)]
