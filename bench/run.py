@@ -2,7 +2,7 @@
 """Side-by-side benchmark: the gateway against Node.js `ws`, FastAPI and NATS.
 
     bench/run.py setup                       # npm, venv + pip, cargo build
-    bench/run.py compare [--servers gateway,node,fastapi,nats] [--quick]
+    bench/run.py compare [--servers gateway,node,fastapi,nats,bare] [--quick] [--linger 20ms]
     bench/run.py summary [--tag 2026-11-23]  # rebuild the markdown from JSON
     bench/run.py scale [--totals 200000,1000000] # gateway cost vs clients and channels
     bench/run.py scale-summary [--tag 2026-11-23-scale]
@@ -53,8 +53,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # would be due 1000 s later).
 IDLE_RATE = 0.001
 
-SERVER_ORDER = ["gateway", "node", "fastapi", "nats"]
-PORTS = {"gateway": 9900, "node": 9901, "fastapi": 9902, "nats": 9903}
+SERVER_ORDER = ["gateway", "node", "fastapi", "nats", "bare"]
+PORTS = {"gateway": 9900, "node": 9901, "fastapi": 9902, "nats": 9903, "bare": 9905}
 NATS_CLIENT_PORT = 9904
 
 FULL_RATES = [100, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
@@ -412,12 +412,28 @@ class Gateway(Server):
             raise BenchError("examples/bench/gateway.yaml is missing")
 
     def command(self) -> list:
-        return [self.binary(), "--config", "examples/bench/gateway.yaml"]
+        linger = getattr(self.cfg, "linger", None)
+        if not linger:
+            return [self.binary(), "--config", "examples/bench/gateway.yaml"]
+        # examples/bench with `linger:` added to its channel, in a scratch
+        # directory (git-ignored).
+        src = ROOT / "examples" / "bench"
+        out = self.cfg.results / f"gateway-linger-{linger}.tmp"
+        out.mkdir(parents=True, exist_ok=True)
+        yaml = (src / "gateway.yaml").read_text().replace(
+            "dirs: [../../target/release]", f"dirs: [{ROOT / 'target' / 'release'}]")
+        (out / "gateway.yaml").write_text(yaml)
+        (out / "bench.yaml").write_text((src / "bench.yaml").read_text() + f"linger: {linger}\n")
+        shutil.copy(src / "bench.schema.json", out / "bench.schema.json")
+        return [self.binary(), "--config", out / "gateway.yaml"]
 
     def versions(self) -> dict:
         rev = capture(["git", "rev-parse", "--short", "HEAD"])
         dirty = capture(["git", "status", "--porcelain", "--", "gateway", "plugins", "examples/bench"])
-        return {"git": rev + ("+dirty" if dirty else "")}
+        v = {"git": rev + ("+dirty" if dirty else "")}
+        if getattr(self.cfg, "linger", None):
+            v["linger"] = self.cfg.linger
+        return v
 
 
 class Node(Server):
@@ -514,7 +530,24 @@ class Nats(Server):
         return {"nats-server": out.split(":", 1)[-1].strip()}
 
 
-SERVER_CLASSES = {cls.name: cls for cls in (Gateway, Node, FastAPI, Nats)}
+class Bare(Server):
+    """The floor, not a peer: a bare tokio-tungstenite broadcast loop."""
+
+    name = "bare"
+    label = "bare tokio-tungstenite loop (floor)"
+
+    def binary(self) -> Path:
+        return ROOT / "target" / "release" / "examples" / "bare_broadcast"
+
+    def check(self) -> None:
+        if not os.access(self.binary(), os.X_OK):
+            raise BenchError(f"{self.binary()} is missing: run `bench/run.py setup`")
+
+    def command(self) -> list:
+        return [self.binary(), str(self.port)]
+
+
+SERVER_CLASSES = {cls.name: cls for cls in (Gateway, Node, FastAPI, Nats, Bare)}
 
 
 # --------------------------------------------------------------------------
@@ -2291,6 +2324,8 @@ def cmd_setup(cfg) -> int:
     if "cargo" in cfg.only:
         run_checked(["cargo", "build", "--release", "-p", "gateway", "-p", "ticker", "-p", "loadgen"],
                     cwd=ROOT, timeout=3600)
+        run_checked(["cargo", "build", "--release", "-p", "loadgen", "--example", "bare_broadcast"],
+                    cwd=ROOT, timeout=3600)
     if not nats_server_path():
         log("warning: nats-server not found; the nats peer will be skipped")
     log("setup done")
@@ -2367,6 +2402,7 @@ def main(argv=None) -> int:
     c.add_argument("--loadgen-threads", type=int, help="loadgen --threads (default: loadgen's own)")
     c.add_argument("--results", default=str(DEFAULT_RESULTS))
     c.add_argument("--tag", help="file name prefix (default: today's date, + -quick)")
+    c.add_argument("--linger", help="run the gateway's bench channel with this `linger` (e.g. 20ms)")
     add_step_timing_args(c, "a server")
     c.set_defaults(func=cmd_compare)
 
