@@ -177,6 +177,14 @@ impl SessionQueue {
         });
     }
 
+    /// Give the ring's memory back if nothing is queued.
+    pub fn release(&self) {
+        let mut g = self.inner.lock();
+        if g.items.is_empty() {
+            g.items = VecDeque::new();
+        }
+    }
+
     /// Whether a Close is queued (the session is ending).
     pub fn is_closing(&self) -> bool {
         self.inner.lock().closing
@@ -213,7 +221,8 @@ mod tests {
     }
 
     #[test]
-    fn a_drained_ring_is_kept_while_it_fits_its_batches_and_shrinks_after_a_burst() {
+    fn a_drained_ring_is_kept_while_it_fits_its_batches_and_given_back_after_a_burst_or_when_quiet()
+    {
         assert_eq!(keep_capacity(4, 0), None, "the smallest ring stays");
         assert_eq!(keep_capacity(64, 40), None, "sized for its batches");
         assert_eq!(keep_capacity(64, 16), Some(32));
@@ -231,6 +240,14 @@ mod tests {
             4,
             "a small batch after a burst"
         );
+        q.push_all((0..40).map(|_| t("z")), OnFull::DropOldest, |_| {});
+        q.take(&mut out, 200);
+        assert!(
+            q.inner.lock().items.capacity() >= 40,
+            "kept for its batches"
+        );
+        q.release();
+        assert_eq!(q.inner.lock().items.capacity(), 0, "given back while quiet");
     }
 
     #[test]

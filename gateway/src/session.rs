@@ -374,6 +374,9 @@ where
                             writer.push(ws::frame(ws::OP_PING, b"gw"));
                             f.release_after_write = true;
                         }
+                        // A ring kept for earlier batches goes back while
+                        // the session is quiet.
+                        queue.release();
                     }
                     Due::Close(code, reason, which) => {
                         match which {
