@@ -341,6 +341,19 @@ mod tests {
     use super::*;
     use crate::queue::Outbound;
 
+    /// A plain subscriber (no filter, drop_oldest) on queue `q`.
+    fn sub(q: &Arc<SessionQueue>, m: &Arc<ChannelMetrics>) -> Subscriber {
+        Subscriber {
+            queue: q.clone(),
+            on_full: OnFull::DropOldest,
+            metrics: m.clone(),
+            filter: None,
+            cancelled: Default::default(),
+            joined_at: 0,
+            generation: Default::default(),
+        }
+    }
+
     #[test]
     fn a_batch_reaches_every_subscriber_in_order_and_is_counted() {
         let b = MemoryBroker::new();
@@ -351,19 +364,7 @@ mod tests {
         };
         let qs: Vec<_> = (0..2).map(|_| Arc::new(SessionQueue::new(8))).collect();
         for q in &qs {
-            b.subscribe(
-                &topic,
-                Subscriber {
-                    queue: q.clone(),
-                    on_full: OnFull::DropOldest,
-                    metrics: m.clone(),
-                    filter: None,
-                    cancelled: Arc::new(AtomicBool::new(false)),
-                    joined_at: 0,
-                    generation: Arc::new(AtomicU64::new(0)),
-                },
-                false,
-            );
+            b.subscribe(&topic, sub(q, &m), false);
         }
         let msgs: Vec<Message> = (1..=3u8)
             .map(|n| Message::new(Bytes::from(vec![b'0' + n]), 0))
@@ -399,19 +400,7 @@ mod tests {
         let qs: Vec<_> = (0..3).map(|_| Arc::new(SessionQueue::new(4))).collect();
         let mut ids = Vec::new();
         for (i, q) in qs.iter().enumerate() {
-            let (id, n) = b.subscribe(
-                &topic,
-                Subscriber {
-                    queue: q.clone(),
-                    on_full: OnFull::DropOldest,
-                    metrics: m.clone(),
-                    filter: None,
-                    cancelled: Default::default(),
-                    joined_at: 0,
-                    generation: Default::default(),
-                },
-                false,
-            );
+            let (id, n) = b.subscribe(&topic, sub(q, &m), false);
             assert_eq!(n, i + 1);
             ids.push(id);
         }
@@ -444,24 +433,15 @@ mod tests {
             channel: "jobs".into(),
             key: Some("j1".into()),
         };
-        let sub = |q: &Arc<SessionQueue>| Subscriber {
-            queue: q.clone(),
-            on_full: OnFull::DropOldest,
-            metrics: m.clone(),
-            filter: None,
-            cancelled: Default::default(),
-            joined_at: 0,
-            generation: Default::default(),
-        };
         let (early, late) = (
             Arc::new(SessionQueue::new(4)),
             Arc::new(SessionQueue::new(4)),
         );
-        b.subscribe(&topic, sub(&early), false);
+        b.subscribe(&topic, sub(&early, &m), false);
         let msg = Message::new(crate::ws::frame(crate::ws::OP_TEXT, b"{}"), 2);
         b.publish(&topic, &msg, false);
         // Joins after the stream's last message, before its end.
-        b.subscribe(&topic, sub(&late), false);
+        b.subscribe(&topic, sub(&late, &m), false);
         let kept = b.end(&topic);
         assert_eq!(kept.len(), 1);
         assert!(Arc::ptr_eq(&kept[0].queue, &late));
@@ -487,21 +467,12 @@ mod tests {
         let msg = Message::new(crate::ws::frame(crate::ws::OP_TEXT, b"{}"), 2);
         b.publish(&topic, &msg, true);
         assert_eq!(b.last(&topic).map(|m| m.frame), Some(msg.frame.clone()));
-        let sub = |q: &Arc<SessionQueue>| Subscriber {
-            queue: q.clone(),
-            on_full: OnFull::DropOldest,
-            metrics: m.clone(),
-            filter: None,
-            cancelled: Default::default(),
-            joined_at: 0,
-            generation: Default::default(),
-        };
         let (q1, q2) = (
             Arc::new(SessionQueue::new(4)),
             Arc::new(SessionQueue::new(4)),
         );
-        let (id1, _) = b.subscribe(&topic, sub(&q1), true);
-        b.subscribe(&topic, sub(&q2), false);
+        let (id1, _) = b.subscribe(&topic, sub(&q1, &m), true);
+        b.subscribe(&topic, sub(&q2, &m), false);
         let (mut o1, mut o2) = (Vec::new(), Vec::new());
         q1.take(&mut o1, 10);
         q2.take(&mut o2, 10);
