@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
-fn deployment() -> Deployment {
+/// The publish API on channel `news`; `spec_extra` adds lines to its spec.
+fn deployment(spec_extra: &str) -> Deployment {
     let dep = Deployment::new();
     dep.gateway_yaml(
         "publish:\n  auth: {mode: api_key, header: X-Api-Key, keys_file: keys.txt}\n  max_body: 256\n  requests_per_ip: 20/1h\n",
@@ -15,9 +16,24 @@ fn deployment() -> Deployment {
     .write("specs/schemas/seq.json", SEQ_SCHEMA)
     .write(
         "specs/news.yaml",
-        "channel: news\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 0}\nendpoints:\n  - path: /news\n",
+        &format!(
+            "channel: news\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {{burst: 0}}\n{spec_extra}endpoints:\n  - path: /news\n"
+        ),
     );
     dep
+}
+
+/// Wait until the gateway counts one subscriber on `news`.
+async fn subscribed(addr: std::net::SocketAddr) {
+    eventually("the subscriber to be counted", || async {
+        metric(
+            addr,
+            "gateway_subscribers{channel=\"news\",plugin=\"test-faults\"}",
+        )
+        .await
+        .filter(|n| *n == 1.0)
+    })
+    .await;
 }
 
 async fn post(
@@ -33,19 +49,11 @@ async fn post(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_messages_are_validated_and_delivered() {
-    let dep = deployment();
+    let dep = deployment("");
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
     let mut ws = connect(addr, "/news").await;
-    eventually("the subscriber to be counted", || async {
-        metric(
-            addr,
-            "gateway_subscribers{channel=\"news\",plugin=\"test-faults\"}",
-        )
-        .await
-        .filter(|n| *n == 1.0)
-    })
-    .await;
+    subscribed(addr).await;
 
     let (s, b) = post(addr, "/publish/news", Some("pub-key"), r#"{"seq": 1}"#).await;
     assert_eq!((s, b), (202, json!({"accepted": 1})));
@@ -143,28 +151,11 @@ async fn published_messages_are_validated_and_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lingering_channel_holds_close_followers_back_and_sends_them_together() {
     const LINGER: std::time::Duration = std::time::Duration::from_millis(400);
-    let dep = Deployment::new();
-    dep.gateway_yaml(
-        "publish:\n  auth: {mode: api_key, header: X-Api-Key, keys_file: keys.txt}\n",
-    )
-    .write("keys.txt", "pub-key\n")
-    .write("specs/schemas/seq.json", SEQ_SCHEMA)
-    .write(
-        "specs/news.yaml",
-        "channel: news\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 0}\nlinger: 400ms\nendpoints:\n  - path: /news\n",
-    );
+    let dep = deployment("linger: 400ms\n");
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
     let mut ws = connect(addr, "/news").await;
-    eventually("the subscriber to be counted", || async {
-        metric(
-            addr,
-            "gateway_subscribers{channel=\"news\",plugin=\"test-faults\"}",
-        )
-        .await
-        .filter(|n| *n == 1.0)
-    })
-    .await;
+    subscribed(addr).await;
 
     let t0 = std::time::Instant::now();
     let (s, _) = post(addr, "/publish/news", Some("pub-key"), r#"{"seq": 1}"#).await;
