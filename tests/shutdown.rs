@@ -1,4 +1,5 @@
-//! Shutdown: every client gets Close 1001 and the process exits within its deadline.
+//! Shutdown: every client gets Close 1001 and the process exits within its
+//! deadline. Also the process's runtime size, which `TOKIO_WORKER_THREADS` sets.
 
 mod common;
 
@@ -72,4 +73,18 @@ async fn sigterm_closes_clients_with_1001_and_the_process_exits() {
         logs.iter().any(|l| l.contains("shutting down")),
         "shutdown is logged: {logs:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_worker_threads_sets_the_number_of_async_workers() {
+    let dep = ticker_deployment();
+    // 3 is more than the 2 cores of the CI machine; 1 is fewer than any.
+    for workers in [1, 3] {
+        let n = workers.to_string();
+        let gw = GatewayProcess::spawn(&dep.path("gateway.yaml"), &[("TOKIO_WORKER_THREADS", &n)]);
+        let started = gw.wait_log("started");
+        assert_eq!(started["workers"], workers, "{started}");
+        let mut ws = connect(gw.addr, "/ticker").await;
+        next_json(&mut ws).await;
+    }
 }

@@ -145,6 +145,12 @@ impl Gateway {
             addrs.insert(name.clone(), addr);
             listeners.push((name, listener));
         }
+        // The runtime's size: all cores by default, `TOKIO_WORKER_THREADS`
+        // to set it (docs/operations.md).
+        tracing::info!(
+            workers = tokio::runtime::Handle::current().metrics().num_workers(),
+            "started"
+        );
         metrics.config_loaded_at.store(
             state::epoch_ms(std::time::SystemTime::now()) / 1000,
             std::sync::atomic::Ordering::Relaxed,
