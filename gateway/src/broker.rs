@@ -341,6 +341,15 @@ mod tests {
     use super::*;
     use crate::queue::Outbound;
 
+    /// A broker, channel metrics and the unkeyed topic of channel `c`.
+    fn unkeyed() -> (MemoryBroker, Arc<ChannelMetrics>, Topic) {
+        let topic = Topic {
+            channel: "c".into(),
+            key: None,
+        };
+        (MemoryBroker::new(), Arc::default(), topic)
+    }
+
     /// A plain subscriber (no filter, drop_oldest) on queue `q`.
     fn sub(q: &Arc<SessionQueue>, m: &Arc<ChannelMetrics>) -> Subscriber {
         Subscriber {
@@ -356,12 +365,7 @@ mod tests {
 
     #[test]
     fn a_batch_reaches_every_subscriber_in_order_and_is_counted() {
-        let b = MemoryBroker::new();
-        let m = Arc::new(ChannelMetrics::default());
-        let topic = Topic {
-            channel: "c".into(),
-            key: None,
-        };
+        let (b, m, topic) = unkeyed();
         let qs: Vec<_> = (0..2).map(|_| Arc::new(SessionQueue::new(8))).collect();
         for q in &qs {
             b.subscribe(&topic, sub(q, &m), false);
@@ -391,12 +395,7 @@ mod tests {
 
     #[test]
     fn every_subscriber_gets_the_same_bytes_and_counts_are_kept() {
-        let b = MemoryBroker::new();
-        let m = Arc::new(ChannelMetrics::default());
-        let topic = Topic {
-            channel: "c".into(),
-            key: None,
-        };
+        let (b, m, topic) = unkeyed();
         let qs: Vec<_> = (0..3).map(|_| Arc::new(SessionQueue::new(4))).collect();
         let mut ids = Vec::new();
         for (i, q) in qs.iter().enumerate() {
@@ -458,12 +457,7 @@ mod tests {
 
     #[test]
     fn retained_messages_replay_to_new_subscribers_only_when_asked() {
-        let b = MemoryBroker::new();
-        let m = Arc::new(ChannelMetrics::default());
-        let topic = Topic {
-            channel: "c".into(),
-            key: None,
-        };
+        let (b, m, topic) = unkeyed();
         let msg = Message::new(crate::ws::frame(crate::ws::OP_TEXT, b"{}"), 2);
         b.publish(&topic, &msg, true);
         assert_eq!(b.last(&topic).map(|m| m.frame), Some(msg.frame.clone()));
