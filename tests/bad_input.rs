@@ -154,18 +154,12 @@ async fn connections(addr: SocketAddr) -> Option<f64> {
 }
 
 async fn sessions_become(addr: SocketAddr, n: f64) {
-    eventually(&format!("gateway_connections == {n}"), || async {
-        (connections(addr).await == Some(n)).then_some(())
-    })
-    .await;
+    metric_becomes(addr, "gateway_connections", n).await;
 }
 
 async fn no_sessions_left(addr: SocketAddr) {
     sessions_become(addr, 0.0).await;
-    eventually("no subscriber left", || async {
-        (metric(addr, SUBSCRIBERS).await == Some(0.0)).then_some(())
-    })
-    .await;
+    metric_becomes(addr, SUBSCRIBERS, 0.0).await;
 }
 
 /// Send `ping` with a fresh `data`: the next message must be its pong, so
@@ -867,10 +861,7 @@ async fn abrupt_disconnects_mid_frame_leave_no_session() {
     watch.alive("abrupt disconnects").await;
     // Only the observers remain.
     sessions_become(addr, 2.0).await;
-    eventually("only the observers subscribed", || async {
-        (metric(addr, SUBSCRIBERS).await == Some(2.0)).then_some(())
-    })
-    .await;
+    metric_becomes(addr, SUBSCRIBERS, 2.0).await;
     watch.finish().await;
     gw.shutdown().await;
 }
@@ -944,10 +935,7 @@ async fn a_client_that_never_reads_is_bounded_by_its_queue() {
     )
     .await;
     sessions_become(addr, 4.0).await;
-    eventually("four subscribers", || async {
-        (metric(addr, SUBSCRIBERS).await == Some(4.0)).then_some(())
-    })
-    .await;
+    metric_becomes(addr, SUBSCRIBERS, 4.0).await;
     // Publish 1 MB batches until the gateway drops frames: queues are
     // bounded, what a client does not read is not buffered without end.
     let drops = "gateway_slow_consumer_drops_total{channel=\"telemetry\",plugin=\"test-faults\"}";
@@ -1091,10 +1079,7 @@ async fn hundreds_of_connections_dropped_without_closing_leak_nothing() {
         watch.alive(&format!("round {round}")).await;
     }
     sessions_become(addr, 2.0).await;
-    eventually("only the observers subscribed", || async {
-        (metric(addr, SUBSCRIBERS).await == Some(2.0)).then_some(())
-    })
-    .await;
+    metric_becomes(addr, SUBSCRIBERS, 2.0).await;
     let total = metric(addr, "gateway_connections_total").await.unwrap();
     assert!(total >= 2.0 + 4.0 * 30.0, "{total} sessions were opened");
     watch.finish().await;

@@ -363,10 +363,7 @@ fn any_well_formed_message_leaves_the_connection_open() {
             ws.close(None).await.unwrap();
             close_code(&mut ws).await;
         }
-        eventually("no session left", || async {
-            (metric(addr, "gateway_connections").await == Some(0.0)).then_some(())
-        })
-        .await;
+        metric_becomes(addr, "gateway_connections", 0.0).await;
         gw.shutdown().await;
     });
 }

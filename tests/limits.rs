@@ -216,12 +216,7 @@ async fn connection_caps_per_ip_endpoint_and_principal() {
     // Wait until the gateway has seen it go: a retried connect would be
     // refused (and counted) while the slot is still held.
     drop(held.pop());
-    eventually("the closed session to end", || async {
-        metric(addr, "gateway_connections")
-            .await
-            .filter(|n| *n == 2.0)
-    })
-    .await;
+    metric_becomes(addr, "gateway_connections", 2.0).await;
     let again = try_connect(addr, "/per-ip", &[])
         .await
         .expect("the freed per-IP slot is available");

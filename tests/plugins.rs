@@ -382,14 +382,11 @@ async fn a_failing_plugin_makes_readyz_degraded_naming_its_error_and_ready_again
         }
         prev = s;
     }
-    eventually("plugin_up 1", || async {
-        metric(
-            addr,
-            "gateway_plugin_up{channel=\"flaky\",plugin=\"test-faults\"}",
-        )
-        .await
-        .filter(|v| *v == 1.0)
-    })
+    metric_becomes(
+        addr,
+        "gateway_plugin_up{channel=\"flaky\",plugin=\"test-faults\"}",
+        1.0,
+    )
     .await;
     gw.shutdown().await;
 }

@@ -169,10 +169,7 @@ async fn a_client_close_is_echoed_and_the_connection_ends() {
             .unwrap()
             .is_none_or(|r| r.is_err())
     );
-    eventually("the session to end", || async {
-        (metric(addr, "gateway_connections").await == Some(0.0)).then_some(())
-    })
-    .await;
+    metric_becomes(addr, "gateway_connections", 0.0).await;
     gw.shutdown().await;
 }
 
@@ -268,10 +265,7 @@ async fn an_abrupt_disconnect_ends_the_session() {
             .unwrap();
         drop(s);
     }
-    eventually("every session to end", || async {
-        (metric(addr, "gateway_connections").await == Some(0.0)).then_some(())
-    })
-    .await;
+    metric_becomes(addr, "gateway_connections", 0.0).await;
     assert_eq!(
         metric(
             addr,

@@ -25,14 +25,11 @@ fn deployment(spec_extra: &str) -> Deployment {
 
 /// Wait until the gateway counts one subscriber on `news`.
 async fn subscribed(addr: std::net::SocketAddr) {
-    eventually("the subscriber to be counted", || async {
-        metric(
-            addr,
-            "gateway_subscribers{channel=\"news\",plugin=\"test-faults\"}",
-        )
-        .await
-        .filter(|n| *n == 1.0)
-    })
+    metric_becomes(
+        addr,
+        "gateway_subscribers{channel=\"news\",plugin=\"test-faults\"}",
+        1.0,
+    )
     .await;
 }
 

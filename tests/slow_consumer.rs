@@ -97,10 +97,7 @@ async fn a_session_whose_client_stopped_reading_still_ends_after_its_close() {
     tcp.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
         .await
         .unwrap();
-    eventually("the session to end", || async {
-        (metric(addr, "gateway_connections").await == Some(0.0)).then_some(())
-    })
-    .await;
+    metric_becomes(addr, "gateway_connections", 0.0).await;
     drop(tcp);
     gw.shutdown().await;
 }

@@ -127,12 +127,7 @@ async fn a_stalled_client_does_not_delay_100_readers() {
         readers.push(connect(addr, "/load").await);
     }
     let subscribers = "gateway_subscribers{channel=\"load\",plugin=\"ticker\"}";
-    eventually("every client subscribed", || async {
-        metric(addr, subscribers)
-            .await
-            .filter(|v| *v == (READERS + 1) as f64)
-    })
-    .await;
+    metric_becomes(addr, subscribers, (READERS + 1) as f64).await;
     let tasks: Vec<_> = readers
         .into_iter()
         .map(|ws| tokio::spawn(read_to_the_end(ws)))

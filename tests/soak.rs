@@ -185,19 +185,11 @@ async fn churn_panics_and_a_reload_leave_nothing_behind() {
         keepers.push(tokio::spawn(keeper(ws, stop.clone())));
     }
     let subs = "gateway_subscribers{channel=\"steady\",plugin=\"ticker\"}";
-    eventually("the keepers subscribed", || async {
-        metric(addr, subs).await.filter(|v| *v == 6.0)
-    })
-    .await;
+    metric_becomes(addr, subs, 6.0).await;
     // Warm up with the same churn, so the allocator has reached its working
     // set, then take the baseline.
     churn_for(addr, Duration::from_secs(secs / 4)).await;
-    eventually("the warm-up clients gone", || async {
-        metric(addr, "gateway_connections")
-            .await
-            .filter(|v| *v == 6.0)
-    })
-    .await;
+    metric_becomes(addr, "gateway_connections", 6.0).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let tasks_before = tokio::runtime::Handle::current()
         .metrics()
@@ -217,22 +209,14 @@ async fn churn_panics_and_a_reload_leave_nothing_behind() {
     let churned = churn.await.expect("a churning client failed");
 
     // Nothing is left over: connections, sessions, subscriptions, tasks.
-    eventually("every churned connection closed", || async {
-        metric(addr, "gateway_connections")
-            .await
-            .filter(|v| *v == 6.0)
-    })
-    .await;
+    metric_becomes(addr, "gateway_connections", 6.0).await;
     assert_eq!(gw.state().clients().len(), 6);
     assert_eq!(metric(addr, subs).await, Some(6.0));
-    eventually("no subscriber left on flaky", || async {
-        metric(
-            addr,
-            "gateway_subscribers{channel=\"flaky\",plugin=\"test-faults\"}",
-        )
-        .await
-        .filter(|v| *v == 0.0)
-    })
+    metric_becomes(
+        addr,
+        "gateway_subscribers{channel=\"flaky\",plugin=\"test-faults\"}",
+        0.0,
+    )
     .await;
     let tasks_after = eventually("tasks back to the baseline", || async {
         let n = tokio::runtime::Handle::current()

@@ -332,6 +332,14 @@ pub async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
         .and_then(|l| l[series.len()..].trim().parse().ok())
 }
 
+/// Wait until `series` on `/metrics` reads `value`, failing after PATIENCE.
+pub async fn metric_becomes(addr: SocketAddr, series: &str, value: f64) {
+    eventually(&format!("{series} == {value}"), || async {
+        (metric(addr, series).await == Some(value)).then_some(())
+    })
+    .await;
+}
+
 /// Poll `check` until it returns Some, failing after PATIENCE.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
