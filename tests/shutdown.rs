@@ -88,3 +88,23 @@ async fn tokio_worker_threads_sets_the_number_of_async_workers() {
         next_json(&mut ws).await;
     }
 }
+
+#[test]
+fn a_bad_tokio_worker_threads_is_refused_with_a_clear_error() {
+    let dep = ticker_deployment();
+    for bad in ["0", "two", " 2", "-1"] {
+        let out = std::process::Command::new(target_dir().join("gateway"))
+            .args(["--config", dep.path("gateway.yaml").to_str().unwrap()])
+            .env("TOKIO_WORKER_THREADS", bad)
+            .output()
+            .expect("run the gateway binary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("TOKIO_WORKER_THREADS={bad:?}"))
+                && stderr.contains("whole number of at least 1")
+                && !stderr.contains("panicked"),
+            "{bad:?}: {stderr}"
+        );
+    }
+}

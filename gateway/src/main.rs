@@ -74,6 +74,24 @@ fn options(cli: &Cli) -> Result<LoadOptions, String> {
     })
 }
 
+/// Sets the runtime's async workers (docs/operations.md, "Worker threads").
+const WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
+
+/// `TOKIO_WORKER_THREADS`, when set, must be what tokio accepts (a whole
+/// number of at least 1, nothing around it): tokio panics on anything else.
+fn check_worker_threads(value: Option<std::ffi::OsString>) -> Result<(), String> {
+    let Some(v) = value else {
+        return Ok(());
+    };
+    match v.to_str().map(str::parse::<usize>) {
+        Some(Ok(n)) if n > 0 => Ok(()),
+        _ => Err(format!(
+            "{WORKER_THREADS}={:?}: the number of async worker threads must be a whole number of at least 1 (unset it for one per core)",
+            v.to_string_lossy()
+        )),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Schema { file }) = &cli.command {
@@ -100,6 +118,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = check_worker_threads(std::env::var_os(WORKER_THREADS)) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let cfg = match config::load(&cli.config, &opts) {
         Ok(c) => c,
         Err(errors) => {
