@@ -485,6 +485,14 @@ async fn cluster_last_value_outlives_the_instance_that_published_it() {
     let path = instance_yaml(&dep, "a", &prefix, "3s", http);
     let a = start_instance(&path).await;
     let aa = a.addr("main").unwrap();
+    // The source starts once this instance holds the channel's lease; a
+    // command before that is refused (503 plugin_unavailable).
+    metric_becomes(
+        aa,
+        "gateway_plugin_up{channel=\"feed\",plugin=\"test-faults\"}",
+        1.0,
+    )
+    .await;
     let mut ws = connect(aa, "/feed").await;
     let (s, _, reply) = http_body(
         aa,
