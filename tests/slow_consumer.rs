@@ -101,3 +101,73 @@ async fn a_session_whose_client_stopped_reading_still_ends_after_its_close() {
     drop(tcp);
     gw.shutdown().await;
 }
+
+/// A channel whose every message is larger than the kernel can ever buffer
+/// towards a client (the largest send buffer, plus 1 MiB for the client's
+/// receive buffer): once a session takes one for a client that does not
+/// read, its write never ends. A queue of one; no ping due for minutes.
+fn unwritable_deployment(on_full: &str) -> Deployment {
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .expect("tcp_wmem")
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .expect("tcp_wmem's maximum");
+    let pad = wmem_max + (1 << 20);
+    let dep = Deployment::new();
+    dep.gateway_yaml(&format!(
+        "limits:\n  session_queue: 1\n  ping_interval: 5m\n  max_message_size: {}\nshutdown:\n  deadline: 20s\n",
+        2 * pad
+    ))
+    .write("specs/schemas/flood.json", SEQ_SCHEMA)
+    .write(
+        "specs/flood.yaml",
+        &format!(
+            "channel: flood\nschema: schemas/flood.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {{rate: 5, pad: {pad}}}\nqueue:\n  on_full: {on_full}\nendpoints:\n  - path: /flood\n"
+        ),
+    );
+    dep
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_session_whose_client_stopped_reading() {
+    let dep = unwritable_deployment("drop_oldest");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let _stalled = connect_stalling(addr, "/flood").await;
+    // Two messages queued to the session and not dropped, and its queue
+    // holds one: it has taken the other into its writer, for good.
+    let series = |name: &str| format!("{name}{{channel=\"flood\",plugin=\"ticker\"}}");
+    eventually("a message taken into the session's writer", || async {
+        let queued = metric(addr, &series("gateway_deliveries_total")).await?;
+        let dropped = metric(addr, &series("gateway_slow_consumer_drops_total")).await?;
+        (queued - dropped >= 2.0).then_some(())
+    })
+    .await;
+    // Only shutdown can end the session now. Its Close 1001 cannot be
+    // written, so it ends at its 2 s close deadline, long before the
+    // gateway's.
+    assert!(
+        gw.shutdown().await,
+        "the stalled session ended before the 20 s shutdown deadline"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closed_by_policy_while_its_write_waits_is_disconnected() {
+    let dep = unwritable_deployment("close");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let _stalled = connect_stalling(addr, "/flood").await;
+    // The first message is taken into the writer for good, the second fills
+    // the queue, the third closes the client by policy. Its Close 1008
+    // cannot be written: the session ends at its 2 s close deadline.
+    metric_becomes(
+        addr,
+        "gateway_slow_consumer_closes_total{channel=\"flood\",plugin=\"ticker\"}",
+        1.0,
+    )
+    .await;
+    metric_becomes(addr, "gateway_connections", 0.0).await;
+    gw.shutdown().await;
+}

@@ -246,7 +246,7 @@ impl Gateway {
     pub async fn shutdown(self) -> bool {
         let deadline = self.state.config().shutdown_deadline;
         tracing::info!(?deadline, "shutting down");
-        self.state.shutdown.cancel();
+        self.state.begin_shutdown();
         self.tracker.close();
         let done = tokio::time::timeout(deadline, self.tracker.wait())
             .await

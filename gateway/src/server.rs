@@ -551,25 +551,28 @@ fn handle_endpoint(
         principal,
         guards,
         state: state.clone(),
-        shutdown: shutdown.clone(),
     });
     // The task holds only what the upgrade needs, and then one pointer: the
     // session's own state machine lives in a box of its exact size, so a
     // plain TCP session does not pay for the larger TLS one (a future is as
     // large as its largest state).
-    let peer = info.peer;
+    // Captured values are used in place, not rebound: a rebinding
+    // (`let _permit = permit`) or a copy only the error path reads (the peer,
+    // which `ctx` has) would each add their size to every task, and the task
+    // is padded to 128 bytes (256 bytes with these, 384 without).
     tracker.spawn(async move {
-        let _permit = permit;
         let session = match on_upgrade.await {
             Ok(upgraded) => session_on(upgraded, ctx),
             Err(e) => {
-                tracing::debug!(peer = %peer, error = %e, "upgrade failed");
+                tracing::debug!(peer = %ctx.peer, error = %e, "upgrade failed");
                 None
             }
         };
         if let Some(session) = session {
             session.await;
         }
+        // The connection slot is held until the session ends.
+        drop(permit);
     });
     let mut r = Reply::new(Default::default());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

@@ -4,11 +4,12 @@
 //! nothing a client does can make a session hold more than a bounded amount
 //! of memory or outlive its close deadline.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -17,7 +18,6 @@ use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 
 use crate::config::types::OnInboundLimit;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
 use crate::config::EndpointCfg;
@@ -48,21 +48,20 @@ pub struct SessionCtx {
     pub principal: Option<Principal>,
     /// Connection-limit slots held for the session's life.
     pub guards: Vec<crate::limits::CountGuard>,
-    /// Gateway state.
+    /// Gateway state (shutdown reaches the session through its queue:
+    /// [`GatewayState::begin_shutdown`]).
     pub state: Arc<GatewayState>,
-    /// Shutdown signal.
-    pub shutdown: CancellationToken,
 }
 
-async fn maybe_sleep(s: &mut Option<Pin<Box<Sleep>>>) {
+/// Ready when the sleep is set and due; never while it is unset.
+fn poll_sleep(s: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<()> {
     match s {
-        Some(s) => s.await,
-        None => std::future::pending().await,
+        Some(s) => s.as_mut().poll(cx),
+        None => Poll::Pending,
     }
 }
 
 enum Event {
-    Shutdown,
     Written(std::io::Result<()>),
     Queued,
     Read(std::io::Result<Result<bool, ReadError>>),
@@ -166,8 +165,9 @@ struct Flags<'a> {
     read_done: bool,
     /// After a protocol error: read and drop input until the client goes.
     discard: bool,
-    /// Shutdown has begun.
-    shutting: bool,
+    /// The queue woke the session while a write waited: for a Close (the
+    /// close deadline starts), not for frames, which wait for the write.
+    queued_while_writing: bool,
     /// The newest unanswered Ping payload: at most one Pong waits (RFC 6455
     /// §5.5.3), so a client pinging without reading cannot grow our memory.
     pong: Option<Vec<u8>>,
@@ -199,226 +199,284 @@ impl Flags<'_> {
     }
 }
 
+// The session functions return `async move` blocks rather than being
+// `async fn`s: an async fn keeps each argument twice for its whole life (as
+// the argument and as the local it is moved into), and the session's state
+// machine is the largest part of an idle connection's memory.
+
 /// Run a session over plain TCP until either side closes or the gateway
 /// shuts down. `early` holds bytes the client sent right behind its
 /// handshake.
-pub async fn run_tcp(mut tcp: TcpStream, early: Vec<u8>, ctx: Box<SessionCtx>) {
-    // Borrowed halves of the socket itself: no lock, no extra buffer.
-    let (mut rd, mut wr) = tcp.split();
-    run(&mut rd, &mut wr, early, ctx).await;
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps each argument twice; see above"
+)]
+pub fn run_tcp(
+    mut tcp: TcpStream,
+    mut early: Vec<u8>,
+    mut ctx: Box<SessionCtx>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        // Borrowed halves of the socket itself: no lock, no extra buffer.
+        let (mut rd, mut wr) = tcp.split();
+        run(&mut rd, &mut wr, &mut early, &mut ctx).await;
+    }
 }
 
 /// [`run_tcp`] over TLS. The halves share the TLS state through
 /// `tokio::io::split`; at the end the client gets a TLS close_notify, if it
 /// takes it within [`CLOSE_NOTIFY_WAIT`].
-pub async fn run_tls(mut tls: TlsStream<TcpStream>, early: Vec<u8>, ctx: Box<SessionCtx>) {
-    let (mut rd, mut wr) = tokio::io::split(&mut tls);
-    run(&mut rd, &mut wr, early, ctx).await;
-    drop((rd, wr));
-    let _ = tokio::time::timeout(CLOSE_NOTIFY_WAIT, tls.shutdown()).await;
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps each argument twice; see above"
+)]
+pub fn run_tls(
+    mut tls: TlsStream<TcpStream>,
+    mut early: Vec<u8>,
+    mut ctx: Box<SessionCtx>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let (mut rd, mut wr) = tokio::io::split(&mut tls);
+        run(&mut rd, &mut wr, &mut early, &mut ctx).await;
+        drop((rd, wr));
+        // The session's connection slots go back now, not after the wait.
+        drop(ctx);
+        let _ = tokio::time::timeout(CLOSE_NOTIFY_WAIT, tls.shutdown()).await;
+    }
 }
 
 /// How long a TLS session's end waits to hand its close_notify to the socket.
 const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(500);
 
-/// Run a session on a connection's two halves.
-async fn run<R, W>(rd: &mut R, wr: &mut W, early: Vec<u8>, mut ctx: Box<SessionCtx>)
+/// Run a session on a connection's two halves. `early` is emptied (its
+/// memory given back) once handled.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps each argument twice; see above"
+)]
+fn run<'a, R, W>(
+    rd: &'a mut R,
+    wr: &'a mut W,
+    early: &'a mut Vec<u8>,
+    ctx: &'a mut SessionCtx,
+) -> impl Future<Output = ()> + Send + 'a
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
 {
-    let m = ctx.state.metrics.clone();
-    m.connections.fetch_add(1, Relaxed);
-    m.connections_total.fetch_add(1, Relaxed);
-    let config = ctx.state.config();
-    let limits = &config.limits;
-    let batch_max = limits.write_batch;
-    tracing::debug!(conn_id = ctx.conn_id, peer = %ctx.peer, path = %ctx.path, principal = ?ctx.principal, "session opened");
+    async move {
+        let m = ctx.state.metrics.clone();
+        m.connections.fetch_add(1, Relaxed);
+        m.connections_total.fetch_add(1, Relaxed);
+        let config = ctx.state.config();
+        let limits = &config.limits;
+        let batch_max = limits.write_batch;
+        tracing::debug!(conn_id = ctx.conn_id, peer = %ctx.peer, path = %ctx.path, principal = ?ctx.principal, "session opened");
 
-    let queue = Arc::new(SessionQueue::new(limits.session_queue));
-    let info = ctx.state.register(
-        ctx.conn_id,
-        ctx.path.clone(),
-        ctx.peer,
-        ctx.principal.as_ref().and_then(|p| p.0.clone()),
-    );
-    let mut control = Control::new(
-        ctx.endpoint.clone(),
-        ctx.state.clone(),
-        queue.clone(),
-        info,
-        // Moved, not cloned: the session keeps one copy, in `control`.
-        ctx.key.take(),
-        std::mem::take(&mut ctx.params),
-        ctx.principal.take(),
-    );
-    let el = &ctx.endpoint.limits;
-    let mut reader = FrameReader::new(el.max_message_size);
-    let mut writer = FrameWriter::new();
-    let mut incoming = Vec::new();
-    let mut linger: Option<Pin<Box<Sleep>>> = None;
-    let mut f = Flags {
-        close_codes: &ctx.endpoint.close_codes,
-        ..Flags::default()
-    };
-    let mut replies = Vec::new();
-    control.start(&mut replies);
-    for r in replies.drain(..) {
-        writer.push(r);
-    }
-    let now = Instant::now();
-    let mut timers = Timers {
-        // In-band authentication must arrive in time.
-        auth_due: control
-            .awaiting_auth()
-            .then(|| ctx.endpoint.auth.inband().map(|ib| now + ib.timeout))
-            .flatten(),
-        end_of_life: el.max_duration.map(|d| now + d),
-        idle: el.idle_timeout,
-        last_read: now,
-        ping_every: el.ping_interval,
-        next_ping: el.ping_interval.map(|d| now + d),
-        pong_timeout: el.pong_timeout,
-        pong_due: None,
-    };
-    let mut timer: Option<Pin<Box<Sleep>>> =
-        timers.next().map(|t| Box::pin(tokio::time::sleep_until(t)));
-    let mut inbound = el.inbound.map(|r| governor::RateLimiter::direct(r.quota()));
-
-    if !early.is_empty() {
-        let r = reader.feed(&early, &mut incoming);
-        handle_read(
-            Ok(r.map(|_| true)),
-            &mut incoming,
-            &mut writer,
-            &mut f,
-            &ctx,
-            &mut control,
-            &mut timers,
-            inbound.as_mut(),
+        let queue = Arc::new(SessionQueue::new(limits.session_queue));
+        let info = ctx.state.register(
+            ctx.conn_id,
+            ctx.path.clone(),
+            ctx.peer,
+            ctx.principal.as_ref().and_then(|p| p.0.clone()),
+            &queue,
         );
-    }
-    drop(early);
-
-    loop {
-        // The close deadline starts when a Close is queued, not when it is
-        // written: a client that stops reading cannot keep the session.
-        if linger.is_none() && (f.close_queued || queue.is_closing()) {
-            linger = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
-        }
-        if let Some(p) = f.pong.take() {
-            if writer.len() < batch_max {
-                writer.push(ws::frame(ws::OP_PONG, &p));
-            } else {
-                f.pong = Some(p);
-            }
-        }
-        // Move queued frames to the writer: one batch, one vectored write.
-        if !f.close_queued && writer.len() < batch_max {
-            queue.take_each(batch_max - writer.len(), |item| match item {
-                Outbound::Frame(frame) => {
-                    writer.push(frame);
-                    true
-                }
-                Outbound::Close(code, reason) => {
-                    f.queue_close(&mut writer, code, reason);
-                    false
-                }
-            });
-        }
-        if f.close_sent && f.read_done {
-            break;
-        }
-        let reading = !f.read_done && !f.discard && writer.len() < batch_max;
-        let discarding = !f.read_done && f.discard;
-        let ev = tokio::select! {
-            biased;
-            _ = ctx.shutdown.cancelled(), if !f.shutting => Event::Shutdown,
-            r = poll_fn(|cx| {
-                if discarding {
-                    ws::poll_discard(cx, rd).map(|r| r.map(Ok))
-                } else {
-                    ws::poll_read_frames(cx, rd, &mut reader, &mut incoming)
-                }
-            }), if reading || discarding => Event::Read(r),
-            r = poll_fn(|cx| writer.poll_write_all(cx, wr)), if !writer.is_empty() => Event::Written(r),
-            _ = queue.notified(), if writer.is_empty() && !f.close_queued => Event::Queued,
-            _ = maybe_sleep(&mut linger) => Event::LingerOver,
-            _ = maybe_sleep(&mut timer) => Event::Timer,
+        let mut control = Control::new(
+            ctx.endpoint.clone(),
+            ctx.state.clone(),
+            queue.clone(),
+            info,
+            // Moved, not cloned: the session keeps one copy, in `control`.
+            ctx.key.take(),
+            std::mem::take(&mut ctx.params),
+            ctx.principal.take(),
+        );
+        let el = &ctx.endpoint.limits;
+        let mut reader = FrameReader::new(el.max_message_size);
+        let mut writer = FrameWriter::new();
+        let mut incoming = Vec::new();
+        let mut linger: Option<Pin<Box<Sleep>>> = None;
+        let mut f = Flags {
+            close_codes: &ctx.endpoint.close_codes,
+            ..Flags::default()
         };
-        match ev {
-            Event::Shutdown => {
-                f.shutting = true;
-                queue.close(close::GOING_AWAY, "server shutting down");
+        {
+            let mut replies = Vec::new();
+            control.start(&mut replies);
+            for r in replies {
+                writer.push(r);
             }
-            Event::Written(Ok(())) => {
-                if f.close_queued && writer.is_empty() {
-                    f.close_sent = true;
-                }
-                if f.release_after_write && writer.is_empty() {
-                    f.release_after_write = false;
-                    writer.release();
+        }
+        // In a block of its own, so `now` takes no room in the state machine.
+        let mut timers = {
+            let now = Instant::now();
+            Timers {
+                // In-band authentication must arrive in time.
+                auth_due: control
+                    .awaiting_auth()
+                    .then(|| ctx.endpoint.auth.inband().map(|ib| now + ib.timeout))
+                    .flatten(),
+                end_of_life: el.max_duration.map(|d| now + d),
+                idle: el.idle_timeout,
+                last_read: now,
+                ping_every: el.ping_interval,
+                next_ping: el.ping_interval.map(|d| now + d),
+                pong_timeout: el.pong_timeout,
+                pong_due: None,
+            }
+        };
+        let mut timer: Option<Pin<Box<Sleep>>> =
+            timers.next().map(|t| Box::pin(tokio::time::sleep_until(t)));
+        // Boxed: a session without an inbound limit pays 8 bytes, not 72.
+        let mut inbound = el
+            .inbound
+            .map(|r| Box::new(governor::RateLimiter::direct(r.quota())));
+
+        if !early.is_empty() {
+            let r = reader.feed(early, &mut incoming);
+            handle_read(
+                Ok(r.map(|_| true)),
+                &mut incoming,
+                &mut writer,
+                &mut f,
+                ctx,
+                &mut control,
+                &mut timers,
+                inbound.as_deref_mut(),
+            );
+        }
+        *early = Vec::new();
+
+        loop {
+            // The close deadline starts when a Close is queued, not when it is
+            // written: a client that stops reading cannot keep the session.
+            if linger.is_none() && (f.close_queued || queue.is_closing()) {
+                linger = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
+            }
+            if let Some(p) = f.pong.take() {
+                if writer.len() < batch_max {
+                    writer.push(ws::frame(ws::OP_PONG, &p));
+                } else {
+                    f.pong = Some(p);
                 }
             }
-            Event::Written(Err(e)) => {
-                tracing::debug!(conn_id = ctx.conn_id, error = %e, "write failed");
+            // Move queued frames to the writer: one batch, one vectored
+            // write. Not on a wake-up during a write: frames taken then would
+            // fill the writer of a client that stopped reading, and a full
+            // writer stops reads (its own Close would go unread).
+            if !f.close_queued
+                && writer.len() < batch_max
+                && !std::mem::take(&mut f.queued_while_writing)
+            {
+                queue.take_each(batch_max - writer.len(), |item| match item {
+                    Outbound::Frame(frame) => {
+                        writer.push(frame);
+                        true
+                    }
+                    Outbound::Close(code, reason) => {
+                        f.queue_close(&mut writer, code, reason);
+                        false
+                    }
+                });
+            }
+            if f.close_sent && f.read_done {
                 break;
             }
-            Event::Queued => {}
-            Event::Timer if f.close_queued => timer = None,
-            Event::Timer => {
-                match timers.fire(Instant::now(), !control.awaiting_auth()) {
-                    Due::Nothing => {}
-                    Due::Ping => {
-                        if !f.close_queued {
-                            writer.push(ws::frame(ws::OP_PING, b"gw"));
-                            f.release_after_write = true;
-                        }
-                        // A ring kept for earlier batches goes back while
-                        // the session is quiet.
-                        queue.release();
+            let reading = !f.read_done && !f.discard && writer.len() < batch_max;
+            let discarding = !f.read_done && f.discard;
+            let ev = tokio::select! {
+                biased;
+                r = poll_fn(|cx| {
+                    if discarding {
+                        ws::poll_discard(cx, rd).map(|r| r.map(Ok))
+                    } else {
+                        ws::poll_read_frames(cx, rd, &mut reader, &mut incoming)
                     }
-                    Due::Close(code, reason, which) => {
-                        match which {
-                            Limit::Auth => &m.auth_timeouts,
-                            Limit::Lifetime => &m.closed_lifetime,
-                            Limit::Idle => &m.closed_idle,
-                            Limit::Pong => &m.closed_ping_timeout,
-                        }
-                        .fetch_add(1, Relaxed);
-                        tracing::debug!(conn_id = ctx.conn_id, reason, "closing: limit reached");
-                        f.queue_close(&mut writer, code, reason);
+                }), if reading || discarding => Event::Read(r),
+                r = poll_fn(|cx| writer.poll_write_all(cx, wr)), if !writer.is_empty() => Event::Written(r),
+                // Armed while a write waits too: a Close queued then
+                // (shutdown, a slow-consumer policy) must start the close
+                // deadline even for a client that stopped reading. The queue
+                // wakes only when it stops being empty, or closes, so a
+                // stalled writer is not woken per message.
+                _ = queue.notified(), if !f.close_queued => Event::Queued,
+                _ = poll_fn(|cx| poll_sleep(&mut linger, cx)) => Event::LingerOver,
+                _ = poll_fn(|cx| poll_sleep(&mut timer, cx)) => Event::Timer,
+            };
+            match ev {
+                Event::Written(Ok(())) => {
+                    if f.close_queued && writer.is_empty() {
+                        f.close_sent = true;
+                    }
+                    if f.release_after_write && writer.is_empty() {
+                        f.release_after_write = false;
+                        writer.release();
                     }
                 }
-                timer = timers.next().map(|t| Box::pin(tokio::time::sleep_until(t)));
-            }
-            Event::Read(r) => {
-                timers.last_read = Instant::now();
-                if !handle_read(
-                    r,
-                    &mut incoming,
-                    &mut writer,
-                    &mut f,
-                    &ctx,
-                    &mut control,
-                    &mut timers,
-                    inbound.as_mut(),
-                ) {
+                Event::Written(Err(e)) => {
+                    tracing::debug!(conn_id = ctx.conn_id, error = %e, "write failed");
                     break;
                 }
-                // Clients send little (control messages, pongs): keep no
-                // memory between reads.
-                if incoming.capacity() > 0 {
-                    incoming = Vec::new();
+                Event::Queued => f.queued_while_writing = !writer.is_empty(),
+                Event::Timer if f.close_queued => timer = None,
+                Event::Timer => {
+                    match timers.fire(Instant::now(), !control.awaiting_auth()) {
+                        Due::Nothing => {}
+                        Due::Ping => {
+                            if !f.close_queued {
+                                writer.push(ws::frame(ws::OP_PING, b"gw"));
+                                f.release_after_write = true;
+                            }
+                            // A ring kept for earlier batches goes back while
+                            // the session is quiet.
+                            queue.release();
+                        }
+                        Due::Close(code, reason, which) => {
+                            match which {
+                                Limit::Auth => &m.auth_timeouts,
+                                Limit::Lifetime => &m.closed_lifetime,
+                                Limit::Idle => &m.closed_idle,
+                                Limit::Pong => &m.closed_ping_timeout,
+                            }
+                            .fetch_add(1, Relaxed);
+                            tracing::debug!(
+                                conn_id = ctx.conn_id,
+                                reason,
+                                "closing: limit reached"
+                            );
+                            f.queue_close(&mut writer, code, reason);
+                        }
+                    }
+                    timer = timers.next().map(|t| Box::pin(tokio::time::sleep_until(t)));
                 }
+                Event::Read(r) => {
+                    timers.last_read = Instant::now();
+                    if !handle_read(
+                        r,
+                        &mut incoming,
+                        &mut writer,
+                        &mut f,
+                        ctx,
+                        &mut control,
+                        &mut timers,
+                        inbound.as_deref_mut(),
+                    ) {
+                        break;
+                    }
+                    // Clients send little (control messages, pongs): keep no
+                    // memory between reads.
+                    if incoming.capacity() > 0 {
+                        incoming = Vec::new();
+                    }
+                }
+                Event::LingerOver => break,
             }
-            Event::LingerOver => break,
         }
+        drop(control);
+        ctx.state.unregister(ctx.conn_id);
+        m.connections.fetch_sub(1, Relaxed);
+        tracing::debug!(conn_id = ctx.conn_id, "session closed");
     }
-    drop(control);
-    ctx.state.unregister(ctx.conn_id);
-    m.connections.fetch_sub(1, Relaxed);
-    tracing::debug!(conn_id = ctx.conn_id, "session closed");
 }
 
 /// React to what one read produced. Returns false when the connection is gone.

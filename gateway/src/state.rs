@@ -15,7 +15,9 @@ use crate::channel::{ChannelRuntime, PluginState};
 use crate::config::Config;
 use crate::limits::CountGuard;
 use crate::metrics::Metrics;
+use crate::queue::SessionQueue;
 use crate::router::Router;
+use crate::ws::close;
 
 /// What the gateway knows about one connected client (for status replies
 /// and the clients listing).
@@ -123,6 +125,13 @@ impl Live {
     }
 }
 
+/// The reason of the Close 1001 every session gets at shutdown.
+const SHUTTING_DOWN: &str = "server shutting down";
+
+/// A session in the registry: what `/clients` shows, and its queue (for the
+/// Close at shutdown).
+type Registered = (Arc<ClientInfo>, Arc<SessionQueue>);
+
 /// Shared gateway state.
 pub struct GatewayState {
     /// Metrics.
@@ -138,7 +147,8 @@ pub struct GatewayState {
     pub addrs: BTreeMap<String, SocketAddr>,
     /// When the gateway started.
     pub started: SystemTime,
-    clients: Mutex<HashMap<u64, Arc<ClientInfo>>>,
+    /// Each session's client info and queue, by connection id.
+    clients: Mutex<HashMap<u64, Registered>>,
     conn_ids: AtomicU64,
     id_salt: u64,
 }
@@ -199,6 +209,7 @@ impl GatewayState {
         path: Arc<str>,
         peer: SocketAddr,
         principal: Option<String>,
+        queue: &Arc<SessionQueue>,
     ) -> Arc<ClientInfo> {
         let now = SystemTime::now();
         // Not guessable from the connection count, unique per process.
@@ -212,8 +223,26 @@ impl GatewayState {
             principal: Mutex::new(principal),
             subscriptions: Mutex::new(Vec::new()),
         });
-        self.clients.lock().insert(conn_id, info.clone());
+        self.clients
+            .lock()
+            .insert(conn_id, (info.clone(), queue.clone()));
+        // Registered after `begin_shutdown` swept the sessions: close now.
+        // (Shutdown is flagged before the sweep takes the lock, so a session
+        // the sweep missed sees the flag here.)
+        if self.shutting_down() {
+            queue.close(close::GOING_AWAY, SHUTTING_DOWN);
+        }
         info
+    }
+
+    /// Begin shutdown: flag it (new connections are refused, tasks stop)
+    /// and queue a Close 1001 to every session. Sessions learn of shutdown
+    /// through their queue, so none of them waits on the shutdown token.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+        for (_, queue) in self.clients.lock().values() {
+            queue.close(close::GOING_AWAY, SHUTTING_DOWN);
+        }
     }
 
     /// Forget a client.
@@ -227,7 +256,7 @@ impl GatewayState {
             .clients
             .lock()
             .iter()
-            .map(|(k, v)| (*k, v.clone()))
+            .map(|(k, (info, _))| (*k, info.clone()))
             .collect();
         v.sort_by_key(|(k, _)| *k);
         v.into_iter().map(|(_, c)| c).collect()
