@@ -4,18 +4,28 @@ mod common;
 
 use common::*;
 
-fn deployment(on_full: &str) -> Deployment {
+/// A `flood` channel from the ticker with `config` (a YAML flow mapping),
+/// under queue policy `on_full`, with `gateway` added to gateway.yaml.
+fn flood(gateway: &str, config: &str, on_full: &str) -> Deployment {
     let dep = Deployment::new();
-    dep.gateway_yaml("limits:\n  session_queue: 8\n")
+    dep.gateway_yaml(gateway)
         // No pattern on the large pad: a debug build would spend its time in the regex.
         .write("specs/schemas/flood.json", SEQ_SCHEMA)
         .write(
             "specs/flood.yaml",
             &format!(
-                "channel: flood\nschema: schemas/flood.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {{rate: 5000, pad: 30000}}\nqueue:\n  on_full: {on_full}\nendpoints:\n  - path: /flood\n"
+                "channel: flood\nschema: schemas/flood.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {config}\nqueue:\n  on_full: {on_full}\nendpoints:\n  - path: /flood\n"
             ),
         );
     dep
+}
+
+fn deployment(on_full: &str) -> Deployment {
+    flood(
+        "limits:\n  session_queue: 8\n",
+        "{rate: 5000, pad: 30000}",
+        on_full,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,19 +124,14 @@ fn unwritable_deployment(on_full: &str) -> Deployment {
         .and_then(|v| v.parse().ok())
         .expect("tcp_wmem's maximum");
     let pad = wmem_max + (1 << 20);
-    let dep = Deployment::new();
-    dep.gateway_yaml(&format!(
-        "limits:\n  session_queue: 1\n  ping_interval: 5m\n  max_message_size: {}\nshutdown:\n  deadline: 20s\n",
-        2 * pad
-    ))
-    .write("specs/schemas/flood.json", SEQ_SCHEMA)
-    .write(
-        "specs/flood.yaml",
+    flood(
         &format!(
-            "channel: flood\nschema: schemas/flood.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {{rate: 5, pad: {pad}}}\nqueue:\n  on_full: {on_full}\nendpoints:\n  - path: /flood\n"
+            "limits:\n  session_queue: 1\n  ping_interval: 5m\n  max_message_size: {}\nshutdown:\n  deadline: 20s\n",
+            2 * pad
         ),
-    );
-    dep
+        &format!("{{rate: 5, pad: {pad}}}"),
+        on_full,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
