@@ -39,3 +39,51 @@ fn the_shipped_schemas_accept_what_the_shipped_plugins_describe() {
             .is_err()
     );
 }
+
+/// Patterns that need backtracking (lookahead, a backreference) compile
+/// beside plain ones, and each decides as ECMA-262 does, reporting the
+/// failing property.
+#[test]
+fn patterns_with_and_without_lookaround() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.json");
+    std::fs::write(
+        &file,
+        r#"{"type":"object","properties":{
+            "pad":{"type":"string","pattern":"^x*$"},
+            "code":{"type":"string","pattern":"^\\d{3}-[A-Z]+$"},
+            "password":{"type":"string","pattern":"^(?=.*\\d)(?=.*[a-z]).{8,}$"},
+            "twice":{"type":"string","pattern":"^(ab)\\1$"}}}"#,
+    )
+    .unwrap();
+    let v = compile_schema(&file).unwrap();
+    for ok in [
+        json!({"pad": "", "code": "123-AB"}),
+        json!({"pad": "xxxx", "password": "abcdefg1"}),
+        json!({"twice": "abab"}),
+    ] {
+        assert!(v.is_valid(&ok), "{ok} should be valid");
+    }
+    for (bad, at) in [
+        (json!({"pad": "xxy"}), "/pad"),
+        (json!({"code": "12-AB"}), "/code"),
+        (json!({"password": "abcdefgh"}), "/password"),
+        (json!({"twice": "abba"}), "/twice"),
+    ] {
+        let err = v.validate(&bad).unwrap_err();
+        assert_eq!(err.instance_path().to_string(), at, "{bad}");
+    }
+}
+
+/// A pattern that no engine accepts is refused with the schema's name.
+#[test]
+fn a_pattern_that_is_not_a_regex_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.json");
+    std::fs::write(&file, r#"{"type":"string","pattern":"^(x$"}"#).unwrap();
+    let err = compile_schema(&file).unwrap_err();
+    assert!(
+        err.contains("is not a valid JSON Schema") && err.contains("s.json"),
+        "{err}"
+    );
+}
