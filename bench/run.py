@@ -2,7 +2,7 @@
 """Side-by-side benchmark: the gateway against Node.js `ws`, FastAPI and NATS.
 
     bench/run.py setup                       # npm, venv + pip, cargo build
-    bench/run.py compare [--servers gateway,node,fastapi,nats,bare] [--quick] [--linger 20ms]
+    bench/run.py compare [--servers gateway,node,fastapi,nats,bare] [--quick] [--linger 20ms] [--schema F]
     bench/run.py summary [--tag 2026-11-23]  # rebuild the markdown from JSON
     bench/run.py scale [--totals 200000,1000000] # gateway cost vs clients and channels
     bench/run.py scale-summary [--tag 2026-11-23-scale]
@@ -410,21 +410,30 @@ class Gateway(Server):
             raise BenchError(f"{self.binary()} is missing: run `bench/run.py setup`")
         if not (ROOT / "examples" / "bench" / "gateway.yaml").is_file():
             raise BenchError("examples/bench/gateway.yaml is missing")
+        schema = getattr(self.cfg, "schema", None)
+        if schema and not Path(schema).is_file():
+            raise BenchError(f"--schema {schema}: no such file")
 
     def command(self) -> list:
         linger = getattr(self.cfg, "linger", None)
-        if not linger:
+        schema = getattr(self.cfg, "schema", None)
+        if not linger and not schema:
             return [self.binary(), "--config", "examples/bench/gateway.yaml"]
-        # examples/bench with `linger:` added to its channel, in a scratch
-        # directory (git-ignored).
+        # examples/bench with `linger:` added to its channel and/or another
+        # schema, in a scratch directory (git-ignored).
         src = ROOT / "examples" / "bench"
-        out = self.cfg.results / f"gateway-linger-{linger}.tmp"
+        name = "-".join(f"{k}-{re.sub(r'[^A-Za-z0-9.-]+', '_', str(v))}"
+                        for k, v in (("linger", linger), ("schema", schema and Path(schema).stem)) if v)
+        out = self.cfg.results / f"gateway-{name}.tmp"
         out.mkdir(parents=True, exist_ok=True)
         yaml = (src / "gateway.yaml").read_text().replace(
             "dirs: [../../target/release]", f"dirs: [{ROOT / 'target' / 'release'}]")
         (out / "gateway.yaml").write_text(yaml)
-        (out / "bench.yaml").write_text((src / "bench.yaml").read_text() + f"linger: {linger}\n")
-        shutil.copy(src / "bench.schema.json", out / "bench.schema.json")
+        spec = (src / "bench.yaml").read_text()
+        if linger:
+            spec += f"linger: {linger}\n"
+        (out / "bench.yaml").write_text(spec)
+        shutil.copy(schema or src / "bench.schema.json", out / "bench.schema.json")
         return [self.binary(), "--config", out / "gateway.yaml"]
 
     def versions(self) -> dict:
@@ -433,6 +442,8 @@ class Gateway(Server):
         v = {"git": rev + ("+dirty" if dirty else "")}
         if getattr(self.cfg, "linger", None):
             v["linger"] = self.cfg.linger
+        if getattr(self.cfg, "schema", None):
+            v["schema"] = str(self.cfg.schema)
         return v
 
 
@@ -2403,6 +2414,9 @@ def main(argv=None) -> int:
     c.add_argument("--results", default=str(DEFAULT_RESULTS))
     c.add_argument("--tag", help="file name prefix (default: today's date, + -quick)")
     c.add_argument("--linger", help="run the gateway's bench channel with this `linger` (e.g. 20ms)")
+    c.add_argument("--schema", type=Path,
+                   help="run the gateway's bench channel with this JSON Schema file instead of "
+                        "examples/bench/bench.schema.json (e.g. bench/accept-all.schema.json: validation off)")
     add_step_timing_args(c, "a server")
     c.set_defaults(func=cmd_compare)
 
