@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""RSS per idle connection, plain WebSocket against WebSocket over TLS.
+
+    python3 bench/tls_idle.py [--clients 10000] [--sample-after 5] [--tag T]
+
+Runs the release gateway on a copy of examples/bench (the ticker at one
+message per 1000 s, so the clients stay idle) twice: once on a plain
+listener, once on a TLS listener with a self-signed P-256 certificate made
+by `openssl` for the run. Each time, `--clients` clients connect (asyncio,
+the same code for both; TLS 1.3 from Python's ssl module), complete the
+WebSocket upgrade to /bench and hold; the gateway's RSS is read before the
+first client and `--sample-after` seconds after the last one. The gateway
+pings every 30 s, which these clients do not answer, so keep the sample
+well before that. Writes bench/results/<tag>-tls-idle.json and prints a
+markdown table. Python 3 standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime as dt
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 9906
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def deployment(out: Path, tls: bool) -> Path:
+    """examples/bench in `out`, on PORT, with TLS when asked."""
+    out.mkdir(parents=True, exist_ok=True)
+    src = ROOT / "examples" / "bench"
+    listener = f'    bind: "127.0.0.1:{PORT}"\n'
+    if tls:
+        listener += "    tls: {cert: cert.pem, key: key.pem}\n"
+    (out / "gateway.yaml").write_text(
+        "listeners:\n  bench:\n" + listener
+        + f"plugins:\n  dirs: [{json.dumps(str(ROOT / 'target' / 'release'))}]\n"
+        + "channels:\n  - bench.yaml\nlimits:\n  max_connections: 100000\nlog:\n  level: warn\n")
+    shutil.copy(src / "bench.yaml", out / "bench.yaml")
+    shutil.copy(src / "bench.schema.json", out / "bench.schema.json")
+    if tls and not (out / "cert.pem").exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", out / "key.pem", "-out", out / "cert.pem", "-days", "2",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+            check=True, capture_output=True)
+    return out / "gateway.yaml"
+
+
+async def client(ctx: ssl.SSLContext | None, gate: asyncio.Semaphore, held: list) -> None:
+    async with gate:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", PORT, ssl=ctx, server_hostname="localhost" if ctx else None)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write((f"GET /bench HTTP/1.1\r\nHost: 127.0.0.1:{PORT}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise RuntimeError(f"upgrade refused: {head[:80]!r}")
+        held.append(writer)
+
+
+async def hold(clients: int, ctx: ssl.SSLContext | None) -> tuple[list, float]:
+    gate = asyncio.Semaphore(100)
+    held: list = []
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(client(ctx, gate, held) for _ in range(clients)),
+                                   return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {clients} clients failed, first: {errors[0]!r}")
+    return held, time.monotonic() - t0
+
+
+def measure(mode: str, clients: int, sample_after: float, scratch: Path) -> dict:
+    tls = mode == "wss"
+    config = deployment(scratch / mode, tls)
+    log = open(scratch / f"{mode}-gateway.log", "wb")
+    gw = subprocess.Popen([ROOT / "target" / "release" / "gateway", "--config", config],
+                          env={**os.environ, "BENCH_RATE": "0.001"}, stdout=log, stderr=log,
+                          start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_open(PORT):
+            if gw.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not start; see {scratch / f'{mode}-gateway.log'}")
+            time.sleep(0.1)
+        time.sleep(1.0)
+        before = rss_kib(gw.pid)
+        ctx = None
+        if tls:
+            ctx = ssl.create_default_context(cafile=str(scratch / mode / "cert.pem"))
+        held, secs = asyncio.run(hold_and_sample(clients, ctx, sample_after, gw.pid))
+        after = held["rss_kib"]
+        return {
+            "mode": mode, "clients": clients, "connect_secs": round(secs, 1),
+            "sampled_after_secs": sample_after, "rss_kib_before": before, "rss_kib_held": after,
+            "kib_per_connection": round((after - before) / clients, 2),
+        }
+    finally:
+        os.killpg(gw.pid, signal.SIGTERM)
+        try:
+            gw.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(gw.pid, signal.SIGKILL)
+            gw.wait()
+        log.close()
+
+
+async def hold_and_sample(clients: int, ctx, sample_after: float, pid: int) -> tuple[dict, float]:
+    held, secs = await hold(clients, ctx)
+    await asyncio.sleep(sample_after)
+    sample = {"rss_kib": rss_kib(pid)}
+    for w in held:
+        w.close()
+    return sample, secs
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=10000)
+    p.add_argument("--sample-after", type=float, default=5.0, help="seconds after the last client connected")
+    p.add_argument("--tag", default=dt.date.today().isoformat())
+    a = p.parse_args()
+    if not os.access(ROOT / "target" / "release" / "gateway", os.X_OK):
+        sys.exit("target/release/gateway is missing: cargo build --release -p gateway -p ticker")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, a.clients + 1000)), hard))
+    scratch = ROOT / "bench" / "results" / "tls-idle.tmp"
+    rows = [measure(mode, a.clients, a.sample_after, scratch) for mode in ("ws", "wss")]
+    out = ROOT / "bench" / "results" / f"{a.tag}-tls-idle.json"
+    out.write_text(json.dumps({"tag": a.tag, "runs": rows}, indent=2) + "\n")
+    print("| listener | idle connections | RSS before | RSS held | KiB per connection | sampled after |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['clients']:,} | {r['rss_kib_before']:,} KiB | {r['rss_kib_held']:,} KiB "
+              f"| {r['kib_per_connection']} | {r['sampled_after_secs']} s |")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
