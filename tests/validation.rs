@@ -75,7 +75,7 @@ fn patterns_with_and_without_lookaround() {
     }
 }
 
-/// A pattern that no engine accepts is refused with the schema's name.
+/// A pattern that is not a regular expression is refused, naming the schema.
 #[test]
 fn a_pattern_that_is_not_a_regex_is_refused() {
     let dir = tempfile::tempdir().unwrap();
