@@ -621,6 +621,15 @@ def window(a: Sample, b: Sample) -> dict:
     for k in a.other_cpu:
         if a.other_cpu[k] is not None and b.other_cpu.get(k) is not None:
             out[f"{k}_cpu_secs"] = round(b.other_cpu[k] - a.other_cpu[k], 3)
+    # /proc/stat counts by the timer tick, and on these VMs it has been seen
+    # to stand still for seconds while the server and loadgen ran (their
+    # own CPU times, from /proc/<pid>/stat, are exact). A busy share below
+    # what the measured processes alone used is reported as unknown.
+    measured = sum(v for k, v in out.items() if k.endswith("_cpu_secs"))
+    pct = out["machine_cpu_busy_pct"]
+    if pct is not None and secs > 0 and pct / 100 * (os.cpu_count() or 1) * secs < 0.9 * measured:
+        out["machine_cpu_busy_pct_unreliable"] = pct
+        out["machine_cpu_busy_pct"] = None
     return out
 
 
