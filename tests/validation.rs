@@ -3,16 +3,20 @@
 use gateway::config::compile_schema;
 use serde_json::json;
 
-#[test]
-fn formats_are_checked() {
+/// Compile `schema` from a file named s.json, as a channel's schema is.
+fn compile(schema: &str) -> Result<jsonschema::Validator, String> {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("s.json");
-    std::fs::write(
-        &file,
+    std::fs::write(&file, schema).unwrap();
+    compile_schema(&file)
+}
+
+#[test]
+fn formats_are_checked() {
+    let v = compile(
         r#"{"type":"object","properties":{"at":{"type":"string","format":"date-time"},"mail":{"type":"string","format":"email"}}}"#,
     )
     .unwrap();
-    let v = compile_schema(&file).unwrap();
     assert!(
         v.validate(&json!({"at": "2026-11-23T10:00:00.123Z", "mail": "a@example.org"}))
             .is_ok()
@@ -45,10 +49,7 @@ fn the_shipped_schemas_accept_what_the_shipped_plugins_describe() {
 /// failing property.
 #[test]
 fn patterns_with_and_without_lookaround() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("s.json");
-    std::fs::write(
-        &file,
+    let v = compile(
         r#"{"type":"object","properties":{
             "pad":{"type":"string","pattern":"^x*$"},
             "code":{"type":"string","pattern":"^\\d{3}-[A-Z]+$"},
@@ -56,7 +57,6 @@ fn patterns_with_and_without_lookaround() {
             "twice":{"type":"string","pattern":"^(ab)\\1$"}}}"#,
     )
     .unwrap();
-    let v = compile_schema(&file).unwrap();
     for ok in [
         json!({"pad": "", "code": "123-AB"}),
         json!({"pad": "xxxx", "password": "abcdefg1"}),
@@ -78,10 +78,7 @@ fn patterns_with_and_without_lookaround() {
 /// A pattern that is not a regular expression is refused, naming the schema.
 #[test]
 fn a_pattern_that_is_not_a_regex_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("s.json");
-    std::fs::write(&file, r#"{"type":"string","pattern":"^(x$"}"#).unwrap();
-    let err = compile_schema(&file).unwrap_err();
+    let err = compile(r#"{"type":"string","pattern":"^(x$"}"#).unwrap_err();
     assert!(
         err.contains("is not a valid JSON Schema") && err.contains("s.json"),
         "{err}"
