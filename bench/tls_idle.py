@@ -26,31 +26,16 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import ROOT, port_open, rss_kib  # noqa: E402  (bench/run.py)
+
 PORT = 9906
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def deployment(out: Path, tls: bool) -> Path:
@@ -116,12 +101,11 @@ def measure(mode: str, clients: int, sample_after: float, scratch: Path) -> dict
                 raise RuntimeError(f"gateway did not start; see {scratch / f'{mode}-gateway.log'}")
             time.sleep(0.1)
         time.sleep(1.0)
-        before = rss_kib(gw.pid)
+        before = rss_kib([gw.pid])
         ctx = None
         if tls:
             ctx = ssl.create_default_context(cafile=str(scratch / mode / "cert.pem"))
-        held, secs = asyncio.run(hold_and_sample(clients, ctx, sample_after, gw.pid))
-        after = held["rss_kib"]
+        after, secs = asyncio.run(hold_and_sample(clients, ctx, sample_after, gw.pid))
         return {
             "mode": mode, "clients": clients, "connect_secs": round(secs, 1),
             "sampled_after_secs": sample_after, "rss_kib_before": before, "rss_kib_held": after,
@@ -137,13 +121,14 @@ def measure(mode: str, clients: int, sample_after: float, scratch: Path) -> dict
         log.close()
 
 
-async def hold_and_sample(clients: int, ctx, sample_after: float, pid: int) -> tuple[dict, float]:
+async def hold_and_sample(clients: int, ctx, sample_after: float, pid: int) -> tuple[int, float]:
+    """The gateway's RSS `sample_after` s after `clients` hold, and the connecting time."""
     held, secs = await hold(clients, ctx)
     await asyncio.sleep(sample_after)
-    sample = {"rss_kib": rss_kib(pid)}
+    rss = rss_kib([pid])
     for w in held:
         w.close()
-    return sample, secs
+    return rss, secs
 
 
 def main() -> int:
