@@ -398,6 +398,23 @@ class Server:
             self.proc = None
 
 
+def bench_copy(out: Path, *, linger: str | None = None, schema: Path | None = None) -> Path:
+    """examples/bench copied to `out` with absolute plugin dirs, `linger:`
+    added to its channel when given, and `schema` in place of its own.
+    Returns the copy's gateway.yaml."""
+    src = ROOT / "examples" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    yaml = (src / "gateway.yaml").read_text().replace(
+        "dirs: [../../target/release]", f"dirs: [{ROOT / 'target' / 'release'}]")
+    (out / "gateway.yaml").write_text(yaml)
+    spec = (src / "bench.yaml").read_text()
+    if linger:
+        spec += f"linger: {linger}\n"
+    (out / "bench.yaml").write_text(spec)
+    shutil.copy(schema or src / "bench.schema.json", out / "bench.schema.json")
+    return out / "gateway.yaml"
+
+
 class Gateway(Server):
     name = "gateway"
     label = "gateway (this repo)"
@@ -421,20 +438,10 @@ class Gateway(Server):
             return [self.binary(), "--config", "examples/bench/gateway.yaml"]
         # examples/bench with `linger:` added to its channel and/or another
         # schema, in a scratch directory (git-ignored).
-        src = ROOT / "examples" / "bench"
         name = "-".join(f"{k}-{re.sub(r'[^A-Za-z0-9.-]+', '_', str(v))}"
                         for k, v in (("linger", linger), ("schema", schema and Path(schema).stem)) if v)
-        out = self.cfg.results / f"gateway-{name}.tmp"
-        out.mkdir(parents=True, exist_ok=True)
-        yaml = (src / "gateway.yaml").read_text().replace(
-            "dirs: [../../target/release]", f"dirs: [{ROOT / 'target' / 'release'}]")
-        (out / "gateway.yaml").write_text(yaml)
-        spec = (src / "bench.yaml").read_text()
-        if linger:
-            spec += f"linger: {linger}\n"
-        (out / "bench.yaml").write_text(spec)
-        shutil.copy(schema or src / "bench.schema.json", out / "bench.schema.json")
-        return [self.binary(), "--config", out / "gateway.yaml"]
+        config = bench_copy(self.cfg.results / f"gateway-{name}.tmp", linger=linger, schema=schema)
+        return [self.binary(), "--config", config]
 
     def versions(self) -> dict:
         rev = capture(["git", "rev-parse", "--short", "HEAD"])

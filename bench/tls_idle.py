@@ -24,8 +24,6 @@ import datetime as dt
 import json
 import os
 import resource
-import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -33,31 +31,30 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ROOT, port_open, rss_kib  # noqa: E402  (bench/run.py)
+from run import (  # noqa: E402  (bench/run.py)
+    IDLE_RATE, ROOT, Proc, bench_copy, port_open, rate_env, rss_kib, wait_until)
 
 PORT = 9906
 
 
 def deployment(out: Path, tls: bool) -> Path:
     """examples/bench in `out`, on PORT, with TLS when asked."""
-    out.mkdir(parents=True, exist_ok=True)
-    src = ROOT / "examples" / "bench"
-    listener = f'    bind: "127.0.0.1:{PORT}"\n'
+    config = bench_copy(out)
+    bind = "    bind: 127.0.0.1:9900\n"
+    yaml = config.read_text()
+    if bind not in yaml:
+        raise RuntimeError(f"examples/bench/gateway.yaml has no line {bind.strip()!r} to move to port {PORT}")
+    listener = f"    bind: 127.0.0.1:{PORT}\n"
     if tls:
         listener += "    tls: {cert: cert.pem, key: key.pem}\n"
-    (out / "gateway.yaml").write_text(
-        "listeners:\n  bench:\n" + listener
-        + f"plugins:\n  dirs: [{json.dumps(str(ROOT / 'target' / 'release'))}]\n"
-        + "channels:\n  - bench.yaml\nlimits:\n  max_connections: 100000\nlog:\n  level: warn\n")
-    shutil.copy(src / "bench.yaml", out / "bench.yaml")
-    shutil.copy(src / "bench.schema.json", out / "bench.schema.json")
+    config.write_text(yaml.replace(bind, listener))
     if tls and not (out / "cert.pem").exists():
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
              "-nodes", "-keyout", out / "key.pem", "-out", out / "cert.pem", "-days", "2",
              "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
             check=True, capture_output=True)
-    return out / "gateway.yaml"
+    return config
 
 
 async def client(ctx: ssl.SSLContext | None, gate: asyncio.Semaphore, held: list) -> None:
@@ -90,16 +87,11 @@ async def hold(clients: int, ctx: ssl.SSLContext | None) -> tuple[list, float]:
 def measure(mode: str, clients: int, sample_after: float, scratch: Path) -> dict:
     tls = mode == "wss"
     config = deployment(scratch / mode, tls)
-    log = open(scratch / f"{mode}-gateway.log", "wb")
-    gw = subprocess.Popen([ROOT / "target" / "release" / "gateway", "--config", config],
-                          env={**os.environ, "BENCH_RATE": "0.001"}, stdout=log, stderr=log,
-                          start_new_session=True)
+    gw = Proc(f"{mode}-gateway", [ROOT / "target" / "release" / "gateway", "--config", config],
+              results=scratch, env={"BENCH_RATE": rate_env(IDLE_RATE)})
     try:
-        deadline = time.monotonic() + 30
-        while not port_open(PORT):
-            if gw.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway did not start; see {scratch / f'{mode}-gateway.log'}")
-            time.sleep(0.1)
+        if not wait_until(lambda: port_open(PORT), time.monotonic() + 30, alive=gw.alive):
+            raise RuntimeError(f"the gateway did not accept on port {PORT}\n{gw.log_tail()}")
         time.sleep(1.0)
         before = rss_kib([gw.pid])
         ctx = None
@@ -112,13 +104,7 @@ def measure(mode: str, clients: int, sample_after: float, scratch: Path) -> dict
             "kib_per_connection": round((after - before) / clients, 2),
         }
     finally:
-        os.killpg(gw.pid, signal.SIGTERM)
-        try:
-            gw.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(gw.pid, signal.SIGKILL)
-            gw.wait()
-        log.close()
+        gw.stop()
 
 
 async def hold_and_sample(clients: int, ctx, sample_after: float, pid: int) -> tuple[int, float]:
