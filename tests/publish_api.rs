@@ -184,3 +184,57 @@ async fn a_lingering_channel_holds_close_followers_back_and_sends_them_together(
         Some(3.0)
     );
 }
+
+/// `gateway_delivery_delay_seconds` times each socket write from when its
+/// oldest message came in: with `linger: 1s`, a message that follows
+/// another at once waits for the linger, and the histogram shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_delay_histogram_shows_what_a_message_waited() {
+    let dep = deployment("linger: 1s\n");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/news").await;
+    subscribed(addr).await;
+    let count = "gateway_delivery_delay_seconds_count";
+    assert_eq!(metric(addr, count).await, Some(0.0));
+
+    let started = std::time::Instant::now();
+    for seq in [1, 2] {
+        let (s, _) = post(
+            addr,
+            "/publish/news",
+            Some("pub-key"),
+            &format!("{{\"seq\": {seq}}}"),
+        )
+        .await;
+        assert_eq!(s, 202);
+    }
+    // The second came in at most `elapsed` after the first went out, and
+    // was held until 1 s after that send.
+    let waited_at_least = 1.0 - started.elapsed().as_secs_f64() - 0.001;
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 1}));
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 2}));
+    // One write each: the first at once, the second after the linger.
+    metric_becomes(addr, count, 2.0).await;
+    let sum = metric(addr, "gateway_delivery_delay_seconds_sum")
+        .await
+        .unwrap();
+    assert!(sum >= waited_at_least, "sum {sum} < {waited_at_least}");
+    let inf = metric(addr, "gateway_delivery_delay_seconds_bucket{le=\"+Inf\"}").await;
+    assert_eq!(inf, Some(2.0));
+    // The largest bucket bound below what the second surely waited.
+    let bound = [0.5, 0.25, 0.1, 0.05, 0.025, 0.01]
+        .into_iter()
+        .find(|&b| b < waited_at_least)
+        .expect("the two requests took under a second");
+    let below = metric(
+        addr,
+        &format!("gateway_delivery_delay_seconds_bucket{{le=\"{bound}\"}}"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        below < 2.0,
+        "both writes counted under {bound} s, one waited {waited_at_least} s"
+    );
+}

@@ -36,6 +36,9 @@ pub struct Message {
     pub payload: usize,
     /// The parsed message, kept when some subscriber may filter on it.
     pub value: Option<Arc<serde_json::Value>>,
+    /// When it entered the gateway ([`crate::metrics::stamp`]; 0: not
+    /// timed). Sessions time their writes from it.
+    pub emitted: u32,
 }
 
 impl Message {
@@ -45,7 +48,15 @@ impl Message {
             frame,
             payload,
             value: None,
+            emitted: 0,
         }
+    }
+
+    /// This message, entered into the gateway at `stamp`
+    /// ([`crate::metrics::stamp`]).
+    pub fn emitted_at(mut self, stamp: u32) -> Message {
+        self.emitted = stamp;
+        self
     }
 
     /// The JSON text.
@@ -76,8 +87,9 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    /// Hand `msg` to this subscriber, through its filters.
-    fn deliver(&self, msg: &Message) -> Pushed {
+    /// Hand `msg` to this subscriber, through its filters; `stamp` times
+    /// its write (0 for a replay, whose wait is not the gateway's).
+    fn deliver(&self, msg: &Message, stamp: u32) -> Pushed {
         let frame = match (&self.filter, &msg.value) {
             (Some(f), Some(v)) => {
                 match f.decide(v, &msg.frame, &self.queue, self.on_full, &self.cancelled) {
@@ -88,17 +100,20 @@ impl Subscriber {
             }
             _ => msg.frame.clone(),
         };
-        self.queue.push(frame, self.on_full)
+        self.queue.push_timed(frame, stamp, self.on_full)
     }
 
     /// Hand `msgs` to this subscriber in order: without filters, under one
     /// lock of its queue and with one wake-up.
     fn deliver_all(&self, msgs: &[Message], mut each: impl FnMut(Pushed)) {
         if self.filter.is_some() || msgs.len() == 1 {
-            msgs.iter().for_each(|m| each(self.deliver(m)));
+            msgs.iter().for_each(|m| each(self.deliver(m, m.emitted)));
         } else {
-            self.queue
-                .push_all(msgs.iter().map(|m| m.frame.clone()), self.on_full, each);
+            self.queue.push_all(
+                msgs.iter().map(|m| (m.frame.clone(), m.emitted)),
+                self.on_full,
+                each,
+            );
         }
     }
 }
@@ -189,7 +204,7 @@ impl MemoryBroker {
         if s.joined_at != published {
             return false;
         }
-        s.deliver(msg);
+        s.deliver(msg, 0);
         s.joined_at = s.joined_at.saturating_sub(1);
         st.last.lock().get_or_insert_with(|| msg.clone());
         true
@@ -289,7 +304,7 @@ impl Broker for MemoryBroker {
         let mut g = st.subs.write();
         sub.joined_at = st.published.load(Relaxed);
         if replay && let Some(m) = st.last.lock().as_ref() {
-            sub.deliver(m);
+            sub.deliver(m, 0);
             // It has the stream's latest message.
             sub.joined_at = sub.joined_at.saturating_sub(1);
         }

@@ -307,8 +307,12 @@ impl ChannelRuntime {
             return false;
         };
         self.metrics.received.fetch_add(msgs.len() as u64, Relaxed);
+        let now = crate::metrics::stamp();
         for (permit, msg) in permits.zip(msgs) {
-            permit.send(SourceEvent::Ready { key: None, msg });
+            permit.send(SourceEvent::Ready {
+                key: None,
+                msg: msg.emitted_at(now),
+            });
         }
         true
     }
@@ -608,9 +612,10 @@ async fn run_status(
         let body = serde_json::to_vec(&snapshot).unwrap_or_default();
         let (frame, header) = crate::ws::text_frame(&body);
         rt.metrics.received.fetch_add(1, Relaxed);
+        let emitted = crate::metrics::stamp();
         tokio::select! {
             _ = stop.cancelled() => break,
-            r = tx.send(SourceEvent::Message { key: None, frame, header }) => if r.is_err() { break },
+            r = tx.send(SourceEvent::Message { key: None, frame, header, emitted }) => if r.is_err() { break },
         }
     }
     // A stopped channel's metrics belong to its successor (a reload that
@@ -676,12 +681,15 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
             match ev {
                 SourceEvent::Message { .. } | SourceEvent::Ready { .. } => {
                     let (key, msg) = match ev {
-                        SourceEvent::Message { key, frame, header } => {
-                            match prepare(&rt, key.as_deref(), frame, header, &log_limit) {
-                                Some(m) => (key, m),
-                                None => continue,
-                            }
-                        }
+                        SourceEvent::Message {
+                            key,
+                            frame,
+                            header,
+                            emitted,
+                        } => match prepare(&rt, key.as_deref(), frame, header, &log_limit) {
+                            Some(m) => (key, m.emitted_at(emitted)),
+                            None => continue,
+                        },
                         SourceEvent::Ready { key, msg } => (key, msg),
                         SourceEvent::End { .. } => continue,
                     };

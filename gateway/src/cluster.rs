@@ -879,7 +879,7 @@ async fn feed(
             c.metrics.received_invalid.fetch_add(1, Relaxed);
             continue;
         };
-        let mut msg = Message::new(payload, header);
+        let mut msg = Message::new(payload, header).emitted_at(crate::metrics::stamp());
         if !rt.cfg.filters.is_empty() {
             match serde_json::from_slice(msg.json()) {
                 Ok(v) => msg.value = Some(Arc::new(v)),

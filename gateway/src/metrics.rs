@@ -65,6 +65,102 @@ pub struct ValidationFailure {
     pub at: std::time::SystemTime,
 }
 
+/// When a message entered the gateway: microseconds since the process's
+/// first stamp, wrapping every 71 minutes (compare with `wrapping_sub`), and
+/// never 0, which marks a frame that is not timed.
+pub fn stamp() -> u32 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(std::time::Instant::now);
+    (base.elapsed().as_micros() as u32).max(1)
+}
+
+/// Microseconds from stamp `then` to stamp `now`, across a wrap of the
+/// counter.
+fn since(now: u32, then: u32) -> u64 {
+    u64::from(now.wrapping_sub(then))
+}
+
+/// Upper bounds of [`DelayHistogram`]'s buckets, in microseconds (the
+/// last bucket, `+Inf`, takes the rest).
+pub const DELAY_BOUNDS_US: [u64; 15] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// A histogram of delays, fed from every worker thread: each thread counts
+/// into a shard of its own (one cache line), so sessions on different
+/// threads never contend; `/metrics` adds the shards up.
+#[derive(Debug, Default)]
+pub struct DelayHistogram {
+    shards: [DelayShard; DELAY_SHARDS],
+}
+
+const DELAY_SHARDS: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct DelayShard {
+    counts: [AtomicU64; DELAY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl DelayHistogram {
+    /// Count the time since `stamp` (a [`stamp`] value).
+    pub fn observe_since(&self, stamp: u32) {
+        self.observe_us(since(crate::metrics::stamp(), stamp));
+    }
+
+    /// Count a delay of `us` microseconds.
+    pub fn observe_us(&self, us: u64) {
+        thread_local! {
+            static SHARD: usize = {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Relaxed) as usize % DELAY_SHARDS
+            };
+        }
+        let shard = &self.shards[SHARD.with(|s| *s)];
+        let bucket = DELAY_BOUNDS_US.partition_point(|&b| b < us);
+        shard.counts[bucket].fetch_add(1, Relaxed);
+        shard.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Observations so far, per bucket (not cumulative), and their sum in µs.
+    pub fn snapshot(&self) -> ([u64; DELAY_BOUNDS_US.len() + 1], u64) {
+        let mut counts = [0u64; DELAY_BOUNDS_US.len() + 1];
+        let mut sum = 0;
+        for s in &self.shards {
+            for (c, a) in counts.iter_mut().zip(&s.counts) {
+                *c += a.load(Relaxed);
+            }
+            sum += s.sum_us.load(Relaxed);
+        }
+        (counts, sum)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let (counts, sum) = self.snapshot();
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, c) in counts.iter().enumerate() {
+            cumulative += c;
+            match DELAY_BOUNDS_US.get(i) {
+                Some(b) => {
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                        *b as f64 / 1e6
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let _ = writeln!(out, "{name}_sum {}", sum as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
 /// Process-wide figures.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -114,6 +210,8 @@ pub struct Metrics {
     pub auth_timeouts: AtomicU64,
     /// TLS handshakes that failed or timed out on TLS listeners.
     pub tls_handshake_failures: AtomicU64,
+    /// How long the oldest frame of each socket write waited in the gateway.
+    pub delivery_delay: DelayHistogram,
     channels: RwLock<BTreeMap<Arc<str>, Arc<ChannelMetrics>>>,
 }
 
@@ -144,6 +242,11 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let g = series;
+        self.delivery_delay.render(
+            &mut out,
+            "gateway_delivery_delay_seconds",
+            "Time from a message entering the gateway to the socket write that sends it to a subscriber, for the oldest frame of each write.",
+        );
         g(
             &mut out,
             "gateway_connections",
@@ -386,4 +489,63 @@ pub fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_are_rendered_as_a_cumulative_histogram_in_seconds() {
+        let h = DelayHistogram::default();
+        for us in [100, 250, 251, 20_000_000] {
+            h.observe_us(us);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "d", "Delays.");
+        for line in [
+            "# TYPE d histogram",
+            "d_bucket{le=\"0.00025\"} 2",
+            "d_bucket{le=\"0.0005\"} 3",
+            "d_bucket{le=\"10\"} 3",
+            "d_bucket{le=\"+Inf\"} 4",
+            "d_sum 20.000601",
+            "d_count 4",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line:?} in\n{out}");
+        }
+        assert_eq!(
+            out.lines().filter(|l| l.starts_with("d_bucket")).count(),
+            DELAY_BOUNDS_US.len() + 1
+        );
+    }
+
+    #[test]
+    fn observations_from_other_threads_are_all_counted() {
+        let h = Arc::new(DelayHistogram::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let h = h.clone();
+                std::thread::spawn(move || (0..1000).for_each(|_| h.observe_us(3_000)))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let (counts, sum) = h.snapshot();
+        assert_eq!(
+            counts[DELAY_BOUNDS_US.partition_point(|&b| b < 3_000)],
+            4000
+        );
+        assert_eq!(counts.iter().sum::<u64>(), 4000);
+        assert_eq!(sum, 12_000_000);
+    }
+
+    #[test]
+    fn a_delay_is_measured_across_a_wrap_of_the_stamp_counter() {
+        assert_eq!(since(5, u32::MAX - 4), 10);
+        assert_eq!(since(1_000, 400), 600);
+        let a = stamp();
+        assert_ne!(a, 0, "0 marks an untimed frame");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(since(stamp(), a) >= 2_000);
+    }
 }

@@ -278,6 +278,8 @@ pub enum SourceEvent {
         frame: Bytes,
         /// Where the JSON starts in `frame`.
         header: usize,
+        /// When it entered the gateway ([`crate::metrics::stamp`]).
+        emitted: u32,
     },
     /// A message already parsed and validated (the HTTP publish API).
     Ready {
@@ -393,8 +395,14 @@ extern "C" fn host_emit(ctx: *mut c_void, key: GwSlice, json: GwSlice) -> i32 {
             h.metrics.rejected.fetch_add(1, Relaxed);
             return GW_REJECTED;
         };
+        let emitted = crate::metrics::stamp();
         let (frame, header) = crate::ws::text_frame(json);
-        h.send(SourceEvent::Message { key, frame, header })
+        h.send(SourceEvent::Message {
+            key,
+            frame,
+            header,
+            emitted,
+        })
     }))
     .unwrap_or(GW_ERROR)
 }

@@ -44,8 +44,15 @@ pub enum Pushed {
     Ignored,
 }
 
+/// A queued item and when its message entered the gateway
+/// ([`crate::metrics::stamp`]; 0: not timed).
+struct Item {
+    out: Outbound,
+    stamp: u32,
+}
+
 struct Inner {
-    items: VecDeque<Outbound>,
+    items: VecDeque<Item>,
     closing: bool,
 }
 
@@ -69,11 +76,18 @@ impl SessionQueue {
         }
     }
 
-    /// Queue a data frame, applying `on_full` when the queue is full.
+    /// Queue a data frame that is not timed (a reply, a filter's held
+    /// frame), applying `on_full` when the queue is full.
     pub fn push(&self, frame: Bytes, on_full: OnFull) -> Pushed {
+        self.push_timed(frame, 0, on_full)
+    }
+
+    /// Queue a data frame whose message entered the gateway at `stamp`
+    /// ([`crate::metrics::stamp`]; 0: not timed).
+    pub fn push_timed(&self, frame: Bytes, stamp: u32, on_full: OnFull) -> Pushed {
         let mut g = self.inner.lock();
         let was_empty = g.items.is_empty();
-        let outcome = self.push_locked(&mut g, frame, on_full);
+        let outcome = self.push_locked(&mut g, frame, stamp, on_full);
         drop(g);
         if (was_empty && outcome != Pushed::Ignored) || outcome == Pushed::Closed {
             self.notify.notify_one();
@@ -81,19 +95,20 @@ impl SessionQueue {
         outcome
     }
 
-    /// Queue data frames in order under one lock, with one wake-up of the
-    /// session; `each` sees what every push did.
+    /// Queue data frames (with their [`Self::push_timed`] stamps) in order
+    /// under one lock, with one wake-up of the session; `each` sees what
+    /// every push did.
     pub fn push_all(
         &self,
-        frames: impl IntoIterator<Item = Bytes>,
+        frames: impl IntoIterator<Item = (Bytes, u32)>,
         on_full: OnFull,
         mut each: impl FnMut(Pushed),
     ) {
         let mut g = self.inner.lock();
         let was_empty = g.items.is_empty();
         let mut wake = false;
-        for frame in frames {
-            let outcome = self.push_locked(&mut g, frame, on_full);
+        for (frame, stamp) in frames {
+            let outcome = self.push_locked(&mut g, frame, stamp, on_full);
             wake |= outcome == Pushed::Closed;
             each(outcome);
         }
@@ -104,29 +119,37 @@ impl SessionQueue {
         }
     }
 
-    fn push_locked(&self, g: &mut Inner, frame: Bytes, on_full: OnFull) -> Pushed {
+    fn push_locked(&self, g: &mut Inner, frame: Bytes, stamp: u32, on_full: OnFull) -> Pushed {
         if g.closing {
             return Pushed::Ignored;
         }
+        let item = Item {
+            out: Outbound::Frame(frame),
+            stamp,
+        };
         if g.items.len() < self.cap {
-            g.items.push_back(Outbound::Frame(frame));
+            g.items.push_back(item);
             return Pushed::Queued;
         }
         match on_full {
             OnFull::DropOldest => {
                 // A Close is never dropped; only data.
-                if let Some(pos) = g.items.iter().position(|i| matches!(i, Outbound::Frame(_))) {
+                if let Some(pos) = g
+                    .items
+                    .iter()
+                    .position(|i| matches!(i.out, Outbound::Frame(_)))
+                {
                     g.items.remove(pos);
                 }
-                g.items.push_back(Outbound::Frame(frame));
+                g.items.push_back(item);
                 Pushed::DroppedOldest
             }
             OnFull::Close => {
                 g.items.clear();
-                g.items.push_back(Outbound::Close(
-                    crate::ws::close::POLICY,
-                    "slow consumer: queue full",
-                ));
+                g.items.push_back(Item {
+                    out: Outbound::Close(crate::ws::close::POLICY, "slow consumer: queue full"),
+                    stamp: 0,
+                });
                 g.closing = true;
                 Pushed::Closed
             }
@@ -141,23 +164,31 @@ impl SessionQueue {
             return false;
         }
         g.closing = true;
-        g.items.push_back(Outbound::Close(code, reason));
+        g.items.push_back(Item {
+            out: Outbound::Close(code, reason),
+            stamp: 0,
+        });
         drop(g);
         self.notify.notify_one();
         true
     }
 
     /// Hand up to `max` items to `each`, in order; stops early when `each`
-    /// returns false (that item is consumed).
-    pub fn take_each(&self, max: usize, mut each: impl FnMut(Outbound) -> bool) {
+    /// returns false (that item is consumed). Returns the stamp of the
+    /// first timed frame taken (the oldest), if any.
+    pub fn take_each(&self, max: usize, mut each: impl FnMut(Outbound) -> bool) -> Option<u32> {
         let mut g = self.inner.lock();
         let mut taken = 0;
+        let mut oldest = None;
         while taken < max {
             let Some(item) = g.items.pop_front() else {
                 break;
             };
             taken += 1;
-            if !each(item) {
+            if oldest.is_none() && item.stamp != 0 {
+                oldest = Some(item.stamp);
+            }
+            if !each(item.out) {
                 break;
             }
         }
@@ -167,6 +198,7 @@ impl SessionQueue {
             // A burst grew the ring; give the memory back once it drains.
             g.items.shrink_to(keep);
         }
+        oldest
     }
 
     /// Move up to `max` items into `out`.
@@ -228,7 +260,7 @@ mod tests {
         assert_eq!(keep_capacity(64, 16), Some(32));
         assert_eq!(keep_capacity(1024, 1), Some(4));
         let q = SessionQueue::new(1000);
-        q.push_all((0..200).map(|_| t("x")), OnFull::DropOldest, |_| {});
+        q.push_all((0..200).map(|_| (t("x"), 0)), OnFull::DropOldest, |_| {});
         let mut out = Vec::new();
         q.take(&mut out, 200);
         let burst = q.inner.lock().items.capacity();
@@ -240,7 +272,7 @@ mod tests {
             4,
             "a small batch after a burst"
         );
-        q.push_all((0..40).map(|_| t("z")), OnFull::DropOldest, |_| {});
+        q.push_all((0..40).map(|_| (t("z"), 0)), OnFull::DropOldest, |_| {});
         q.take(&mut out, 200);
         assert!(
             q.inner.lock().items.capacity() >= 40,
@@ -254,17 +286,55 @@ mod tests {
     fn push_all_applies_the_policy_to_each_frame_in_order() {
         let q = SessionQueue::new(2);
         let mut seen = Vec::new();
-        q.push_all([t("1"), t("2"), t("3")], OnFull::DropOldest, |p| {
-            seen.push(p)
-        });
+        q.push_all(
+            [(t("1"), 0), (t("2"), 0), (t("3"), 0)],
+            OnFull::DropOldest,
+            |p| seen.push(p),
+        );
         assert_eq!(
             seen,
             [Pushed::Queued, Pushed::Queued, Pushed::DroppedOldest]
         );
         assert_eq!(texts(&q), ["2", "3"]);
         seen.clear();
-        q.push_all([t("4"), t("5"), t("6")], OnFull::Close, |p| seen.push(p));
+        q.push_all(
+            [(t("4"), 0), (t("5"), 0), (t("6"), 0)],
+            OnFull::Close,
+            |p| seen.push(p),
+        );
         assert_eq!(seen, [Pushed::Queued, Pushed::Queued, Pushed::Closed]);
+    }
+
+    #[test]
+    fn a_take_reports_the_stamp_of_its_oldest_timed_frame() {
+        let q = SessionQueue::new(3);
+        let mut out = Vec::new();
+        let mut take = |max| {
+            q.take_each(max, |o| {
+                out.push(o);
+                true
+            })
+        };
+        assert_eq!(take(10), None, "nothing queued");
+        q.push(t("reply"), OnFull::DropOldest);
+        q.push_timed(t("1"), 7, OnFull::DropOldest);
+        q.push_timed(t("2"), 9, OnFull::DropOldest);
+        assert_eq!(
+            take(10),
+            Some(7),
+            "the reply is not timed; the oldest frame is"
+        );
+        q.push_all(
+            [(t("3"), 11), (t("4"), 12), (t("5"), 13), (t("6"), 14)],
+            OnFull::DropOldest,
+            |_| {},
+        );
+        assert_eq!(take(2), Some(12), "frame 3 was dropped for frame 6");
+        assert_eq!(take(2), Some(14), "what the last take left");
+        q.push(t("reply"), OnFull::DropOldest);
+        assert_eq!(take(10), None, "only untimed frames");
+        assert!(q.close(1000, "bye"));
+        assert_eq!(take(10), None, "a Close is not timed");
     }
 
     #[test]

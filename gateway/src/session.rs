@@ -368,7 +368,7 @@ where
                 && writer.len() < batch_max
                 && !std::mem::take(&mut f.queued_while_writing)
             {
-                queue.take_each(batch_max - writer.len(), |item| match item {
+                let oldest = queue.take_each(batch_max - writer.len(), |item| match item {
                     Outbound::Frame(frame) => {
                         writer.push(frame);
                         true
@@ -378,6 +378,9 @@ where
                         false
                     }
                 });
+                if let Some(stamp) = oldest {
+                    ctx.state.metrics.delivery_delay.observe_since(stamp);
+                }
             }
             if f.close_sent && f.read_done {
                 break;
