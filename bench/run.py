@@ -88,6 +88,15 @@ class BenchError(Exception):
 
 _LIVE: set["Proc"] = set()
 
+# Whether children stay in run.py's session (--one-session). By default each
+# child starts a session of its own, and with Linux's sched_autogroup (on by
+# default) a session is a scheduling group: when server and load generator
+# are both busy, each gets an equal share of the CPUs, whatever its number
+# of threads. In one session they share one group and compete thread by
+# thread. Either way each child leads its own process group, so it is
+# stopped with everything it started.
+ONE_SESSION = False
+
 
 class Proc:
     """A child process in its own process group, stdout/stderr to files."""
@@ -107,7 +116,8 @@ class Proc:
         self.started = time.monotonic()
         self.popen = subprocess.Popen(
             self.argv, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
-            stdout=self._out or self._log, stderr=self._log, start_new_session=True)
+            stdout=self._out or self._log, stderr=self._log,
+            start_new_session=not ONE_SESSION, process_group=0 if ONE_SESSION else None)
         self.pid = self.popen.pid
         _LIVE.add(self)
 
@@ -365,6 +375,11 @@ class Server:
     def versions(self) -> dict:
         return {}
 
+    def delay_histogram(self) -> dict | None:
+        """The server's own delivery-delay histogram, if it has one:
+        {"buckets": [(upper bound s, cumulative count)], "sum": s, "count": n}."""
+        return None
+
     # Lifecycle.
     def start(self, rate: float) -> Proc:
         self.check()
@@ -398,6 +413,48 @@ class Server:
             self.proc = None
 
 
+DELAY_SERIES = "gateway_delivery_delay_seconds"
+
+
+def scrape_delay(url: str) -> dict | None:
+    """gateway_delivery_delay_seconds from a gateway's /metrics (None if
+    unreachable or absent)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except (OSError, urllib.error.URLError):
+        return None
+    buckets, total, count = [], None, None
+    for line in text.splitlines():
+        m = re.fullmatch(DELAY_SERIES + r'_bucket\{le="([^"]+)"\} (\S+)', line)
+        if m:
+            buckets.append((math.inf if m[1] == "+Inf" else float(m[1]), float(m[2])))
+        elif line.startswith(DELAY_SERIES + "_sum "):
+            total = float(line.split()[1])
+        elif line.startswith(DELAY_SERIES + "_count "):
+            count = float(line.split()[1])
+    if not buckets or count is None:
+        return None
+    return {"buckets": buckets, "sum": total or 0.0, "count": count}
+
+
+def delay_window(a: dict | None, b: dict | None) -> dict | None:
+    """The delay histogram's samples between two scrapes: how many writes
+    were timed, their mean, and the bucket bounds p50 and p99 fall under."""
+    if not a or not b or len(a["buckets"]) != len(b["buckets"]):
+        return None
+    n = b["count"] - a["count"]
+    if n <= 0:
+        return None
+    out = {"writes": int(n), "mean_ms": round(1000 * (b["sum"] - a["sum"]) / n, 3)}
+    for q, key in ((0.5, "p50_le_ms"), (0.99, "p99_le_ms"), (0.999, "p999_le_ms")):
+        for (le, cb), (_, ca) in zip(b["buckets"], a["buckets"]):
+            if cb - ca >= q * n:
+                out[key] = None if math.isinf(le) else round(le * 1000, 3)
+                break
+    return out
+
+
 def bench_copy(out: Path, *, linger: str | None = None, schema: Path | None = None) -> Path:
     """examples/bench copied to `out` with absolute plugin dirs, `linger:`
     added to its channel when given, and `schema` in place of its own.
@@ -418,6 +475,9 @@ def bench_copy(out: Path, *, linger: str | None = None, schema: Path | None = No
 class Gateway(Server):
     name = "gateway"
     label = "gateway (this repo)"
+
+    def delay_histogram(self) -> dict | None:
+        return scrape_delay(f"http://{HOST}:{self.port}/metrics")
 
     def binary(self) -> Path:
         return ROOT / "target" / "release" / "gateway"
@@ -677,9 +737,13 @@ def stream_step(cfg, server: Server, rate: float, clients: int | None = None) ->
         others = {"loadgen": lg, "publisher": server.publisher}
         if sleep_until(t_conn + warmup + cfg.window_lead, alive=lg.alive):
             a = Sample(server, others)
+            delay_a = server.delay_histogram()
             sleep_until(a.t + max(1.0, duration - cfg.window_lead - 1.0), alive=lg.alive)
             b = Sample(server, others)
+            delay_b = server.delay_histogram()
             step.update(window(a, b))
+            if (delay := delay_window(delay_a, delay_b)) is not None:
+                step["server_delay"] = delay
             step["window_inside_loadgen_run"] = lg.alive()
             step["rss_kib_during"] = rss_kib(pids)
         else:
@@ -931,7 +995,13 @@ def machine_info() -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "nofile_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+        "one_session": ONE_SESSION,
     }
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            info["sched_autogroup"] = f.read().strip() == "1"
+    except OSError:
+        pass
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -1084,6 +1154,13 @@ def cmd_compare(cfg) -> int:
 # --------------------------------------------------------------------------
 # Markdown.
 
+def fmt_delay(d: dict | None) -> str:
+    if not d or "p99_le_ms" not in d:
+        return "–"
+    v = d["p99_le_ms"]
+    return "> 10 s" if v is None else f"≤ {v:g} ms"
+
+
 def fmt_us(us) -> str:
     if us is None:
         return "–"
@@ -1130,7 +1207,11 @@ def render_summary(docs: list[dict], tag: str) -> str:
         lines += [
             f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), "
             f"{(m.get('mem_kib') or 0) / 1048576:.0f} GiB, Linux {m.get('kernel')}, "
-            f"open files {m.get('nofile_limit')}. Server and load generator share the machine.",
+            f"open files {m.get('nofile_limit')}. Server and load generator share the machine"
+            + (", in one session (one scheduling group)." if m.get("one_session")
+               else ", each in a session of its own"
+               + (" (sched_autogroup on: one scheduling group each)." if m.get("sched_autogroup")
+                  else ".")),
             f"Stream: {st.get('clients')} clients, ~150-byte messages, warm-up {st.get('warmup')} s, "
             f"measured {st.get('duration')} s per rate; idle: {st.get('idle_clients')} connections; "
             f"connection rate: {st.get('connect_clients')} clients per burst at --ramp "
@@ -1197,8 +1278,8 @@ def render_summary(docs: list[dict], tag: str) -> str:
 
     lines += ["", "## Stream steps", "",
               "| server | msg/s | connected | deliveries/s | p50 | p99 | p99.9 | max | gaps "
-              "| server CPU-s/1M | server CPU | loadgen CPU | machine busy | RSS KiB | stop |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| in-server p99 | server CPU-s/1M | server CPU | loadgen CPU | machine busy | RSS KiB | stop |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for doc in docs:
         for s in sorted(doc.get("throughput") or [], key=lambda s: s.get("rate") or 0):
             r = s.get("loadgen") or {}
@@ -1216,12 +1297,16 @@ def render_summary(docs: list[dict], tag: str) -> str:
                 f"| {doc['server']} | {fmt_int(s.get('rate'))} | {fmt_int(r.get('connected'))} "
                 f"| {fmt_int(r.get('deliveries_per_sec'))} | {fmt_us(lat.get('p50'))} | {fmt_us(lat.get('p99'))} "
                 f"| {fmt_us(lat.get('p999'))} | {fmt_us(lat.get('max'))} | {fmt_int(r.get('gaps'))} "
+                f"| {fmt_delay(s.get('server_delay'))} "
                 f"| {fmt_num(s.get('server_cpu_secs_per_1m'))} | {pct('server_cpu_secs')} "
                 f"| {pct('loadgen_cpu_secs')} | "
                 f"{'–' if s.get('machine_cpu_busy_pct') is None else str(s['machine_cpu_busy_pct']) + '%'} "
                 f"| {fmt_int(s.get('rss_kib_during'))} | {stop} |")
     lines += ["", "CPU columns are percent of one core over the measuring window (200% = both cores); "
-              "machine busy is of the whole machine (100% = both cores).", ""]
+              "machine busy is of the whole machine (100% = both cores). In-server p99: the bucket "
+              "bound of the gateway's own `gateway_delivery_delay_seconds` (from a message coming in "
+              "to its socket write, per write) that 99% of the window's writes fell under; the rest "
+              "of p99 is the kernel and the load generator.", ""]
 
     lines += ["## Idle connections", "",
               "| server | idle conns asked | held | RSS before KiB | RSS held KiB | KiB/conn | sampled after s |",
@@ -2365,6 +2450,9 @@ def add_loadgen_args(p):
     """The load generator's binary and its source addresses."""
     p.add_argument("--sources", type=int, default=4, help="loadgen source addresses 127.0.0.1..N")
     p.add_argument("--loadgen", default=str(ROOT / "target" / "release" / "loadgen"))
+    p.add_argument("--one-session", action="store_true",
+                   help="run servers and load generator in run.py's session, one scheduling group "
+                        "under sched_autogroup, instead of a session (and group) each")
 
 
 def add_load_wait_args(p):
@@ -2507,6 +2595,8 @@ def main(argv=None) -> int:
     m.set_defaults(func=cmd_summary)
 
     cfg = p.parse_args(argv)
+    global ONE_SESSION
+    ONE_SESSION = bool(getattr(cfg, "one_session", False))
     if getattr(cfg, "only", None) is not None:
         cfg.only = {x.strip() for x in cfg.only.split(",")}
     if getattr(cfg, "sources", 1) < 1 or getattr(cfg, "sources", 1) > 250:
