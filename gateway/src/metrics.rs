@@ -82,9 +82,9 @@ fn since(now: u32, then: u32) -> u64 {
 
 /// Upper bounds of [`DelayHistogram`]'s buckets, in microseconds (the
 /// last bucket, `+Inf`, takes the rest).
-pub const DELAY_BOUNDS_US: [u64; 15] = [
-    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 5_000_000, 10_000_000,
+pub const DELAY_BOUNDS_US: [u64; 21] = [
+    250, 500, 1_000, 2_000, 3_000, 5_000, 7_500, 10_000, 15_000, 20_000, 30_000, 50_000, 75_000,
+    100_000, 150_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 
 /// A histogram of delays, fed from every worker thread: each thread counts
@@ -507,6 +507,7 @@ mod tests {
             "# TYPE d histogram",
             "d_bucket{le=\"0.00025\"} 2",
             "d_bucket{le=\"0.0005\"} 3",
+            "d_bucket{le=\"0.015\"} 3",
             "d_bucket{le=\"10\"} 3",
             "d_bucket{le=\"+Inf\"} 4",
             "d_sum 20.000601",
