@@ -88,8 +88,9 @@ pub const DELAY_BOUNDS_US: [u64; 21] = [
 ];
 
 /// A histogram of delays, fed from every worker thread: each thread counts
-/// into a shard of its own (one cache line), so sessions on different
-/// threads never contend; `/metrics` adds the shards up.
+/// into a shard of its own (cache-line aligned; threads beyond the eighth
+/// share), so sessions on different threads do not contend; `/metrics`
+/// adds the shards up.
 #[derive(Debug, Default)]
 pub struct DelayHistogram {
     shards: [DelayShard; DELAY_SHARDS],
