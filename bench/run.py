@@ -416,13 +416,11 @@ class Server:
 DELAY_SERIES = "gateway_delivery_delay_seconds"
 
 
-def scrape_delay(url: str) -> dict | None:
-    """gateway_delivery_delay_seconds from a gateway's /metrics (None if
-    unreachable or absent)."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            text = r.read().decode()
-    except (OSError, urllib.error.URLError):
+def scrape_delay(port: int) -> dict | None:
+    """gateway_delivery_delay_seconds from the /metrics of the gateway on
+    `port` (None if unreachable or absent)."""
+    status, text = http_get(port, "/metrics", timeout=5)
+    if status != 200:
         return None
     buckets, total, count = [], None, None
     for line in text.splitlines():
@@ -477,7 +475,7 @@ class Gateway(Server):
     label = "gateway (this repo)"
 
     def delay_histogram(self) -> dict | None:
-        return scrape_delay(f"http://{HOST}:{self.port}/metrics")
+        return scrape_delay(self.port)
 
     def binary(self) -> Path:
         return ROOT / "target" / "release" / "gateway"
