@@ -232,13 +232,15 @@ async fn http_poll_logs_upstream_errors_backs_off_and_recovers_without_a_restart
             &spec(
                 "flaky",
                 &format!(
-                    "  plugin: http-poll\n  mode: poll\n  interval: 5ms\n  config:\n    url: {}/\n    max_skip: 4\n",
+                    "  plugin: http-poll\n  mode: poll\n  interval: 5ms\n  config:\n    url: {}/\n    max_skip: 4\nlast_value: true\n",
                     up.url
                 ),
             ),
         );
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
+    // The source polls from start-up and sends an unchanged body only once:
+    // `last_value` hands {"v":1} to a client that subscribes after it.
     let mut ws = connect(addr, "/flaky").await;
     assert_eq!(next_json(&mut ws).await, json!({"v": 1}));
 
