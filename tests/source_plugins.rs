@@ -192,13 +192,15 @@ async fn http_poll_extracts_renames_skips_unchanged_and_sends_env_headers() {
             &spec(
                 "quotes",
                 &format!(
-                    "  plugin: http-poll\n  mode: poll\n  interval: 10ms\n  config:\n    url: {}/v1/quote?sym=X\n    headers: {{X-Static: fixed}}\n    headers_env: {{X-From-Env: PATH}}\n    extract: /data\n    fields: {{value: /price, symbol: /sym}}\n",
+                    "  plugin: http-poll\n  mode: poll\n  interval: 10ms\n  config:\n    url: {}/v1/quote?sym=X\n    headers: {{X-Static: fixed}}\n    headers_env: {{X-From-Env: PATH}}\n    extract: /data\n    fields: {{value: /price, symbol: /sym}}\nlast_value: true\n",
                     up.url
                 ),
             ),
         );
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
+    // Polling starts with the gateway; `last_value` hands the first change
+    // to a client that subscribes after it.
     let mut ws = connect(addr, "/quotes").await;
     assert_eq!(next_json(&mut ws).await, json!({"value": 1, "symbol": "X"}));
     // Many more polls see only `noise` change: nothing is emitted for them,
