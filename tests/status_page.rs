@@ -232,6 +232,57 @@ async fn snapshots_satisfy_the_schema_and_show_what_happens() {
 }
 
 #[tokio::test]
+async fn the_delivery_delay_covers_the_writes_since_the_last_snapshot() {
+    let dep = deployment();
+    // Messages 20 ms apart on a channel that holds them for a second: the
+    // oldest frame of each of its writes waited most of that second.
+    dep.write(
+        "specs/slow.yaml",
+        "channel: slow\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\nlinger: 1s\nendpoints:\n  - path: /ws/slow\n",
+    );
+    let gw = dep.start().await;
+    let addr: SocketAddr = gw.addr("main").unwrap();
+    let schema = gateway::config::compile_schema(
+        &repo_root().join("channel-specs/schemas/gateway-status.json"),
+    )
+    .expect("the shipped schema compiles");
+    let mut ws = connect(addr, &status_path(KEY)).await;
+    let delay = |s: &Value| s["gateway"]["delivery_delay"].clone();
+    let p99 = |s: &Value| delay(s)["p99_le_ms"].as_f64();
+
+    // Nobody reads the slow channel: the timed writes are the snapshots
+    // themselves, written at once.
+    let s = snapshot_where(&mut ws, &schema, "a window of prompt writes", |s| {
+        delay(s)["writes"].as_u64() > Some(0) && p99(s).is_some_and(|p| p <= 250.0)
+    })
+    .await;
+    let d = delay(&s);
+    assert!(d["p50_le_ms"].as_f64() <= p99(&s), "{d}");
+    assert_eq!(d["writes_over_10s"], 0, "{d}");
+    assert!(d["window_seconds"].as_f64() > Some(0.0), "{d}");
+
+    // A subscriber of the slow channel: its held writes show, bucketed above
+    // 250 ms (each waited about 1 s less the 20 ms between messages).
+    let mut slow = connect(addr, "/ws/slow").await;
+    next_json(&mut slow).await;
+    let s = snapshot_where(&mut ws, &schema, "a window with a held write", |s| {
+        p99(s).is_some_and(|p| p >= 500.0)
+    })
+    .await;
+    assert!(p99(&s) <= Some(2_500.0), "{}", delay(&s));
+
+    // It leaves: later windows hold only prompt writes again. Over the whole
+    // run instead of the window, the held writes (one a second against ten
+    // snapshots) would keep p99 above 250 ms.
+    drop(slow);
+    snapshot_where(&mut ws, &schema, "prompt writes again", |s| {
+        delay(s)["writes"].as_u64() > Some(0) && p99(s).is_some_and(|p| p <= 250.0)
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_shipped_deployment_serves_the_status_page_with_the_demo_key() {
     // The root gateway.yaml as shipped, on port 0.
     build_plugins();

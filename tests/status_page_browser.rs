@@ -230,6 +230,7 @@ const PAGE_STATE: &str = r#"(() => {
   const text = (s) => { const e = q(s); return e ? e.textContent : null; };
   return {
     conn: text('#conn'),
+    delay: text('#delay'),
     message: q('#message').hidden ? null : text('#message'),
     keyform: !q('#keyform').hidden,
     channels: Array.from(document.querySelectorAll('#channels tbody tr')).map((r) => r.dataset.channel),
@@ -305,6 +306,13 @@ async fn the_status_page_renders_live_in_chromium() {
         "{shown}"
     );
     assert!(shown["message"].is_null(), "{shown}");
+    // The snapshots themselves are timed writes, so the delay line has data.
+    assert!(
+        shown["delay"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("delivery delay p50 ≤ ") && d.contains(" write")),
+        "{shown}"
+    );
     // The inline style ran too (its hash is in the policy).
     assert_eq!(shown["header_bg"], "rgb(255, 255, 255)", "{shown}");
     assert_eq!(shown["body_bg"], "rgb(246, 247, 249)", "{shown}");

@@ -87,6 +87,40 @@ pub const DELAY_BOUNDS_US: [u64; 21] = [
     100_000, 150_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 
+/// Where a quantile of a [`DelayHistogram`] lies, to the resolution of its
+/// buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketQuantile {
+    /// Nothing was observed.
+    Empty,
+    /// At most this many microseconds: the upper bound of its bucket.
+    AtMost(u64),
+    /// Above the last bound (the `+Inf` bucket).
+    Above(u64),
+}
+
+/// Quantile `q` (0 < q ≤ 1) of per-bucket `counts`, as
+/// [`DelayHistogram::snapshot`] gives them (or the difference of two): the
+/// bucket that holds the observation of rank ⌈q·n⌉.
+pub fn bucket_quantile(counts: &[u64; DELAY_BOUNDS_US.len() + 1], q: f64) -> BucketQuantile {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return BucketQuantile::Empty;
+    }
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+    let mut cumulative = 0;
+    for (i, c) in counts.iter().enumerate() {
+        cumulative += c;
+        if cumulative >= rank {
+            return match DELAY_BOUNDS_US.get(i) {
+                Some(&b) => BucketQuantile::AtMost(b),
+                None => break,
+            };
+        }
+    }
+    BucketQuantile::Above(DELAY_BOUNDS_US[DELAY_BOUNDS_US.len() - 1])
+}
+
 /// A histogram of delays, fed from every worker thread: each thread counts
 /// into a shard of its own (cache-line aligned; threads beyond the eighth
 /// share), so sessions on different threads do not contend; `/metrics`
@@ -539,6 +573,36 @@ mod tests {
         );
         assert_eq!(counts.iter().sum::<u64>(), 4000);
         assert_eq!(sum, 12_000_000);
+    }
+
+    #[test]
+    fn quantiles_come_from_the_bucket_of_their_rank() {
+        let h = DelayHistogram::default();
+        let q = |h: &DelayHistogram, q| bucket_quantile(&h.snapshot().0, q);
+        assert_eq!(q(&h, 0.5), BucketQuantile::Empty);
+        // 98 fast writes, one in (2, 3] ms, one in (15, 20] ms.
+        (0..98).for_each(|_| h.observe_us(100));
+        h.observe_us(2_500);
+        h.observe_us(16_000);
+        assert_eq!(q(&h, 0.5), BucketQuantile::AtMost(250));
+        // Rank 98 of 100 is the last fast one, rank 99 the 2.5 ms one.
+        assert_eq!(q(&h, 0.98), BucketQuantile::AtMost(250));
+        assert_eq!(q(&h, 0.99), BucketQuantile::AtMost(3_000));
+        assert_eq!(q(&h, 1.0), BucketQuantile::AtMost(20_000));
+        // A bound itself belongs to its bucket (le).
+        let b = DelayHistogram::default();
+        b.observe_us(500);
+        assert_eq!(q(&b, 0.99), BucketQuantile::AtMost(500));
+        // Above the last bound.
+        b.observe_us(11_000_000);
+        assert_eq!(q(&b, 1.0), BucketQuantile::Above(10_000_000));
+        assert_eq!(q(&b, 0.5), BucketQuantile::AtMost(500));
+        // The difference of two snapshots: only what came between.
+        let before = h.snapshot().0;
+        h.observe_us(40_000);
+        let after = h.snapshot().0;
+        let delta: [u64; DELAY_BOUNDS_US.len() + 1] = std::array::from_fn(|i| after[i] - before[i]);
+        assert_eq!(bucket_quantile(&delta, 0.5), BucketQuantile::AtMost(50_000));
     }
 
     #[test]

@@ -17,13 +17,18 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::config::StatusPageCfg;
+use crate::metrics::{BucketQuantile, DELAY_BOUNDS_US, bucket_quantile};
 use crate::state::{GatewayState, iso};
 
-/// Published counts seen at the previous snapshot, for message rates.
+/// Published counts seen at the previous snapshot, for message rates, and
+/// the delivery-delay histogram then, for the delay since.
 #[derive(Default)]
 pub struct Rates {
     seen: HashMap<Arc<str>, (u64, Instant)>,
+    delay: Option<(DelayCounts, Instant)>,
 }
+
+type DelayCounts = [u64; DELAY_BOUNDS_US.len() + 1];
 
 impl Rates {
     /// Messages per second published since the last call for `channel`
@@ -41,6 +46,34 @@ impl Rates {
             }
             _ => 0.0,
         }
+    }
+
+    /// The socket writes timed since the last call (since start the first
+    /// time) and how long their oldest frames had waited.
+    fn delay(&mut self, st: &GatewayState, now: Instant) -> Value {
+        let (counts, _) = st.metrics.delivery_delay.snapshot();
+        let (before, window_secs) = match self.delay.replace((counts, now)) {
+            Some((c, t)) => (c, now.saturating_duration_since(t).as_secs_f64()),
+            None => (
+                [0; DELAY_BOUNDS_US.len() + 1],
+                SystemTime::now()
+                    .duration_since(st.started)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            ),
+        };
+        let window: DelayCounts = std::array::from_fn(|i| counts[i].saturating_sub(before[i]));
+        let writes: u64 = window.iter().sum();
+        let le_ms = |q| match bucket_quantile(&window, q) {
+            BucketQuantile::AtMost(us) => json!(us as f64 / 1000.0),
+            BucketQuantile::Empty | BucketQuantile::Above(_) => Value::Null,
+        };
+        json!({
+            "window_seconds": (window_secs * 1000.0).round() / 1000.0,
+            "writes": writes,
+            "p50_le_ms": le_ms(0.5),
+            "p99_le_ms": le_ms(0.99),
+            "writes_over_10s": window[DELAY_BOUNDS_US.len()],
+        })
     }
 }
 
@@ -161,6 +194,7 @@ pub fn snapshot(st: &GatewayState, rates: &mut Rates) -> Value {
                 "error": m.reload_failures.load(Relaxed),
             },
             "cluster": st.cluster.as_ref().map(|c| c.summary(st)),
+            "delivery_delay": rates.delay(st, now),
         },
         "listeners": listeners,
         "endpoints": endpoints,
