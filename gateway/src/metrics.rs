@@ -87,6 +87,10 @@ pub const DELAY_BOUNDS_US: [u64; 21] = [
     100_000, 150_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 
+/// Observations per bucket of a [`DelayHistogram`] (not cumulative; the
+/// last is `+Inf`).
+pub type DelayCounts = [u64; DELAY_BOUNDS_US.len() + 1];
+
 /// Where a quantile of a [`DelayHistogram`] lies, to the resolution of its
 /// buckets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +106,7 @@ pub enum BucketQuantile {
 /// Quantile `q` (0 < q ≤ 1) of per-bucket `counts`, as
 /// [`DelayHistogram::snapshot`] gives them (or the difference of two): the
 /// bucket that holds the observation of rank ⌈q·n⌉.
-pub fn bucket_quantile(counts: &[u64; DELAY_BOUNDS_US.len() + 1], q: f64) -> BucketQuantile {
+pub fn bucket_quantile(counts: &DelayCounts, q: f64) -> BucketQuantile {
     let total: u64 = counts.iter().sum();
     if total == 0 {
         return BucketQuantile::Empty;
@@ -160,8 +164,8 @@ impl DelayHistogram {
     }
 
     /// Observations so far, per bucket (not cumulative), and their sum in µs.
-    pub fn snapshot(&self) -> ([u64; DELAY_BOUNDS_US.len() + 1], u64) {
-        let mut counts = [0u64; DELAY_BOUNDS_US.len() + 1];
+    pub fn snapshot(&self) -> (DelayCounts, u64) {
+        let mut counts = DelayCounts::default();
         let mut sum = 0;
         for s in &self.shards {
             for (c, a) in counts.iter_mut().zip(&s.counts) {
@@ -601,7 +605,7 @@ mod tests {
         let before = h.snapshot().0;
         h.observe_us(40_000);
         let after = h.snapshot().0;
-        let delta: [u64; DELAY_BOUNDS_US.len() + 1] = std::array::from_fn(|i| after[i] - before[i]);
+        let delta: DelayCounts = std::array::from_fn(|i| after[i] - before[i]);
         assert_eq!(bucket_quantile(&delta, 0.5), BucketQuantile::AtMost(50_000));
     }
 

@@ -17,7 +17,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::config::StatusPageCfg;
-use crate::metrics::{BucketQuantile, DELAY_BOUNDS_US, bucket_quantile};
+use crate::metrics::{BucketQuantile, DELAY_BOUNDS_US, DelayCounts, bucket_quantile};
 use crate::state::{GatewayState, iso};
 
 /// Published counts seen at the previous snapshot, for message rates, and
@@ -27,8 +27,6 @@ pub struct Rates {
     seen: HashMap<Arc<str>, (u64, Instant)>,
     delay: Option<(DelayCounts, Instant)>,
 }
-
-type DelayCounts = [u64; DELAY_BOUNDS_US.len() + 1];
 
 impl Rates {
     /// Messages per second published since the last call for `channel`
@@ -55,7 +53,7 @@ impl Rates {
         let (before, window_secs) = match self.delay.replace((counts, now)) {
             Some((c, t)) => (c, now.saturating_duration_since(t).as_secs_f64()),
             None => (
-                [0; DELAY_BOUNDS_US.len() + 1],
+                DelayCounts::default(),
                 SystemTime::now()
                     .duration_since(st.started)
                     .map_or(0.0, |d| d.as_secs_f64()),
