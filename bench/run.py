@@ -236,6 +236,30 @@ def cpu_split(pids: list[int]) -> tuple[float, float]:
     return user / CLK_TCK, system / CLK_TCK
 
 
+def plugin_thread_cpu(pids: list[int]) -> float:
+    """CPU seconds of the processes' live threads named `gw-*`: the plugin
+    SDK's run threads (push plugins). From each thread's `schedstat` (ns on
+    the CPU), not its `stat`: a hundred threads' utime+stime would each be
+    rounded to the 10 ms tick. A thread that ended between two samples (a
+    restarted plugin) drops out of the difference."""
+    total_ns = 0
+    for p in pids:
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/comm", "rb") as f:
+                    if not f.read().startswith(b"gw-"):
+                        continue
+                with open(f"/proc/{p}/task/{t}/schedstat", "rb") as f:
+                    total_ns += int(f.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total_ns / 1e9
+
+
 def rss_kib(pids: list[int]) -> int:
     total = 0
     for p in pids:
@@ -667,6 +691,7 @@ class Sample:
         pids = server.pids()
         self.server_cpu = cpu_secs(pids)
         self.server_split = cpu_split(pids)
+        self.plugin_cpu = plugin_thread_cpu(pids) if isinstance(server, Gateway) else None
         self.other_cpu = {k: (cpu_secs(process_tree(p.pid)) if p and p.alive() else None)
                           for k, p in others.items()}
         self.machine = machine_cpu()
@@ -683,6 +708,9 @@ def window(a: Sample, b: Sample) -> dict:
         "server_system_secs": round(b.server_split[1] - a.server_split[1], 3),
         "machine_cpu_busy_pct": round(100.0 * busy / total, 1) if total else None,
     }
+    if a.plugin_cpu is not None and b.plugin_cpu is not None:
+        # Part of server_cpu_secs: the push plugins' own threads.
+        out["server_plugin_threads_cpu_secs"] = round(max(0.0, b.plugin_cpu - a.plugin_cpu), 3)
     for k in a.other_cpu:
         if a.other_cpu[k] is not None and b.other_cpu.get(k) is not None:
             out[f"{k}_cpu_secs"] = round(b.other_cpu[k] - a.other_cpu[k], 3)
@@ -995,6 +1023,10 @@ def machine_info() -> dict:
         "nofile_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
         "one_session": ONE_SESSION,
     }
+    # Inherited by the servers: the gateway's worker threads, for one.
+    env = {k: os.environ[k] for k in ("TOKIO_WORKER_THREADS",) if k in os.environ}
+    if env:
+        info["env"] = env
     try:
         with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
             info["sched_autogroup"] = f.read().strip() == "1"
@@ -1205,7 +1237,9 @@ def render_summary(docs: list[dict], tag: str) -> str:
         lines += [
             f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), "
             f"{(m.get('mem_kib') or 0) / 1048576:.0f} GiB, Linux {m.get('kernel')}, "
-            f"open files {m.get('nofile_limit')}. Server and load generator share the machine"
+            f"open files {m.get('nofile_limit')}"
+            + "".join(f", `{k}={v}`" for k, v in (m.get("env") or {}).items())
+            + ". Server and load generator share the machine"
             + (", in one session (one scheduling group)." if m.get("one_session")
                else ", each in a session of its own"
                + (" (sched_autogroup on: one scheduling group each)." if m.get("sched_autogroup")
@@ -1506,6 +1540,9 @@ def scale_cell(cfg, total: float, clients: int, channels: int, conf: Path) -> di
         published = dps / (clients / channels)
         cell["server_cpu_us_per_published_message"] = round(
             1e6 * cell["server_cpu_secs"] / (published * win), 3)
+        if cell.get("server_plugin_threads_cpu_secs") is not None:
+            cell["plugin_threads_us_per_published_message"] = round(
+                1e6 * cell["server_plugin_threads_cpu_secs"] / (published * win), 3)
         if cell.get("loadgen_cpu_secs") is not None:
             cell["loadgen_cores"] = round(cell["loadgen_cpu_secs"] / win, 3)
     return cell
@@ -1520,7 +1557,9 @@ def log_cell(cell: dict) -> None:
     log(f"scale: {fmt_rate(int(cell['total_offered']))}/s, {cell['clients']} clients x {cell['channels']} "
         f"channels ({cell['rate_per_channel']:g} msg/s each) -> {r.get('deliveries_per_sec')} deliveries/s, "
         f"p50 {lat.get('p50')} us, p99 {lat.get('p99')} us, gaps {r.get('gaps')}, server "
-        f"{cell.get('server_cores')} cores, {cell.get('server_cpu_us_per_delivery')} us/delivery"
+        f"{cell.get('server_cores')} cores, {cell.get('server_cpu_us_per_delivery')} us/delivery, "
+        f"{cell.get('server_cpu_us_per_published_message')} us/message (plugin threads "
+        f"{cell.get('plugin_threads_us_per_published_message')})"
         + (f"; problem: {cell['problem']}" if cell.get("problem") else "")
         + (f"; error: {cell['error'].splitlines()[0]}" if "error" in cell else ""))
 
@@ -1622,7 +1661,9 @@ def render_scale(doc: dict) -> str:
     lines += [
         f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), "
         f"{(m.get('mem_kib') or 0) / 1048576:.0f} GiB, Linux {m.get('kernel')}; gateway "
-        f"{(doc.get('versions') or {}).get('git', '?')}. Server and loadgen share the machine "
+        f"{(doc.get('versions') or {}).get('git', '?')}"
+        + "".join(f", `{k}={v}`" for k, v in (m.get("env") or {}).items())
+        + ". Server and loadgen share the machine "
         f"(load average before: {', '.join(str(x) for x in doc.get('loadavg_before') or [])}; "
         f"{doc.get('machine_busy_pct_before')}% busy in the second before).",
         "",
@@ -1639,7 +1680,9 @@ def render_scale(doc: dict) -> str:
         "",
         "**µs per delivery** = server CPU-s / deliveries in the window × 1e6, which is the same "
         "number as server CPU-s per 1M deliveries. *sys* is the kernel's part of it. "
-        "**µs per message** divides by the messages the channels published instead.",
+        "**µs per message** divides by the messages the channels published instead; *plugin "
+        "threads* is the part of it spent in the push plugins' own threads (`gw-*`: the `ticker`s "
+        "formatting, pacing and emitting).",
         "",
     ]
     for level in doc.get("levels") or []:
@@ -1652,8 +1695,8 @@ def render_scale(doc: dict) -> str:
             "| clients | channels | clients / channel | msg/s per channel | published msg/s "
             "| deliveries/s | of offered | p50 | p99 | gaps | server cores "
             "| server CPU-s per 1M deliveries = µs per delivery | of which sys | µs per message "
-            "| loadgen cores | machine busy | note |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| of which plugin threads | loadgen cores | machine busy | note |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for c in level.get("cells") or []:
             r = c.get("loadgen") or {}
@@ -1674,11 +1717,12 @@ def render_scale(doc: dict) -> str:
                 f"| **{fmt_us_cost(c.get('server_cpu_us_per_delivery'))}** "
                 f"| {fmt_us_cost(c.get('server_system_us_per_delivery'))} "
                 f"| {fmt_us_cost(c.get('server_cpu_us_per_published_message'))} "
+                f"| {fmt_us_cost(c.get('plugin_threads_us_per_published_message'))} "
                 f"| {fmt_num(c.get('loadgen_cores'), 2)} "
                 f"| {'–' if busy is None else f'{busy:.0f}%'} | {note} |"
                 if "skipped" not in c else
                 f"| {fmt_int(c['clients'])} | {c['channels']} | – | – | – | – | – | – | – | – | – | – | – "
-                f"| – | – | – | skipped: {c['skipped']} |")
+                f"| – | – | – | – | skipped: {c['skipped']} |")
         # The pivot the issue asks for: flat along the clients axis?
         chans = sorted({c["channels"] for c in level.get("cells") or []})
         clis = sorted({c["clients"] for c in level.get("cells") or []})
