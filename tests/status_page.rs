@@ -23,6 +23,12 @@ fn status_path(key: &str) -> String {
     format!("/ws/status?api_key={key}")
 }
 
+/// The shipped schema of the status snapshots.
+fn status_schema() -> jsonschema::Validator {
+    gateway::config::compile_schema(&repo_root().join("channel-specs/schemas/gateway-status.json"))
+        .expect("the shipped schema compiles")
+}
+
 /// The channel named `name` in a snapshot.
 fn channel<'a>(s: &'a Value, name: &str) -> &'a Value {
     s["channels"]
@@ -139,10 +145,7 @@ async fn snapshots_satisfy_the_schema_and_show_what_happens() {
     let dep = deployment();
     let gw = dep.start().await;
     let addr: SocketAddr = gw.addr("main").unwrap();
-    let schema = gateway::config::compile_schema(
-        &repo_root().join("channel-specs/schemas/gateway-status.json"),
-    )
-    .expect("the shipped schema compiles");
+    let schema = status_schema();
     let mut ws = connect(addr, &status_path(KEY)).await;
 
     // The configuration as served.
@@ -242,10 +245,7 @@ async fn the_delivery_delay_covers_the_writes_since_the_last_snapshot() {
     );
     let gw = dep.start().await;
     let addr: SocketAddr = gw.addr("main").unwrap();
-    let schema = gateway::config::compile_schema(
-        &repo_root().join("channel-specs/schemas/gateway-status.json"),
-    )
-    .expect("the shipped schema compiles");
+    let schema = status_schema();
     let mut ws = connect(addr, &status_path(KEY)).await;
     let delay = |s: &Value| s["gateway"]["delivery_delay"].clone();
     let p99 = |s: &Value| delay(s)["p99_le_ms"].as_f64();
@@ -321,10 +321,7 @@ async fn a_reload_restarts_the_status_source_and_shows_the_new_generation() {
     );
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
-    let schema = gateway::config::compile_schema(
-        &repo_root().join("channel-specs/schemas/gateway-status.json"),
-    )
-    .expect("the shipped schema compiles");
+    let schema = status_schema();
     let mut ws = connect(addr, &status_path(KEY)).await;
     let s = snapshot_where(&mut ws, &schema, "a first snapshot", |_| true).await;
     assert_eq!(s["gateway"]["generation"], 1);
