@@ -1228,6 +1228,11 @@ def step_at(doc: dict, rate: float) -> dict | None:
     return None
 
 
+def env_note(machine: dict) -> str:
+    """`, `NAME=value`` for each environment setting machine_info recorded."""
+    return "".join(f", `{k}={v}`" for k, v in (machine.get("env") or {}).items())
+
+
 def render_summary(docs: list[dict], tag: str) -> str:
     lines = [f"# WebSocket fan-out benchmark, {tag}", ""]
     clients = (docs[0].get("settings") or {}).get("clients", 1000) if docs else 1000
@@ -1238,7 +1243,7 @@ def render_summary(docs: list[dict], tag: str) -> str:
             f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), "
             f"{(m.get('mem_kib') or 0) / 1048576:.0f} GiB, Linux {m.get('kernel')}, "
             f"open files {m.get('nofile_limit')}"
-            + "".join(f", `{k}={v}`" for k, v in (m.get("env") or {}).items())
+            + env_note(m)
             + ". Server and load generator share the machine"
             + (", in one session (one scheduling group)." if m.get("one_session")
                else ", each in a session of its own"
@@ -1662,7 +1667,7 @@ def render_scale(doc: dict) -> str:
         f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), "
         f"{(m.get('mem_kib') or 0) / 1048576:.0f} GiB, Linux {m.get('kernel')}; gateway "
         f"{(doc.get('versions') or {}).get('git', '?')}"
-        + "".join(f", `{k}={v}`" for k, v in (m.get("env") or {}).items())
+        + env_note(m)
         + ". Server and loadgen share the machine "
         f"(load average before: {', '.join(str(x) for x in doc.get('loadavg_before') or [])}; "
         f"{doc.get('machine_busy_pct_before')}% busy in the second before).",
