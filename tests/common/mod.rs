@@ -60,7 +60,16 @@ pub fn shipped_yaml_files() -> Vec<PathBuf> {
     out
 }
 
-/// Build the gateway binary and every plugin the tests load, once per test binary.
+/// Build the gateway binary and every plugin the tests load, once per test
+/// binary.
+///
+/// `--workspace --lib --bins --examples` resolves features as `cargo test
+/// --workspace` does (building an example brings in the dev-dependencies'
+/// features), so after that command's own build this is a no-op instead of a
+/// second build of the dependencies with other features. The variables cargo
+/// sets for a running test (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...) are
+/// removed: a crate whose build depends on one (ring does) would otherwise be
+/// rebuilt here, and again by the next `cargo test`.
 pub fn build_plugins() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -71,41 +80,28 @@ pub fn build_plugins() -> PathBuf {
             cmd.current_dir(repo_root()).args([
                 "build",
                 "-q",
-                "-p",
-                "gateway",
-                "-p",
-                "system-metrics",
-                "-p",
-                "ticker",
-                "-p",
-                "test-faults",
-                "-p",
-                "test-abi-mismatch",
-                "-p",
-                "http-poll",
-                "-p",
-                "exec",
-                "-p",
-                "template",
-                "-p",
-                "redis-source",
-                "-p",
-                "mqtt-source",
-                "-p",
-                "postgres-source",
-                "-p",
-                "nats-source",
-                "-p",
-                "demo-iot",
-                "-p",
-                "demo-crypto",
-                "-p",
-                "demo-jobs-market",
-                "-p",
-                "demo-ledger",
-                "-p",
-                "demo-relay",
+                "--workspace",
+                "--lib",
+                "--bins",
+                "--examples",
             ]);
+            for (key, _) in std::env::vars_os() {
+                let key = key.to_string_lossy();
+                let set_by_cargo_for_tests = [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&key.as_ref())
+                    || key.starts_with("CARGO_PKG_")
+                    || key.starts_with("CARGO_BIN_");
+                if set_by_cargo_for_tests {
+                    cmd.env_remove(key.as_ref());
+                }
+            }
             if dir.file_name().and_then(|s| s.to_str()) == Some("release") {
                 cmd.arg("--release");
             }
