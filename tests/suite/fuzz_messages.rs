@@ -10,11 +10,9 @@
 //!
 //! Bounded and reproducible: a fixed seed, 300 cases, no persistence files.
 
-mod common;
-
 use std::cell::RefCell;
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};

@@ -5,12 +5,10 @@
 //! transactions together, ignores whatever the client sends and answers
 //! WebSocket Pings.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -2,11 +2,9 @@
 //! replies, envelopes, groups, aliases, filters, frequency, last value and
 //! plugin commands answering client actions.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// A crypto-monitor-like deployment: `action`/`service`, every message in a

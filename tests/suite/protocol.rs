@@ -1,11 +1,9 @@
 //! The WebSocket protocol at the byte level: control frames, the close
 //! handshake, fragments, and the close codes for bad client frames.
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -3,13 +3,11 @@
 //! that does not speak TLS, or does not trust the certificate, is turned
 //! away and counted, and the listener keeps serving everyone else.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};

@@ -1,8 +1,6 @@
 //! HTTP beside the sockets: admin routes, refusals before the upgrade, API keys.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 const UPGRADE: [(&str, &str); 4] = [
     ("Upgrade", "websocket"),

@@ -3,11 +3,9 @@
 //! timeout, connection lifetime and server pings; HTTP requests per IP; a
 //! channel's outbound rate.
 
-mod common;
-
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};

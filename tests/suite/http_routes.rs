@@ -2,9 +2,7 @@
 //! through templates, a channel's latest message, plugin commands, and the
 //! errors (400, 401, 404, 405, 413, 503).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 fn deployment() -> Deployment {

@@ -1,11 +1,9 @@
 //! Shutdown: every client gets Close 1001 and the process exits within its
 //! deadline. Also the process's runtime size, which `TOKIO_WORKER_THREADS` sets.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn ticker_deployment() -> Deployment {
     let dep = Deployment::new();

@@ -4,11 +4,9 @@
 //! close 1000 after a terminal state, blockchain and marketplace events with
 //! every documented type and field, and client messages ignored.
 
-mod common;
-
 use std::collections::{BTreeSet, HashSet};
 
-use common::*;
+use crate::common::*;
 use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;

@@ -2,9 +2,7 @@
 //! connected; a bad configuration refused with the running one kept;
 //! connection limits that hold across the swap; the file watcher; SIGHUP.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn ticker_spec(name: &str, rate: u32, pad: u32) -> String {
     format!(

@@ -9,12 +9,10 @@
 //! along must still receive fresh data, and when everyone has gone
 //! `gateway_connections` must be back to 0: no session leaked.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,9 +1,7 @@
 //! The HTTP publish API: `POST /publish/{channel}`, validated like every
 //! other outbound message, delivered to real WebSocket clients.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// The publish API on channel `news`; `spec_extra` adds lines to its spec.

@@ -1,11 +1,9 @@
 //! Authentication modes with real clients: JWT from a header, a query
 //! parameter or an in-band first message; handshakes; Origin allow-lists.
 
-mod common;
-
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 

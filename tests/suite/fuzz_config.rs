@@ -12,12 +12,10 @@
 //!
 //! Bounded and reproducible: a fixed seed, 300 cases, no persistence files.
 
-mod common;
-
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use gateway::config::{self, LoadOptions};
 use proptest::prelude::*;
 use proptest::sample::Index;

@@ -4,13 +4,11 @@
 //! `type`/`channel` subscribe protocol, every channel's messages and
 //! filters, the dedicated endpoints, ping/pong and the message size limit.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use gateway::Gateway;
 use gateway::config::{self, LoadOptions};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};

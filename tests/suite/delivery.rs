@@ -1,9 +1,7 @@
 //! Fan-out: ordered delivery to several clients, invalid messages dropped and
 //! counted, keyed streams ending with Close 1000.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn seq(v: &serde_json::Value) -> i64 {
     v["seq"]

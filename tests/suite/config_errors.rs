@@ -2,13 +2,11 @@
 //! (`file:line:col: field.path: message`), through the library and through
 //! `gateway check`.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 use gateway::Gateway;
 use gateway::config::{self, LoadOptions};
 

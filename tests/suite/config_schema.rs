@@ -2,17 +2,15 @@
 //! the copies in docs/schema/ are current, every shipped YAML file names its
 //! schema on its first line and satisfies it, and wrong files fail it.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use gateway::config::schema::{SchemaKind, json_schema, render};
 use serde_json::Value;
 
 /// Every YAML file of the repository: gateway.yaml files and channel specs
-/// (tests/shipped_yaml.rs checks that each one is one or the other).
+/// (tests/suite/shipped_yaml.rs checks that each one is one or the other).
 fn shipped() -> Vec<(PathBuf, SchemaKind)> {
     shipped_yaml_files()
         .into_iter()

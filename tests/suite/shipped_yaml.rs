@@ -1,10 +1,8 @@
 //! Every YAML file shipped in the repository loads.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use gateway::config::{self, LoadOptions};
 
 #[test]

@@ -4,11 +4,9 @@
 //! (`gateway check` does not create instances). Creating an instance does not
 //! connect, so this needs no running service.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use gateway::config::{self, LoadOptions};
 use gateway::plugin::{Instance, InstanceParams};
 

@@ -3,12 +3,10 @@
 //! for every shipped configuration, with the listeners, endpoints, schemas
 //! and auth schemes of the configuration in it.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use gateway::asyncapi;
 use gateway::config::{self, LoadOptions};
 use serde_json::{Value, json};

@@ -4,13 +4,11 @@
 //! and health messages with Unix-second timestamps and real health figures;
 //! the REST API on the other port with its routes and error statuses.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 const EXAMPLE: &str = "relay-sync";

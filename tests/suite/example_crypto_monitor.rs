@@ -5,13 +5,11 @@
 //! endpoints, every service's update payload and interval, and the HTTP
 //! routes beside the sockets.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use gateway::Gateway;
 use gateway::config::{self, LoadOptions};
 use serde_json::{Value, json};

@@ -1,8 +1,6 @@
 //! The per-channel policy when a subscriber's queue is full.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// A `flood` channel from the ticker with `config` (a YAML flow mapping),
 /// under queue policy `on_full`, with `gateway` added to gateway.yaml.

@@ -1,11 +1,9 @@
 //! Real plugins from real `.so` files: the ABI handshake, panics and errors
 //! contained and restarted, commands.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use gateway::plugin::{Instance, InstanceParams, PluginRegistry};
 
 fn seq(v: &serde_json::Value) -> i64 {

@@ -4,12 +4,10 @@
 //! satisfy the shipped schema and show what really happens.
 //! (`tests/status_page_browser.rs` runs the page in Chromium.)
 
-mod common;
-
 use std::net::SocketAddr;
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use serde_json::Value;
 
 const KEY: &str = "status-test-key";
