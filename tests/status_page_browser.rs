@@ -4,7 +4,7 @@
 //! render the gateway's state live; a screenshot is checked and saved to
 //! `target/status-page.png`.
 //!
-//! `cargo test --features browser --test status_page_browser` (`.ci/run`
+//! `cargo test --workspace --features browser --test status_page_browser` (`.ci/run`
 //! installs Chromium when it is missing).
 
 mod common;
