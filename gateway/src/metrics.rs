@@ -99,8 +99,8 @@ pub enum BucketQuantile {
     Empty,
     /// At most this many microseconds: the upper bound of its bucket.
     AtMost(u64),
-    /// Above the last bound (the `+Inf` bucket).
-    Above(u64),
+    /// Above the last bound of [`DELAY_BOUNDS_US`] (the `+Inf` bucket).
+    AboveLast,
 }
 
 /// Quantile `q` (0 < q ≤ 1) of per-bucket `counts`, as
@@ -122,7 +122,7 @@ pub fn bucket_quantile(counts: &DelayCounts, q: f64) -> BucketQuantile {
             };
         }
     }
-    BucketQuantile::Above(DELAY_BOUNDS_US[DELAY_BOUNDS_US.len() - 1])
+    BucketQuantile::AboveLast
 }
 
 /// A histogram of delays, fed from every worker thread: each thread counts
@@ -599,7 +599,7 @@ mod tests {
         assert_eq!(q(&b, 0.99), BucketQuantile::AtMost(500));
         // Above the last bound.
         b.observe_us(11_000_000);
-        assert_eq!(q(&b, 1.0), BucketQuantile::Above(10_000_000));
+        assert_eq!(q(&b, 1.0), BucketQuantile::AboveLast);
         assert_eq!(q(&b, 0.5), BucketQuantile::AtMost(500));
         // The difference of two snapshots: only what came between.
         let before = h.snapshot().0;

@@ -63,7 +63,7 @@ impl Rates {
         let writes: u64 = window.iter().sum();
         let le_ms = |q| match bucket_quantile(&window, q) {
             BucketQuantile::AtMost(us) => json!(us as f64 / 1000.0),
-            BucketQuantile::Empty | BucketQuantile::Above(_) => Value::Null,
+            BucketQuantile::Empty | BucketQuantile::AboveLast => Value::Null,
         };
         json!({
             "window_seconds": (window_secs * 1000.0).round() / 1000.0,
