@@ -6,10 +6,11 @@
 //! files share the test threads instead of waiting for each file's slowest.
 //!
 //! Run one file's tests with its module name as the filter, e.g.
-//! `cargo test --test suite reload::`. Tests that read the process's RSS or
-//! own a process-wide logger, or that must not share the cores, have their
-//! own binaries beside this one (`tests/abuse.rs`, `tests/soak.rs`,
-//! `tests/slow_consumer_load.rs`, `tests/source_plugins.rs`).
+//! `cargo test --workspace --test suite reload::`. Tests that read the
+//! process's RSS or own a process-wide logger, or that must not share the
+//! cores, have their own binaries beside this one (`tests/abuse.rs`,
+//! `tests/soak.rs`, `tests/slow_consumer_load.rs`,
+//! `tests/source_plugins.rs`).
 
 #[path = "../common/mod.rs"]
 mod common;
