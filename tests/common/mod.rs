@@ -524,6 +524,25 @@ pub fn example_schema(name: &str, rel: &str) -> jsonschema::Validator {
 }
 
 /// Fail unless `value` satisfies `schema`.
+/// An object's keys, sorted.
+pub fn sorted_keys(v: &Value) -> Vec<&str> {
+    let mut k: Vec<&str> = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    k.sort();
+    k
+}
+
+/// An ISO 8601 UTC timestamp with milliseconds (`2024-01-15T10:30:00.000Z`),
+/// as JavaScript's `toISOString` writes it.
+pub fn is_iso_millis(v: &Value) -> bool {
+    v.as_str()
+        .is_some_and(|s| s.len() == 24 && s.ends_with('Z') && s.as_bytes()[10] == b'T')
+}
+
 pub fn assert_schema(schema: &jsonschema::Validator, what: &str, value: &Value) {
     if let Err(e) = schema.validate(value) {
         panic!("{what} does not satisfy its schema: {e}\n{value}");

@@ -117,38 +117,17 @@ async fn start() -> Gateway {
 }
 
 fn schema(name: &str) -> jsonschema::Validator {
-    let text = std::fs::read_to_string(example_dir().join("schemas").join(name)).unwrap();
-    jsonschema::options()
-        .should_validate_formats(true)
-        .build(&serde_json::from_str(&text).unwrap())
-        .unwrap()
-}
-
-fn assert_valid(v: &jsonschema::Validator, m: &Value) {
-    let errors: Vec<String> = v.iter_errors(m).map(|e| e.to_string()).collect();
-    assert!(errors.is_empty(), "{m} fails its schema: {errors:?}");
-}
-
-fn keys(v: &Value) -> Vec<&str> {
-    let mut k: Vec<&str> = v
-        .as_object()
-        .unwrap_or_else(|| panic!("not an object: {v}"))
-        .keys()
-        .map(String::as_str)
-        .collect();
-    k.sort();
-    k
-}
-
-fn is_iso(v: &Value) -> bool {
-    v.as_str()
-        .is_some_and(|s| s.len() == 24 && s.ends_with('Z') && s.as_bytes()[10] == b'T')
+    example_schema("crypto-monitor", &format!("schemas/{name}"))
 }
 
 /// Every server message: exactly {service, type, data, timestamp}.
 fn check_envelope(m: &Value) {
-    assert_eq!(keys(m), ["data", "service", "timestamp", "type"], "{m}");
-    assert!(is_iso(&m["timestamp"]), "{m}");
+    assert_eq!(
+        sorted_keys(m),
+        ["data", "service", "timestamp", "type"],
+        "{m}"
+    );
+    assert!(is_iso_millis(&m["timestamp"]), "{m}");
     let types = [
         "connection_established",
         "welcome",
@@ -170,8 +149,8 @@ fn check_update(m: &Value) {
     for f in documented_fields(service) {
         assert!(m["data"].get(f).is_some(), "{service} lacks {f}: {m}");
     }
-    assert!(is_iso(&m["data"]["timestamp"]));
-    assert_valid(&schema(&format!("{service}.json")), m);
+    assert!(is_iso_millis(&m["data"]["timestamp"]));
+    assert_schema(&schema(&format!("{service}.json")), "message", m);
 }
 
 async fn next(ws: &mut Ws) -> Value {
@@ -186,7 +165,7 @@ async fn open(addr: SocketAddr, path: &str) -> (Ws, String) {
     let hello = next(&mut ws).await;
     assert_eq!(hello["type"], "connection_established", "{path}: {hello}");
     assert_eq!(hello["service"], "system");
-    assert_valid(&schema("control.json"), &hello);
+    assert_schema(&schema("control.json"), "message", &hello);
     let id = hello["data"]["client_id"].as_str().unwrap().to_string();
     assert!(!id.is_empty());
     (ws, id)
@@ -198,7 +177,7 @@ async fn next_reply(ws: &mut Ws) -> Value {
     loop {
         let m = next(ws).await;
         if m["type"] != "update" {
-            assert_valid(&schema("control.json"), &m);
+            assert_schema(&schema("control.json"), "message", &m);
             return m;
         }
     }
@@ -249,7 +228,7 @@ async fn manual_subscription_status_ping_and_errors() {
     assert_eq!(ok["type"], "subscription_confirmed", "{ok}");
     assert_eq!(ok["service"], "market_data");
     assert_eq!(ok["data"]["service"], "market_data");
-    assert_valid(&schema("control.json"), &ok);
+    assert_schema(&schema("control.json"), "message", &ok);
     let first = next(&mut ws).await;
     assert_eq!(first["service"], "market_data");
     check_update(&first);
@@ -303,7 +282,7 @@ async fn manual_subscription_status_ping_and_errors() {
     let st = next_reply(&mut ws).await;
     assert_eq!(st["type"], "status");
     assert_eq!(
-        keys(&st["data"]),
+        sorted_keys(&st["data"]),
         [
             "client_id",
             "connected_at",
@@ -313,8 +292,8 @@ async fn manual_subscription_status_ping_and_errors() {
         ]
     );
     assert_eq!(st["data"]["client_id"], client_id.as_str());
-    assert!(is_iso(&st["data"]["connected_at"]));
-    assert!(is_iso(&st["data"]["last_activity"]));
+    assert!(is_iso_millis(&st["data"]["connected_at"]));
+    assert!(is_iso_millis(&st["data"]["last_activity"]));
     assert!(st["data"]["connected_at"].as_str() <= st["data"]["last_activity"].as_str());
     assert_eq!(
         names_of(&st["data"]["subscriptions"]),
@@ -384,7 +363,7 @@ async fn all_endpoint_gets_every_service_with_its_payload() {
     let mut sum = 0.0;
     for t in w["large_transactions"].as_array().unwrap() {
         assert_eq!(
-            keys(t),
+            sorted_keys(t),
             ["asset", "from", "hash", "timestamp", "to", "value"]
         );
         assert!(t["value"].as_f64().unwrap() > th);
@@ -397,7 +376,7 @@ async fn all_endpoint_gets_every_service_with_its_payload() {
     let providers = h["providers"].as_object().unwrap();
     assert_eq!(h["total_providers"], providers.len());
     for p in providers.values() {
-        assert_eq!(keys(p), ["last_check", "response_time_ms", "status"]);
+        assert_eq!(sorted_keys(p), ["last_check", "response_time_ms", "status"]);
     }
     let up = providers
         .values()
@@ -406,10 +385,10 @@ async fn all_endpoint_gets_every_service_with_its_payload() {
     assert_eq!(h["healthy_count"], up);
     assert_eq!(h["unhealthy_count"], providers.len() - up);
     for j in seen["scheduler"]["data"]["jobs"].as_array().unwrap() {
-        assert_eq!(keys(j), ["id", "next_run", "status"]);
+        assert_eq!(sorted_keys(j), ["id", "next_run", "status"]);
     }
     for a in seen["news"]["data"]["articles"].as_array().unwrap() {
-        assert_eq!(keys(a), ["published_at", "source", "title", "url"]);
+        assert_eq!(sorted_keys(a), ["published_at", "source", "title", "url"]);
     }
     // Subscribed to everything: get_status lists every service.
     send_json(&mut ws, &json!({"action": "get_status"})).await;
@@ -425,7 +404,7 @@ async fn master_welcome_and_group_endpoints() {
     let welcome = next(&mut master).await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     assert_eq!(welcome["service"], "system");
-    assert_valid(&schema("control.json"), &welcome);
+    assert_schema(&schema("control.json"), "message", &welcome);
     assert_eq!(welcome["data"]["client_id"], id.as_str());
     let by_group = welcome["data"]["available_services"].as_object().unwrap();
     assert_eq!(by_group.len(), 3);
@@ -513,7 +492,7 @@ async fn http_stats_services_and_endpoints() {
         "{head}"
     );
     let stats: Value = serde_json::from_str(&body).unwrap();
-    assert_valid(&schema("http-stats.json"), &stats);
+    assert_schema(&schema("http-stats.json"), "message", &stats);
     assert_eq!(stats["status"], "success");
     assert_eq!(stats["data"]["total_connections"], 2);
     let clients = stats["data"]["clients"].as_array().unwrap();
@@ -540,7 +519,7 @@ async fn http_stats_services_and_endpoints() {
     let (status, _, body) = http(addr, "GET", "/ws/services", &[]).await;
     assert_eq!(status, 200);
     let services: Value = serde_json::from_str(&body).unwrap();
-    assert_valid(&schema("http-services.json"), &services);
+    assert_schema(&schema("http-services.json"), "message", &services);
     let list = services["data"]["services"].as_array().unwrap();
     assert_eq!(list.len(), SERVICES.len());
     for (name, g, interval) in SERVICES {
@@ -556,7 +535,7 @@ async fn http_stats_services_and_endpoints() {
     let (status, _, body) = http(addr, "GET", "/ws/endpoints", &[]).await;
     assert_eq!(status, 200);
     let endpoints: Value = serde_json::from_str(&body).unwrap();
-    assert_valid(&schema("http-endpoints.json"), &endpoints);
+    assert_schema(&schema("http-endpoints.json"), "message", &endpoints);
     let urls: BTreeSet<String> = endpoints["data"]["endpoints"]
         .as_array()
         .unwrap()
