@@ -7,7 +7,8 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -240,6 +241,8 @@ impl Drop for PrivateServer {
 pub struct Gate {
     pub addr: SocketAddr,
     open: watch::Sender<bool>,
+    /// Forwarded connections still open.
+    active: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -251,6 +254,8 @@ impl Gate {
         let addr = listener.local_addr().expect("gate addr");
         let (open, rx) = watch::channel(false);
         let target = target.to_owned();
+        let active = Arc::new(AtomicUsize::new(0));
+        let count = active.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -262,18 +267,35 @@ impl Gate {
                 }
                 let mut rx = rx.clone();
                 let target = target.clone();
+                count.fetch_add(1, Ordering::SeqCst);
+                let count = count.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = rx.wait_for(|open| !*open) => {}
+                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = rx.wait_for(|open| !*open) => {}
+                        }
                     }
+                    count.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        Gate { addr, open, task }
+        Gate {
+            addr,
+            open,
+            active,
+            task,
+        }
+    }
+
+    /// Wait until every forwarded connection has ended by itself: both sides
+    /// closed, so what the client wrote before closing reached the service.
+    /// (`close` cuts connections at once and could drop those last bytes.)
+    pub async fn wait_idle(&self) {
+        eventually("the gate's forwarded connections to end", || async {
+            (self.active.load(Ordering::SeqCst) == 0).then_some(())
+        })
+        .await;
     }
 
     pub fn open(&self) {

@@ -4,7 +4,8 @@
 //! The run thread drives a `rumqttc` event loop on its own current-thread
 //! tokio runtime. When the broker goes away the loop logs the loss, waits
 //! with exponential backoff and jitter (`reconnect`), reconnects, subscribes
-//! again and logs the recovery. The plugin's `stop` wakes the loop at once.
+//! again and logs the recovery. The plugin's `stop` wakes the loop at once;
+//! it then sends its pending acks and a DISCONNECT (at most 500 ms).
 //!
 //! Config (a JSON object; unknown keys are an error):
 //! - `url` (string): `mqtt://host[:port]` (port 1883 by default); or
@@ -36,7 +37,8 @@ use std::time::Duration;
 
 use plugin_api::{Emitter, Host, Plugin, PluginError, parse_config};
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, QoS, SubscribeFilter,
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
+    SubscribeFilter,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -261,6 +263,17 @@ impl Config {
     }
 }
 
+/// Room in the client's request queue (it is allocated as it fills). The
+/// event loop sends queued acknowledgements only between the packets it has
+/// already read, so with a backlog (a persistent session coming back) the
+/// acks of a whole burst wait there. The broker can have at most one message
+/// in flight per packet id, so one ack per id, and a few more requests
+/// (subscribe, disconnect), always fit: an ack is never refused.
+const REQUEST_QUEUE: usize = u16::MAX as usize + 16;
+
+/// How long a stopping instance may take to send its pending acks.
+const STOP_FLUSH: Duration = Duration::from_millis(500);
+
 /// One instance.
 pub struct MqttSource {
     config: Config,
@@ -273,7 +286,7 @@ impl MqttSource {
         let host = out.host();
         let c = &self.config;
         let (client, mut events): (AsyncClient, EventLoop) =
-            AsyncClient::new(c.options.clone(), 64);
+            AsyncClient::new(c.options.clone(), REQUEST_QUEUE);
         let topics: Vec<&str> = c.filters.iter().map(|f| f.path.as_str()).collect();
         let mut backoff = Backoff::new(&c.reconnect);
         let mut ever_connected = false;
@@ -332,6 +345,7 @@ impl MqttSource {
                 Ok(_) => {}
                 Err(e) => {
                     if out.is_stopped() {
+                        connected = false;
                         break;
                     }
                     let delay = backoff.next_delay();
@@ -357,8 +371,28 @@ impl MqttSource {
                 }
             }
         }
-        // Best effort: tell the broker we leave (ignored if not connected).
-        let _ = client.try_disconnect();
+        if connected {
+            // Acks handed to the client go out only when the event loop is
+            // polled again; without this the broker would send the last
+            // messages handed to the gateway again to the next session.
+            // Queued behind them, a DISCONNECT: once it is out, so are they.
+            // Messages read meanwhile are not handed over (nor acked).
+            let _ = client.try_disconnect();
+            let flush = async {
+                loop {
+                    match events.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            };
+            if tokio::time::timeout(STOP_FLUSH, flush).await.is_err() {
+                host.warn(&format!(
+                    "{NAME}: pending acknowledgements not sent to {} within {STOP_FLUSH:?} of the stop; the broker will send those messages again",
+                    c.address
+                ));
+            }
+        }
         Ok(())
     }
 }
