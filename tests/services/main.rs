@@ -3,7 +3,7 @@
 //! real WebSocket clients subscribe, and the tests publish to the real
 //! services on 127.0.0.1 with their client crates.
 //!
-//! Run: `cargo test --features services --test services` (add a filter such
+//! Run: `cargo test --workspace --features services --test services` (add a filter such
 //! as `redis` to run one service's tests). Needs Redis on 6379, Mosquitto on
 //! 1883, NATS with JetStream on 4222 and PostgreSQL on 5432 (user postgres,
 //! trust auth, database `test`). A service that cannot be reached fails its
