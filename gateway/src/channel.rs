@@ -728,6 +728,11 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
         }
         out.send_if_due(&rt);
     }
+    // The source stopped: what `conflate` still holds (the latest per key)
+    // goes out now rather than nowhere, a last burst over the rate limit.
+    for (key, msg) in std::mem::take(&mut pending) {
+        out.hold(key, msg);
+    }
     out.send(&rt);
 }
 

@@ -435,6 +435,36 @@ async fn http_requests_per_ip_get_429_with_retry_after() {
     );
 }
 
+/// A message held back by `conflate` is not lost when its channel's source
+/// stops (here: a reload that changes the channel): it goes out then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflated_message_goes_out_when_its_channel_stops() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut capped = connect(addr, "/capped").await;
+    emit(addr, "capped", json!([{"n": 1}, {"n": 2}, {"n": 3}])).await;
+    assert_eq!(next_json(&mut capped).await, json!({"n": 1}));
+    eventually("n 2 replaced by n 3", || async {
+        let c = metric(
+            addr,
+            "gateway_rate_limit_conflated_total{channel=\"capped\",plugin=\"test-faults\"}",
+        )
+        .await;
+        (c == Some(1.0)).then_some(())
+    })
+    .await;
+    dep.write(
+        "specs/capped.yaml",
+        &bus_spec(
+            "capped",
+            "rate_limit: {rate: 2/1h, on_exceed: conflate}\nendpoints:\n  - path: /capped\n",
+        ),
+    );
+    gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(next_json(&mut capped).await, json!({"n": 3}));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_rate_limit_conflates_or_drops() {
     let dep = deployment();
