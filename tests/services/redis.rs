@@ -165,6 +165,70 @@ async fn redis_stream_resumes_after_the_stored_id_across_gateway_restarts() {
     let _: () = con.del(&[&stream, &checkpoint]).unwrap();
 }
 
+/// `start: $` with a checkpoint: where `$` was is stored at once, so an
+/// instance stopped before the first new entry does not skip, next time,
+/// what was added in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stream_started_at_new_entries_keeps_its_place_before_the_first_one() {
+    require("Redis", REDIS).await;
+    let u = unique("gwt");
+    let stream = format!("{u}:stream");
+    let checkpoint = format!("{u}:offsets");
+    let mut con = client(REDIS);
+    let old = xadd(&mut con, &stream, 1);
+
+    let gate = Gate::new(REDIS).await;
+    gate.open();
+    let config = json!({
+        "url": format!("redis://{}", gate.addr),
+        "streams": {"keys": [stream], "checkpoint": checkpoint, "field": "json"},
+        "reconnect": {"initial_ms": 20, "max_ms": 200},
+    });
+    let dep = deployment(&[("s", spec("s", "redis-source", &config, "/s"))]);
+    let gw = dep.start().await;
+    eventually("the checkpoint at the stream's last entry", || {
+        let stored: Option<String> = con.hget(&checkpoint, &stream).unwrap();
+        std::future::ready((stored.as_deref() == Some(old.as_str())).then_some(()))
+    })
+    .await;
+    shutdown_promptly(gw, []).await;
+    gate.wait_idle().await;
+    gate.close();
+
+    // Added while no gateway runs, before any entry was delivered.
+    xadd(&mut con, &stream, 2);
+    let gw = dep.start().await;
+    let mut ws = connect(gw.addr("main").unwrap(), "/s").await;
+    wait_subscribed(gw.addr("main").unwrap(), "s", "redis-source", 1).await;
+    gate.open();
+    assert_eq!(next_json(&mut ws).await, json!({"n": 2}));
+    shutdown_promptly(gw, [ws]).await;
+    let _: () = con.del(&[&stream, &checkpoint]).unwrap();
+}
+
+/// A read that fails every time (here the key is not a stream) is retried
+/// with a growing delay, not at the first delay over and over: the
+/// connection counts as made only once a read worked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stream_read_errors_are_retried_with_a_growing_delay() {
+    require("Redis", REDIS).await;
+    capture_logs();
+    let key = format!("{}:not-a-stream", unique("gwt"));
+    let mut con = client(REDIS);
+    let _: () = con.set(&key, "x").unwrap();
+    let config = json!({
+        "url": format!("redis://{REDIS}"),
+        "streams": {"keys": [key], "start": "0"},
+        "reconnect": {"initial_ms": 20, "max_ms": 5000},
+    });
+    let dep = deployment(&[("s", spec("s", "redis-source", &config, "/s"))]);
+    let gw = dep.start().await;
+    let line = wait_for_log(&["WRONGTYPE", "retry 4 in"]).await;
+    assert!(line.contains("redis-source: cannot connect to"), "{line}");
+    shutdown_promptly(gw, []).await;
+    let _: () = con.del(&key).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stream_without_field_sends_all_fields_and_starts_at_new_entries() {
     require("Redis", REDIS).await;

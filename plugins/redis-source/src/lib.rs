@@ -367,11 +367,22 @@ impl RedisSource {
                         Err(e) => return Ok(End::Lost(e)),
                     };
                     *slot = first_entry_id(&last).unwrap_or_else(|| "0".into());
+                    // Store where `$` was: an instance stopped before the
+                    // first entry would otherwise resolve `$` again next
+                    // time and skip what was added in between.
+                    if let Some(cp) = &s.checkpoint
+                        && let Err(e) = con.hset_nx::<_, _, _, ()>(cp, key, &*slot)
+                    {
+                        return Ok(End::Lost(e));
+                    }
                 }
             }
             *ids = Some(start);
         }
-        connected();
+        // Announced (and the backoff reset) after the first read that
+        // worked: an error that comes back on every read (a key of the wrong
+        // type, a missing permission) then retries with a growing delay.
+        let mut announced = false;
         let opts = StreamReadOptions::default()
             .block(TICK.as_millis() as usize)
             .count(s.count);
@@ -384,27 +395,28 @@ impl RedisSource {
                 Ok(r) => r,
                 Err(e) => return Ok(End::Lost(e)),
             };
+            if !announced {
+                announced = true;
+                connected();
+            }
             let Some(reply) = reply else { continue };
             for sk in reply.keys {
                 let Some(pos) = s.keys.iter().position(|k| *k == sk.key) else {
                     continue;
                 };
                 for entry in sk.ids {
-                    let payload = match entry_payload(s, &entry.id, &entry.map) {
-                        Some(p) => p,
-                        None => {
-                            out.host().warn(&format!(
-                                "{NAME}: stream {:?} entry {}: no field {:?}; skipped",
-                                sk.key,
-                                entry.id,
-                                s.field.as_deref().unwrap_or("")
-                            ));
-                            current[pos] = entry.id.clone();
-                            continue;
+                    match entry_payload(s, &entry.id, &entry.map) {
+                        Some(payload) => {
+                            if self.config.pipeline.deliver(out, &sk.key, &payload)? == Flow::Stop {
+                                return Ok(End::Stopped);
+                            }
                         }
-                    };
-                    if self.config.pipeline.deliver(out, &sk.key, &payload)? == Flow::Stop {
-                        return Ok(End::Stopped);
+                        None => out.host().warn(&format!(
+                            "{NAME}: stream {:?} entry {}: no field {:?}; skipped",
+                            sk.key,
+                            entry.id,
+                            s.field.as_deref().unwrap_or("")
+                        )),
                     }
                     current[pos] = entry.id.clone();
                     if let Some(cp) = &s.checkpoint
