@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use futures_util::StreamExt;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
 use crate::support::*;
@@ -203,6 +205,87 @@ async fn nats_jetstream_durable_consumer_resumes_after_a_gateway_restart() {
 /// the shared server keeps running): the client reconnects with backoff once
 /// the path is back and subscribes again; core messages published while it
 /// was cut off are lost.
+/// A gateway stopped in the middle of a JetStream backlog: every message its
+/// client received was acknowledged before the plugin left, so the ack floor
+/// is at the last of them at once (not after `ack_wait`, when the server
+/// would send them again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_jetstream_stop_mid_backlog_acknowledges_what_was_delivered() {
+    require("NATS (JetStream)", NATS).await;
+    let u = unique("gwt");
+    let stream = u.to_uppercase();
+    let _guard = StreamGuard(stream.clone());
+    let subject = format!("{u}.backlog");
+    let nc = client(NATS).await;
+    let js = jetstream::new(nc.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{u}.>")],
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create JetStream stream {stream} (is JetStream enabled?): {e}"));
+    const TOTAL: u64 = 3000;
+    for n in 0..TOTAL {
+        nc.publish(subject.clone(), json!({ "n": n }).to_string().into())
+            .await
+            .expect("NATS publish");
+    }
+    nc.flush().await.expect("NATS flush");
+    eventually("the backlog stored", || async {
+        let s = js.get_stream(&stream).await.ok()?;
+        (s.cached_info().state.messages == TOTAL).then_some(())
+    })
+    .await;
+
+    let gate = Gate::new(NATS).await;
+    let config = json!({
+        "url": format!("nats://{}", gate.addr),
+        "subjects": [subject],
+        "jetstream": {"stream": stream, "durable": "gateway", "deliver_policy": "all"},
+        "reconnect": {"initial_ms": 20, "max_ms": 200},
+    });
+    let dep = deployment("backlog", &config, "/backlog");
+    let gw = dep.start().await;
+    let mut ws = connect(gw.addr("main").unwrap(), "/backlog").await;
+    wait_subscribed(gw.addr("main").unwrap(), "backlog", "nats-source", 1).await;
+    gate.open();
+    let number = |v: &serde_json::Value| v["n"].as_u64().expect("n");
+    let mut last = 0;
+    while last < 1000 {
+        last = last.max(number(&next_json(&mut ws).await));
+    }
+    // Stop while the backlog flows; the client reads on to its Close.
+    let reader = tokio::spawn(async move {
+        let mut last = 0;
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(PATIENCE, ws.next()).await {
+            if let Message::Text(t) = msg {
+                let v: serde_json::Value = serde_json::from_str(&t).expect("JSON");
+                last = last.max(number(&v));
+            }
+        }
+        last
+    });
+    assert!(gw.shutdown().await, "gateway shutdown hit its deadline");
+    last = last.max(reader.await.expect("reader"));
+    assert!(
+        last < TOTAL - 1,
+        "the backlog was through before the gateway stopped; nothing was tested"
+    );
+    // Stream sequences start at 1: message n is sequence n + 1. A lost ack
+    // would keep the floor below it for good (no consumer is connected).
+    eprintln!("nats stop mid-backlog: the client got up to {last}");
+    eventually(
+        &format!("the ack floor past message {last}, which the client received"),
+        || async {
+            let s = js.get_stream(&stream).await.ok()?;
+            let info = s.consumer_info("gateway").await.ok()?;
+            (info.ack_floor.stream_sequence > last).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_connection_cut_subscriptions_resume_without_restarting_the_gateway() {
     require("NATS", NATS).await;

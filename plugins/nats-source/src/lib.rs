@@ -14,7 +14,8 @@
 //! message, and messages published while it was away are delivered then.
 //! Delivery is at least once: after a lost connection, a message that was in
 //! flight comes again after `ack_wait_secs` (behind newer ones). On stop the
-//! plugin drains its connection (unsubscribe, flush acks; at most 500 ms).
+//! plugin flushes its acks, then drains its connection (unsubscribe; at most
+//! 500 ms in all); a message it could not pass on gets a negative ack.
 //!
 //! Config (a JSON object; unknown keys are an error):
 //! - `url` (string, default `nats://127.0.0.1:4222`); `url_env` (string): an
@@ -44,6 +45,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use async_nats::connection::State;
+use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::{ConnectOptions, Event};
 use futures_util::StreamExt;
@@ -54,6 +57,9 @@ use source_common::{Backoff, Flow, NonJson, Pipeline, Reconnect, env_secret, par
 use tokio::sync::Notify;
 
 const NAME: &str = "nats-source";
+
+/// How long a stopping instance may take to send its pending acks and drain.
+const STOP_FLUSH: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -339,14 +345,38 @@ impl NatsSource {
             None => self.core(&client, out).await,
             Some(js) => self.jetstream(&client, js, out).await,
         };
-        // Leave cleanly while connected: unsubscribe (so the server sends
-        // nothing more into this connection, e.g. to a JetStream pull request)
-        // and flush pending acknowledgements. Bounded, so stop stays prompt.
-        if client.connection_state() == async_nats::connection::State::Connected {
-            let _ = tokio::time::timeout(Duration::from_millis(500), client.drain()).await;
+        // Leave cleanly while connected. Acks are only queued for the
+        // client's connection task (on this runtime, which ends with `run`):
+        // `flush` waits until they are written. Then unsubscribe, so the
+        // server sends nothing more into this connection (e.g. to a JetStream
+        // pull request), and wait for the connection to close. Bounded, so
+        // stop stays prompt.
+        if client.connection_state() == State::Connected {
+            let leave = async {
+                let _ = client.flush().await;
+                if client.drain().await.is_ok() {
+                    while client.connection_state() == State::Connected {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            };
+            if tokio::time::timeout(STOP_FLUSH, leave).await.is_err() {
+                host.warn(&format!(
+                    "{NAME}: the connection to {} did not drain within {STOP_FLUSH:?} of the stop; unacknowledged messages come again after their ack wait",
+                    c.url
+                ));
+            }
         }
         drop(client);
         result
+    }
+
+    /// `f`, or None if the instance is stopped first.
+    async fn unless_stopped<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            r = f => Some(r),
+            () = self.wake.notified() => None,
+        }
     }
 
     async fn core(&self, client: &async_nats::Client, out: &Emitter) -> Result<(), PluginError> {
@@ -426,7 +456,12 @@ impl NatsSource {
         backoff: &mut Backoff,
     ) -> Result<Option<String>, PluginError> {
         let c = &self.config;
-        let stream = match ctx.get_stream(&js.stream).await {
+        // Each request below waits up to the client's request timeout (10 s)
+        // while the server is unreachable; a stop does not wait for it.
+        let Some(stream) = self.unless_stopped(ctx.get_stream(&js.stream)).await else {
+            return Ok(None);
+        };
+        let stream = match stream {
             Ok(s) => s,
             Err(e) => return Ok(Some(format!("stream {:?}: {e}", js.stream))),
         };
@@ -438,11 +473,20 @@ impl NatsSource {
             filter_subject: js.filter.clone().unwrap_or_default(),
             ..Default::default()
         };
-        let consumer = match stream.get_or_create_consumer(&js.durable, config).await {
+        let Some(consumer) = self
+            .unless_stopped(stream.get_or_create_consumer(&js.durable, config))
+            .await
+        else {
+            return Ok(None);
+        };
+        let consumer = match consumer {
             Ok(c) => c,
             Err(e) => return Ok(Some(format!("cannot create or find it: {e}"))),
         };
-        let mut messages = match consumer.messages().await {
+        let Some(messages) = self.unless_stopped(consumer.messages()).await else {
+            return Ok(None);
+        };
+        let mut messages = match messages {
             Ok(m) => m,
             Err(e) => return Ok(Some(format!("cannot pull: {e}"))),
         };
@@ -471,7 +515,10 @@ impl NatsSource {
                         .deliver(out, msg.subject.as_str(), &msg.payload)?
                         == Flow::Stop
                     {
-                        // Not acknowledged: redelivered to the next instance.
+                        // Not taken (the instance is stopping): a negative
+                        // ack sends it again at once, to the next instance,
+                        // instead of after the ack wait.
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
                         return Ok(None);
                     }
                     if let Err(e) = msg.ack().await {
@@ -611,9 +658,22 @@ mod tests {
 
     #[test]
     fn logs_the_failure_and_stops_promptly_while_the_service_is_unreachable() {
+        stops_promptly_while_unreachable(json!({"subjects": ["a"]}));
+    }
+
+    /// JetStream's setup requests wait up to 10 s each for an unreachable
+    /// server; a stop does not wait for them.
+    #[test]
+    fn jetstream_stops_promptly_while_the_service_is_unreachable() {
+        stops_promptly_while_unreachable(json!({"jetstream": {"stream": "S", "durable": "d"}}));
+    }
+
+    fn stops_promptly_while_unreachable(mut config: Value) {
         // Port 9 (discard) on loopback: nothing listens, connecting fails at once.
+        config["url"] = json!("nats://127.0.0.1:9");
+        config["reconnect"] = json!({"initial_ms": 10000, "max_ms": 10000});
         let host = plugin_api::testing::TestHost::new();
-        let plugin = NatsSource::create(json!({"url": "nats://127.0.0.1:9", "subjects": ["a"], "reconnect": {"initial_ms": 10000, "max_ms": 10000}}), host.host()).unwrap();
+        let plugin = NatsSource::create(config, host.host()).unwrap();
         let out = host.emitter();
         std::thread::scope(|s| {
             let run = s.spawn(|| plugin.run(out));
