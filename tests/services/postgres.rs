@@ -211,3 +211,69 @@ async fn postgres_connection_cut_listening_resumes_without_restarting_the_gatewa
     );
     shutdown_promptly(gw, [ws]).await;
 }
+
+/// The path to PostgreSQL goes silent (nothing forwarded, nothing closed):
+/// the health check notices within `health_check_secs` + 5 s, the plugin
+/// reconnects once the path is back, and the stop is prompt throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_silent_connection_is_noticed_and_replaced() {
+    require("PostgreSQL", POSTGRES).await;
+    capture_logs();
+    let gate = Gate::new(POSTGRES).await;
+    gate.open();
+    let u = unique("gwt");
+    let chan = format!("{u}_silent");
+    let config = json!({
+        "connection": format!("host=127.0.0.1 port={} user=postgres dbname=test", gate.addr.port()),
+        "channels": [chan],
+        "health_check_secs": 1,
+        "reconnect": {"initial_ms": 50, "max_ms": 500},
+    });
+    let dep = deployment("silent", &config, "/silent");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/silent").await;
+    let pg = Notifier::new().await;
+    warm_up(&mut ws, |n| {
+        let (pg, c) = (&pg, &chan);
+        async move { pg.notify(c, &json!({ "warmup": n }).to_string()).await }
+    })
+    .await;
+
+    gate.freeze();
+    let frozen = Instant::now();
+    let port = format!(":{} ", gate.addr.port());
+    let lost = wait_for_log(&["WARN", "postgres-source: connection to", &port, "lost"]).await;
+    assert!(lost.contains("health check"), "{lost}");
+    eprintln!("postgres silent: noticed after {:?}", frozen.elapsed());
+    gate.open();
+    wait_for_log(&["INFO", "postgres-source: reconnected to", &port]).await;
+    warm_up(&mut ws, |n| {
+        let (pg, c) = (&pg, &chan);
+        async move { pg.notify(c, &json!({ "warmup": n }).to_string()).await }
+    })
+    .await;
+    pg.notify(&chan, r#"{"n":1}"#).await;
+    assert_eq!(next_data(&mut ws).await, json!({"n": 1}));
+    shutdown_promptly(gw, [ws]).await;
+}
+
+/// A server that accepts the connection and never answers: the stop does
+/// not wait for the startup exchange (which has no timeout of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stops_promptly_while_the_server_does_not_answer() {
+    require("PostgreSQL", POSTGRES).await;
+    let gate = Gate::new(POSTGRES).await;
+    gate.freeze();
+    let config = json!({
+        "connection": format!("host=127.0.0.1 port={} user=postgres dbname=test", gate.addr.port()),
+        "channels": [unique("gwt")],
+    });
+    let dep = deployment("mute", &config, "/mute");
+    let gw = dep.start().await;
+    eventually("the plugin connected to the silent gate", || {
+        std::future::ready((gate.connections() > 0).then_some(()))
+    })
+    .await;
+    shutdown_promptly(gw, []).await;
+}

@@ -234,13 +234,25 @@ impl Drop for PrivateServer {
     }
 }
 
+/// What a [`Gate`] does with connections.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GateState {
+    /// Accept and close at once.
+    Closed,
+    /// Forward.
+    Open,
+    /// Keep every connection open and forward nothing either way: a server
+    /// (or the path to it) gone silent.
+    Frozen,
+}
+
 /// A TCP forwarder to a real service that refuses connections (accepts and
 /// closes them) until opened, and cuts every forwarded connection when
 /// closed again. Lets a test connect its WebSocket client before the plugin
-/// can reach the service.
+/// can reach the service, and freeze a connection to play a silent server.
 pub struct Gate {
     pub addr: SocketAddr,
-    open: watch::Sender<bool>,
+    state: watch::Sender<GateState>,
     /// Forwarded connections still open.
     active: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -252,7 +264,7 @@ impl Gate {
             .await
             .expect("bind gate");
         let addr = listener.local_addr().expect("gate addr");
-        let (open, rx) = watch::channel(false);
+        let (state, rx) = watch::channel(GateState::Closed);
         let target = target.to_owned();
         let active = Arc::new(AtomicUsize::new(0));
         let count = active.clone();
@@ -261,31 +273,73 @@ impl Gate {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     return;
                 };
-                if !*rx.borrow() {
-                    drop(inbound);
-                    continue;
-                }
                 let mut rx = rx.clone();
                 let target = target.clone();
                 count.fetch_add(1, Ordering::SeqCst);
                 let count = count.clone();
                 tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                            _ = rx.wait_for(|open| !*open) => {}
-                        }
-                    }
+                    Gate::serve(&mut inbound, &target, &mut rx).await;
                     count.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         Gate {
             addr,
-            open,
+            state,
             active,
             task,
         }
+    }
+
+    async fn serve(inbound: &mut TcpStream, target: &str, rx: &mut watch::Receiver<GateState>) {
+        let mut outbound = None;
+        loop {
+            let now = *rx.borrow_and_update();
+            match now {
+                GateState::Closed => return,
+                GateState::Frozen => {
+                    // Hold both sides, silent, until the state changes; a
+                    // frozen connection is not resumed (it is cut).
+                    let _ = rx.changed().await;
+                    if outbound.is_some() {
+                        return;
+                    }
+                }
+                GateState::Open => {
+                    let out = match &mut outbound {
+                        Some(out) => out,
+                        None => match TcpStream::connect(target).await {
+                            Ok(out) => outbound.insert(out),
+                            Err(_) => return,
+                        },
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(inbound, out) => return,
+                        _ = rx.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn open(&self) {
+        self.state.send_replace(GateState::Open);
+    }
+
+    /// Refuse new connections and cut the forwarded ones.
+    pub fn close(&self) {
+        self.state.send_replace(GateState::Closed);
+    }
+
+    /// Forward nothing more, either way, and hold new connections silent;
+    /// `open` or `close` cuts what was frozen.
+    pub fn freeze(&self) {
+        self.state.send_replace(GateState::Frozen);
+    }
+
+    /// Connections the gate holds (forwarded or frozen).
+    pub fn connections(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
     }
 
     /// Wait until every forwarded connection has ended by itself: both sides
@@ -296,15 +350,6 @@ impl Gate {
             (self.active.load(Ordering::SeqCst) == 0).then_some(())
         })
         .await;
-    }
-
-    pub fn open(&self) {
-        self.open.send_replace(true);
-    }
-
-    /// Refuse new connections and cut the forwarded ones.
-    pub fn close(&self) {
-        self.open.send_replace(false);
     }
 }
 

@@ -1,13 +1,16 @@
 //! `postgres-source`: LISTEN on PostgreSQL channels and emit each NOTIFY
-//! payload (push, keyed). Library `libpostgres_source.so`. Uses the sync
-//! `postgres` client on the run thread.
+//! payload (push, keyed). Library `libpostgres_source.so`. Uses
+//! `tokio-postgres` on a current-thread tokio runtime that lives on the
+//! plugin's run thread; the plugin's `stop` wakes it at once.
 //!
 //! When the connection fails the run loop logs the loss, reconnects with
 //! exponential backoff and jitter (`reconnect`), LISTENs again and logs the
 //! recovery. PostgreSQL keeps no notifications for a session that is not
-//! listening, so a NOTIFY sent while the plugin is disconnected is lost. The
-//! loop checks for stop every 250 ms and the connection's health every
-//! `health_check_secs`.
+//! listening, so a NOTIFY sent while the plugin is disconnected is lost.
+//! Every `health_check_secs` the plugin sends an empty query; no answer
+//! within 5 s counts as a lost connection (a server or path gone silent).
+//! Connecting, including the startup exchange and LISTEN, is bounded by the
+//! connect timeout plus 5 s. Ending a session closes its socket at once.
 //!
 //! Config (a JSON object; unknown keys are an error):
 //! - `connection` (string, default `host=127.0.0.1 user=postgres`): a libpq
@@ -29,19 +32,24 @@
 
 #![forbid(unsafe_code)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use futures_util::StreamExt;
 use plugin_api::{Emitter, Host, Plugin, PluginError, parse_config};
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls};
 use serde::Deserialize;
 use serde_json::Value;
 use source_common::{Backoff, Flow, NonJson, Pipeline, Reconnect, env_secret, parse_key};
+use tokio::sync::{Notify, mpsc};
+use tokio_postgres::{AsyncMessage, NoTls, Notification};
 
 const NAME: &str = "postgres-source";
 
-/// How long one wait for notifications lasts before checking for stop.
-const TICK: Duration = Duration::from_millis(250);
+/// How long the server may take to answer (startup, LISTEN, health check).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Notifications read from the socket ahead of the gateway. When they are
+/// not taken, the plugin stops reading and the server keeps the rest.
+const READ_AHEAD: usize = 256;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -87,7 +95,7 @@ fn listen_sql(channels: &[String]) -> String {
 
 #[derive(Debug)]
 struct Config {
-    pg: postgres::Config,
+    pg: tokio_postgres::Config,
     address: String,
     channels: Vec<String>,
     pipeline: Pipeline,
@@ -102,7 +110,7 @@ impl Config {
             Some(var) => env_secret(NAME, "connection_env", var)?,
             None => raw.connection.clone(),
         };
-        let mut pg: postgres::Config = text
+        let mut pg: tokio_postgres::Config = text
             .parse()
             .map_err(|e| err(format!("invalid `connection`: {e}")))?;
         if let Some(var) = &raw.password_env {
@@ -131,8 +139,8 @@ impl Config {
         raw.reconnect.check(NAME)?;
         let key = parse_key(raw.key, NAME, ".")?;
         let host = match &pg.get_hosts()[0] {
-            postgres::config::Host::Tcp(h) => h.clone(),
-            postgres::config::Host::Unix(p) => p.display().to_string(),
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
         };
         let port = pg.get_ports().first().copied().unwrap_or(5432);
         let address = format!(
@@ -154,6 +162,8 @@ impl Config {
 /// One instance.
 pub struct PostgresSource {
     config: Config,
+    /// Woken by `stop`.
+    wake: Notify,
 }
 
 enum End {
@@ -162,62 +172,116 @@ enum End {
 }
 
 impl PostgresSource {
-    /// LISTEN and relay until stopped or the connection fails.
-    fn session(
+    /// `f`, or None if the instance is stopped first.
+    async fn unless_stopped<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            r = f => Some(r),
+            () = self.wake.notified() => None,
+        }
+    }
+
+    /// Connect, LISTEN and relay until stopped or the connection fails.
+    /// Returning drops the client and the connection: the socket is closed
+    /// at once, whatever the server does.
+    async fn session(
         &self,
-        client: &mut Client,
         out: &Emitter,
         connected: &mut dyn FnMut(),
     ) -> Result<End, PluginError> {
         let c = &self.config;
-        if let Err(e) = client.batch_execute(&listen_sql(&c.channels)) {
-            return Ok(End::Lost(e.to_string()));
+        let limit =
+            c.pg.get_connect_timeout()
+                .copied()
+                .unwrap_or(ANSWER_TIMEOUT)
+                + ANSWER_TIMEOUT;
+        let (client, mut connection) = match self
+            .unless_stopped(tokio::time::timeout(limit, c.pg.connect(NoTls)))
+            .await
+        {
+            None => return Ok(End::Stopped),
+            Some(Err(_)) => return Ok(End::Lost(format!("no answer within {limit:?}"))),
+            Some(Ok(Err(e))) => return Ok(End::Lost(e.to_string())),
+            Some(Ok(Ok(pair))) => pair,
+        };
+        // The connection is driven by its own task: it reads notifications
+        // (and the answers to the client's queries) off the socket.
+        let (tx, mut rx) = mpsc::channel::<Result<Notification, String>>(READ_AHEAD);
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(m) = messages.next().await {
+                let item = match m {
+                    Ok(AsyncMessage::Notification(n)) => Ok(n),
+                    Ok(_) => continue,
+                    Err(e) => Err(e.to_string()),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let end = self.listen(&client, &mut rx, out, connected).await;
+        driver.abort();
+        end
+    }
+
+    async fn listen(
+        &self,
+        client: &tokio_postgres::Client,
+        rx: &mut mpsc::Receiver<Result<Notification, String>>,
+        out: &Emitter,
+        connected: &mut dyn FnMut(),
+    ) -> Result<End, PluginError> {
+        let c = &self.config;
+        let sql = listen_sql(&c.channels);
+        let listen = tokio::time::timeout(ANSWER_TIMEOUT, client.batch_execute(&sql));
+        match self.unless_stopped(listen).await {
+            None => return Ok(End::Stopped),
+            Some(Err(_)) => {
+                return Ok(End::Lost(format!(
+                    "LISTEN: no answer within {ANSWER_TIMEOUT:?}"
+                )));
+            }
+            Some(Ok(Err(e))) => return Ok(End::Lost(e.to_string())),
+            Some(Ok(Ok(()))) => {}
         }
         connected();
-        let mut checked = Instant::now();
+        let mut health = tokio::time::interval(c.health_check);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        health.tick().await;
         loop {
             if out.is_stopped() {
                 return Ok(End::Stopped);
             }
-            {
-                let mut batch = client.notifications();
-                let mut it = batch.timeout_iter(TICK);
-                loop {
-                    match it.next() {
-                        Ok(Some(n)) => {
-                            if c.pipeline
-                                .deliver(out, n.channel(), n.payload().as_bytes())?
-                                == Flow::Stop
-                            {
-                                return Ok(End::Stopped);
-                            }
+            tokio::select! {
+                () = self.wake.notified() => continue,
+                n = rx.recv() => match n {
+                    Some(Ok(n)) => {
+                        if c.pipeline.deliver(out, n.channel(), n.payload().as_bytes())? == Flow::Stop {
+                            return Ok(End::Stopped);
                         }
-                        Ok(None) => break,
-                        Err(e) => return Ok(End::Lost(e.to_string())),
+                    }
+                    Some(Err(e)) => return Ok(End::Lost(e)),
+                    None => return Ok(End::Lost("the server closed the connection".into())),
+                },
+                _ = health.tick() => {
+                    let check = tokio::time::timeout(ANSWER_TIMEOUT, client.simple_query(""));
+                    match self.unless_stopped(check).await {
+                        None => return Ok(End::Stopped),
+                        Some(Err(_)) => {
+                            return Ok(End::Lost(format!(
+                                "health check: no answer within {ANSWER_TIMEOUT:?}"
+                            )));
+                        }
+                        Some(Ok(Err(e))) => return Ok(End::Lost(format!("health check failed: {e}"))),
+                        Some(Ok(Ok(_))) => {}
                     }
                 }
             }
-            if client.is_closed() {
-                return Ok(End::Lost("the server closed the connection".into()));
-            }
-            if checked.elapsed() >= c.health_check {
-                if let Err(e) = client.is_valid(Duration::from_secs(5)) {
-                    return Ok(End::Lost(format!("health check failed: {e}")));
-                }
-                checked = Instant::now();
-            }
         }
     }
-}
 
-impl Plugin for PostgresSource {
-    fn create(config: Value, _host: Host) -> Result<Self, PluginError> {
-        Ok(PostgresSource {
-            config: Config::parse(config)?,
-        })
-    }
-
-    fn run(&self, out: Emitter) -> Result<(), PluginError> {
+    async fn run_loop(&self, out: &Emitter) -> Result<(), PluginError> {
         let host = out.host().clone();
         let c = &self.config;
         let mut backoff = Backoff::new(&c.reconnect);
@@ -226,31 +290,26 @@ impl Plugin for PostgresSource {
             if out.is_stopped() {
                 return Ok(());
             }
-            let failure = match c.pg.connect(NoTls) {
-                Ok(mut client) => {
-                    let mut connected = || {
-                        if ever_connected {
-                            host.info(&format!(
-                                "{NAME}: reconnected to {} after {} attempt(s); listening on {:?} again",
-                                c.address,
-                                backoff.attempts(),
-                                c.channels
-                            ));
-                        } else {
-                            host.info(&format!(
-                                "{NAME}: connected to {}; listening on {:?}",
-                                c.address, c.channels
-                            ));
-                        }
-                        ever_connected = true;
-                        backoff.reset();
-                    };
-                    match self.session(&mut client, &out, &mut connected)? {
-                        End::Stopped => return Ok(()),
-                        End::Lost(e) => e,
-                    }
+            let mut connected = || {
+                if ever_connected {
+                    host.info(&format!(
+                        "{NAME}: reconnected to {} after {} attempt(s); listening on {:?} again",
+                        c.address,
+                        backoff.attempts(),
+                        c.channels
+                    ));
+                } else {
+                    host.info(&format!(
+                        "{NAME}: connected to {}; listening on {:?}",
+                        c.address, c.channels
+                    ));
                 }
-                Err(e) => e.to_string(),
+                ever_connected = true;
+                backoff.reset();
+            };
+            let failure = match self.session(out, &mut connected).await? {
+                End::Stopped => return Ok(()),
+                End::Lost(e) => e,
             };
             if out.is_stopped() {
                 return Ok(());
@@ -268,10 +327,38 @@ impl Plugin for PostgresSource {
                     backoff.attempts()
                 ));
             }
-            if out.wait_stopped(delay) {
+            if self
+                .unless_stopped(tokio::time::sleep(delay))
+                .await
+                .is_none()
+            {
                 return Ok(());
             }
         }
+    }
+}
+
+impl Plugin for PostgresSource {
+    fn create(config: Value, _host: Host) -> Result<Self, PluginError> {
+        Ok(PostgresSource {
+            config: Config::parse(config)?,
+            wake: Notify::new(),
+        })
+    }
+
+    fn run(&self, out: Emitter) -> Result<(), PluginError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| err(format!("cannot start a runtime: {e}")))?;
+        let result = rt.block_on(self.run_loop(&out));
+        // The connection's task ends with the runtime, on this thread.
+        rt.shutdown_timeout(Duration::from_secs(1));
+        result
+    }
+
+    fn stop(&self) {
+        self.wake.notify_one();
     }
 
     fn open_key(&self, key: &str, _params: Value) -> Result<(), PluginError> {
