@@ -334,3 +334,48 @@ async fn redis_restart_pubsub_flows_again_without_restarting_the_gateway() {
     );
     shutdown_promptly(gw, [ws]).await;
 }
+
+/// The path to Redis goes silent (nothing forwarded, nothing closed) under a
+/// pub/sub subscription: after `health_check_secs` without a message the
+/// plugin sends PING, gets no answer within 5 s, reconnects once the path is
+/// back and subscribes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pubsub_a_silent_connection_is_noticed_and_replaced() {
+    require("Redis", REDIS).await;
+    capture_logs();
+    let gate = Gate::new(REDIS).await;
+    gate.open();
+    let chan = format!("{}:silent", unique("gwt"));
+    let config = json!({
+        "url": format!("redis://{}", gate.addr),
+        "channels": [chan],
+        "health_check_secs": 1,
+        "reconnect": {"initial_ms": 50, "max_ms": 500},
+    });
+    let dep = deployment(&[("p", spec("p", "redis-source", &config, "/p"))]);
+    let gw = dep.start().await;
+    let mut ws = connect(gw.addr("main").unwrap(), "/p").await;
+    let mut con = client(REDIS);
+    warm_up(&mut ws, |n| {
+        publish(&mut con, &chan, &json!({ "warmup": n }).to_string());
+        async {}
+    })
+    .await;
+
+    gate.freeze();
+    let frozen = Instant::now();
+    let at = gate.addr.to_string();
+    let lost = wait_for_log(&["WARN", "redis-source: connection to", &at, "lost"]).await;
+    assert!(lost.contains("health check (PING) failed"), "{lost}");
+    eprintln!("redis silent: noticed after {:?}", frozen.elapsed());
+    gate.open();
+    wait_for_log(&["INFO", "redis-source: reconnected to", &at]).await;
+    warm_up(&mut ws, |n| {
+        publish(&mut con, &chan, &json!({ "warmup": n }).to_string());
+        async {}
+    })
+    .await;
+    publish(&mut con, &chan, r#"{"n":1}"#);
+    assert_eq!(next_data(&mut ws).await, json!({"n": 1}));
+    shutdown_promptly(gw, [ws]).await;
+}

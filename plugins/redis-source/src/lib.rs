@@ -34,12 +34,15 @@
 //!   message object under this name;
 //! - `key` (object): keyed channels: which key a message goes to, from the
 //!   channel name (separator `:`) or a payload field (see `source-common`);
+//! - `health_check_secs` (integer ≥ 1, default 30): pub/sub: after this long
+//!   without a message the plugin sends PING; no answer within 5 s counts
+//!   as a lost connection;
 //! - `reconnect` (`{initial_ms, max_ms}`, default 100 / 10000).
 
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use plugin_api::{Emitter, Host, Plugin, PluginError, parse_config};
 use redis::streams::{StreamReadOptions, StreamReadReply};
@@ -67,6 +70,7 @@ struct RawConfig {
     non_json: NonJson,
     channel_field: Option<String>,
     key: Option<Value>,
+    health_check_secs: u64,
     reconnect: Reconnect,
 }
 
@@ -82,6 +86,7 @@ impl Default for RawConfig {
             non_json: NonJson::Drop,
             channel_field: None,
             key: None,
+            health_check_secs: 30,
             reconnect: Reconnect::default(),
         }
     }
@@ -136,6 +141,8 @@ struct Config {
     address: String,
     source: Source,
     pipeline: Pipeline,
+    /// Pub/sub: silence after which the plugin sends PING.
+    health_check: Duration,
     reconnect: Reconnect,
 }
 
@@ -232,6 +239,9 @@ impl Config {
         if raw.channel_field.as_deref() == Some("") {
             return Err(err("`channel_field` must not be empty"));
         }
+        if raw.health_check_secs == 0 {
+            return Err(err("`health_check_secs` must be at least 1"));
+        }
         raw.reconnect.check(NAME)?;
         let key = parse_key(raw.key, NAME, ":")?;
         Ok(Config {
@@ -239,6 +249,7 @@ impl Config {
             address,
             source,
             pipeline: Pipeline::new(NAME, "channel", raw.non_json, raw.channel_field, key),
+            health_check: Duration::from_secs(raw.health_check_secs),
             reconnect: raw.reconnect,
         })
     }
@@ -282,6 +293,9 @@ impl RedisSource {
     ) -> Result<End, PluginError> {
         let mut ps = con.as_pubsub();
         let subscribed = (|| -> Result<(), RedisError> {
+            // Bounded from the start: a server that stops answering now
+            // must not hold the thread (and the stop) for good.
+            ps.set_read_timeout(Some(IO_TIMEOUT))?;
             if !channels.is_empty() {
                 ps.subscribe(channels)?;
             }
@@ -294,12 +308,14 @@ impl RedisSource {
             return Ok(End::Lost(e));
         }
         connected();
+        let mut heard = Instant::now();
         loop {
             if out.is_stopped() {
                 return Ok(End::Stopped);
             }
             match ps.get_message() {
                 Ok(msg) => {
+                    heard = Instant::now();
                     if self.config.pipeline.deliver(
                         out,
                         msg.get_channel_name(),
@@ -309,7 +325,28 @@ impl RedisSource {
                         return Ok(End::Stopped);
                     }
                 }
-                Err(e) if e.is_timeout() => {}
+                Err(e) if e.is_timeout() => {
+                    // Nothing for a while: make sure the connection is
+                    // alive (a dropped path or a frozen server says nothing).
+                    if heard.elapsed() >= self.config.health_check {
+                        let alive = (|| -> Result<(), RedisError> {
+                            ps.set_read_timeout(Some(IO_TIMEOUT))?;
+                            let _: redis::Value = ps.ping()?;
+                            ps.set_read_timeout(Some(TICK))
+                        })();
+                        if let Err(e) = alive {
+                            // Dropping the subscription sends UNSUBSCRIBE and
+                            // reads the answer: don't wait for it here.
+                            let _ = ps.set_read_timeout(Some(Duration::from_millis(1)));
+                            return Ok(End::Lost(RedisError::from((
+                                redis::ErrorKind::Io,
+                                "health check (PING) failed",
+                                e.to_string(),
+                            ))));
+                        }
+                        heard = Instant::now();
+                    }
+                }
                 Err(e) => return Ok(End::Lost(e)),
             }
         }
@@ -624,6 +661,10 @@ mod tests {
                 "unknown field `chanels`",
             ),
             (json!({"channels": [""]}), "must not contain empty names"),
+            (
+                json!({"channels": ["a"], "health_check_secs": 0}),
+                "`health_check_secs` must be at least 1",
+            ),
             (
                 json!({"url": "http://x", "channels": ["a"]}),
                 "invalid `url`",
