@@ -427,3 +427,51 @@ async fn nats_jetstream_connection_cut_loses_nothing() {
     );
     shutdown_promptly(gw, [ws]).await;
 }
+
+/// A durable consumer that already exists with another filter subject is
+/// not silently read with the old filter: the plugin says what differs and
+/// how to fix it, and retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_jetstream_an_existing_consumer_with_another_filter_is_reported() {
+    require("NATS (JetStream)", NATS).await;
+    capture_logs();
+    let u = unique("gwt");
+    let stream = u.to_uppercase();
+    let _guard = StreamGuard(stream.clone());
+    let js = jetstream::new(client(NATS).await);
+    let s = js
+        .create_stream(jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("{u}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create JetStream stream {stream}: {e}"));
+    s.create_consumer(jetstream::consumer::pull::Config {
+        durable_name: Some("gateway".into()),
+        filter_subject: format!("{u}.a.>"),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ..Default::default()
+    })
+    .await
+    .expect("create the consumer");
+    let config = json!({
+        "url": format!("nats://{NATS}"),
+        "subjects": [format!("{u}.b.>")],
+        "jetstream": {"stream": stream, "durable": "gateway"},
+        "reconnect": {"initial_ms": 20, "max_ms": 200},
+    });
+    let dep = deployment("moved", &config, "/moved");
+    let gw = dep.start().await;
+    let line = wait_for_log(&[
+        "WARN",
+        &format!("JetStream consumer {stream}/gateway"),
+        &format!("has filter subject \"{u}.a.>\""),
+    ])
+    .await;
+    assert!(
+        line.contains(&format!("nats consumer rm {stream} gateway")),
+        "{line}"
+    );
+    shutdown_promptly(gw, []).await;
+}

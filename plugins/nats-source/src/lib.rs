@@ -483,6 +483,16 @@ impl NatsSource {
             Ok(c) => c,
             Err(e) => return Ok(Some(format!("cannot create or find it: {e}"))),
         };
+        // An existing durable consumer is used as the server has it: a
+        // changed filter or ack wait in the config would be ignored.
+        let have = &consumer.cached_info().config;
+        let want_filter = js.filter.as_deref().unwrap_or("");
+        if have.filter_subject != want_filter || have.ack_wait != js.ack_wait {
+            return Ok(Some(format!(
+                "the server's durable consumer has filter subject {:?} and ack wait {:?}, the config {:?} and {:?}; delete the consumer (`nats consumer rm {} {}`) to have it created again, or name another `durable`",
+                have.filter_subject, have.ack_wait, want_filter, js.ack_wait, js.stream, js.durable
+            )));
+        }
         let Some(messages) = self.unless_stopped(consumer.messages()).await else {
             return Ok(None);
         };
