@@ -53,7 +53,9 @@ use futures_util::StreamExt;
 use plugin_api::{Emitter, Host, Plugin, PluginError, parse_config};
 use serde::Deserialize;
 use serde_json::Value;
-use source_common::{Backoff, Flow, NonJson, Pipeline, Reconnect, env_secret, parse_key};
+use source_common::{
+    Backoff, Flow, NonJson, Pipeline, RateLimitedLog, Reconnect, env_secret, parse_key,
+};
 use tokio::sync::Notify;
 
 const NAME: &str = "nats-source";
@@ -287,6 +289,8 @@ impl NatsSource {
         let host = host.clone();
         let url = c.url.clone();
         let was_connected = Arc::new(AtomicBool::new(false));
+        // The client reports each message it drops: one line a second.
+        let slow = Arc::new(RateLimitedLog::new(Duration::from_secs(1)));
         opts = opts
             .name("gateway nats-source")
             .connection_timeout(Duration::from_secs(5))
@@ -304,6 +308,7 @@ impl NatsSource {
                 let host = host.clone();
                 let url = url.clone();
                 let was_connected = was_connected.clone();
+                let slow = slow.clone();
                 async move {
                     match event {
                         Event::Connected => {
@@ -324,7 +329,7 @@ impl NatsSource {
                         Event::ServerError(e) => {
                             host.warn(&format!("{NAME}: {url}: server error: {e}"))
                         }
-                        Event::SlowConsumer(_) => host.warn(&format!(
+                        Event::SlowConsumer(_) => slow.warn(&host, || format!(
                             "{NAME}: {url}: messages dropped by the client: the gateway's channel does not keep up (slow consumer)"
                         )),
                         other => host.debug(&format!("{NAME}: {url}: {other}")),
