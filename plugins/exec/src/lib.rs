@@ -366,10 +366,9 @@ impl Exec {
                     let mut r = BufReader::new(stderr);
                     let mut line = Vec::new();
                     loop {
-                        line.clear();
-                        match r.read_until(b'\n', &mut line) {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) => {
+                        match next_log_line(&mut r, &mut line) {
+                            None => return,
+                            Some(()) => {
                                 let l = trim_line(&line);
                                 if !l.is_empty() {
                                     log.warn(&format!(
@@ -540,6 +539,23 @@ impl Exec {
 }
 
 /// Stream mode: send each stdout line (without the newline), then Eof.
+/// The next stderr line into `line`, at most `MAX_LOG_LINE` bytes of it:
+/// the rest of a longer line is read and skipped, never kept (a command that
+/// writes without newlines, such as a progress meter, costs no memory).
+/// None at the end of the output.
+fn next_log_line(r: &mut impl BufRead, line: &mut Vec<u8>) -> Option<()> {
+    line.clear();
+    match r.take(MAX_LOG_LINE as u64).read_until(b'\n', line) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => {
+            if line.len() >= MAX_LOG_LINE && line.last() != Some(&b'\n') {
+                let _ = r.skip_until(b'\n');
+            }
+            Some(())
+        }
+    }
+}
+
 fn read_lines(stdout: impl Read, tx: &SyncSender<Event>) {
     let mut r = BufReader::new(stdout);
     let mut line = Vec::new();

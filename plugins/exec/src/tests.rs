@@ -356,3 +356,18 @@ fn oversized_output_is_dropped_without_blocking_the_command() {
     assert!(w.last().unwrap().contains("larger than"), "{w:?}");
     assert_eq!(host.message_count(), 0);
 }
+
+/// A stderr line longer than anything logged is skipped as it is read, not
+/// kept: 20 MiB without a newline leave a line of `MAX_LOG_LINE` bytes.
+#[test]
+fn a_long_stderr_line_is_cut_while_reading() {
+    let input = std::io::repeat(b'x').take(20 << 20).chain(&b"\nnext\n"[..]);
+    let mut r = BufReader::new(input);
+    let mut line = Vec::new();
+    assert_eq!(next_log_line(&mut r, &mut line), Some(()));
+    assert_eq!(line.len(), MAX_LOG_LINE);
+    assert!(line.capacity() < 2 * MAX_LOG_LINE, "{}", line.capacity());
+    assert_eq!(next_log_line(&mut r, &mut line), Some(()));
+    assert_eq!(line, b"next\n");
+    assert_eq!(next_log_line(&mut r, &mut line), None);
+}
