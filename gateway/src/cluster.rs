@@ -238,7 +238,7 @@ pub fn frame_payload(frame: &[u8]) -> Option<usize> {
     if b0 != 0x81 || b1 & 0x80 != 0 {
         return None;
     }
-    let (header, len) = match b1 & 0x7f {
+    let (header, len): (usize, usize) = match b1 & 0x7f {
         126 => (
             4,
             u16::from_be_bytes(frame.get(2..4)?.try_into().ok()?) as usize,
@@ -249,7 +249,8 @@ pub fn frame_payload(frame: &[u8]) -> Option<usize> {
         ),
         n => (2, n as usize),
     };
-    (frame.len() == header + len).then_some(header)
+    // A foreign publisher's length can be anything: no overflow.
+    (header.checked_add(len) == Some(frame.len())).then_some(header)
 }
 
 impl Cluster {
@@ -1053,5 +1054,11 @@ mod tests {
         assert_eq!(frame_payload(b""), None);
         assert_eq!(frame_payload(b"\x82\x00"), None, "binary");
         assert_eq!(frame_payload(b"\x81\x81x"), None, "masked");
+        // A 64-bit length near the top: header + length would overflow.
+        assert_eq!(
+            frame_payload(b"\x81\x7f\xff\xff\xff\xff\xff\xff\xff\xffxx"),
+            None,
+            "length overflow"
+        );
     }
 }
