@@ -5,7 +5,8 @@
 //!
 //! 1. send `method` to `url` with `headers`, the headers read from
 //!    environment variables (`headers_env`, `basic_auth_env`) and, for POST,
-//!    `body` as JSON;
+//!    `body` as JSON; redirects are followed only when none of those three
+//!    is set (the headers would go to the redirect's host too);
 //! 2. a non-2xx status, a transport error, a timeout or a body that is not
 //!    JSON is an **upstream error**: it is logged and nothing is emitted;
 //! 3. `extract` (a JSON pointer, RFC 6901) selects a sub-value of the response;
@@ -128,6 +129,10 @@ pub struct Config {
     pub body: Option<Vec<u8>>,
     /// Every request header, env-derived ones included.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Whether redirects are followed: not when the config sets headers
+    /// (they could carry credentials, and the client would send them to
+    /// whatever host a redirect names).
+    pub follow_redirects: bool,
     /// Whole-request timeout.
     pub timeout: Duration,
     /// JSON pointer selecting the message.
@@ -213,6 +218,8 @@ impl Config {
             (Method::Get, Some(_)) => return Err(err("`body` needs `method: POST`")),
             (_, body) => body.map(|b| serde_json::to_vec(&b).unwrap_or_default()),
         };
+        let follow_redirects =
+            raw.headers.is_empty() && raw.headers_env.is_empty() && raw.basic_auth_env.is_none();
         let mut headers = Vec::new();
         for (name, value) in &raw.headers {
             headers.push(header(name, value, "`headers`")?);
@@ -274,6 +281,7 @@ impl Config {
             method: raw.method,
             body,
             headers,
+            follow_redirects,
             timeout,
             extract: raw.extract,
             fields: raw.fields,
@@ -342,6 +350,7 @@ impl HttpPoll {
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(config.timeout))
             .http_status_as_error(false)
+            .max_redirects(if config.follow_redirects { 10 } else { 0 })
             .user_agent(concat!("gateway-http-poll/", env!("CARGO_PKG_VERSION")))
             .build()
             .new_agent();
@@ -389,6 +398,17 @@ impl HttpPoll {
             .limit(MAX_BODY)
             .read_to_vec()
             .map_err(|e| format!("HTTP {status}: reading the body failed: {e}"))?;
+        if status.is_redirection() && !c.follow_redirects {
+            let to = response
+                .headers()
+                .get(ureq::http::header::LOCATION)
+                .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned())
+                .unwrap_or_default();
+            let to = to.split('?').next().unwrap_or_default();
+            return Err(format!(
+                "HTTP {status}: the redirect to {to:?} is not followed because the config sets request headers (`headers`, `headers_env`, `basic_auth_env`), which would go there too; set `url` to the final address"
+            ));
+        }
         if !status.is_success() {
             return Err(format!("HTTP {status}; body: {}", quote(&body)));
         }

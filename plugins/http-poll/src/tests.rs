@@ -63,9 +63,14 @@ impl Server {
                     }
                 };
                 let mut stream = stream;
+                // A 3xx answer's script text is its Location.
+                let (location, body) = match status {
+                    300..=399 => (format!("Location: {body}\r\n"), String::new()),
+                    _ => (String::new(), body),
+                };
                 let _ = write!(
                     stream,
-                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status} X\r\n{location}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
             }
@@ -456,4 +461,43 @@ fn through_the_abi() {
         .err()
         .unwrap();
     assert!(e.contains("unknown field `x`"), "{e}");
+}
+
+/// Redirects are followed when the config sets no headers; with headers
+/// (which may carry credentials) they are not: the request never reaches
+/// the other address, and the warning says why and what to do.
+#[test]
+fn redirects_are_not_followed_with_configured_headers() {
+    let target = Server::start(vec![(200, r#"{"ok":true}"#)]);
+    let moved = Server::start(vec![(302, &format!("{}/final?k=v", target.url))]);
+
+    let host = TestHost::new();
+    let p = plugin(&host, json!({"url": moved.url}));
+    polls(&p, &host, 1);
+    assert_eq!(host.json_messages()[0].1, json!({"ok": true}));
+    assert_eq!(target.seen().len(), 1);
+
+    let env = |name: &str| (name == "KEY_VAR").then(|| "s3cret".to_owned());
+    let config = Config::parse(
+        json!({"url": moved.url, "headers_env": {"X-Api-Key": "KEY_VAR"}}),
+        env,
+    )
+    .unwrap();
+    let host = TestHost::new();
+    let p = HttpPoll::new(config, host.host());
+    polls(&p, &host, 1);
+    assert_eq!(host.message_count(), 0);
+    assert_eq!(
+        target.seen().len(),
+        1,
+        "the key went to the redirect's target"
+    );
+    assert_eq!(moved.seen()[1].header("x-api-key"), Some("s3cret"));
+    let w = warnings(&host);
+    assert!(
+        w[0].contains("the redirect to")
+            && w[0].contains("/final\"")
+            && w[0].contains("set `url` to the final address"),
+        "{w:?}"
+    );
 }
