@@ -453,7 +453,12 @@ impl HttpPoll {
         let mut h = self.health();
         if h.failures > 0 {
             let n = h.failures;
-            *h = Health::default();
+            // The log's rate limit outlives the recovery: a source that
+            // fails every other poll still logs one line per 10 s.
+            *h = Health {
+                last_log: h.last_log,
+                ..Health::default()
+            };
             drop(h);
             self.host.info(&format!(
                 "{} {}: recovered after {n} failed polls",
@@ -492,14 +497,21 @@ impl Plugin for HttpPoll {
                 return Ok(());
             }
         };
-        self.succeeded();
         let bytes = serde_json::to_vec(&message).unwrap_or_default();
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         if self.config.skip_unchanged && last.as_deref() == Some(&bytes[..]) {
+            drop(last);
+            self.succeeded();
             return Ok(());
         }
+        // A success only once the gateway took the message: one it refuses
+        // every time is a failure in a row like any other.
         match out.emit("", &bytes) {
-            Ok(()) => *last = Some(bytes),
+            Ok(()) => {
+                *last = Some(bytes);
+                drop(last);
+                self.succeeded();
+            }
             Err(EmitError::Stopped) => {}
             Err(e) => {
                 drop(last);

@@ -442,6 +442,26 @@ fn a_rejected_message_counts_as_a_failure() {
     assert!(w[0].contains("refused the message"), "{w:?}");
 }
 
+/// A response the gateway always refuses is a failure in a row like any
+/// other: the backoff grows, one warning per 10 s, no "recovered" line
+/// between (the fetch's success used to reset both before the emit).
+#[test]
+fn a_message_refused_every_time_backs_off() {
+    let server = Server::start(vec![(200, r#"{"a":1}"#)]);
+    let host = TestHost::new();
+    host.set_emit_status(GW_REJECTED);
+    let p = plugin(&host, json!({"url": server.url, "skip_unchanged": false}));
+    polls(&p, &host, 20);
+    // Failures 1, 2, 3, 4, 5 skip 1, 2, 4, 8 polls: requests at polls 1, 3, 6, 11, 20.
+    assert_eq!(server.seen().len(), 5);
+    assert_eq!(warnings(&host).len(), 1, "{:?}", host.logs());
+    assert!(
+        !host.logs().iter().any(|(_, m)| m.contains("recovered")),
+        "{:?}",
+        host.logs()
+    );
+}
+
 #[test]
 fn through_the_abi() {
     let server = Server::start(vec![(200, r#"{"a":1}"#)]);
