@@ -64,6 +64,8 @@ const RESTART_MAX: Duration = Duration::from_secs(30);
 const RESTART_RESET: Duration = Duration::from_secs(30);
 /// Largest stdout line (stream) or output (interval) kept, in bytes.
 const MAX_OUTPUT: usize = 16 << 20;
+/// The longest `timeout` (a much longer one would overflow the deadline).
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Stream mode: stdout lines read ahead of the emitting loop.
 const LINE_QUEUE: usize = 64;
 /// Longest stderr line logged (longer ones are cut).
@@ -156,6 +158,11 @@ impl Config {
                 })?;
                 if d.is_zero() {
                     return Err(err("`timeout` must be more than 0"));
+                }
+                if d > MAX_TIMEOUT {
+                    return Err(err(format_args!(
+                        "`timeout` {t:?} is more than a day; use a shorter one"
+                    )));
                 }
                 d
             }
@@ -459,7 +466,7 @@ impl Exec {
         if line.is_empty() {
             return Ok(());
         }
-        if serde_json::from_slice::<IgnoredAny>(line).is_ok() {
+        if is_json(line) {
             return out.emit("", line);
         }
         if self.config.wrap_lines {
@@ -527,7 +534,7 @@ impl Exec {
             return Err(format!("its output is larger than {MAX_OUTPUT} bytes"));
         }
         let output = trim_line(&output);
-        if serde_json::from_slice::<IgnoredAny>(output).is_err() {
+        if !is_json(output) {
             return Err(format!("its output is not JSON: {}", text(output, 200)));
         }
         Ok(output.to_vec())
@@ -539,6 +546,13 @@ impl Exec {
 }
 
 /// Stream mode: send each stdout line (without the newline), then Eof.
+/// Whether `b` is one JSON value in UTF-8. (Skipping a value with
+/// `IgnoredAny` alone does not check the UTF-8 inside its strings; the
+/// gateway would then refuse the message as not JSON.)
+fn is_json(b: &[u8]) -> bool {
+    std::str::from_utf8(b).is_ok() && serde_json::from_slice::<IgnoredAny>(b).is_ok()
+}
+
 /// The next stderr line into `line`, at most `MAX_LOG_LINE` bytes of it:
 /// the rest of a longer line is read and skipped, never kept (a command that
 /// writes without newlines, such as a progress meter, costs no memory).

@@ -95,6 +95,10 @@ fn config_defaults_and_errors() {
             "is not a duration",
         ),
         (
+            json!({"mode": "interval", "command": ["x"], "timeout": "500000000000y"}),
+            "is more than a day",
+        ),
+        (
             json!({"mode": "interval", "command": ["x"], "shell": true}),
             "unknown field `shell`",
         ),
@@ -370,4 +374,23 @@ fn a_long_stderr_line_is_cut_while_reading() {
     assert_eq!(next_log_line(&mut r, &mut line), Some(()));
     assert_eq!(line, b"next\n");
     assert_eq!(next_log_line(&mut r, &mut line), None);
+}
+
+/// A line that is JSON but not UTF-8 inside a string is not passed on as
+/// JSON (the gateway would refuse it): with `wrap_lines` it is wrapped.
+#[test]
+fn json_with_invalid_utf8_is_wrapped_not_emitted_as_is() {
+    assert!(is_json(br#"{"a":"b"}"#));
+    assert!(!is_json(b"{\"a\":\"\xff\"}"));
+    let host = TestHost::new();
+    let e = exec(
+        &host,
+        json!({"command": sh("true"), "mode": "stream", "wrap_lines": true}),
+    );
+    let out = host.emitter();
+    e.line(&out, b"{\"a\":\"\xff\"}\n").unwrap();
+    assert_eq!(
+        host.json_messages()[0].1,
+        json!({"line": "{\"a\":\"\u{fffd}\"}"})
+    );
 }
