@@ -1129,6 +1129,8 @@ async fn leased(
                     if !std::mem::replace(&mut failing, true) {
                         tracing::warn!(channel = %ch, error = %e, "cannot take the source's lease: {e}");
                     }
+                    // The streams may be gone with a NATS restart.
+                    let _ = tokio::time::timeout(call, cluster.ensure_streams()).await;
                 }
                 Err(_) => {
                     if !std::mem::replace(&mut failing, true) {

@@ -52,6 +52,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const PEER_EXPIRY: Duration = Duration::from_secs(4);
 /// Messages waiting to go to NATS; beyond it they are dropped and counted.
 const OUTBOX: usize = 65_536;
+
+/// How long, after shutdown began, the last messages may take to reach NATS.
+const FINAL_SEND: Duration = Duration::from_secs(1);
 /// Messages the stream keeps, in bytes (the oldest go first).
 const STREAM_BYTES: i64 = 256 << 20;
 /// Messages the stream keeps per subject: how far an instance's feed may
@@ -189,6 +192,11 @@ pub struct Cluster {
     /// holds it while it hands a message to sessions, so a last value
     /// replayed from the stream and the feed's deliveries never cross.
     feed_seq: Arc<Mutex<u64>>,
+    /// When the message stream in use was created (ns since the epoch).
+    streams: Mutex<i128>,
+    /// Bumped when the streams had to be made again (the feed follows the
+    /// new message stream).
+    streams_made: watch::Sender<u64>,
     /// Encoded subject prefix of messages: `{p}.msg`.
     msg_prefix: String,
     /// This process in the cluster: the instance name and a random part, so
@@ -253,6 +261,33 @@ pub fn frame_payload(frame: &[u8]) -> Option<usize> {
     (header.checked_add(len) == Some(frame.len())).then_some(header)
 }
 
+/// The stream that keeps the last messages per subject (for instances that
+/// start later). In memory: a NATS restart loses it, and it is made again.
+fn messages_stream(p: &str) -> stream::Config {
+    stream::Config {
+        name: format!("{p}_messages"),
+        subjects: vec![format!("{p}.msg.>")],
+        max_messages_per_subject: STREAM_PER_SUBJECT,
+        max_bytes: STREAM_BYTES,
+        discard: stream::DiscardPolicy::Old,
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    }
+}
+
+/// Leases: one subject per source, at most one message each, which expires
+/// `ttl` after it was written.
+fn leases_stream(p: &str, ttl: Duration) -> stream::Config {
+    stream::Config {
+        name: format!("{p}_leases"),
+        subjects: vec![format!("{p}.lease.>")],
+        max_messages_per_subject: 1,
+        max_age: ttl,
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    }
+}
+
 impl Cluster {
     /// Connect to NATS and make sure the message stream and the lease
     /// bucket exist.
@@ -279,15 +314,7 @@ impl Cluster {
         let js = jetstream::new(client.clone());
         let p = &cfg.prefix;
         let stream = js
-            .get_or_create_stream(stream::Config {
-                name: format!("{p}_messages"),
-                subjects: vec![format!("{p}.msg.>")],
-                max_messages_per_subject: STREAM_PER_SUBJECT,
-                max_bytes: STREAM_BYTES,
-                discard: stream::DiscardPolicy::Old,
-                storage: stream::StorageType::Memory,
-                ..Default::default()
-            })
+            .get_or_create_stream(messages_stream(p))
             .await
             .map_err(|e| {
                 fail(
@@ -300,14 +327,7 @@ impl Cluster {
         // conditional publishes on the subject's last sequence (what a KV
         // bucket does underneath; NATS 2.9 servers included).
         let leases = js
-            .get_or_create_stream(stream::Config {
-                name: format!("{p}_leases"),
-                subjects: vec![format!("{p}.lease.>")],
-                max_messages_per_subject: 1,
-                max_age: cfg.lease_ttl,
-                storage: stream::StorageType::Memory,
-                ..Default::default()
-            })
+            .get_or_create_stream(leases_stream(p, cfg.lease_ttl))
             .await
             .map_err(|e| fail("cannot create the lease stream (is JetStream enabled?)", &e))?;
         let mut lease_ttl = cfg.lease_ttl;
@@ -323,6 +343,7 @@ impl Cluster {
             lease_ttl = info.config.max_age;
         }
         let (out, out_rx) = mpsc::channel(OUTBOX);
+        let created = stream.cached_info().created.unix_timestamp_nanos();
         tracing::info!(instance = %cfg.instance, url = %cfg.url, prefix = %p, lease_ttl = ?cfg.lease_ttl, "joined the cluster");
         Ok(Arc::new(Cluster {
             msg_prefix: format!("{p}.msg"),
@@ -340,6 +361,8 @@ impl Cluster {
             metrics: ClusterMetrics::default(),
             peers: Mutex::new(HashMap::new()),
             feed_seq: Arc::default(),
+            streams: Mutex::new(created),
+            streams_made: watch::channel(0).0,
         }))
     }
 
@@ -405,6 +428,49 @@ impl Cluster {
         self.lease_ttl
     }
 
+    /// Make the streams again if they are gone (a NATS server restarted
+    /// without them: they live in memory). Called when a lease write fails;
+    /// if the message stream is a new one, the feed follows it from now on.
+    pub async fn ensure_streams(&self) {
+        let p = &self.cfg.prefix;
+        let Ok(msgs) = self.js.get_or_create_stream(messages_stream(p)).await else {
+            return;
+        };
+        let _ = self
+            .js
+            .get_or_create_stream(leases_stream(p, self.lease_ttl))
+            .await;
+        let created = msgs.cached_info().created.unix_timestamp_nanos();
+        let made = std::mem::replace(&mut *self.streams.lock(), created) != created;
+        if made {
+            tracing::warn!(prefix = %p, "the cluster's streams were gone (NATS restarted?): made them again; the last values kept there are lost");
+            self.streams_made.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// A consumer of the message stream for the feed.
+    async fn follow(
+        &self,
+        from: consumer::DeliverPolicy,
+    ) -> Result<(consumer::push::Ordered, u64), ClusterError> {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                deliver_policy: from,
+                filter_subject: format!("{}.>", self.msg_prefix),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError(format!("cannot follow the message stream: {e}")))?;
+        let pending = consumer.cached_info().num_pending;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| ClusterError(format!("cannot follow the message stream: {e}")))?;
+        Ok((messages, pending))
+    }
+
     fn send(&self, topic: &Topic, payload: Bytes, retain: bool, end: bool) {
         let mut headers = HeaderMap::new();
         headers.insert(H_ORIGIN, self.origin.as_str());
@@ -437,21 +503,7 @@ impl Cluster {
             tracker.spawn(pump(self.clone(), rx, shutdown.clone()));
         }
         let (ready_tx, mut ready) = watch::channel(false);
-        let consumer = self
-            .stream
-            .create_consumer(consumer::push::OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                filter_subject: format!("{}.>", self.msg_prefix),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ClusterError(format!("cannot follow the message stream: {e}")))?;
-        let pending = consumer.cached_info().num_pending;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| ClusterError(format!("cannot follow the message stream: {e}")))?;
+        let (messages, pending) = self.follow(consumer::DeliverPolicy::LastPerSubject).await?;
         if pending == 0 {
             let _ = ready_tx.send(true);
         }
@@ -781,28 +833,55 @@ async fn pump(c: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>, shutdown: Cance
         if n == 0 {
             break;
         }
-        for o in batch.drain(..) {
-            if c.client
-                .publish_with_headers(o.subject, o.headers, o.payload)
-                .await
-                .is_err()
-            {
-                c.metrics.send_errors.fetch_add(1, Relaxed);
+        let sent = AtomicU64::new(0);
+        let send = async {
+            for o in batch.drain(..) {
+                if c.client
+                    .publish_with_headers(o.subject, o.headers, o.payload)
+                    .await
+                    .is_err()
+                {
+                    c.metrics.send_errors.fetch_add(1, Relaxed);
+                }
+                sent.fetch_add(1, Relaxed);
             }
+        };
+        tokio::pin!(send);
+        // A publish waits while NATS is away and the client's queue is
+        // full; after shutdown only for a while.
+        let done = tokio::select! {
+            () = &mut send => true,
+            () = shutdown.cancelled() => tokio::time::timeout(FINAL_SEND, &mut send).await.is_ok(),
+        };
+        if !done {
+            let left = (n as u64 - sent.load(Relaxed)) + rx.len() as u64;
+            c.metrics.send_dropped.fetch_add(left, Relaxed);
+            tracing::warn!(
+                messages = left,
+                "NATS took no more messages within {FINAL_SEND:?} of the shutdown: the other instances will not get these"
+            );
+            return;
         }
         if shutdown.is_cancelled() && rx.is_empty() {
             break;
         }
     }
     // After everything this instance announced: the others forget it now.
-    let _ = c
-        .client
-        .publish(
-            format!("{}.ctl.bye.{}", c.cfg.prefix, c.cfg.instance),
-            Bytes::new(),
-        )
-        .await;
-    let _ = c.client.flush().await;
+    let bye = async {
+        let _ = c
+            .client
+            .publish(
+                format!("{}.ctl.bye.{}", c.cfg.prefix, c.cfg.instance),
+                Bytes::new(),
+            )
+            .await;
+        let _ = c.client.flush().await;
+    };
+    if tokio::time::timeout(FINAL_SEND, bye).await.is_err() {
+        tracing::warn!(
+            "NATS did not confirm this instance's last messages within {FINAL_SEND:?} of the shutdown; the other instances may miss them and will count this instance for a few seconds more"
+        );
+    }
 }
 
 /// Hand the other instances' messages to this instance's sessions.
@@ -814,9 +893,18 @@ async fn feed(
     shutdown: CancellationToken,
 ) {
     let skip = c.msg_prefix.len() + 1;
+    let mut made = c.streams_made.subscribe();
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = made.changed() => {
+                // A new message stream: everything in it is new.
+                match c.follow(consumer::DeliverPolicy::All).await {
+                    Ok((m, _)) => messages = m,
+                    Err(e) => tracing::warn!("cluster message feed: {}", e.0),
+                }
+                continue;
+            }
             m = messages.next() => m,
         };
         let m = match next {

@@ -621,3 +621,61 @@ async fn cluster_keyed_source_is_taken_over_with_the_keys_the_cluster_follows() 
         json!(["k1", "k2"])
     );
 }
+
+/// A cluster on its own NATS server (memory streams): the server goes away
+/// and comes back empty. The instance makes its streams again and runs the
+/// source again; and a shutdown while NATS is down does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_rides_out_a_nats_restart_and_shuts_down_without_nats() {
+    let mut nats = PrivateServer::nats(&[]).await;
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/feed.yaml",
+        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 1, interval_ms: 20}\nendpoints:\n  - path: /feed\n",
+    );
+    dep.write(
+        "gw.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\nbroker:\n  kind: nats\n  url: nats://{}\n  lease_ttl: 2s\n  instance: solo\n",
+            target_dir().display(),
+            nats.addr
+        ),
+    );
+    let gw = start_instance(&dep.path("gw.yaml")).await;
+    let addr = gw.addr("main").unwrap();
+    eventually("the source runs", || async {
+        holds_lease(addr, "feed").await.then_some(())
+    })
+    .await;
+    let mut ws = connect(addr, "/feed").await;
+    next_json(&mut ws).await;
+
+    nats.stop().await;
+    nats.start().await;
+    let back = Instant::now();
+    // Messages flow again: the source runs under a lease in the new server's
+    // streams. (test-faults counts from 1 again when it is restarted.)
+    loop {
+        let v = next_json(&mut ws).await;
+        if v["seq"] == 1 {
+            break;
+        }
+    }
+    eprintln!(
+        "cluster: the source ran again {:?} after NATS came back",
+        back.elapsed()
+    );
+    assert!(holds_lease(addr, "feed").await);
+
+    nats.stop().await;
+    drop(ws);
+    let t0 = Instant::now();
+    let done = gw.shutdown().await;
+    let took = t0.elapsed();
+    eprintln!("cluster: shutdown with NATS down took {took:?}");
+    assert!(
+        done,
+        "shutdown hit its deadline ({took:?}) waiting for NATS"
+    );
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
