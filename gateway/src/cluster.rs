@@ -395,6 +395,24 @@ impl Cluster {
     /// Write this instance's name to lease subject `key` if its last
     /// sequence is `last` (0: nobody holds it); the new sequence.
     pub async fn lease_write(&self, key: &str, last: u64) -> Result<u64, LeaseError> {
+        match self.lease_write_once(key, last).await {
+            Err(LeaseError::Held) => {
+                // Refused: is the lease this instance's own after all (an
+                // earlier write NATS stored but whose answer was lost, so
+                // `last` is stale)? Then write on its actual sequence.
+                let Ok(m) = self.leases.get_last_raw_message_by_subject(key).await else {
+                    return Err(LeaseError::Held);
+                };
+                if m.payload.as_ref() != self.origin.as_bytes() {
+                    return Err(LeaseError::Held);
+                }
+                self.lease_write_once(key, m.sequence).await
+            }
+            r => r,
+        }
+    }
+
+    async fn lease_write_once(&self, key: &str, last: u64) -> Result<u64, LeaseError> {
         let mut h = HeaderMap::new();
         h.insert(
             async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,

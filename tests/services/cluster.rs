@@ -679,3 +679,49 @@ async fn cluster_rides_out_a_nats_restart_and_shuts_down_without_nats() {
     );
     assert!(took < Duration::from_secs(4), "{took:?}");
 }
+
+/// A lease write whose acknowledgement was lost (NATS stored it, the
+/// instance timed out) leaves the instance with a stale sequence. Its next
+/// write is refused as "held", yet the lease is its own: it is taken as such
+/// (not given up until it expires, a source outage of a whole lease_ttl).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_lease_write_with_a_stale_sequence_adopts_its_own_lease() {
+    require("NATS", NATS).await;
+    let prefix = Prefix::new("gwstale");
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/feed.yaml",
+        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\nendpoints:\n  - path: /feed\n",
+    );
+    let path = instance_yaml(&dep, "a", &prefix, "30s", "");
+    let cfg = config::load(&path, &LoadOptions::default()).expect("config");
+    let config::BrokerCfg::Nats(nats) = cfg.broker.clone() else {
+        panic!("a NATS broker")
+    };
+    let other = instance_yaml(&dep, "b", &prefix, "30s", "");
+    let other = config::load(&other, &LoadOptions::default()).expect("config");
+    let config::BrokerCfg::Nats(other) = other.broker.clone() else {
+        panic!("a NATS broker")
+    };
+    let a = gateway::cluster::Cluster::connect(nats)
+        .await
+        .expect("a joins");
+    let b = gateway::cluster::Cluster::connect(other)
+        .await
+        .expect("b joins");
+    let key = a.lease_key("feed");
+    let first = a.lease_write(&key, 0).await.expect("a takes the lease");
+    // a renews, but its acknowledgement "was lost": it still holds `first`.
+    let second = a.lease_write(&key, first).await.expect("a renews");
+    // Its next renewal names the stale sequence: still its own lease.
+    let third = a
+        .lease_write(&key, first)
+        .await
+        .expect("a's own lease, written with a stale sequence");
+    assert!(third > second, "{third} after {second}");
+    // Someone else's lease stays someone else's.
+    assert!(matches!(
+        b.lease_write(&key, first).await,
+        Err(gateway::cluster::LeaseError::Held)
+    ));
+}
