@@ -53,6 +53,9 @@ pub const PEER_EXPIRY: Duration = Duration::from_secs(4);
 /// Messages waiting to go to NATS; beyond it they are dropped and counted.
 const OUTBOX: usize = 65_536;
 
+/// The most payload bytes the outbox holds.
+const OUTBOX_BYTES: u64 = 64 << 20;
+
 /// How long, after shutdown began, the last messages may take to reach NATS.
 const FINAL_SEND: Duration = Duration::from_secs(1);
 /// Messages the stream keeps, in bytes (the oldest go first).
@@ -184,6 +187,8 @@ pub struct Cluster {
     /// Delivery to this instance's sessions.
     pub local: Arc<MemoryBroker>,
     out: mpsc::Sender<Outgoing>,
+    /// Payload bytes in the outbox (at most `OUTBOX_BYTES`).
+    out_bytes: AtomicU64,
     out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     /// Figures.
     pub metrics: ClusterMetrics,
@@ -357,6 +362,7 @@ impl Cluster {
             lease_ttl,
             local: Arc::new(MemoryBroker::new()),
             out,
+            out_bytes: AtomicU64::new(0),
             out_rx: Mutex::new(Some(out_rx)),
             metrics: ClusterMetrics::default(),
             peers: Mutex::new(HashMap::new()),
@@ -503,7 +509,17 @@ impl Cluster {
             headers,
             payload,
         };
-        if self.out.try_send(o).is_err() {
+        self.enqueue(o);
+    }
+
+    /// Into the outbox, unless it is full (in messages or in bytes: while
+    /// NATS is away messages wait there, and nowhere else): then dropped
+    /// and counted.
+    fn enqueue(&self, o: Outgoing) {
+        let len = o.payload.len() as u64;
+        let before = self.out_bytes.fetch_add(len, Relaxed);
+        if before + len > OUTBOX_BYTES || self.out.try_send(o).is_err() {
+            self.out_bytes.fetch_sub(len, Relaxed);
             self.metrics.send_dropped.fetch_add(1, Relaxed);
         }
     }
@@ -562,9 +578,7 @@ impl Cluster {
             headers: HeaderMap::new(),
             payload: payload.into(),
         };
-        if self.out.try_send(o).is_err() {
-            self.metrics.send_dropped.fetch_add(1, Relaxed);
-        }
+        self.enqueue(o);
     }
 
     /// Ask the instance running `channel`'s source for a command's answer.
@@ -854,6 +868,12 @@ async fn pump(c: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>, shutdown: Cance
         let sent = AtomicU64::new(0);
         let send = async {
             for o in batch.drain(..) {
+                // While NATS is away, messages wait in the outbox (bounded)
+                // rather than in the client's own queue (not bounded in bytes).
+                while c.client.connection_state() != async_nats::connection::State::Connected {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let len = o.payload.len() as u64;
                 if c.client
                     .publish_with_headers(o.subject, o.headers, o.payload)
                     .await
@@ -861,6 +881,7 @@ async fn pump(c: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>, shutdown: Cance
                 {
                     c.metrics.send_errors.fetch_add(1, Relaxed);
                 }
+                c.out_bytes.fetch_sub(len, Relaxed);
                 sent.fetch_add(1, Relaxed);
             }
         };

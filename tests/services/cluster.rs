@@ -725,3 +725,43 @@ async fn cluster_a_lease_write_with_a_stale_sequence_adopts_its_own_lease() {
         Err(gateway::cluster::LeaseError::Held)
     ));
 }
+
+/// While NATS is away, messages for the other instances wait in the outbox,
+/// which holds at most 64 MiB: 150 messages of 900 KB published then keep
+/// about 70 and drop the rest, counted (the outbox used to take them all,
+/// up to 65,536 messages of any size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_outbox_is_bounded_in_bytes_while_nats_is_away() {
+    let mut nats = PrivateServer::nats(&[]).await;
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/feed.yaml",
+        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 1, interval_ms: 60000}\nendpoints:\n  - path: /feed\n",
+    );
+    dep.write(
+        "gw.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\npublish:\n  path: /publish\n  listener: main\n  auth: {{mode: none}}\n  requests_per_ip: 10000/s\nbroker:\n  kind: nats\n  url: nats://{}\n  instance: solo\n",
+            target_dir().display(),
+            nats.addr
+        ),
+    );
+    let gw = start_instance(&dep.path("gw.yaml")).await;
+    let addr = gw.addr("main").unwrap();
+    nats.stop().await;
+    let body = serde_json::json!({ "pad": "x".repeat(900_000) }).to_string();
+    for _ in 0..150 {
+        let (status, _, text) = http_body(addr, "POST", "/publish/feed", &[], &body).await;
+        assert!(status < 300, "{status} {text}");
+    }
+    let dropped = metric(addr, "gateway_broker_send_dropped_total")
+        .await
+        .unwrap_or(0.0);
+    eprintln!("cluster outbox: {dropped} of 150 messages of 900 KB dropped while NATS was away");
+    assert!(
+        (70.0..=90.0).contains(&dropped),
+        "{dropped} dropped: 64 MiB hold about 74 of them"
+    );
+    drop(nats);
+    gw.shutdown().await;
+}
