@@ -336,10 +336,16 @@ impl Cluster {
             .await
             .map_err(|e| fail("cannot create the lease stream (is JetStream enabled?)", &e))?;
         let mut lease_ttl = cfg.lease_ttl;
-        if let Ok(info) = leases.get_info().await
-            && info.config.max_age != cfg.lease_ttl
-            && !info.config.max_age.is_zero()
-        {
+        let info = leases
+            .get_info()
+            .await
+            .map_err(|e| fail("cannot read the lease stream", &e))?;
+        if info.config.max_age.is_zero() {
+            return Err(ClusterError(format!(
+                "the lease stream {p}_leases has no max_age: the lease of an instance that dies would never expire and its sources would run nowhere; give it max_age = lease_ttl, or delete it to have it created"
+            )));
+        }
+        if info.config.max_age != cfg.lease_ttl {
             tracing::warn!(
                 configured = ?cfg.lease_ttl,
                 in_use = ?info.config.max_age,

@@ -765,3 +765,39 @@ async fn cluster_outbox_is_bounded_in_bytes_while_nats_is_away() {
     drop(nats);
     gw.shutdown().await;
 }
+
+/// A lease stream made by hand without `max_age` would keep a dead
+/// instance's lease for ever: the instance refuses to start, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_refuses_a_lease_stream_whose_leases_never_expire() {
+    require("NATS", NATS).await;
+    let prefix = Prefix::new("gwnoage");
+    let js = async_nats::jetstream::new(async_nats::connect(NATS).await.expect("NATS"));
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: format!("{}_leases", &*prefix),
+        subjects: vec![format!("{}.lease.>", &*prefix)],
+        max_messages_per_subject: 1,
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .expect("create the lease stream");
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/feed.yaml",
+        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\nendpoints:\n  - path: /feed\n",
+    );
+    let path = instance_yaml(&dep, "a", &prefix, "5s", "");
+    let cfg = config::load(&path, &LoadOptions::default()).expect("config");
+    let Err(e) = Gateway::start(cfg).await else {
+        panic!("the gateway started on leases that never expire")
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains(&format!(
+            "the lease stream {}_leases has no max_age",
+            &*prefix
+        )),
+        "{e}"
+    );
+}
