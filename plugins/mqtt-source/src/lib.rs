@@ -42,7 +42,9 @@ use rumqttc::{
 };
 use serde::Deserialize;
 use serde_json::Value;
-use source_common::{Backoff, Flow, NonJson, Pipeline, Reconnect, env_secret, parse_key};
+use source_common::{
+    Backoff, Flow, NonJson, Pipeline, Reconnect, block_on_own_runtime, env_secret, parse_key,
+};
 use tokio::sync::Notify;
 
 const NAME: &str = "mqtt-source";
@@ -413,11 +415,7 @@ impl Plugin for MqttSource {
     }
 
     fn run(&self, out: Emitter) -> Result<(), PluginError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| err(format!("cannot start a runtime: {e}")))?;
-        rt.block_on(self.run_loop(&out))
+        block_on_own_runtime(NAME, self.run_loop(&out))
     }
 
     fn open_key(&self, key: &str, _params: Value) -> Result<(), PluginError> {

@@ -54,7 +54,8 @@ use plugin_api::{Emitter, Host, Plugin, PluginError, parse_config};
 use serde::Deserialize;
 use serde_json::Value;
 use source_common::{
-    Backoff, Flow, NonJson, Pipeline, RateLimitedLog, Reconnect, env_secret, parse_key,
+    Backoff, Flow, NonJson, Pipeline, RateLimitedLog, Reconnect, block_on_own_runtime, env_secret,
+    parse_key, unless_woken,
 };
 use tokio::sync::Notify;
 
@@ -378,10 +379,7 @@ impl NatsSource {
 
     /// `f`, or None if the instance is stopped first.
     async fn unless_stopped<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
-        tokio::select! {
-            r = f => Some(r),
-            () = self.wake.notified() => None,
-        }
+        unless_woken(&self.wake, f).await
     }
 
     async fn core(&self, client: &async_nats::Client, out: &Emitter) -> Result<(), PluginError> {
@@ -556,14 +554,7 @@ impl Plugin for NatsSource {
     }
 
     fn run(&self, out: Emitter) -> Result<(), PluginError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| err(format!("cannot start a runtime: {e}")))?;
-        let result = rt.block_on(self.run_loop(&out));
-        // Background tasks of the client end with the runtime, on this thread.
-        rt.shutdown_timeout(Duration::from_secs(1));
-        result
+        block_on_own_runtime(NAME, self.run_loop(&out))
     }
 
     fn open_key(&self, key: &str, _params: Value) -> Result<(), PluginError> {

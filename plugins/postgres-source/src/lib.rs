@@ -38,7 +38,10 @@ use futures_util::StreamExt;
 use plugin_api::{Emitter, Host, Plugin, PluginError, parse_config};
 use serde::Deserialize;
 use serde_json::Value;
-use source_common::{Backoff, Flow, NonJson, Pipeline, Reconnect, env_secret, parse_key};
+use source_common::{
+    Backoff, Flow, NonJson, Pipeline, Reconnect, block_on_own_runtime, env_secret, parse_key,
+    unless_woken,
+};
 use tokio::sync::{Notify, mpsc};
 use tokio_postgres::{AsyncMessage, NoTls, Notification};
 
@@ -174,10 +177,7 @@ enum End {
 impl PostgresSource {
     /// `f`, or None if the instance is stopped first.
     async fn unless_stopped<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
-        tokio::select! {
-            r = f => Some(r),
-            () = self.wake.notified() => None,
-        }
+        unless_woken(&self.wake, f).await
     }
 
     /// Connect, LISTEN and relay until stopped or the connection fails.
@@ -347,14 +347,7 @@ impl Plugin for PostgresSource {
     }
 
     fn run(&self, out: Emitter) -> Result<(), PluginError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| err(format!("cannot start a runtime: {e}")))?;
-        let result = rt.block_on(self.run_loop(&out));
-        // The connection's task ends with the runtime, on this thread.
-        rt.shutdown_timeout(Duration::from_secs(1));
-        result
+        block_on_own_runtime(NAME, self.run_loop(&out))
     }
 
     fn stop(&self) {

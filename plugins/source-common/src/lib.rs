@@ -494,6 +494,33 @@ pub fn parse_key(
         .transpose()
 }
 
+/// Run a plugin's async run loop on a current-thread tokio runtime of its
+/// own, on the run thread. Tasks it spawned (a client's connection) end
+/// with the runtime, on this thread, within 1 s.
+pub fn block_on_own_runtime(
+    plugin: &str,
+    run: impl std::future::Future<Output = Result<(), PluginError>>,
+) -> Result<(), PluginError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PluginError::new(format!("{plugin}: cannot start a runtime: {e}")))?;
+    let result = rt.block_on(run);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// `f`, or None if `wake` (notified by the plugin's `stop`) comes first.
+pub async fn unless_woken<T>(
+    wake: &tokio::sync::Notify,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        r = f => Some(r),
+        () = wake.notified() => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
