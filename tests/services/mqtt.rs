@@ -168,36 +168,68 @@ async fn mqtt_keyed_channel_routes_by_topic_segment() {
     shutdown_promptly(gw, [a, b]).await;
 }
 
+/// A gateway whose channel `name` (at `/name`) follows topic `<unique>/name`
+/// with a persistent session (QoS 1, a fixed client id) through an open
+/// gate, a client on it and a publisher, warmed up.
+struct Persistent {
+    topic: String,
+    gate: Gate,
+    dep: Deployment,
+    gw: gateway::Gateway,
+    ws: Ws,
+    publisher: Publisher,
+}
+
+impl Persistent {
+    async fn start(name: &str) -> Persistent {
+        let topic = format!("{}/{name}", unique("gwt"));
+        let gate = Gate::new(MQTT).await;
+        gate.open();
+        let config = json!({
+            "url": format!("mqtt://{}", gate.addr),
+            "topics": [topic],
+            "qos": 1,
+            "client_id": unique("gw"),
+            "clean_session": false,
+            "reconnect": {"initial_ms": 20, "max_ms": 200},
+        });
+        let dep = deployment(name, &config, &format!("/{name}"));
+        let gw = dep.start().await;
+        let mut ws = connect(gw.addr("main").unwrap(), &format!("/{name}")).await;
+        let publisher = Publisher::new(MQTT);
+        warm_up(&mut ws, |n| {
+            let (p, t) = (&publisher, &topic);
+            async move {
+                p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtLeastOnce)
+                    .await
+            }
+        })
+        .await;
+        Persistent {
+            topic,
+            gate,
+            dep,
+            gw,
+            ws,
+            publisher,
+        }
+    }
+}
+
 /// `clean_session: false` with a fixed client id and QoS 1: the broker keeps
 /// the subscription and queues messages while the gateway is down; the next
 /// gateway gets them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_persistent_session_delivers_what_was_published_while_the_gateway_was_down() {
     require("Mosquitto (MQTT)", MQTT).await;
-    let u = unique("gwt");
-    let topic = format!("{u}/orders");
-    let gate = Gate::new(MQTT).await;
-    gate.open();
-    let config = json!({
-        "url": format!("mqtt://{}", gate.addr),
-        "topics": [topic],
-        "qos": 1,
-        "client_id": unique("gw"),
-        "clean_session": false,
-        "reconnect": {"initial_ms": 20, "max_ms": 200},
-    });
-    let dep = deployment("orders", &config, "/orders");
-    let gw = dep.start().await;
-    let mut ws = connect(gw.addr("main").unwrap(), "/orders").await;
-    let publisher = Publisher::new(MQTT);
-    warm_up(&mut ws, |n| {
-        let (p, t) = (&publisher, &topic);
-        async move {
-            p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtLeastOnce)
-                .await
-        }
-    })
-    .await;
+    let Persistent {
+        topic,
+        gate,
+        dep,
+        gw,
+        mut ws,
+        publisher,
+    } = Persistent::start("orders").await;
     publisher.send(&topic, r#"{"n":1}"#, QoS::AtLeastOnce).await;
     assert_eq!(next_data(&mut ws).await, json!({"n": 1}));
     shutdown_promptly(gw, [ws]).await;
@@ -225,30 +257,14 @@ async fn mqtt_persistent_session_delivers_what_was_published_while_the_gateway_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_a_gateway_stopped_mid_stream_acknowledges_what_it_delivered() {
     require("Mosquitto (MQTT)", MQTT).await;
-    let u = unique("gwt");
-    let topic = format!("{u}/stream");
-    let gate = Gate::new(MQTT).await;
-    gate.open();
-    let config = json!({
-        "url": format!("mqtt://{}", gate.addr),
-        "topics": [topic],
-        "qos": 1,
-        "client_id": unique("gw"),
-        "clean_session": false,
-        "reconnect": {"initial_ms": 20, "max_ms": 200},
-    });
-    let dep = deployment("stream", &config, "/stream");
-    let gw = dep.start().await;
-    let mut ws = connect(gw.addr("main").unwrap(), "/stream").await;
-    let publisher = Publisher::new(MQTT);
-    warm_up(&mut ws, |n| {
-        let (p, t) = (&publisher, &topic);
-        async move {
-            p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtLeastOnce)
-                .await
-        }
-    })
-    .await;
+    let Persistent {
+        topic,
+        gate,
+        dep,
+        gw,
+        mut ws,
+        publisher,
+    } = Persistent::start("stream").await;
     let acked_before = publisher.acked.load(Ordering::SeqCst);
 
     // A stream paced to still be flowing when the gateway stops (at 2 a
