@@ -125,21 +125,56 @@ impl Drop for StreamGuard {
     }
 }
 
+/// A JetStream stream of a test's own on subjects `<u>.>`, deleted with
+/// `guard`.
+struct OwnStream {
+    u: String,
+    stream: String,
+    nc: async_nats::Client,
+    js: jetstream::Context,
+    handle: jetstream::stream::Stream,
+    guard: StreamGuard,
+}
+
+impl OwnStream {
+    async fn new() -> OwnStream {
+        let u = unique("gwt");
+        let stream = u.to_uppercase();
+        let guard = StreamGuard(stream.clone());
+        let nc = client(NATS).await;
+        let js = jetstream::new(nc.clone());
+        let handle = js
+            .create_stream(jetstream::stream::Config {
+                name: stream.clone(),
+                subjects: vec![format!("{u}.>")],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| {
+                panic!("create JetStream stream {stream} (is JetStream enabled?): {e}")
+            });
+        OwnStream {
+            u,
+            stream,
+            nc,
+            js,
+            handle,
+            guard,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_jetstream_durable_consumer_resumes_after_a_gateway_restart() {
     require("NATS (JetStream)", NATS).await;
-    let u = unique("gwt");
-    let stream = u.to_uppercase();
-    let _guard = StreamGuard(stream.clone());
+    let OwnStream {
+        u,
+        stream,
+        js,
+        guard: _guard,
+        ..
+    } = OwnStream::new().await;
     let subject = format!("{u}.orders");
-    let js = jetstream::new(client(NATS).await);
-    js.create_stream(jetstream::stream::Config {
-        name: stream.clone(),
-        subjects: vec![format!("{u}.>")],
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create JetStream stream {stream} (is JetStream enabled?): {e}"));
     let jpub = |n: u64| {
         let (js, subject) = (js.clone(), subject.clone());
         async move {
@@ -201,10 +236,6 @@ async fn nats_jetstream_durable_consumer_resumes_after_a_gateway_restart() {
     shutdown_promptly(gw, [ws]).await;
 }
 
-/// The connection to NATS is cut under a running gateway (a gate in between;
-/// the shared server keeps running): the client reconnects with backoff once
-/// the path is back and subscribes again; core messages published while it
-/// was cut off are lost.
 /// A gateway stopped in the middle of a JetStream backlog: every message its
 /// client received was acknowledged before the plugin left, so the ack floor
 /// is at the last of them at once (not after `ack_wait`, when the server
@@ -212,19 +243,15 @@ async fn nats_jetstream_durable_consumer_resumes_after_a_gateway_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_jetstream_stop_mid_backlog_acknowledges_what_was_delivered() {
     require("NATS (JetStream)", NATS).await;
-    let u = unique("gwt");
-    let stream = u.to_uppercase();
-    let _guard = StreamGuard(stream.clone());
+    let OwnStream {
+        u,
+        stream,
+        nc,
+        js,
+        guard: _guard,
+        ..
+    } = OwnStream::new().await;
     let subject = format!("{u}.backlog");
-    let nc = client(NATS).await;
-    let js = jetstream::new(nc.clone());
-    js.create_stream(jetstream::stream::Config {
-        name: stream.clone(),
-        subjects: vec![format!("{u}.>")],
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create JetStream stream {stream} (is JetStream enabled?): {e}"));
     const TOTAL: u64 = 3000;
     for n in 0..TOTAL {
         nc.publish(subject.clone(), json!({ "n": n }).to_string().into())
@@ -286,6 +313,10 @@ async fn nats_jetstream_stop_mid_backlog_acknowledges_what_was_delivered() {
     .await;
 }
 
+/// The connection to NATS is cut under a running gateway (a gate in between;
+/// the shared server keeps running): the client reconnects with backoff once
+/// the path is back and subscribes again; core messages published while it
+/// was cut off are lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_connection_cut_subscriptions_resume_without_restarting_the_gateway() {
     require("NATS", NATS).await;
@@ -352,18 +383,14 @@ async fn nats_connection_cut_subscriptions_resume_without_restarting_the_gateway
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_jetstream_connection_cut_loses_nothing() {
     require("NATS (JetStream)", NATS).await;
-    let u = unique("gwt");
-    let stream = u.to_uppercase();
-    let _guard = StreamGuard(stream.clone());
+    let OwnStream {
+        u,
+        stream,
+        js,
+        guard: _guard,
+        ..
+    } = OwnStream::new().await;
     let subject = format!("{u}.events");
-    let js = jetstream::new(client(NATS).await);
-    js.create_stream(jetstream::stream::Config {
-        name: stream.clone(),
-        subjects: vec![format!("{u}.>")],
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create JetStream stream {stream} (is JetStream enabled?): {e}"));
     let jpub = |n: u64| {
         let (js, subject) = (js.clone(), subject.clone());
         async move {
@@ -435,18 +462,13 @@ async fn nats_jetstream_connection_cut_loses_nothing() {
 async fn nats_jetstream_an_existing_consumer_with_another_filter_is_reported() {
     require("NATS (JetStream)", NATS).await;
     capture_logs();
-    let u = unique("gwt");
-    let stream = u.to_uppercase();
-    let _guard = StreamGuard(stream.clone());
-    let js = jetstream::new(client(NATS).await);
-    let s = js
-        .create_stream(jetstream::stream::Config {
-            name: stream.clone(),
-            subjects: vec![format!("{u}.>")],
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("create JetStream stream {stream}: {e}"));
+    let OwnStream {
+        u,
+        stream,
+        handle: s,
+        guard: _guard,
+        ..
+    } = OwnStream::new().await;
     s.create_consumer(jetstream::consumer::pull::Config {
         durable_name: Some("gateway".into()),
         filter_subject: format!("{u}.a.>"),
