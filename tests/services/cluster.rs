@@ -73,6 +73,30 @@ fn instance_yaml(
     dep.path(&file)
 }
 
+/// `specs/feed.yaml`: channel `feed` at `/feed` on `test-faults` with
+/// `config` (a YAML flow mapping), and its schema.
+fn feed_deployment(config: &str) -> Deployment {
+    let dep = Deployment::new();
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/feed.yaml",
+        &format!("channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {config}\nendpoints:\n  - path: /feed\n"),
+    );
+    dep
+}
+
+/// `gw.yaml` in `dep`: listener `main` on port 0, specs/*.yaml, `top`
+/// (more top-level settings), and a NATS broker at `nats` with `broker`
+/// (more broker settings).
+fn own_nats_yaml(dep: &Deployment, nats: SocketAddr, top: &str, broker: &str) {
+    dep.write(
+        "gw.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n{top}broker:\n  kind: nats\n  url: nats://{nats}\n{broker}",
+            target_dir().display(),
+        ),
+    );
+}
+
 async fn start_instance(path: &std::path::Path) -> Gateway {
     let cfg = config::load(path, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("config should load:\n{e}"));
@@ -393,11 +417,7 @@ async fn cluster_keyed_streams_last_values_and_commands_span_instances() {
 async fn cluster_connection_caps_count_every_instance() {
     require("NATS", NATS).await;
     let prefix = Prefix::new("gwcaps");
-    let dep = Deployment::new();
-    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
-        "specs/feed.yaml",
-        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 0, interval_ms: 50}\nendpoints:\n  - path: /feed\n",
-    );
+    let dep = feed_deployment("{burst: 0, interval_ms: 50}");
     let limits = "limits: {max_connections: 3}\nhttp:\n  - path: /stats\n    body: {here: \"{{gateway.connections}}\", cluster: \"{{gateway.cluster}}\"}\n";
     let a = start_instance(&instance_yaml(&dep, "a", &prefix, "3s", limits)).await;
     let b = start_instance(&instance_yaml(&dep, "b", &prefix, "3s", limits)).await;
@@ -438,11 +458,7 @@ async fn cluster_connection_caps_count_every_instance() {
 async fn cluster_source_moves_at_once_when_its_instance_shuts_down() {
     require("NATS", NATS).await;
     let prefix = Prefix::new("gwmove");
-    let dep = Deployment::new();
-    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
-        "specs/feed.yaml",
-        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 1, interval_ms: 20}\nendpoints:\n  - path: /feed\n",
-    );
+    let dep = feed_deployment("{burst: 1, interval_ms: 20}");
     // A long lease: only giving it up at shutdown can move the source fast.
     let a = start_instance(&instance_yaml(&dep, "a", &prefix, "60s", "")).await;
     let aa = a.addr("main").unwrap();
@@ -519,18 +535,12 @@ async fn cluster_last_value_outlives_the_instance_that_published_it() {
 async fn cluster_credentials_come_from_the_environment_and_are_never_logged() {
     let secret = format!("pw-{}", unique("s"));
     let nats = PrivateServer::nats(&["--user", "gw", "--pass", &secret]).await;
-    let dep = Deployment::new();
-    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
-        "specs/feed.yaml",
-        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 1, interval_ms: 50}\nendpoints:\n  - path: /feed\n",
-    );
-    dep.write(
-        "gw.yaml",
-        &format!(
-            "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\nbroker:\n  kind: nats\n  url: nats://{}\n  user_env: GW_TEST_NATS_USER\n  password_env: GW_TEST_NATS_PASSWORD\n",
-            target_dir().display(),
-            nats.addr
-        ),
+    let dep = feed_deployment("{burst: 1, interval_ms: 50}");
+    own_nats_yaml(
+        &dep,
+        nats.addr,
+        "",
+        "  user_env: GW_TEST_NATS_USER\n  password_env: GW_TEST_NATS_PASSWORD\n",
     );
     // The right credentials: the instance joins and runs the source.
     let gw = GatewayProcess::spawn(
@@ -628,19 +638,8 @@ async fn cluster_keyed_source_is_taken_over_with_the_keys_the_cluster_follows() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_rides_out_a_nats_restart_and_shuts_down_without_nats() {
     let mut nats = PrivateServer::nats(&[]).await;
-    let dep = Deployment::new();
-    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
-        "specs/feed.yaml",
-        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 1, interval_ms: 20}\nendpoints:\n  - path: /feed\n",
-    );
-    dep.write(
-        "gw.yaml",
-        &format!(
-            "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\nbroker:\n  kind: nats\n  url: nats://{}\n  lease_ttl: 2s\n  instance: solo\n",
-            target_dir().display(),
-            nats.addr
-        ),
-    );
+    let dep = feed_deployment("{burst: 1, interval_ms: 20}");
+    own_nats_yaml(&dep, nats.addr, "", "  lease_ttl: 2s\n  instance: solo\n");
     let gw = start_instance(&dep.path("gw.yaml")).await;
     let addr = gw.addr("main").unwrap();
     eventually("the source runs", || async {
@@ -688,11 +687,7 @@ async fn cluster_rides_out_a_nats_restart_and_shuts_down_without_nats() {
 async fn cluster_a_lease_write_with_a_stale_sequence_adopts_its_own_lease() {
     require("NATS", NATS).await;
     let prefix = Prefix::new("gwstale");
-    let dep = Deployment::new();
-    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
-        "specs/feed.yaml",
-        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\nendpoints:\n  - path: /feed\n",
-    );
+    let dep = feed_deployment("{}");
     let path = instance_yaml(&dep, "a", &prefix, "30s", "");
     let cfg = config::load(&path, &LoadOptions::default()).expect("config");
     let config::BrokerCfg::Nats(nats) = cfg.broker.clone() else {
@@ -733,18 +728,12 @@ async fn cluster_a_lease_write_with_a_stale_sequence_adopts_its_own_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_outbox_is_bounded_in_bytes_while_nats_is_away() {
     let mut nats = PrivateServer::nats(&[]).await;
-    let dep = Deployment::new();
-    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
-        "specs/feed.yaml",
-        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {burst: 1, interval_ms: 60000}\nendpoints:\n  - path: /feed\n",
-    );
-    dep.write(
-        "gw.yaml",
-        &format!(
-            "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\npublish:\n  path: /publish\n  listener: main\n  auth: {{mode: none}}\n  requests_per_ip: 10000/s\nbroker:\n  kind: nats\n  url: nats://{}\n  instance: solo\n",
-            target_dir().display(),
-            nats.addr
-        ),
+    let dep = feed_deployment("{burst: 1, interval_ms: 60000}");
+    own_nats_yaml(
+        &dep,
+        nats.addr,
+        "publish:\n  path: /publish\n  listener: main\n  auth: {mode: none}\n  requests_per_ip: 10000/s\n",
+        "  instance: solo\n",
     );
     let gw = start_instance(&dep.path("gw.yaml")).await;
     let addr = gw.addr("main").unwrap();
@@ -782,11 +771,7 @@ async fn cluster_refuses_a_lease_stream_whose_leases_never_expire() {
     })
     .await
     .expect("create the lease stream");
-    let dep = Deployment::new();
-    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
-        "specs/feed.yaml",
-        "channel: feed\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\nendpoints:\n  - path: /feed\n",
-    );
+    let dep = feed_deployment("{}");
     let path = instance_yaml(&dep, "a", &prefix, "5s", "");
     let cfg = config::load(&path, &LoadOptions::default()).expect("config");
     let Err(e) = Gateway::start(cfg).await else {
