@@ -47,6 +47,52 @@ impl Notifier {
     }
 }
 
+/// A gateway whose channel `name` (at `/name`) LISTENs on `<unique>_name`
+/// through an open gate, with `extra` config keys; a client on it and a
+/// NOTIFY connection, warmed up.
+struct Gated {
+    gate: Gate,
+    chan: String,
+    gw: gateway::Gateway,
+    addr: std::net::SocketAddr,
+    ws: Ws,
+    pg: Notifier,
+}
+
+impl Gated {
+    async fn start(name: &str, extra: serde_json::Value) -> Gated {
+        let gate = Gate::new(POSTGRES).await;
+        gate.open();
+        let chan = format!("{}_{name}", unique("gwt"));
+        let mut config = json!({
+            "connection": format!("host=127.0.0.1 port={} user=postgres dbname=test", gate.addr.port()),
+            "channels": [chan],
+            "reconnect": {"initial_ms": 50, "max_ms": 500},
+        });
+        for (k, v) in extra.as_object().expect("an object") {
+            config[k] = v.clone();
+        }
+        let dep = deployment(name, &config, &format!("/{name}"));
+        let gw = dep.start().await;
+        let addr = gw.addr("main").unwrap();
+        let mut ws = connect(addr, &format!("/{name}")).await;
+        let pg = Notifier::new().await;
+        warm_up(&mut ws, |n| {
+            let (pg, c) = (&pg, &chan);
+            async move { pg.notify(c, &json!({ "warmup": n }).to_string()).await }
+        })
+        .await;
+        Gated {
+            gate,
+            chan,
+            gw,
+            addr,
+            ws,
+            pg,
+        }
+    }
+}
+
 fn deployment(name: &str, config: &serde_json::Value, path: &str) -> Deployment {
     let dep = Deployment::new();
     dep.gateway_yaml("")
@@ -153,25 +199,14 @@ async fn postgres_keyed_channel_routes_by_a_payload_field() {
 async fn postgres_connection_cut_listening_resumes_without_restarting_the_gateway() {
     require("PostgreSQL", POSTGRES).await;
     capture_logs();
-    let gate = Gate::new(POSTGRES).await;
-    gate.open();
-    let u = unique("gwt");
-    let chan = format!("{u}_live");
-    let config = json!({
-        "connection": format!("host=127.0.0.1 port={} user=postgres dbname=test", gate.addr.port()),
-        "channels": [chan],
-        "reconnect": {"initial_ms": 50, "max_ms": 500},
-    });
-    let dep = deployment("live", &config, "/live");
-    let gw = dep.start().await;
-    let addr = gw.addr("main").unwrap();
-    let mut ws = connect(addr, "/live").await;
-    let pg = Notifier::new().await;
-    warm_up(&mut ws, |n| {
-        let (pg, c) = (&pg, &chan);
-        async move { pg.notify(c, &json!({ "warmup": n }).to_string()).await }
-    })
-    .await;
+    let Gated {
+        gate,
+        chan,
+        gw,
+        addr,
+        mut ws,
+        pg,
+    } = Gated::start("live", json!({})).await;
     pg.notify(&chan, r#"{"n":1}"#).await;
     assert_eq!(next_data(&mut ws).await, json!({"n": 1}));
 
@@ -219,26 +254,14 @@ async fn postgres_connection_cut_listening_resumes_without_restarting_the_gatewa
 async fn postgres_a_silent_connection_is_noticed_and_replaced() {
     require("PostgreSQL", POSTGRES).await;
     capture_logs();
-    let gate = Gate::new(POSTGRES).await;
-    gate.open();
-    let u = unique("gwt");
-    let chan = format!("{u}_silent");
-    let config = json!({
-        "connection": format!("host=127.0.0.1 port={} user=postgres dbname=test", gate.addr.port()),
-        "channels": [chan],
-        "health_check_secs": 1,
-        "reconnect": {"initial_ms": 50, "max_ms": 500},
-    });
-    let dep = deployment("silent", &config, "/silent");
-    let gw = dep.start().await;
-    let addr = gw.addr("main").unwrap();
-    let mut ws = connect(addr, "/silent").await;
-    let pg = Notifier::new().await;
-    warm_up(&mut ws, |n| {
-        let (pg, c) = (&pg, &chan);
-        async move { pg.notify(c, &json!({ "warmup": n }).to_string()).await }
-    })
-    .await;
+    let Gated {
+        gate,
+        chan,
+        gw,
+        mut ws,
+        pg,
+        ..
+    } = Gated::start("silent", json!({"health_check_secs": 1})).await;
 
     gate.freeze();
     let frozen = Instant::now();
