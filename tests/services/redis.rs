@@ -379,3 +379,36 @@ async fn redis_pubsub_a_silent_connection_is_noticed_and_replaced() {
     assert_eq!(next_data(&mut ws).await, json!({"n": 1}));
     shutdown_promptly(gw, [ws]).await;
 }
+
+/// An entry whose field name is not UTF-8 does not stick the stream: it is
+/// read like any other (here it lacks the configured field, so it is skipped
+/// and logged) and the next entry is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stream_an_entry_with_a_non_utf8_field_name_does_not_stop_the_stream() {
+    require("Redis", REDIS).await;
+    capture_logs();
+    let stream = format!("{}:odd", unique("gwt"));
+    let mut con = client(REDIS);
+    let odd: String = con
+        .xadd(&stream, "*", &[(b"\xff\xfe".as_slice(), b"x".as_slice())])
+        .unwrap();
+    let id2 = xadd(&mut con, &stream, 2);
+    let config = json!({
+        "url": format!("redis://{REDIS}"),
+        "streams": {"keys": [stream], "start": "0", "field": "json", "id_field": "id"},
+    });
+    let dep = deployment(&[("s", spec("s", "redis-source", &config, "/s"))]);
+    let gw = dep.start().await;
+    let mut ws = connect(gw.addr("main").unwrap(), "/s").await;
+    // Added after the client is on: the first two may have gone to nobody.
+    let id3 = xadd(&mut con, &stream, 3);
+    let mut got = next_json(&mut ws).await;
+    if got["n"] == 2 {
+        assert_eq!(got, json!({"n": 2, "id": id2}));
+        got = next_json(&mut ws).await;
+    }
+    assert_eq!(got, json!({"n": 3, "id": id3}));
+    wait_for_log(&["redis-source: stream", &format!("entry {odd}"), "skipped"]).await;
+    shutdown_promptly(gw, [ws]).await;
+    let _: () = con.del(&stream).unwrap();
+}

@@ -45,7 +45,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use plugin_api::{Emitter, Host, Plugin, PluginError, parse_config};
-use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::streams::StreamReadOptions;
 use redis::{Commands, ConnectionInfo, IntoConnectionInfo, RedisError};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -428,7 +428,10 @@ impl RedisSource {
                 return Ok(End::Stopped);
             }
             let current = ids.as_mut().expect("ids set above");
-            let reply: Option<StreamReadReply> = match con.xread_options(&s.keys, current, &opts) {
+            // Read as a raw value: redis' own reply type fails the whole
+            // reply on a field name that is not UTF-8, which would stick the
+            // stream on that entry for good.
+            let reply: redis::Value = match con.xread_options(&s.keys, current, &opts) {
                 Ok(r) => r,
                 Err(e) => return Ok(End::Lost(e)),
             };
@@ -436,28 +439,25 @@ impl RedisSource {
                 announced = true;
                 connected();
             }
-            let Some(reply) = reply else { continue };
-            for sk in reply.keys {
-                let Some(pos) = s.keys.iter().position(|k| *k == sk.key) else {
+            for (key, entries) in xread_entries(reply) {
+                let Some(pos) = s.keys.iter().position(|k| *k == key) else {
                     continue;
                 };
-                for entry in sk.ids {
-                    match entry_payload(s, &entry.id, &entry.map) {
+                for (id, map) in entries {
+                    match entry_payload(s, &id, &map) {
                         Some(payload) => {
-                            if self.config.pipeline.deliver(out, &sk.key, &payload)? == Flow::Stop {
+                            if self.config.pipeline.deliver(out, &key, &payload)? == Flow::Stop {
                                 return Ok(End::Stopped);
                             }
                         }
                         None => out.host().warn(&format!(
-                            "{NAME}: stream {:?} entry {}: no field {:?}; skipped",
-                            sk.key,
-                            entry.id,
+                            "{NAME}: stream {key:?} entry {id}: no field {:?}; skipped",
                             s.field.as_deref().unwrap_or("")
                         )),
                     }
-                    current[pos] = entry.id.clone();
+                    current[pos] = id.clone();
                     if let Some(cp) = &s.checkpoint
-                        && let Err(e) = con.hset::<_, _, _, ()>(cp, &sk.key, &entry.id)
+                        && let Err(e) = con.hset::<_, _, _, ()>(cp, &key, &id)
                     {
                         return Ok(End::Lost(e));
                     }
@@ -465,6 +465,62 @@ impl RedisSource {
             }
         }
     }
+}
+
+/// One stream's entries in an XREAD reply.
+type StreamEntries = (String, Vec<(String, HashMap<String, redis::Value>)>);
+
+/// The entries of an XREAD reply (RESP2 arrays or a RESP3 map), per stream:
+/// (id, fields). Names and ids are decoded lossily; anything else that is
+/// not the expected shape is left out.
+fn xread_entries(reply: redis::Value) -> Vec<StreamEntries> {
+    let streams: Vec<(redis::Value, redis::Value)> = match reply {
+        redis::Value::Array(items) => items
+            .into_iter()
+            .filter_map(|item| match item {
+                redis::Value::Array(mut pair) if pair.len() == 2 => {
+                    let entries = pair.pop()?;
+                    Some((pair.pop()?, entries))
+                }
+                _ => None,
+            })
+            .collect(),
+        redis::Value::Map(pairs) => pairs,
+        _ => Vec::new(),
+    };
+    streams
+        .into_iter()
+        .filter_map(|(key, entries)| {
+            let key = value_text(&key)?;
+            let redis::Value::Array(entries) = entries else {
+                return None;
+            };
+            let entries = entries
+                .into_iter()
+                .filter_map(|entry| {
+                    let redis::Value::Array(mut entry) = entry else {
+                        return None;
+                    };
+                    if entry.len() != 2 {
+                        return None;
+                    }
+                    let fields = entry.pop()?;
+                    let id = value_text(&entry.pop()?)?;
+                    let mut map = HashMap::new();
+                    if let redis::Value::Array(fields) = fields {
+                        let mut it = fields.into_iter();
+                        while let (Some(name), Some(value)) = (it.next(), it.next()) {
+                            if let Some(name) = value_text(&name) {
+                                map.insert(name, value);
+                            }
+                        }
+                    }
+                    Some((id, map))
+                })
+                .collect();
+            Some((key, entries))
+        })
+        .collect()
 }
 
 fn first_entry_id(v: &redis::Value) -> Option<String> {
@@ -721,6 +777,36 @@ mod tests {
         for bad in ["", "-", "a-1", "1-", "1-2-3", ">"] {
             assert!(!valid_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn xread_replies_in_both_shapes_and_odd_names() {
+        use redis::Value::{Array, BulkString, Map, Nil};
+        let b = |s: &[u8]| BulkString(s.to_vec());
+        let entries = || {
+            Array(vec![
+                Array(vec![
+                    b(b"1-0"),
+                    Array(vec![b(b"\xffx"), b(b"1"), b(b"json"), b(b"{}")]),
+                ]),
+                Array(vec![b(b"2-0")]),
+                Nil,
+            ])
+        };
+        let resp2 = Array(vec![Array(vec![b(b"s"), entries()]), Nil]);
+        let resp3 = Map(vec![(b(b"s"), entries())]);
+        for reply in [resp2, resp3] {
+            let got = xread_entries(reply);
+            assert_eq!(got.len(), 1);
+            let (key, entries) = &got[0];
+            assert_eq!(key, "s");
+            assert_eq!(entries.len(), 1, "{entries:?}");
+            let (id, map) = &entries[0];
+            assert_eq!(id, "1-0");
+            assert_eq!(map.get("json"), Some(&b(b"{}")));
+            assert_eq!(map.get("\u{fffd}x"), Some(&b(b"1")));
+        }
+        assert!(xread_entries(Nil).is_empty());
     }
 
     #[test]
