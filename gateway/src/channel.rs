@@ -1239,6 +1239,9 @@ async fn leased(
             return;
         }
         cluster.metrics.leases_lost.fetch_add(1, Relaxed);
+        // The source has stopped: what it made and NATS has not taken yet
+        // is older than the next holder's messages.
+        cluster.fence(&ch);
         tracing::warn!(channel = %ch, "lost the source's lease (not renewed in time): stopped the source here");
         rt.set_standby();
     }

@@ -144,6 +144,8 @@ struct Outgoing {
     subject: Subject,
     headers: HeaderMap,
     payload: Bytes,
+    /// A channel's message: the channel and its fence when it was queued.
+    fence: Option<(Arc<str>, u64)>,
 }
 
 /// Why a lease was not written.
@@ -189,6 +191,9 @@ pub struct Cluster {
     out: mpsc::Sender<Outgoing>,
     /// Payload bytes in the outbox (at most `OUTBOX_BYTES`).
     out_bytes: AtomicU64,
+    /// Per channel, raised when this instance loses the channel's lease:
+    /// its messages queued before then are not sent.
+    fences: Mutex<HashMap<Arc<str>, u64>>,
     out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     /// Figures.
     pub metrics: ClusterMetrics,
@@ -369,6 +374,7 @@ impl Cluster {
             local: Arc::new(MemoryBroker::new()),
             out,
             out_bytes: AtomicU64::new(0),
+            fences: Mutex::new(HashMap::new()),
             out_rx: Mutex::new(Some(out_rx)),
             metrics: ClusterMetrics::default(),
             peers: Mutex::new(HashMap::new()),
@@ -510,12 +516,29 @@ impl Cluster {
         if end {
             headers.insert(H_END, "1");
         }
+        let fence = self.fences.lock().get(&topic.channel).copied().unwrap_or(0);
         let o = Outgoing {
             subject: self.msg_subject(topic).into(),
             headers,
             payload,
+            fence: Some((topic.channel.clone(), fence)),
         };
         self.enqueue(o);
+    }
+
+    /// This instance lost `channel`'s lease without giving it up (cut off
+    /// from NATS): what its source made meanwhile, still in the outbox, is
+    /// older than what the new holder publishes, and is not sent when NATS
+    /// is back (it would reach the other instances after the new holder's
+    /// messages, and stand as the last value).
+    pub fn fence(&self, channel: &str) {
+        *self.fences.lock().entry(channel.into()).or_insert(0) += 1;
+    }
+
+    fn fenced(&self, o: &Outgoing) -> bool {
+        o.fence
+            .as_ref()
+            .is_some_and(|(ch, at)| self.fences.lock().get(ch).is_some_and(|now| now > at))
     }
 
     /// Into the outbox, unless it is full (in messages or in bytes: while
@@ -583,6 +606,7 @@ impl Cluster {
             subject: format!("{}.ctl.key.{}", self.cfg.prefix, self.cfg.instance).into(),
             headers: HeaderMap::new(),
             payload: payload.into(),
+            fence: None,
         };
         self.enqueue(o);
     }
@@ -880,7 +904,10 @@ async fn pump(c: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>, shutdown: Cance
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 let len = o.payload.len() as u64;
-                if c.client
+                if c.fenced(&o) {
+                    c.metrics.send_dropped.fetch_add(1, Relaxed);
+                } else if c
+                    .client
                     .publish_with_headers(o.subject, o.headers, o.payload)
                     .await
                     .is_err()

@@ -786,3 +786,68 @@ async fn cluster_refuses_a_lease_stream_whose_leases_never_expire() {
         "{e}"
     );
 }
+
+/// The instance running a source is cut off from NATS long enough for
+/// another to take the source over. What it made
+/// meanwhile waits in its outbox; when it is back, that is dropped and
+/// counted, not sent: the other instances' clients never get the old
+/// holder's messages after the new holder's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_cut_off_holder_sends_nothing_stale_when_it_is_back() {
+    require("NATS", NATS).await;
+    let prefix = Prefix::new("gwfence");
+    let gate = Gate::new(NATS).await;
+    gate.open();
+    let dep_a = feed_deployment("{burst: 1, interval_ms: 20}");
+    own_nats_yaml(
+        &dep_a,
+        gate.addr,
+        "",
+        &format!(
+            "  subject_prefix: {}\n  lease_ttl: 2s\n  instance: a\n",
+            &*prefix
+        ),
+    );
+    let a = start_instance(&dep_a.path("gw.yaml")).await;
+    let aa = a.addr("main").unwrap();
+    eventually("a runs the source", || async {
+        holds_lease(aa, "feed").await.then_some(())
+    })
+    .await;
+    let dep_b = feed_deployment("{burst: 1, interval_ms: 20}");
+    let b = start_instance(&instance_yaml(&dep_b, "b", &prefix, "2s", "")).await;
+    let ba = b.addr("main").unwrap();
+    let mut on_b = connect(ba, "/feed").await;
+    next_json(&mut on_b).await;
+
+    // Cut, and refused until opened again: a's client knows it is offline.
+    gate.close();
+    // b takes the source over: its own count starts at 1.
+    while next_json(&mut on_b).await["seq"] != 1 {}
+    let mut last = 1;
+    let next = async |ws: &mut Ws, last: &mut u64| {
+        let v = next_json(ws).await;
+        let seq = v["seq"].as_u64().expect("seq");
+        assert_eq!(seq, *last + 1, "after {last}, the old holder's {v}");
+        *last = seq;
+    };
+    next(&mut on_b, &mut last).await;
+    gate.open();
+    // a is back and has dropped what it made while cut off.
+    let dropped = "gateway_broker_send_dropped_total";
+    let deadline = Instant::now() + PATIENCE;
+    while metric(aa, dropped).await.unwrap_or(0.0) == 0.0 {
+        assert!(Instant::now() < deadline, "a dropped nothing");
+        next(&mut on_b, &mut last).await;
+    }
+    eprintln!(
+        "cluster fence: a dropped {} stale messages; b's client went on to {last}",
+        metric(aa, dropped).await.unwrap_or(0.0)
+    );
+    for _ in 0..25 {
+        next(&mut on_b, &mut last).await;
+    }
+    drop(on_b);
+    b.shutdown().await;
+    a.shutdown().await;
+}
