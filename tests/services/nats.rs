@@ -243,6 +243,7 @@ async fn nats_jetstream_durable_consumer_resumes_after_a_gateway_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_jetstream_stop_mid_backlog_acknowledges_what_was_delivered() {
     require("NATS (JetStream)", NATS).await;
+    capture_logs();
     let OwnStream {
         u,
         stream,
@@ -293,8 +294,19 @@ async fn nats_jetstream_stop_mid_backlog_acknowledges_what_was_delivered() {
         }
         last
     });
+    let t0 = Instant::now();
     assert!(gw.shutdown().await, "gateway shutdown hit its deadline");
+    let took = t0.elapsed();
     last = last.max(reader.await.expect("reader"));
+    // The drain's end was seen, not waited out.
+    assert!(
+        !logged(&[
+            "nats-source: the connection to",
+            &gate.addr.to_string(),
+            "did not drain"
+        ]),
+        "the stop waited out its bound ({took:?})"
+    );
     assert!(
         last < TOTAL - 1,
         "the backlog was through before the gateway stopped; nothing was tested"

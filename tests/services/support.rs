@@ -470,6 +470,13 @@ pub fn capture_logs() {
     log_buffer();
 }
 
+/// Whether a captured log line contains every one of `parts` now.
+pub fn logged(parts: &[&str]) -> bool {
+    String::from_utf8_lossy(&log_buffer().lock().unwrap())
+        .lines()
+        .any(|l| parts.iter().all(|p| l.contains(p)))
+}
+
 /// Wait until a captured log line contains every one of `parts`; returns it.
 pub async fn wait_for_log(parts: &[&str]) -> String {
     eventually(&format!("a log line with {parts:?}"), || {

@@ -274,6 +274,8 @@ impl Config {
 pub struct NatsSource {
     config: Config,
     wake: Notify,
+    /// Notified when the client has closed its connection (after a drain).
+    closed: Arc<Notify>,
 }
 
 impl NatsSource {
@@ -292,6 +294,7 @@ impl NatsSource {
         let was_connected = Arc::new(AtomicBool::new(false));
         // The client reports each message it drops: one line a second.
         let slow = Arc::new(RateLimitedLog::new(Duration::from_secs(1)));
+        let closed = self.closed.clone();
         opts = opts
             .name("gateway nats-source")
             .connection_timeout(Duration::from_secs(5))
@@ -310,6 +313,7 @@ impl NatsSource {
                 let url = url.clone();
                 let was_connected = was_connected.clone();
                 let slow = slow.clone();
+                let closed = closed.clone();
                 async move {
                     match event {
                         Event::Connected => {
@@ -333,6 +337,7 @@ impl NatsSource {
                         Event::SlowConsumer(_) => slow.warn(&host, || format!(
                             "{NAME}: {url}: messages dropped by the client: the gateway's channel does not keep up (slow consumer)"
                         )),
+                        Event::Closed => closed.notify_one(),
                         other => host.debug(&format!("{NAME}: {url}: {other}")),
                     }
                 }
@@ -360,10 +365,10 @@ impl NatsSource {
         if client.connection_state() == State::Connected {
             let leave = async {
                 let _ = client.flush().await;
+                // The connection's state stays "connected" after a drain;
+                // its end is reported as an event.
                 if client.drain().await.is_ok() {
-                    while client.connection_state() == State::Connected {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
+                    self.closed.notified().await;
                 }
             };
             if tokio::time::timeout(STOP_FLUSH, leave).await.is_err() {
@@ -550,6 +555,7 @@ impl Plugin for NatsSource {
         Ok(NatsSource {
             config: Config::parse(config)?,
             wake: Notify::new(),
+            closed: Arc::new(Notify::new()),
         })
     }
 
