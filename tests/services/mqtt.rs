@@ -257,6 +257,7 @@ async fn mqtt_persistent_session_delivers_what_was_published_while_the_gateway_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_a_gateway_stopped_mid_stream_acknowledges_what_it_delivered() {
     require("Mosquitto (MQTT)", MQTT).await;
+    capture_logs();
     let Persistent {
         topic,
         gate,
@@ -307,6 +308,14 @@ async fn mqtt_a_gateway_stopped_mid_stream_acknowledges_what_it_delivered() {
     });
     assert!(gw.shutdown().await, "gateway shutdown hit its deadline");
     first.extend(reader.await.expect("reader"));
+    // The acks and the DISCONNECT went out, not waited out.
+    assert!(
+        !logged(&[
+            "mqtt-source: pending acknowledgements not sent to",
+            &gate.addr.to_string()
+        ]),
+        "the stop waited out its bound"
+    );
     gate.wait_idle().await;
     gate.close();
     stream.await.expect("the stream's publisher");
