@@ -166,6 +166,9 @@ pub struct ChannelRuntime {
     /// The cluster, when several instances share the source (it runs
     /// where the lease is).
     cluster: Option<Arc<Cluster>>,
+    /// Cancelled when the publisher has ended: everything the source
+    /// handed over has been published.
+    published_all: CancellationToken,
 }
 
 #[derive(Default)]
@@ -216,6 +219,13 @@ impl Drop for Subscription {
 }
 
 impl ChannelRuntime {
+    /// Stop the source (shutdown's first step), then wait until everything
+    /// it handed over has been published.
+    pub async fn stop_source_and_publish(&self) {
+        self.stop.cancel();
+        self.published_all.cancelled().await;
+    }
+
     /// Subscribe a session queue to the channel (or to one keyed stream,
     /// opening it at the plugin for its first subscriber).
     pub fn subscribe(
@@ -553,6 +563,7 @@ pub fn start(
         all_metrics: metrics.clone(),
         started_at: std::time::SystemTime::now(),
         cluster: cluster.clone(),
+        published_all: CancellationToken::new(),
     });
     tracker.spawn(publish_loop(rt.clone(), ev_rx));
     match &cfg.source.kind {
@@ -734,6 +745,7 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
         out.hold(key, msg);
     }
     out.send(&rt);
+    rt.published_all.cancel();
 }
 
 /// Messages ready for the broker. What one read of the source brought goes

@@ -246,6 +246,17 @@ impl Gateway {
     pub async fn shutdown(self) -> bool {
         let deadline = self.state.config().shutdown_deadline;
         tracing::info!(?deadline, "shutting down");
+        // Sources first: what they hand over until they have stopped is
+        // published, and reaches the clients before their Close (at most
+        // half the deadline; a plugin that does not stop delays no more).
+        let channels: Vec<_> = self.state.live().channels.values().cloned().collect();
+        let published =
+            futures_util::future::join_all(channels.iter().map(|rt| rt.stop_source_and_publish()));
+        if tokio::time::timeout(deadline / 2, published).await.is_err() {
+            tracing::warn!(
+                "sources still running at half the shutdown deadline; closing the clients anyway"
+            );
+        }
         self.state.begin_shutdown();
         self.tracker.close();
         let done = tokio::time::timeout(deadline, self.tracker.wait())

@@ -1,7 +1,9 @@
 //! Shutdown: every client gets Close 1001 and the process exits within its
 //! deadline. Also the process's runtime size, which `TOKIO_WORKER_THREADS` sets.
 
+use futures_util::StreamExt;
 use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
 
@@ -42,6 +44,47 @@ async fn shutdown_closes_every_client_with_1001() {
             .connections
             .load(std::sync::atomic::Ordering::Relaxed),
         0
+    );
+}
+
+/// The sources stop first: every message a plugin handed over before it
+/// stopped reaches the connected clients, then their Close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_sources_handed_over_reaches_the_clients_before_their_close() {
+    let dep = ticker_deployment();
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {rate: 5000}\nendpoints:\n  - path: /ticker\n",
+    );
+    let gw = dep.start().await;
+    let mut ws = connect(gw.addr("main").unwrap(), "/ticker").await;
+    let first = next_json(&mut ws).await["seq"].as_u64().expect("seq");
+    // The ticker numbers its messages from 1, so the last one published is
+    // number `published`.
+    let reader = tokio::spawn(async move {
+        let mut last = first;
+        loop {
+            match tokio::time::timeout(PATIENCE, ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    last = v["seq"].as_u64().expect("seq");
+                }
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return last,
+                Ok(Some(Ok(_))) => {}
+                Err(_) => panic!("no Close in time"),
+            }
+        }
+    });
+    let state = gw.state().clone();
+    assert!(gw.shutdown().await);
+    let last = reader.await.unwrap();
+    let published = state.live().channels["ticker"]
+        .metrics
+        .published
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        last, published,
+        "the client's last message was {last} of the {published} published"
     );
 }
 
