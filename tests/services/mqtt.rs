@@ -55,6 +55,16 @@ impl Publisher {
             .unwrap_or_else(|e| panic!("MQTT publish to {topic}: {e}"));
     }
 
+    /// Publish warm-up messages to `topic` until one reaches `ws` (the
+    /// plugin is subscribed).
+    async fn warm_up(&self, ws: &mut Ws, topic: &str, qos: QoS) {
+        warm_up(ws, |n| async move {
+            self.send(topic, &json!({ "warmup": n }).to_string(), qos)
+                .await
+        })
+        .await;
+    }
+
     /// Wait until the broker acknowledged `n` QoS 1 messages in all.
     async fn wait_acked(&self, n: usize) {
         eventually("the broker's PUBACKs", || async {
@@ -96,14 +106,7 @@ async fn mqtt_wildcard_filters_inject_the_topic_and_wrap_non_json() {
     let mut ws = connect(gw.addr("main").unwrap(), "/m").await;
     let publisher = Publisher::new(MQTT);
     let warm = format!("{u}/sensors/warm/temp");
-    warm_up(&mut ws, |n| {
-        let (p, t) = (&publisher, &warm);
-        async move {
-            p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtMostOnce)
-                .await
-        }
-    })
-    .await;
+    publisher.warm_up(&mut ws, &warm, QoS::AtMostOnce).await;
 
     let t1 = format!("{u}/sensors/r1/temp");
     publisher.send(&t1, r#"{"c":21.5}"#, QoS::AtMostOnce).await;
@@ -197,14 +200,7 @@ impl Persistent {
         let gw = dep.start().await;
         let mut ws = connect(gw.addr("main").unwrap(), &format!("/{name}")).await;
         let publisher = Publisher::new(MQTT);
-        warm_up(&mut ws, |n| {
-            let (p, t) = (&publisher, &topic);
-            async move {
-                p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtLeastOnce)
-                    .await
-            }
-        })
-        .await;
+        publisher.warm_up(&mut ws, &topic, QoS::AtLeastOnce).await;
         Persistent {
             topic,
             gate,
@@ -392,14 +388,7 @@ async fn mqtt_broker_restart_messages_flow_again_without_restarting_the_gateway(
     let addr = gw.addr("main").unwrap();
     let mut ws = connect(addr, "/live").await;
     let publisher = Publisher::new(&baddr);
-    warm_up(&mut ws, |n| {
-        let (p, t) = (&publisher, &topic);
-        async move {
-            p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtMostOnce)
-                .await
-        }
-    })
-    .await;
+    publisher.warm_up(&mut ws, &topic, QoS::AtMostOnce).await;
     publisher.send(&topic, r#"{"n":1}"#, QoS::AtMostOnce).await;
     assert_eq!(next_data(&mut ws).await, json!({"n": 1}));
     drop(publisher);
@@ -412,14 +401,7 @@ async fn mqtt_broker_restart_messages_flow_again_without_restarting_the_gateway(
     // A fresh publisher: warm-ups sent before the plugin has subscribed again
     // are lost; the first one that arrives shows it is back.
     let publisher = Publisher::new(&baddr);
-    warm_up(&mut ws, |n| {
-        let (p, t) = (&publisher, &topic);
-        async move {
-            p.send(t, &json!({ "warmup": n }).to_string(), QoS::AtMostOnce)
-                .await
-        }
-    })
-    .await;
+    publisher.warm_up(&mut ws, &topic, QoS::AtMostOnce).await;
     eprintln!(
         "mqtt restart: outage {:?}; messages flowed again {:?} after the broker was back",
         up - down,
