@@ -553,42 +553,43 @@ fn is_json(b: &[u8]) -> bool {
     std::str::from_utf8(b).is_ok() && serde_json::from_slice::<IgnoredAny>(b).is_ok()
 }
 
-/// The next stderr line into `line`, at most `MAX_LOG_LINE` bytes of it:
-/// the rest of a longer line is read and skipped, never kept (a command that
-/// writes without newlines, such as a progress meter, costs no memory).
-/// None at the end of the output.
-fn next_log_line(r: &mut impl BufRead, line: &mut Vec<u8>) -> Option<()> {
+/// The next line of `r` into `line`, keeping at most `max` bytes of it
+/// and a newline: the rest of a longer line is read and skipped, never kept
+/// (output without newlines, such as a progress meter, costs no memory).
+/// None at the end of the output; `Some(true)` for a line longer than `max`.
+fn next_line(r: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> Option<bool> {
     line.clear();
-    match r.take(MAX_LOG_LINE as u64).read_until(b'\n', line) {
+    match r.take(max as u64 + 1).read_until(b'\n', line) {
         Ok(0) | Err(_) => None,
         Ok(_) => {
-            if line.len() >= MAX_LOG_LINE && line.last() != Some(&b'\n') {
+            let long = line.len() > max && line.last() != Some(&b'\n');
+            if long {
                 let _ = r.skip_until(b'\n');
             }
-            Some(())
+            Some(long)
         }
     }
+}
+
+/// The next stderr line into `line`, at most `MAX_LOG_LINE` bytes of it.
+/// None at the end of the output.
+fn next_log_line(r: &mut impl BufRead, line: &mut Vec<u8>) -> Option<()> {
+    next_line(r, line, MAX_LOG_LINE)?;
+    line.truncate(MAX_LOG_LINE);
+    Some(())
 }
 
 fn read_lines(stdout: impl Read, tx: &SyncSender<Event>) {
     let mut r = BufReader::new(stdout);
     let mut line = Vec::new();
     loop {
-        line.clear();
-        let n = (&mut r)
-            .take(MAX_OUTPUT as u64 + 1)
-            .read_until(b'\n', &mut line);
-        let event = match n {
-            Ok(0) | Err(_) => {
+        let event = match next_line(&mut r, &mut line, MAX_OUTPUT) {
+            None => {
                 let _ = tx.send(Event::Eof);
                 return;
             }
-            Ok(_) if line.len() > MAX_OUTPUT && line.last() != Some(&b'\n') => {
-                // Skip the rest of the long line.
-                let _ = r.skip_until(b'\n');
-                Event::TooLong(MAX_OUTPUT)
-            }
-            Ok(_) => Event::Line(std::mem::take(&mut line)),
+            Some(true) => Event::TooLong(MAX_OUTPUT),
+            Some(false) => Event::Line(std::mem::take(&mut line)),
         };
         if tx.send(event).is_err() {
             return;
