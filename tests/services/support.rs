@@ -470,22 +470,23 @@ pub fn capture_logs() {
     log_buffer();
 }
 
-/// Whether a captured log line contains every one of `parts` now.
-pub fn logged(parts: &[&str]) -> bool {
+/// The first captured log line that contains every one of `parts` now.
+fn log_line(parts: &[&str]) -> Option<String> {
     String::from_utf8_lossy(&log_buffer().lock().unwrap())
         .lines()
-        .any(|l| parts.iter().all(|p| l.contains(p)))
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .map(str::to_owned)
+}
+
+/// Whether a captured log line contains every one of `parts` now.
+pub fn logged(parts: &[&str]) -> bool {
+    log_line(parts).is_some()
 }
 
 /// Wait until a captured log line contains every one of `parts`; returns it.
 pub async fn wait_for_log(parts: &[&str]) -> String {
     eventually(&format!("a log line with {parts:?}"), || {
-        let text = String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned();
-        std::future::ready(
-            text.lines()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-                .map(str::to_owned),
-        )
+        std::future::ready(log_line(parts))
     })
     .await
 }
