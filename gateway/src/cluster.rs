@@ -202,8 +202,9 @@ pub struct Cluster {
     /// holds it while it hands a message to sessions, so a last value
     /// replayed from the stream and the feed's deliveries never cross.
     feed_seq: Arc<Mutex<u64>>,
-    /// When the message stream in use was created (ns since the epoch).
-    streams: Mutex<i128>,
+    /// When the message stream in use was created (ns since the epoch),
+    /// and when `ensure_streams` last asked NATS.
+    streams: Mutex<(i128, Option<Instant>)>,
     /// Bumped when the streams had to be made again (the feed follows the
     /// new message stream).
     streams_made: watch::Sender<u64>,
@@ -379,7 +380,7 @@ impl Cluster {
             metrics: ClusterMetrics::default(),
             peers: Mutex::new(HashMap::new()),
             feed_seq: Arc::default(),
-            streams: Mutex::new(created),
+            streams: Mutex::new((created, None)),
             streams_made: watch::channel(0).0,
         }))
     }
@@ -467,7 +468,16 @@ impl Cluster {
     /// Make the streams again if they are gone (a NATS server restarted
     /// without them: they live in memory). Called when a lease write fails;
     /// if the message stream is a new one, the feed follows it from now on.
+    /// Every channel's lease task calls it when its write fails: NATS is
+    /// asked once a second at most.
     pub async fn ensure_streams(&self) {
+        {
+            let mut st = self.streams.lock();
+            if st.1.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            st.1 = Some(Instant::now());
+        }
         let p = &self.cfg.prefix;
         let Ok(msgs) = self.js.get_or_create_stream(messages_stream(p)).await else {
             return;
@@ -477,7 +487,7 @@ impl Cluster {
             .get_or_create_stream(leases_stream(p, self.lease_ttl))
             .await;
         let created = msgs.cached_info().created.unix_timestamp_nanos();
-        let made = std::mem::replace(&mut *self.streams.lock(), created) != created;
+        let made = std::mem::replace(&mut self.streams.lock().0, created) != created;
         if made {
             tracing::warn!(prefix = %p, "the cluster's streams were gone (NATS restarted?): made them again; the last values kept there are lost");
             self.streams_made.send_modify(|n| *n += 1);
