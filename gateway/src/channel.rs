@@ -622,12 +622,12 @@ async fn run_status(
         drop(st);
         let body = serde_json::to_vec(&snapshot).unwrap_or_default();
         let (frame, header) = crate::ws::text_frame(&body);
-        rt.metrics.received.fetch_add(1, Relaxed);
         let emitted = crate::metrics::stamp();
         tokio::select! {
             _ = stop.cancelled() => break,
             r = tx.send(SourceEvent::Message { key: None, frame, header, emitted }) => if r.is_err() { break },
         }
+        rt.metrics.received.fetch_add(1, Relaxed);
     }
     // A stopped channel's metrics belong to its successor (a reload that
     // changed it) from now on.

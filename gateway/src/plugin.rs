@@ -386,23 +386,34 @@ extern "C" fn host_emit(ctx: *mut c_void, key: GwSlice, json: GwSlice) -> i32 {
         let h = unsafe { &*(ctx as *const HostCtx) };
         // SAFETY: the plugin passes slices valid for this call.
         let (key, json) = unsafe { (slice(key), slice(json)) };
-        h.metrics.received.fetch_add(1, Relaxed);
+        // A message answered "stopped" stays the plugin's (a durable source
+        // does not acknowledge it), so it is not counted at all: `received`
+        // counts what the gateway took, published or dropped.
+        if h.stopped.load(Relaxed) {
+            return GW_STOPPED;
+        }
         if json.len() > h.max_message {
+            h.metrics.received.fetch_add(1, Relaxed);
             h.metrics.rejected.fetch_add(1, Relaxed);
             return GW_REJECTED;
         }
         let Ok(key) = key_of(key) else {
+            h.metrics.received.fetch_add(1, Relaxed);
             h.metrics.rejected.fetch_add(1, Relaxed);
             return GW_REJECTED;
         };
         let emitted = crate::metrics::stamp();
         let (frame, header) = crate::ws::text_frame(json);
-        h.send(SourceEvent::Message {
+        let r = h.send(SourceEvent::Message {
             key,
             frame,
             header,
             emitted,
-        })
+        });
+        if r == GW_OK {
+            h.metrics.received.fetch_add(1, Relaxed);
+        }
+        r
     }))
     .unwrap_or(GW_ERROR)
 }
@@ -601,5 +612,77 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         self.destroy_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(
+        capacity: usize,
+    ) -> (
+        Arc<HostCtx>,
+        mpsc::Receiver<SourceEvent>,
+        tokio::runtime::Runtime,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = mpsc::channel(capacity);
+        let ctx = Arc::new(HostCtx {
+            channel: "c".into(),
+            plugin: "p".into(),
+            tx,
+            stop: CancellationToken::new(),
+            stopped: AtomicBool::new(false),
+            exited: Mutex::new(None),
+            max_message: 16,
+            metrics: Arc::default(),
+            rt: rt.handle().clone(),
+        });
+        (ctx, rx, rt)
+    }
+
+    fn emit(ctx: &Arc<HostCtx>, json: &[u8]) -> i32 {
+        host_emit(
+            Arc::as_ptr(ctx) as *mut c_void,
+            GwSlice::EMPTY,
+            GwSlice::from_slice(json),
+        )
+    }
+
+    /// `received` counts what the gateway took: a message answered
+    /// "stopped" is neither published nor dropped, so it is not counted
+    /// either; one refused at the boundary is counted with `rejected`.
+    #[test]
+    fn an_emit_answered_stopped_is_not_counted_as_received() {
+        let (h, mut rx, _rt) = ctx(1);
+        assert_eq!(emit(&h, b"{}"), GW_OK);
+        assert_eq!(emit(&h, &[b' '; 17]), GW_REJECTED);
+        assert_eq!(h.metrics.received.load(Relaxed), 2);
+        assert_eq!(h.metrics.rejected.load(Relaxed), 1);
+
+        // The channel is full: the emit waits, and the stop answers it.
+        let stopper = {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                h.stopped.store(true, Relaxed);
+                h.stop.cancel();
+            })
+        };
+        assert_eq!(emit(&h, b"{}"), GW_STOPPED);
+        stopper.join().unwrap();
+        assert_eq!(emit(&h, b"{}"), GW_STOPPED, "after the stop");
+        assert_eq!(h.metrics.received.load(Relaxed), 2);
+
+        // A closed channel answers "stopped" too.
+        let (h, rx2, _rt) = ctx(1);
+        drop(rx2);
+        assert_eq!(emit(&h, b"{}"), GW_STOPPED);
+        assert_eq!(h.metrics.received.load(Relaxed), 0);
+        assert!(rx.try_recv().is_ok(), "the first message was taken");
     }
 }
