@@ -408,6 +408,10 @@ where
             };
             match ev {
                 Event::Written(Ok(())) => {
+                    // The writer is empty now: take what was queued while
+                    // it wrote (the flag may have survived a full writer,
+                    // and a queue that stays non-empty never wakes it again).
+                    f.queued_while_writing = false;
                     if f.close_queued && writer.is_empty() {
                         f.close_sent = true;
                     }

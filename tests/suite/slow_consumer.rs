@@ -63,6 +63,35 @@ async fn drop_oldest_skips_frames_for_a_stalled_client_and_keeps_it_connected() 
     gw.shutdown().await;
 }
 
+/// A client that catches up after a full writer's write waited gets the
+/// rest of the stream. A frame queued while a full writer waited (with
+/// `write_batch: 1`, any write that waits) used to leave the session asleep
+/// once that write was done: the queue was not empty, so nothing woke it
+/// again (with pings off, never).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_catching_up_after_a_full_writer_waited_gets_the_rest() {
+    let dep = flood(
+        "limits:\n  session_queue: 1\n  write_batch: 1\n  ping_interval: off\n",
+        "{rate: 500, pad: 30000}",
+        "drop_oldest",
+    );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut stalled = connect_stalling(addr, "/flood").await;
+    let drops = "gateway_slow_consumer_drops_total{channel=\"flood\",plugin=\"ticker\"}";
+    eventually("frames dropped for the stalled client", || async {
+        metric(addr, drops).await.filter(|v| *v > 0.0)
+    })
+    .await;
+    let mut prev = 0;
+    for _ in 0..300 {
+        let s = next_json(&mut stalled).await["seq"].as_i64().unwrap();
+        assert!(s > prev, "order is kept");
+        prev = s;
+    }
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_policy_disconnects_a_stalled_client_with_1008() {
     let dep = deployment("close");
