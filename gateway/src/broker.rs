@@ -222,7 +222,11 @@ impl Broker for MemoryBroker {
         };
         let st = match self.state(topic) {
             Some(s) => s,
-            None if retain => self
+            // A channel's last value is kept for whoever comes next; a keyed
+            // stream only while someone follows it (its messages published
+            // after the last one left would be kept for good, and replayed
+            // stale to the next client of that key).
+            None if retain && topic.key.is_none() => self
                 .topics
                 .write()
                 .entry(topic.clone())
@@ -437,6 +441,27 @@ mod tests {
         assert_eq!(b.unsubscribe(&topic, ids[2]), 0);
         b.publish(&topic, &msg, false);
         assert_eq!(m.deliveries.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn a_keyed_stream_nobody_follows_is_not_kept() {
+        let (b, m, _) = unkeyed();
+        let keyed = Topic {
+            channel: "c".into(),
+            key: Some("job-1".into()),
+        };
+        let q = Arc::new(SessionQueue::new(4));
+        let (id, _) = b.subscribe(&keyed, sub(&q, &m), false);
+        assert_eq!(b.unsubscribe(&keyed, id), 0);
+        // The poll its subscribe asked for comes after the client left.
+        let msg = Message::new(Bytes::from_static(b"late"), 0);
+        b.publish(&keyed, &msg, true);
+        assert!(b.topics.read().is_empty(), "the keyed topic was made again");
+        assert!(b.last(&keyed).is_none());
+        // A channel's own last value is still kept without subscribers.
+        let (_, _, unkeyed_topic) = unkeyed();
+        b.publish(&unkeyed_topic, &msg, true);
+        assert_eq!(b.last(&unkeyed_topic).map(|l| l.frame), Some(msg.frame));
     }
 
     #[test]
