@@ -643,17 +643,12 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
         Quota::per_second(NonZeroU32::MIN)
             .allow_burst(NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN)),
     );
-    let rate = cfg
-        .rate_limit
-        .map(|(r, on)| (RateLimiter::direct(r.quota()), on));
-    // Conflated messages waiting for the rate limit, latest per key.
-    let mut pending: BTreeMap<Option<Arc<str>>, Message> = BTreeMap::new();
-    let mut flush_at: Option<tokio::time::Instant> = None;
+    let mut rate = cfg.rate_limit.map(|(r, on)| RateGate::new(r.quota(), on));
     let mut out = Outbox::new(cfg.linger);
     let mut batch = Vec::with_capacity(64);
     loop {
         let flush = async {
-            match flush_at {
+            match rate.as_ref().and_then(|r| r.flush_at) {
                 Some(t) => tokio::time::sleep_until(t).await,
                 None => std::future::pending().await,
             }
@@ -671,18 +666,8 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
                 continue;
             }
             _ = flush => {
-                flush_at = None;
-                if let Some((lim, _)) = &rate {
-                    while let Some((key, _)) = pending.first_key_value() {
-                        if let Err(nu) = lim.check() {
-                            flush_at = Some(tokio::time::Instant::now() + nu.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())));
-                            break;
-                        }
-                        let key = key.clone();
-                        if let Some(msg) = pending.remove(&key) {
-                            out.hold(key, msg);
-                        }
-                    }
+                if let Some(r) = &mut rate {
+                    r.release(&mut out);
                 }
                 out.send_if_due(&rt);
                 continue;
@@ -704,32 +689,20 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
                         SourceEvent::Ready { key, msg } => (key, msg),
                         SourceEvent::End { .. } => continue,
                     };
-                    if let Some((lim, on)) = &rate
-                        && let Err(nu) = lim.check()
-                    {
-                        match on {
-                            OnRateLimit::Drop => {
-                                rt.metrics.rate_dropped.fetch_add(1, Relaxed);
-                            }
-                            OnRateLimit::Conflate => {
-                                if pending.insert(key, msg).is_some() {
-                                    rt.metrics.rate_conflated.fetch_add(1, Relaxed);
-                                }
-                                if flush_at.is_none() {
-                                    let wait = nu.wait_time_from(governor::clock::Clock::now(
-                                        &governor::clock::DefaultClock::default(),
-                                    ));
-                                    flush_at = Some(tokio::time::Instant::now() + wait);
-                                }
-                            }
-                        }
-                        continue;
+                    let admitted = match &mut rate {
+                        Some(r) => r.admit(key, msg, &rt.metrics),
+                        None => Some((key, msg)),
+                    };
+                    if let Some((key, msg)) = admitted {
+                        out.hold(key, msg);
                     }
-                    out.hold(key, msg);
                 }
                 SourceEvent::End { key } => {
                     // A stream's last message is never held back.
-                    if let Some(msg) = pending.remove(&Some(key.clone())) {
+                    if let Some(msg) = rate
+                        .as_mut()
+                        .and_then(|r| r.pending.remove(&Some(key.clone())))
+                    {
                         out.hold(Some(key.clone()), msg);
                     }
                     out.send(&rt);
@@ -741,11 +714,90 @@ async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEven
     }
     // The source stopped: what `conflate` still holds (the latest per key)
     // goes out now rather than nowhere, a last burst over the rate limit.
-    for (key, msg) in std::mem::take(&mut pending) {
-        out.hold(key, msg);
+    if let Some(r) = &mut rate {
+        for (key, msg) in std::mem::take(&mut r.pending) {
+            out.hold(key, msg);
+        }
     }
     out.send(&rt);
     rt.published_all.cancel();
+}
+
+/// A channel's `rate_limit`: what goes now, what waits (`conflate`: the
+/// latest message per key) and what is dropped.
+struct RateGate {
+    lim: DefaultDirectRateLimiter,
+    on: OnRateLimit,
+    /// Conflated messages waiting for the rate limit, latest per key.
+    pending: BTreeMap<Option<Arc<str>>, Message>,
+    /// When the limit lets the first of them go.
+    flush_at: Option<tokio::time::Instant>,
+}
+
+impl RateGate {
+    fn new(quota: Quota, on: OnRateLimit) -> RateGate {
+        RateGate {
+            lim: RateLimiter::direct(quota),
+            on,
+            pending: BTreeMap::new(),
+            flush_at: None,
+        }
+    }
+
+    /// `msg` if it may go now; otherwise it waits (`conflate`) or is
+    /// dropped, and is counted.
+    fn admit(
+        &mut self,
+        key: Option<Arc<str>>,
+        msg: Message,
+        m: &ChannelMetrics,
+    ) -> Option<(Option<Arc<str>>, Message)> {
+        // A key with a message held back stays behind it: the newer one
+        // takes its place. (A slot the limiter frees is the held one's;
+        // taken by the newer message, the held one would go after it, and
+        // stand as the last value.)
+        if let Some(held) = self.pending.get_mut(&key) {
+            *held = msg;
+            m.rate_conflated.fetch_add(1, Relaxed);
+            return None;
+        }
+        let Err(nu) = self.lim.check() else {
+            return Some((key, msg));
+        };
+        match self.on {
+            OnRateLimit::Drop => {
+                m.rate_dropped.fetch_add(1, Relaxed);
+            }
+            OnRateLimit::Conflate => {
+                self.pending.insert(key, msg);
+                if self.flush_at.is_none() {
+                    self.flush_at = Some(Self::after(&nu));
+                }
+            }
+        }
+        None
+    }
+
+    /// The held messages the limit lets go now, into `out`; the rest wait
+    /// for the next slot.
+    fn release(&mut self, out: &mut Outbox) {
+        self.flush_at = None;
+        while let Some((key, _)) = self.pending.first_key_value() {
+            if let Err(nu) = self.lim.check() {
+                self.flush_at = Some(Self::after(&nu));
+                break;
+            }
+            let key = key.clone();
+            if let Some(msg) = self.pending.remove(&key) {
+                out.hold(key, msg);
+            }
+        }
+    }
+
+    fn after(nu: &governor::NotUntil<governor::clock::QuantaInstant>) -> tokio::time::Instant {
+        let now = governor::clock::Clock::now(&governor::clock::DefaultClock::default());
+        tokio::time::Instant::now() + nu.wait_time_from(now)
+    }
 }
 
 /// Messages ready for the broker. What one read of the source brought goes
@@ -1611,5 +1663,37 @@ mod tests {
             );
         }
         assert!(backoff(30) <= BACKOFF_MAX);
+    }
+
+    /// Under `conflate`, a message for a key whose older message is held
+    /// waits behind it, even when the limiter has a slot again before the
+    /// flush runs: it replaces the held one, and the flush sends it.
+    #[test]
+    fn a_newer_message_waits_behind_the_one_held_for_its_key() {
+        let m = ChannelMetrics::default();
+        let quota = Quota::per_hour(NonZeroU32::MIN);
+        let mut g = RateGate::new(quota, OnRateLimit::Conflate);
+        let k: Option<Arc<str>> = Some("k".into());
+        assert!(g.admit(k.clone(), msg(1), &m).is_some(), "the first goes");
+        assert!(g.admit(k.clone(), msg(2), &m).is_none(), "the second waits");
+        assert!(g.flush_at.is_some());
+        // The limit's time comes, and a newer message arrives before the
+        // flush runs.
+        g.lim = RateLimiter::direct(quota);
+        assert!(
+            g.admit(k.clone(), msg(3), &m).is_none(),
+            "the newer message overtook the held one"
+        );
+        assert_eq!(m.rate_conflated.load(Relaxed), 1);
+        // Another key is not held behind `k`.
+        assert!(g.admit(Some("j".into()), msg(4), &m).is_some());
+        g.lim = RateLimiter::direct(quota);
+        let mut out = Outbox::new(Duration::ZERO);
+        g.release(&mut out);
+        assert_eq!(
+            drained(&mut out),
+            [(Some("k".into()), vec![r#"{"n":3}"#.into()])]
+        );
+        assert!(g.pending.is_empty() && g.flush_at.is_none());
     }
 }
