@@ -92,7 +92,14 @@ impl Subscriber {
     fn deliver(&self, msg: &Message, stamp: u32) -> Pushed {
         let frame = match (&self.filter, &msg.value) {
             (Some(f), Some(v)) => {
-                match f.decide(v, &msg.frame, &self.queue, self.on_full, &self.cancelled) {
+                match f.decide(
+                    v,
+                    &msg.frame,
+                    &self.queue,
+                    self.on_full,
+                    &self.cancelled,
+                    &self.metrics,
+                ) {
                     Verdict::Skip | Verdict::Held => return Pushed::Ignored,
                     Verdict::Shared => msg.frame.clone(),
                     Verdict::Own(b) => b,

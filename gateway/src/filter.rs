@@ -16,10 +16,12 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::OnFull;
 use crate::config::types::FilterFile;
-use crate::queue::SessionQueue;
+use crate::metrics::ChannelMetrics;
+use crate::queue::{Pushed, SessionQueue};
 use crate::template::{get_path, parse_path};
 
 /// Conflation keys kept per subscription; beyond this, messages of new keys
@@ -70,6 +72,15 @@ pub struct SubFilter {
     matches: Vec<(Vec<String>, Vec<Value>)>,
     project: Option<(Vec<String>, Vec<String>)>,
     conflate: Option<Conflate>,
+    /// Cancelled when the subscription is gone: the timers of its held
+    /// frames end then, not at their due time.
+    gone: CancellationToken,
+}
+
+impl Drop for SubFilter {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
 }
 
 #[derive(Debug)]
@@ -216,7 +227,8 @@ impl SubFilter {
     }
 
     /// Decide for one message. `value` is the parsed message; `frame` its
-    /// shared frame. Deferred frames are pushed to `queue` by a timer.
+    /// shared frame. Deferred frames are pushed to `queue` by a timer, and
+    /// counted in `metrics` as the broker counts what it pushes.
     pub fn decide(
         self: &Arc<Self>,
         value: &Value,
@@ -224,6 +236,7 @@ impl SubFilter {
         queue: &Arc<SessionQueue>,
         on_full: OnFull,
         cancelled: &Arc<AtomicBool>,
+        metrics: &Arc<ChannelMetrics>,
     ) -> Verdict {
         if !self.matches(value) {
             return Verdict::Skip;
@@ -278,11 +291,20 @@ impl SubFilter {
                 .last_sent
                 .checked_add(c.period)
                 .unwrap_or_else(|| now + MAX_PERIOD);
-            let me = self.clone();
-            let q = queue.clone();
+            // The timer holds the subscription weakly: one that ends frees
+            // its held frames (up to MAX_CONFLATION_KEYS of them) at once,
+            // and its timers end with it.
+            let me = Arc::downgrade(self);
+            let q = Arc::downgrade(queue);
             let cancelled = cancelled.clone();
+            let metrics = metrics.clone();
+            let gone = self.gone.clone();
             tokio::spawn(async move {
-                tokio::time::sleep_until(due).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = gone.cancelled() => return,
+                }
+                let Some(me) = me.upgrade() else { return };
                 let frame = {
                     let mut st = me.conflate.as_ref().map(|c| c.state.lock());
                     st.as_mut().and_then(|st| {
@@ -293,10 +315,24 @@ impl SubFilter {
                         })
                     })
                 };
+                drop(me);
                 if let Some(f) = frame
                     && !cancelled.load(Relaxed)
+                    && let Some(q) = q.upgrade()
                 {
-                    q.push(f, on_full);
+                    match q.push(f, on_full) {
+                        Pushed::Queued => {
+                            metrics.deliveries.fetch_add(1, Relaxed);
+                        }
+                        Pushed::DroppedOldest => {
+                            metrics.deliveries.fetch_add(1, Relaxed);
+                            metrics.slow_drops.fetch_add(1, Relaxed);
+                        }
+                        Pushed::Closed => {
+                            metrics.slow_closes.fetch_add(1, Relaxed);
+                        }
+                        Pushed::Ignored => {}
+                    }
                 }
             });
         }
@@ -389,8 +425,9 @@ mod tests {
         );
         let q = Arc::new(SessionQueue::new(4));
         let c = Arc::new(AtomicBool::new(false));
+        let cm = Arc::default();
         let v = json!({"device_id": 1, "telemetry": {"cpu": 1, "temp": 2}});
-        match f.decide(&v, &Bytes::new(), &q, OnFull::DropOldest, &c) {
+        match f.decide(&v, &Bytes::new(), &q, OnFull::DropOldest, &c, &cm) {
             Verdict::Own(b) => {
                 let (_, body) = b.split_at(2);
                 let got: Value = serde_json::from_slice(body).unwrap();
@@ -410,22 +447,23 @@ mod tests {
         );
         let q = Arc::new(SessionQueue::new(16));
         let c = Arc::new(AtomicBool::new(false));
+        let cm: Arc<ChannelMetrics> = Arc::default();
         let m = |d: i64, n: i64| json!({"device_id": d, "n": n});
         let fr = |v: &Value| crate::ws::frame(crate::ws::OP_TEXT, v.to_string().as_bytes());
         assert!(matches!(
-            f.decide(&m(1, 1), &fr(&m(1, 1)), &q, OnFull::DropOldest, &c),
+            f.decide(&m(1, 1), &fr(&m(1, 1)), &q, OnFull::DropOldest, &c, &cm),
             Verdict::Shared
         ));
         assert!(matches!(
-            f.decide(&m(2, 1), &fr(&m(2, 1)), &q, OnFull::DropOldest, &c),
+            f.decide(&m(2, 1), &fr(&m(2, 1)), &q, OnFull::DropOldest, &c, &cm),
             Verdict::Shared
         ));
         assert!(matches!(
-            f.decide(&m(1, 2), &fr(&m(1, 2)), &q, OnFull::DropOldest, &c),
+            f.decide(&m(1, 2), &fr(&m(1, 2)), &q, OnFull::DropOldest, &c, &cm),
             Verdict::Held
         ));
         assert!(matches!(
-            f.decide(&m(1, 3), &fr(&m(1, 3)), &q, OnFull::DropOldest, &c),
+            f.decide(&m(1, 3), &fr(&m(1, 3)), &q, OnFull::DropOldest, &c, &cm),
             Verdict::Held
         ));
         tokio::time::sleep(Duration::from_secs(11)).await;
@@ -439,5 +477,35 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(cm.deliveries.load(Relaxed), 1, "the held frame is counted");
+    }
+
+    /// A subscription that ends with frames held for later lets them go at
+    /// once: its timers do not keep them, or its session's queue, alive.
+    #[tokio::test(start_paused = true)]
+    async fn held_frames_go_with_their_subscription() {
+        let p = json!("24h");
+        let f = Arc::new(
+            SubFilter::build(&rules(), &[("frequency", &p)])
+                .unwrap()
+                .unwrap(),
+        );
+        let q = Arc::new(SessionQueue::new(16));
+        let c = Arc::new(AtomicBool::new(false));
+        let cm: Arc<ChannelMetrics> = Arc::default();
+        let m = |d: i64| json!({"device_id": d, "pad": "x".repeat(1000)});
+        let fr = |v: &Value| crate::ws::frame(crate::ws::OP_TEXT, v.to_string().as_bytes());
+        for d in 0..50 {
+            f.decide(&m(d), &fr(&m(d)), &q, OnFull::DropOldest, &c, &cm);
+            assert!(matches!(
+                f.decide(&m(d), &fr(&m(d)), &q, OnFull::DropOldest, &c, &cm),
+                Verdict::Held
+            ));
+        }
+        let weak = Arc::downgrade(&f);
+        drop(f);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(weak.upgrade().is_none(), "a timer keeps the filter");
+        assert_eq!(Arc::strong_count(&q), 1, "a timer keeps the queue");
     }
 }
