@@ -208,7 +208,7 @@ impl Gateway {
                 name.into(),
                 state.clone(),
                 tracker.clone(),
-                shutdown.clone(),
+                state.closing.clone(),
             ));
         }
         Ok(Gateway {
@@ -246,6 +246,8 @@ impl Gateway {
     pub async fn shutdown(self) -> bool {
         let deadline = self.state.config().shutdown_deadline;
         tracing::info!(?deadline, "shutting down");
+        // No new connections from now on (`/readyz` says `stopping`).
+        self.state.stop_accepting();
         // Sources first: what they hand over until they have stopped is
         // published, and reaches the clients before their Close (at most
         // half the deadline; a plugin that does not stop delays no more).

@@ -141,7 +141,11 @@ pub struct GatewayState {
     pub broker: Arc<dyn Broker>,
     /// The cluster this instance belongs to (`broker: {kind: nats}`).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
-    /// Cancelled when shutdown begins.
+    /// Cancelled when shutdown begins: the listeners close, `/readyz`
+    /// answers `stopping`, new sessions are refused.
+    pub closing: CancellationToken,
+    /// Cancelled when the sources have stopped and the clients are closed:
+    /// every task ends.
     pub shutdown: CancellationToken,
     /// Bound listener addresses by name.
     pub addrs: BTreeMap<String, SocketAddr>,
@@ -168,6 +172,7 @@ impl GatewayState {
             metrics,
             broker,
             cluster,
+            closing: CancellationToken::new(),
             shutdown,
             addrs,
             started: SystemTime::now(),
@@ -239,6 +244,7 @@ impl GatewayState {
     /// and queue a Close 1001 to every session. Sessions learn of shutdown
     /// through their queue, so none of them waits on the shutdown token.
     pub fn begin_shutdown(&self) {
+        self.closing.cancel();
         self.shutdown.cancel();
         for (_, queue) in self.clients.lock().values() {
             queue.close(close::GOING_AWAY, SHUTTING_DOWN);
@@ -262,9 +268,16 @@ impl GatewayState {
         v.into_iter().map(|(_, c)| c).collect()
     }
 
+    /// Stop taking connections (the first step of shutdown): the listeners
+    /// close, `/readyz` answers `stopping`. Clients already connected are
+    /// served until [`begin_shutdown`](Self::begin_shutdown).
+    pub fn stop_accepting(&self) {
+        self.closing.cancel();
+    }
+
     /// Whether shutdown has begun.
     pub fn shutting_down(&self) -> bool {
-        self.shutdown.is_cancelled()
+        self.closing.is_cancelled()
     }
 
     /// The `/readyz` answer: whether to send traffic here (200) or not

@@ -1,7 +1,7 @@
 //! Shutdown: every client gets Close 1001 and the process exits within its
 //! deadline. Also the process's runtime size, which `TOKIO_WORKER_THREADS` sets.
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -85,6 +85,77 @@ async fn what_the_sources_handed_over_reaches_the_clients_before_their_close() {
     assert_eq!(
         last, published,
         "the client's last message was {last} of the {published} published"
+    );
+}
+
+/// Shutdown stops accepting at once: while a source is still stopping
+/// (here a poll held inside the plugin), new connections are refused, and
+/// the clients already connected still get what the source hands over,
+/// then their Close 1001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_are_refused_while_the_sources_stop() {
+    let dep = Deployment::new();
+    // Half the deadline (what the sources get) outlasts `eventually`.
+    dep.gateway_yaml("shutdown:\n  deadline: 60s\n")
+        .write("specs/schemas/seq.json", SEQ_SCHEMA)
+        .write(
+            "specs/slow.yaml",
+            "channel: slow\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\nendpoints:\n  - path: /slow\n",
+        );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/slow").await;
+    next_json(&mut ws).await;
+    let slow = gw.state().live().channels["slow"].clone();
+    let status = || async {
+        let reply = slow
+            .command(br#"{"op":"status"}"#.to_vec(), PATIENCE)
+            .await
+            .expect("status");
+        serde_json::from_slice::<serde_json::Value>(&reply).unwrap()
+    };
+    slow.command(br#"{"op":"hold"}"#.to_vec(), PATIENCE)
+        .await
+        .expect("hold");
+    let held_seq = eventually("a held poll", || async {
+        let v = status().await;
+        (v["in_poll"] == 1).then(|| v["seq"].as_i64().unwrap())
+    })
+    .await;
+    let done = tokio::spawn(gw.shutdown());
+    // Released whatever happens: a poll held for good would keep the test's
+    // runtime from ending.
+    let refused =
+        std::panic::AssertUnwindSafe(eventually("the listener to refuse connections", || async {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .is_err()
+                .then_some(())
+        }))
+        .catch_unwind()
+        .await;
+    slow.command(br#"{"op":"release"}"#.to_vec(), PATIENCE)
+        .await
+        .expect("release");
+    if let Err(panic) = refused {
+        std::panic::resume_unwind(panic);
+    }
+    let mut last = 0;
+    let code = loop {
+        match next_json_or_close(&mut ws).await {
+            Ok(v) => last = v["seq"].as_i64().unwrap(),
+            Err(code) => break code,
+        }
+    };
+    assert_eq!(code, Some(1001));
+    assert_eq!(
+        last,
+        held_seq + 1,
+        "the held poll's message came before the Close"
+    );
+    assert!(
+        done.await.unwrap(),
+        "every task finished before the deadline"
     );
 }
 
