@@ -323,8 +323,13 @@ impl Control {
         {
             match auth.check_message(&msg) {
                 InbandResult::Accepted(p) => {
+                    // A first auth takes a slot of its principal's; a later
+                    // one as another principal moves the connection to that
+                    // principal's count (the new slot first, then the old
+                    // one is given back).
                     if let Some(name) = &p
-                        && self.guards.is_empty()
+                        && (self.guards.is_empty()
+                            || self.info.principal.lock().as_deref() != Some(&**name))
                     {
                         match self.ep.limits.admit_principal(name) {
                             Ok(g) => self.guards = g,
@@ -333,11 +338,22 @@ impl Control {
                                     .metrics
                                     .refused_per_principal
                                     .fetch_add(1, Relaxed);
-                                out.extend(self.error(
-                                    refusal(r.error, r.message),
-                                    Some(&msg),
-                                    None,
-                                ));
+                                // The answer to an auth message is the auth's
+                                // own refusal, where the endpoint has one.
+                                let r = refusal(r.error, r.message);
+                                out.extend(match &ib.error_reply {
+                                    Some(t) => self.render_inband(
+                                        t,
+                                        vec![
+                                            ("request", msg.clone()),
+                                            (
+                                                "error",
+                                                json!({"code": r.code, "message": r.message}),
+                                            ),
+                                        ],
+                                    ),
+                                    None => self.error(r, Some(&msg), None),
+                                });
                                 self.close = Some((
                                     crate::ws::close::POLICY,
                                     "too many connections for this principal",

@@ -107,7 +107,7 @@ endpoints:
       algorithm: HS256
       secret_default: s3cret
       bearer: false
-      message: {match: {type: auth}, token_field: token, reply: {type: ok}}
+      message: {match: {type: auth}, token_field: token, reply: {type: ok}, error_reply: {type: refused, why: "{{error.code}}"}}
     limits: {max_connections_per_principal: 1}
   - path: /chatty-close
     protocol: p
@@ -250,7 +250,8 @@ async fn connection_caps_per_ip_endpoint_and_principal() {
         .unwrap();
     drop((a1, b1));
 
-    // In-band: the second connection of a principal is refused after auth.
+    // In-band: the second connection of a principal is refused after auth,
+    // with the auth's own refusal.
     let mut c1 = eventually("free slots", || async {
         try_connect(addr, "/inband-user", &[]).await.ok()
     })
@@ -260,10 +261,24 @@ async fn connection_caps_per_ip_endpoint_and_principal() {
     let mut c2 = try_connect(addr, "/inband-user", &[]).await.unwrap();
     send_json(&mut c2, &json!({"type": "auth", "token": jwt("carol")})).await;
     assert_eq!(
-        next_json(&mut c2).await["error"],
-        "too_many_connections_per_principal"
+        next_json(&mut c2).await,
+        json!({"type": "refused", "why": "too_many_connections_per_principal"})
     );
     assert_eq!(close_code(&mut c2).await, Some(1008));
+    // Authenticating again as another user moves the connection to that
+    // user's count: carol's slot is free, dave's taken.
+    send_json(&mut c1, &json!({"type": "auth", "token": jwt("dave")})).await;
+    assert_eq!(next_json(&mut c1).await, json!({"type": "ok"}));
+    let mut c3 = try_connect(addr, "/inband-user", &[]).await.unwrap();
+    send_json(&mut c3, &json!({"type": "auth", "token": jwt("carol")})).await;
+    assert_eq!(next_json(&mut c3).await, json!({"type": "ok"}));
+    let mut c4 = try_connect(addr, "/inband-user", &[]).await.unwrap();
+    send_json(&mut c4, &json!({"type": "auth", "token": jwt("dave")})).await;
+    assert_eq!(
+        next_json(&mut c4).await,
+        json!({"type": "refused", "why": "too_many_connections_per_principal"})
+    );
+    assert_eq!(close_code(&mut c4).await, Some(1008));
 
     assert_eq!(
         metric(addr, "gateway_connections_refused_total{reason=\"per_ip\"}").await,
@@ -275,7 +290,7 @@ async fn connection_caps_per_ip_endpoint_and_principal() {
             "gateway_connections_refused_total{reason=\"per_principal\"}"
         )
         .await,
-        Some(2.0)
+        Some(3.0)
     );
 }
 
