@@ -12,7 +12,9 @@
 //! A whole-string placeholder whose value is missing leaves its key out of
 //! the enclosing object (so optional fields disappear), becomes `null` in a
 //! list, and renders as `null` at the top. Missing values spliced into text
-//! are empty.
+//! are empty. `{{path ?? default}}` renders `default` (a JSON value: `null`,
+//! `0`, `false`, `"none"`, `[]`, `{}`) where the value is missing, so a key
+//! can be kept: `data: "{{request.data ?? null}}"`.
 
 use std::borrow::Cow;
 
@@ -40,6 +42,8 @@ pub struct VarPath {
     pub root: String,
     /// The rest.
     pub rest: Vec<String>,
+    /// What a missing value renders as (`{{request.data ?? null}}`).
+    pub default: Option<Value>,
 }
 
 /// A piece of a text template.
@@ -161,7 +165,7 @@ impl Template {
 }
 
 fn lookup(ctx: &dyn Context, p: &VarPath) -> Option<Value> {
-    ctx.lookup(p)
+    ctx.lookup(p).or_else(|| p.default.clone())
 }
 
 /// The value at `rest` below `root`.
@@ -208,6 +212,18 @@ pub fn parse_path(text: &str) -> Result<Vec<String>, String> {
 }
 
 fn var(text: &str, roots: &[&str]) -> Result<VarPath, String> {
+    let (path, default) = match text.split_once("??") {
+        None => (text, None),
+        Some((path, d)) => {
+            let d = serde_json::from_str::<Value>(d.trim()).map_err(|_| {
+                format!(
+                    "in {{{{{text}}}}}: the default after `??` must be a JSON value, e.g. null, 0, false, \"none\", [] or {{}}"
+                )
+            })?;
+            (path, Some(d))
+        }
+    };
+    let text = path.trim();
     let mut steps = parse_path(text).map_err(|e| format!("in {{{{{text}}}}}: {e}"))?;
     let root = steps.remove(0);
     if !roots.contains(&root.as_str()) {
@@ -217,7 +233,32 @@ fn var(text: &str, roots: &[&str]) -> Result<VarPath, String> {
             roots.join(", ")
         ));
     }
-    Ok(VarPath { root, rest: steps })
+    Ok(VarPath {
+        root,
+        rest: steps,
+        default,
+    })
+}
+
+/// The placeholder at the start of `after` (the text after `{{`): what is
+/// inside it, and its length up to and including the closing `}}`.
+fn placeholder(after: &str) -> Option<(&str, usize)> {
+    let j = after.find("}}")?;
+    if let Some(q) = after[..j].find("??") {
+        // The default is JSON and may end in `}` itself (`{{x ?? {}}}`):
+        // read one JSON value, then expect the closing braces.
+        let d = &after[q + 2..];
+        let mut values = serde_json::Deserializer::from_str(d).into_iter::<Value>();
+        if let Some(Ok(_)) = values.next() {
+            let end = q + 2 + values.byte_offset();
+            let tail = &after[end..];
+            let gap = tail.len() - tail.trim_start().len();
+            if tail[gap..].starts_with("}}") {
+                return Some((&after[..end], end + gap + 2));
+            }
+        }
+    }
+    Some((&after[..j], j + 2))
 }
 
 fn compile_str(s: &str, roots: &[&str]) -> Result<Template, String> {
@@ -231,11 +272,11 @@ fn compile_str(s: &str, roots: &[&str]) -> Result<Template, String> {
             parts.push(Part::Lit(rest[..i].to_string()));
         }
         let after = &rest[i + 2..];
-        let Some(j) = after.find("}}") else {
+        let Some((inner, len)) = placeholder(after) else {
             return Err(format!("unclosed {{{{ in {s:?}"));
         };
-        parts.push(Part::Var(var(&after[..j], roots)?));
-        rest = &after[j + 2..];
+        parts.push(Part::Var(var(inner, roots)?));
+        rest = &after[len..];
     }
     if !rest.is_empty() {
         parts.push(Part::Lit(rest.to_string()));
@@ -309,6 +350,25 @@ mod tests {
             Template::compile(&json!({"a": [1, "x"]}), &[]).unwrap(),
             Template::Literal(_)
         ));
+    }
+
+    #[test]
+    fn a_default_stands_in_for_a_missing_value_only() {
+        let t = Template::compile(
+            &json!({"d": "{{request.nope ?? null}}", "o": "{{request.nope??{}}}", "s": "{{ request.nope ?? \"-\" }}",
+                    "l": ["{{request.nope ?? [1]}}"], "t": "n={{request.nope ?? 0}};", "x": "{{request.n ?? null}}",
+                    "k": "{{request.data ?? {\"a\": {}}}}"}),
+            &["request"],
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&ctx()),
+            json!({"d": null, "o": {}, "s": "-", "l": [[1]], "t": "n=0;", "x": 5, "k": {"a": [1, 2]}})
+        );
+        let e = Template::compile(&json!("{{request.nope ?? nothing}}"), &["request"]).unwrap_err();
+        assert!(e.contains("must be a JSON value"), "{e}");
+        let e = Template::compile(&json!("{{nope ?? 1}}"), &["request"]).unwrap_err();
+        assert!(e.starts_with("unknown variable {{nope}}"), "{e}");
     }
 
     #[test]
