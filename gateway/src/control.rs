@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use crate::auth::{InbandResult, Principal};
 use crate::channel::{CommandError, Subscription};
-use crate::config::{Action, ChannelCfg, EndpointCfg, OnFull, TimestampFormat};
+use crate::config::{Action, ChannelCfg, EndpointCfg, NotSubscribed, OnFull, TimestampFormat};
 use crate::context::GatewayCtx;
 use crate::filter::SubFilter;
 use crate::queue::SessionQueue;
@@ -23,6 +23,9 @@ use crate::template::{Template, With};
 
 /// Plugin commands one client may have in flight.
 const MAX_COMMANDS_IN_FLIGHT: usize = 4;
+/// Most subscriptions one connection may hold (with a `subscription_key`,
+/// each value is one): every publish to a channel visits each of them.
+pub const MAX_SUBSCRIPTIONS: usize = 1024;
 
 /// A session's control state.
 pub struct Control {
@@ -531,7 +534,9 @@ impl Control {
                 };
                 let id = Self::sub_id(&p, &msg);
                 if matches!(act, Action::Unsubscribe) {
-                    if self.unsubscribe(&name, id.as_deref()) {
+                    if self.unsubscribe(&name, id.as_deref())
+                        || p.not_subscribed == NotSubscribed::Confirm
+                    {
                         out.extend(self.render(
                             &p.replies.unsubscribed,
                             vec![("request", msg), ("channel", Value::String(name))],
@@ -547,6 +552,23 @@ impl Control {
                             Some(&name),
                         ));
                     }
+                    return;
+                }
+                // What this subscribe replaces (see `subscribe`) does not count.
+                let replaced = self
+                    .subs
+                    .iter()
+                    .filter(|(n, i, _)| **n == *name && !(id.is_some() && i.is_some() && *i != id))
+                    .count();
+                if self.subs.len() - replaced >= MAX_SUBSCRIPTIONS {
+                    out.extend(self.error(
+                        refusal(
+                            "too_many_subscriptions",
+                            format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"),
+                        ),
+                        Some(&msg),
+                        Some(&name),
+                    ));
                     return;
                 }
                 let filter = match self.filters_of(&p, &ch, &msg) {

@@ -317,6 +317,56 @@ http:
     dep
 }
 
+/// A connection holds at most `MAX_SUBSCRIPTIONS` subscriptions: with a
+/// `subscription_key`, each value is one, and every publish visits each.
+/// One more is refused with `too_many_subscriptions`; replacing one is not
+/// one more, and ending one makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_a_bounded_number_of_subscriptions() {
+    use gateway::control::MAX_SUBSCRIPTIONS;
+    let dep = Deployment::new();
+    dep.gateway_yaml(
+        "protocols:\n  iot:\n    subscription_key: device_id\nendpoints:\n  - path: /ws\n    protocol: iot\n    channels: all\n",
+    )
+    .write("specs/schemas/any.json", ANY_SCHEMA)
+    .write(
+        "specs/telemetry.yaml",
+        &bus_spec("telemetry", "filters:\n  device_id: {match: device_id}\n"),
+    );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/ws").await;
+    let sub = |d: usize| json!({"type": "subscribe", "channel": "telemetry", "device_id": d});
+    for d in 0..MAX_SUBSCRIPTIONS {
+        send_json(&mut ws, &sub(d)).await;
+    }
+    for _ in 0..MAX_SUBSCRIPTIONS {
+        assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    }
+    send_json(&mut ws, &sub(MAX_SUBSCRIPTIONS)).await;
+    let e = next_json(&mut ws).await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["error"], "too_many_subscriptions", "{e}");
+    let subscribers = "gateway_subscribers{channel=\"telemetry\",plugin=\"test-faults\"}";
+    assert_eq!(
+        metric(addr, subscribers).await,
+        Some(MAX_SUBSCRIPTIONS as f64)
+    );
+    subscribe(&mut ws, sub(0)).await;
+    send_json(
+        &mut ws,
+        &json!({"type": "unsubscribe", "channel": "telemetry", "device_id": 1}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "unsubscribed");
+    subscribe(&mut ws, sub(MAX_SUBSCRIPTIONS)).await;
+    assert_eq!(
+        metric(addr, subscribers).await,
+        Some(MAX_SUBSCRIPTIONS as f64)
+    );
+    gw.shutdown().await;
+}
+
 async fn subscribe(ws: &mut Ws, msg: Value) {
     send_json(ws, &msg).await;
     let r = next_json(ws).await;

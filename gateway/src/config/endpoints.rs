@@ -95,6 +95,8 @@ pub struct ProtocolCfg {
     pub filters_field: Option<String>,
     /// Field whose value identifies one of several subscriptions to a channel.
     pub subscription_key: Option<String>,
+    /// What unsubscribing from a channel not followed answers.
+    pub not_subscribed: NotSubscribed,
     /// `{{now}}` format.
     pub timestamps: TimestampFormat,
     /// Client action name → action.
@@ -493,6 +495,7 @@ pub(crate) fn compile_protocols(
                         .contains(&FiltersAt::Filters)
                         .then(|| pv.filters_field.clone()),
                     subscription_key: pv.subscription_key.clone(),
+                    not_subscribed: pv.not_subscribed,
                     timestamps: pv.timestamps,
                     actions,
                     replies: Replies {

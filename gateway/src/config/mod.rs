@@ -23,7 +23,7 @@ pub use endpoints::{
 };
 use error::Sink;
 pub use error::{ConfigError, ConfigErrors};
-pub use types::{BuiltinAction, LogFormat, OnFull, SourceMode, TimestampFormat};
+pub use types::{BuiltinAction, LogFormat, NotSubscribed, OnFull, SourceMode, TimestampFormat};
 use types::{ChannelFile, GatewayFile};
 
 pub mod endpoints;

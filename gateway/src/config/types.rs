@@ -642,6 +642,17 @@ pub struct ChannelFile {
     pub examples: Vec<Spanned<serde_json::Value>>,
 }
 
+/// What `unsubscribe` from a channel the client does not follow answers.
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NotSubscribed {
+    /// The `error` reply, code `not_subscribed`.
+    #[default]
+    Error,
+    /// The `unsubscribed` reply: unsubscribing is idempotent.
+    Confirm,
+}
+
 /// How `{{now}}` renders.
 #[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -694,6 +705,11 @@ pub struct ProtocolFile {
     /// value makes a subscription of its own: subscribing with several values
     /// follows each, and unsubscribing with one ends only that one.
     pub subscription_key: Option<String>,
+    /// What `unsubscribe` from a channel the client does not follow
+    /// answers: `error` (`not_subscribed`) or `confirm` (the `unsubscribed`
+    /// reply, as if it had followed it).
+    #[serde(default)]
+    pub not_subscribed: NotSubscribed,
     /// How `{{now}}` renders in replies.
     #[serde(default)]
     pub timestamps: TimestampFormat,
