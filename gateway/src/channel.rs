@@ -169,6 +169,9 @@ pub struct ChannelRuntime {
     /// Cancelled when the publisher has ended: everything the source
     /// handed over has been published.
     published_all: CancellationToken,
+    /// Set when a reload removed the channel: what its source still hands
+    /// over is published to nobody (and kept as nobody's last value).
+    removed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -224,6 +227,20 @@ impl ChannelRuntime {
     pub async fn stop_source_and_publish(&self) {
         self.stop.cancel();
         self.published_all.cancelled().await;
+    }
+
+    /// Cancelled once everything the source handed over is published (a
+    /// successor's publisher waits for it).
+    pub fn published_all(&self) -> CancellationToken {
+        self.published_all.clone()
+    }
+
+    /// A reload removed the channel: stop the source; what it still hands
+    /// over goes nowhere (its subscribers are closed, and a retained value
+    /// would outlive the channel).
+    pub fn remove(&self) {
+        self.removed.store(true, Relaxed);
+        self.stop();
     }
 
     /// Subscribe a session queue to the channel (or to one keyed stream,
@@ -537,6 +554,7 @@ pub fn start(
     shutdown: CancellationToken,
     state: Weak<GatewayState>,
     cluster: Option<&Arc<Cluster>>,
+    after: Option<CancellationToken>,
 ) -> Arc<ChannelRuntime> {
     let cm = metrics.channel(&cfg.name, cfg.source.name());
     // Builtin sources report on this instance: their messages stay here,
@@ -564,8 +582,9 @@ pub fn start(
         started_at: std::time::SystemTime::now(),
         cluster: cluster.clone(),
         published_all: CancellationToken::new(),
+        removed: AtomicBool::new(false),
     });
-    tracker.spawn(publish_loop(rt.clone(), ev_rx));
+    tracker.spawn(publish_loop(rt.clone(), ev_rx, after));
     match &cfg.source.kind {
         SourceKind::Plugin(plugin) if let Some(c) = cluster => {
             tracker.spawn(leased(
@@ -636,8 +655,29 @@ async fn run_status(
     }
 }
 
+/// How long a channel's publisher waits, after a reload that changed the
+/// channel, for its predecessor's last messages.
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
+
 /// Parse, validate and frame each message once, then hand it to the broker.
-async fn publish_loop(rt: Arc<ChannelRuntime>, mut rx: mpsc::Receiver<SourceEvent>) {
+/// With `after` (the predecessor's `published_all`, at a reload that changed
+/// the channel), nothing is published before the old source's last
+/// messages, or `PREDECESSOR_WAIT`: the two never interleave.
+async fn publish_loop(
+    rt: Arc<ChannelRuntime>,
+    mut rx: mpsc::Receiver<SourceEvent>,
+    after: Option<CancellationToken>,
+) {
+    if let Some(prev) = after
+        && tokio::time::timeout(PREDECESSOR_WAIT, prev.cancelled())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            channel = %rt.cfg.name,
+            "the channel's previous source was still stopping {PREDECESSOR_WAIT:?} after the reload; its last messages may come after the new source's"
+        );
+    }
     let cfg = &rt.cfg;
     let log_limit: DefaultDirectRateLimiter = RateLimiter::direct(
         Quota::per_second(NonZeroU32::MIN)
@@ -868,6 +908,9 @@ impl Outbox {
 }
 
 fn publish(rt: &ChannelRuntime, key: Option<Arc<str>>, msgs: &[Message]) {
+    if rt.removed.load(Relaxed) {
+        return;
+    }
     let cfg = &rt.cfg;
     rt.metrics.published.fetch_add(msgs.len() as u64, Relaxed);
     // Unkeyed channels always keep their latest message (for `latest` HTTP

@@ -168,6 +168,7 @@ impl Gateway {
                     shutdown.clone(),
                     weak.clone(),
                     cluster.as_ref(),
+                    None,
                 );
                 channels.insert(ch.name.clone(), rt);
             }

@@ -136,6 +136,7 @@ impl Reloader {
                 st.shutdown.clone(),
                 Arc::downgrade(st),
                 st.cluster.as_ref(),
+                prev.map(|p| p.published_all()),
             );
             // A restarted channel was ready before; readiness is about the
             // first start.
@@ -165,7 +166,7 @@ impl Reloader {
 
         // After the swap: nobody new can subscribe to what goes now.
         for rt in &removed {
-            rt.stop();
+            rt.remove();
             report.removed.push(rt.cfg.name.to_string());
             report.closed +=
                 st.broker

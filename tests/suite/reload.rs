@@ -59,6 +59,126 @@ async fn read_in_order(ws: &mut Ws, mut prev: i64, n: usize) -> i64 {
     prev
 }
 
+/// A plugin command to `rt`, answered as JSON.
+async fn command(
+    rt: &gateway::channel::ChannelRuntime,
+    request: serde_json::Value,
+) -> serde_json::Value {
+    let reply = rt
+        .command(request.to_string().into_bytes(), PATIENCE)
+        .await
+        .unwrap_or_else(|e| panic!("command {request}: {e:?}"));
+    serde_json::from_slice(&reply).unwrap()
+}
+
+/// Queue `message` at `rt`'s plugin once it runs.
+async fn emit_when_running(rt: &gateway::channel::ChannelRuntime, message: serde_json::Value) {
+    let request = serde_json::json!({"op": "emit", "messages": [message]}).to_string();
+    eventually("the channel's plugin", || async {
+        rt.command(request.clone().into_bytes(), PATIENCE)
+            .await
+            .ok()
+    })
+    .await;
+}
+
+/// Hold `rt`'s next poll inside the plugin, and have it emit `message`
+/// when released.
+async fn hold_with(rt: &gateway::channel::ChannelRuntime, message: serde_json::Value) {
+    command(rt, serde_json::json!({"op": "hold"})).await;
+    eventually("a held poll", || async {
+        (command(rt, serde_json::json!({"op": "status"})).await["in_poll"] == 1).then_some(())
+    })
+    .await;
+    command(rt, serde_json::json!({"op": "emit", "messages": [message]})).await;
+}
+
+/// Run `f`, then release `rt`'s held poll whatever happened (a poll held
+/// for good would keep the test's runtime from ending).
+async fn then_release<T>(
+    rt: &gateway::channel::ChannelRuntime,
+    f: impl std::future::Future<Output = T>,
+) -> T {
+    use futures_util::FutureExt;
+    let r = std::panic::AssertUnwindSafe(f).catch_unwind().await;
+    command(rt, serde_json::json!({"op": "release"})).await;
+    r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// The old source's last messages come before the new source's (a reload
+/// that changed the channel): the two publishers never interleave. And what
+/// a removed channel's source hands over after the removal is nobody's: the
+/// channel, added again, does not replay it as its last value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_source_s_last_messages_come_first_and_a_removed_one_s_go_nowhere() {
+    use serde_json::json;
+    let dep = Deployment::new();
+    // burst 0: the plugin emits only what the `emit` command queued.
+    let spec = |interval: &str| {
+        format!(
+            "channel: slow\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: {interval}\n  config: {{burst: 0}}\nlast_value: true\nendpoints:\n  - path: /slow\n"
+        )
+    };
+    dep.gateway_yaml("")
+        .write("specs/schemas/any.json", ANY_SCHEMA)
+        .write("specs/slow.yaml", &spec("20ms"))
+        // Another channel, so that removing `slow` leaves a configuration.
+        .write("specs/other.yaml", &bus_spec("other", ""));
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/slow").await;
+
+    // Changed: the old source is held in a poll while the new one runs.
+    let old = gw.state().live().channels["slow"].clone();
+    emit_when_running(&old, json!({"n": "first"})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"n": "first"}));
+    hold_with(&old, json!({"n": "old"})).await;
+    let new = then_release(&old, async {
+        dep.write("specs/slow.yaml", &spec("25ms"));
+        gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+        let new = gw.state().live().channels["slow"].clone();
+        emit_when_running(&new, json!({"n": "new"})).await;
+        let polls = command(&new, json!({"op": "status"})).await["polls"]
+            .as_u64()
+            .unwrap();
+        eventually("the new source's message emitted", || async {
+            let now = command(&new, json!({"op": "status"})).await["polls"]
+                .as_u64()
+                .unwrap();
+            (now >= polls + 2).then_some(())
+        })
+        .await;
+        new
+    })
+    .await;
+    assert_eq!(next_json(&mut ws).await, json!({"n": "old"}));
+    assert_eq!(next_json(&mut ws).await, json!({"n": "new"}));
+
+    // Removed while its source is held; its message comes after.
+    hold_with(&new, json!({"n": "removed"})).await;
+    then_release(&new, async {
+        std::fs::remove_file(dep.path("specs/slow.yaml")).unwrap();
+        let report = gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.removed, ["slow"]);
+    })
+    .await;
+    assert_eq!(close_code(&mut ws).await, Some(1001));
+    tokio::time::timeout(PATIENCE, new.published_all().cancelled())
+        .await
+        .expect("the removed source's last message handed over");
+    dep.write("specs/slow.yaml", &spec("20ms"));
+    gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    let again = gw.state().live().channels["slow"].clone();
+    let mut ws = connect(addr, "/slow").await;
+    emit_when_running(&again, json!({"n": "fresh"})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"n": "fresh"}),
+        "a removed channel's message was replayed"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_are_added_changed_and_removed_without_dropping_the_others() {
     let dep = Deployment::new();
