@@ -172,6 +172,8 @@ pub struct ChannelRuntime {
     /// Set when a reload removed the channel: what its source still hands
     /// over is published to nobody (and kept as nobody's last value).
     removed: AtomicBool,
+    /// Plugin commands running now (`MAX_CHANNEL_COMMANDS`).
+    commands: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Default)]
@@ -227,6 +229,12 @@ impl ChannelRuntime {
     pub async fn stop_source_and_publish(&self) {
         self.stop.cancel();
         self.published_all.cancelled().await;
+    }
+
+    /// The plugin instance running now, if any (to call it directly, past
+    /// the command bound: tests and tools).
+    pub fn current_instance(&self) -> Option<Arc<Instance>> {
+        self.current.lock().clone()
     }
 
     /// Cancelled once everything the source handed over is published (a
@@ -459,11 +467,19 @@ impl ChannelRuntime {
                     RemoteAnswer::Crashed(m) => Err(CommandError::Crashed(m)),
                     RemoteAnswer::Unavailable => Err(CommandError::Unavailable),
                     RemoteAnswer::Timeout => Err(CommandError::Timeout),
+                    RemoteAnswer::Busy => Err(CommandError::Busy),
                 };
             }
             (None, _) => return Err(CommandError::Unavailable),
         };
-        let call = tokio::task::spawn_blocking(move || inst.command(&request));
+        let Ok(permit) = self.commands.clone().try_acquire_owned() else {
+            return Err(CommandError::Busy);
+        };
+        // The permit goes back when the plugin returns, not at the timeout.
+        let call = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            inst.command(&request)
+        });
         match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(CommandError::Timeout),
             Ok(Err(_)) => Err(CommandError::Crashed("the command thread failed".into())),
@@ -538,7 +554,17 @@ pub enum CommandError {
     Failed(String),
     /// The plugin panicked.
     Crashed(String),
+    /// `MAX_CHANNEL_COMMANDS` of the channel's commands are still running
+    /// in the plugin (a command that timed out runs on until the plugin
+    /// returns).
+    Busy,
 }
+
+/// Most plugin commands of one channel running at once. Each runs on a
+/// blocking thread until the plugin returns, past its timeout too: without
+/// a bound, a command that hangs, asked again and again, would take every
+/// thread of the pool that polls and `open_key` share.
+pub const MAX_CHANNEL_COMMANDS: usize = 16;
 
 /// Start a channel's publisher and source supervisor. `state` is the
 /// gateway's (builtin sources report on it; it may not be upgradable yet
@@ -583,6 +609,7 @@ pub fn start(
         cluster: cluster.clone(),
         published_all: CancellationToken::new(),
         removed: AtomicBool::new(false),
+        commands: Arc::new(tokio::sync::Semaphore::new(MAX_CHANNEL_COMMANDS)),
     });
     tracker.spawn(publish_loop(rt.clone(), ev_rx, after));
     match &cfg.source.kind {
@@ -1328,6 +1355,7 @@ async fn leased(
                             Err(CommandError::Crashed(m)) => [b"c".as_slice(), m.as_bytes()].concat(),
                             Err(CommandError::Timeout) => b"t".to_vec(),
                             Err(CommandError::Unavailable) => b"u".to_vec(),
+                            Err(CommandError::Busy) => b"b".to_vec(),
                         };
                         let _ = client.publish(reply, answer.into()).await;
                     });

@@ -174,6 +174,8 @@ pub enum RemoteAnswer {
     Unavailable,
     /// No answer in time.
     Timeout,
+    /// The holder runs as many commands of the channel as it may at once.
+    Busy,
 }
 
 /// This instance's membership of the cluster; also its [`Broker`].
@@ -646,6 +648,7 @@ impl Cluster {
                 Some((b'f', rest)) => RemoteAnswer::Failed(String::from_utf8_lossy(rest).into()),
                 Some((b'c', rest)) => RemoteAnswer::Crashed(String::from_utf8_lossy(rest).into()),
                 Some((b't', _)) => RemoteAnswer::Timeout,
+                Some((b'b', _)) => RemoteAnswer::Busy,
                 _ => RemoteAnswer::Unavailable,
             },
             Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => RemoteAnswer::Timeout,

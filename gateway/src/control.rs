@@ -738,6 +738,13 @@ pub fn command_error(channel: &str, e: CommandError) -> (&'static str, String) {
         ),
         CommandError::Failed(m) => ("command_failed", m),
         CommandError::Crashed(m) => ("plugin_error", m),
+        CommandError::Busy => (
+            "busy",
+            format!(
+                "the source of channel {channel:?} is still running {} commands: try again later",
+                crate::channel::MAX_CHANNEL_COMMANDS
+            ),
+        ),
     }
 }
 

@@ -326,6 +326,7 @@ where
                         crate::channel::CommandError::Crashed(_) => {
                             StatusCode::INTERNAL_SERVER_ERROR
                         }
+                        crate::channel::CommandError::Busy => StatusCode::SERVICE_UNAVAILABLE,
                     };
                     let (code, message) = command_error(&cmd.channel, e);
                     error_reply(status, code, &message)

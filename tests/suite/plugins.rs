@@ -426,6 +426,56 @@ async fn a_push_plugin_that_finished_by_itself_is_finished_and_ready() {
     gw.shutdown().await;
 }
 
+/// A channel runs at most `MAX_CHANNEL_COMMANDS` plugin commands at once,
+/// counting those that timed out but still run in the plugin: a command
+/// that hangs, asked again and again, cannot take every blocking thread
+/// (which polls share). One more is refused as busy at once; the slots
+/// come back when the plugin returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_still_running_in_the_plugin_are_bounded_per_channel() {
+    use gateway::channel::{CommandError, MAX_CHANNEL_COMMANDS};
+    use std::time::Duration;
+    let dep = Deployment::new();
+    dep.gateway_yaml("")
+        .write("specs/schemas/seq.json", SEQ_SCHEMA)
+        .write(
+            "specs/slow.yaml",
+            "channel: slow\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\nendpoints:\n  - path: /slow\n",
+        );
+    let gw = dep.start().await;
+    let slow = gw.state().live().channels["slow"].clone();
+    eventually("the slow channel's plugin", || async {
+        slow.command(br#"{"op":"hold"}"#.to_vec(), PATIENCE)
+            .await
+            .ok()
+    })
+    .await;
+    let short = Duration::from_millis(50);
+    for i in 0..MAX_CHANNEL_COMMANDS {
+        let r = slow.command(br#"{"op":"wait"}"#.to_vec(), short).await;
+        assert!(
+            matches!(r, Err(CommandError::Timeout)),
+            "command {i}: {r:?}"
+        );
+    }
+    let r = slow.command(br#"{"op":"wait"}"#.to_vec(), PATIENCE).await;
+    assert!(matches!(r, Err(CommandError::Busy)), "one more: {r:?}");
+    // The release cannot run either: the plugin is asked directly.
+    gw.state().live().channels["slow"]
+        .current_instance()
+        .expect("the plugin runs")
+        .command(br#"{"op":"release"}"#)
+        .expect("release");
+    let status = eventually("the slots back", || async {
+        slow.command(br#"{"op":"status"}"#.to_vec(), PATIENCE)
+            .await
+            .ok()
+    })
+    .await;
+    assert!(!status.is_empty());
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_that_overruns_its_interval_neither_piles_up_nor_blocks_other_channels() {
     let dep = Deployment::new();

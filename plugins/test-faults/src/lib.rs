@@ -44,7 +44,8 @@
 //! queues those messages, emitted as they are on the unkeyed stream at the
 //! next tick (push) or poll, and answers `{"queued":n}`; `{"op":"hold"}` makes
 //! every poll that starts from then on wait at its start until
-//! `{"op":"release"}` (both answer `{"held":bool}`). `status` also reports
+//! `{"op":"release"}` (both answer `{"held":bool}`); `{"op":"wait"}` waits
+//! while held, like a poll, then answers `{"waited":true}`. `status` also reports
 //! `"in_poll"`, the polls running now, and `"most_in_poll"`, the most that
 //! ever ran at once.
 
@@ -368,6 +369,10 @@ impl Plugin for TestFaults {
             },
             Some("hold") => Ok(self.set_held(true)),
             Some("release") => Ok(self.set_held(false)),
+            Some("wait") => {
+                self.wait_released();
+                Ok(json!({ "waited": true }))
+            }
             Some("status") => {
                 let (in_poll, most_in_poll) = *lock(&self.in_poll);
                 Ok(json!({
