@@ -169,8 +169,9 @@ pub struct ChannelRuntime {
     /// Cancelled when the publisher has ended: everything the source
     /// handed over has been published.
     published_all: CancellationToken,
-    /// Set when a reload removed the channel: what its source still hands
-    /// over is published to nobody (and kept as nobody's last value).
+    /// Set when a reload removed the channel, or closed its keyed streams:
+    /// what its source still hands over is published to nobody (and kept as
+    /// nobody's last value).
     removed: AtomicBool,
     /// Plugin commands running now (`MAX_CHANNEL_COMMANDS`).
     commands: Arc<tokio::sync::Semaphore>,
@@ -243,9 +244,9 @@ impl ChannelRuntime {
         self.published_all.clone()
     }
 
-    /// A reload removed the channel: stop the source; what it still hands
-    /// over goes nowhere (its subscribers are closed, and a retained value
-    /// would outlive the channel).
+    /// A reload removed the channel (or closed its keyed streams): stop the
+    /// source; what it still hands over goes nowhere (its subscribers are
+    /// closed, and a retained value would outlive the channel).
     pub fn remove(&self) {
         self.removed.store(true, Relaxed);
         self.stop();

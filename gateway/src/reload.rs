@@ -120,8 +120,15 @@ impl Reloader {
                 continue;
             }
             if let Some(rt) = prev {
-                // Stop the old source first: one source per channel.
-                rt.stop();
+                // Stop the old source first: one source per channel. A keyed
+                // channel's streams are closed below (their clients reopen
+                // them on the new source): what the old source still hands
+                // over would reach those new streams, so it goes nowhere.
+                if rt.cfg.keyed {
+                    rt.remove();
+                } else {
+                    rt.stop();
+                }
                 replaced.push(rt.clone());
                 report.changed.push(ch.name.to_string());
             } else {
