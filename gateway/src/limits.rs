@@ -373,6 +373,12 @@ mod tests {
         assert_eq!(Rate::parse("100/s").map(|r| r.count), Some(100));
         assert_eq!(Rate::parse("0/s"), None);
         assert_eq!(Rate::parse("ten/s"), None);
+        // Beyond what the limiter can count (it panicked at 1/600y).
+        assert_eq!(Rate::parse("1/600y"), None);
+        assert_eq!(Rate::parse("1/101y"), None);
+        let longest = Rate::parse("1/100y").unwrap();
+        let _ = longest.quota();
+        let _ = ip_limiter(longest);
         let l = ip_limiter(Rate::parse("2/1m").unwrap());
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         assert!(check_ip(&l, ip).is_ok());

@@ -535,6 +535,33 @@ fn no_plugin_directory() {
     );
 }
 
+/// A plugin directory that does not exist is reported once, where it is
+/// configured, not as a missing plugin in every channel spec.
+#[test]
+fn a_plugin_directory_that_does_not_exist() {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        "listeners:\n  main:\n    bind: 127.0.0.1:0\nplugins:\n  dirs: [no-such-dir]\nchannels:\n  - specs/*.yaml\n",
+    );
+    dep.shipped_schema("ticker.json");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    dep.write(
+        "specs/other.yaml",
+        &TICKER_SPEC
+            .replace("channel: ticker", "channel: other")
+            .replace("/ws/ticker", "/ws/other"),
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:5:10: plugins.dirs: no plugin directory exists ({}): build the plugins (cargo build --release) or correct the path (relative to this file)",
+            at(&dep, "gateway.yaml"),
+            at(&dep, "no-such-dir")
+        )]
+    );
+}
+
 #[test]
 fn plugin_declaring_another_name() {
     let dep = deployment("");
@@ -912,6 +939,72 @@ fn admin_asyncapi_must_be_a_free_path() {
     );
 }
 
+/// The admin routes are answered first on the admin listener: an endpoint
+/// at one of their paths would never be reached, and is refused.
+#[test]
+fn an_endpoint_at_an_admin_path_is_refused() {
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        &TICKER_SPEC.replace("path: /ws/ticker", "path: /metrics"),
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:7:11: endpoints[0].path: path \"/metrics\" on listener \"main\" is an admin route, answered before channel \"ticker\", which would never be reached: choose another path, or serve the admin routes on another listener (admin.listener)",
+            at(&dep, "specs/ticker.yaml")
+        )]
+    );
+}
+
+/// A rate whose period the limiter cannot count is refused at its line
+/// (it made `gateway check` panic).
+#[test]
+fn a_rate_with_a_period_too_long_is_refused() {
+    let dep = deployment("limits:\n  new_connections_per_ip: 1/600y\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let errs = errors(&dep);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with(&format!(
+            "{}:9:27: limits.new_connections_per_ip: invalid rate \"1/600y\"",
+            at(&dep, "gateway.yaml")
+        )) && errs[0].contains("at most 100 years"),
+        "{errs:?}"
+    );
+}
+
+/// `log.level` is checked: a word that is no level used to be read as a
+/// target name (logging nothing else), and a bad directive was skipped with
+/// an unlocated line on stderr.
+#[test]
+fn a_log_level_that_is_no_level_is_refused() {
+    for (level, what) in [
+        ("verbose", "unknown level \"verbose\""),
+        (
+            "\"gateway=verbse,info\"",
+            "invalid directive in \"gateway=verbse,info\"",
+        ),
+    ] {
+        let dep = deployment(&format!("log:\n  level: {level}\n"));
+        dep.write("specs/ticker.yaml", TICKER_SPEC);
+        let errs = errors(&dep);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with(&format!(
+                "{}:9:10: log.level: {what}",
+                at(&dep, "gateway.yaml")
+            )) && errs[0].contains("write a level (trace, debug, info, warn, error, off)"),
+            "{errs:?}"
+        );
+    }
+    for ok in ["debug", "WARN", "gateway=debug,info", "off"] {
+        let dep = deployment(&format!("log:\n  level: {ok}\n"));
+        dep.write("specs/ticker.yaml", TICKER_SPEC);
+        dep.load().unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}
+
 // --- Listeners. ---
 
 #[test]
@@ -933,6 +1026,49 @@ fn invalid_listener_address() {
             at(&dep, "gateway.yaml")
         )]
     );
+}
+
+/// Two listeners on one port are refused at load (it failed only at bind);
+/// a wildcard takes the port on every address of its family, and an IPv6
+/// one on IPv4's too. Port 0 may be asked for any number of times.
+#[test]
+fn two_listeners_on_one_port_are_refused() {
+    for (a, b, clash) in [
+        ("127.0.0.1:18080", "0.0.0.0:18080", true),
+        ("127.0.0.1:18080", "127.0.0.1:18080", true),
+        ("127.0.0.1:18080", "'[::]:18080'", true),
+        ("127.0.0.1:18080", "'[::1]:18080'", false),
+        ("127.0.0.1:18080", "127.0.0.2:18080", false),
+        ("127.0.0.1:0", "127.0.0.1:0", false),
+    ] {
+        let dep = Deployment::new();
+        dep.write(
+            "gateway.yaml",
+            &format!(
+                "listeners:\n  main:\n    bind: {a}\n  public:\n    bind: {b}\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n",
+                target_dir().display()
+            ),
+        );
+        dep.shipped_schema("ticker.json");
+        dep.write(
+            "specs/ticker.yaml",
+            &TICKER_SPEC.replace("path: /ws/ticker", "path: /ws/ticker\n    listener: main"),
+        );
+        if clash {
+            let errs = errors(&dep);
+            assert_eq!(errs.len(), 1, "{a} {b}: {errs:?}");
+            assert!(
+                errs[0].starts_with(&format!(
+                    "{}:5:11: listeners.public.bind: ",
+                    at(&dep, "gateway.yaml")
+                )) && errs[0].contains("overlaps listener \"main\"")
+                    && errs[0].contains("give this one another port"),
+                "{a} {b}: {errs:?}"
+            );
+        } else {
+            dep.load().unwrap_or_else(|e| panic!("{a} {b}: {e}"));
+        }
+    }
 }
 
 #[test]

@@ -401,6 +401,38 @@ fn compile_broker(sink: &mut Sink, b: &Spanned<types::BrokerFile>) -> BrokerCfg 
 /// The fixed admin routes.
 const ADMIN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
+/// Whether two listeners' addresses would take the same port: the same
+/// address, or a wildcard of the other's family (an IPv6 wildcard takes the
+/// IPv4 addresses too, dual-stack as Linux binds it). Port 0 picks a free
+/// port: any number of listeners may ask for it.
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |w: SocketAddr, o: SocketAddr| {
+        w.ip().is_unspecified() && (w.is_ipv6() || w.is_ipv4() == o.is_ipv4())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+/// A `log.level`: comma-separated directives, each a level (`trace`,
+/// `debug`, `info`, `warn`, `error`, `off`) or `target=level` (a bare word
+/// that is no level would be read as a target name, and log nothing else).
+fn check_log_level(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let hint = "write a level (trace, debug, info, warn, error, off) or directives like gateway=debug,info";
+    for d in level.split(',').map(str::trim) {
+        if d.is_empty() {
+            return Err(format!("empty directive in {level:?}: {hint}"));
+        }
+        let bare = !d.contains(['=', '[']);
+        if bare && !LEVELS.contains(&d.to_ascii_lowercase().as_str()) {
+            return Err(format!("unknown level {d:?}: {hint}"));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(level)
+        .map(|_| ())
+        .map_err(|e| format!("invalid directive in {level:?} ({e}): {hint}"))
+}
+
 /// Whether `p` is a literal URL path (a place for an admin page): it starts
 /// with `/` and has no parameters, query or fragment.
 fn literal_path(p: &str) -> bool {
@@ -843,6 +875,20 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             .unwrap_or_default(),
         };
         match resolve_addr(text) {
+            Ok(bind)
+                if let Some(other) = listeners
+                    .iter()
+                    .find(|o: &&ListenerCfg| binds_overlap(o.bind, bind)) =>
+            {
+                sink.at(
+                    &l.bind,
+                    field,
+                    format!(
+                        "{bind} overlaps listener {:?} ({}, line {}): two listeners cannot bind one port; give this one another port",
+                        other.name, other.bind, other.origin.line
+                    ),
+                )
+            }
             Ok(bind) => listeners.push(ListenerCfg {
                 name: name.clone(),
                 bind,
@@ -968,6 +1014,25 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             "no plugin directory configured; add e.g. `plugins: {dirs: [target/release]}`",
         );
     }
+    // None of them exists: said once, here, rather than as a missing plugin
+    // in every channel spec.
+    let plugin_dirs = if !plugin_dirs.is_empty() && plugin_dirs.iter().all(|d| !d.is_dir()) {
+        let listed: Vec<String> = plugin_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        let msg = format!(
+            "no plugin directory exists ({}): build the plugins (cargo build --release) or correct the path (relative to this file)",
+            listed.join(", ")
+        );
+        match (&opts.plugin_dirs, gw.plugins.dirs.first()) {
+            (None, Some(d)) => sink.at(d, "plugins.dirs", msg),
+            _ => sink.push(0, 0, "--plugin-dir", msg),
+        }
+        Vec::new()
+    } else {
+        plugin_dirs
+    };
 
     // Channel spec files.
     let mut spec_files = Vec::new();
@@ -1311,6 +1376,30 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         );
     }
 
+    let log_level = match &gw.log.level {
+        None => types::default_log_level(),
+        Some(l) => {
+            if let Err(m) = check_log_level(&l.value) {
+                sink.at(l, "log.level", m);
+            }
+            l.value.clone()
+        }
+    };
+
+    // The admin routes are answered first on the admin listener: an
+    // endpoint or HTTP route at one of their paths would never be reached.
+    if let Some(l) = &admin_listener {
+        for p in ADMIN_PATHS {
+            if let Ok(pat) = crate::router::PathPattern::parse(p)
+                && let Some((other, prev)) = path_origin.get(&(l.clone(), pat.shape()))
+            {
+                sink.errors.push(prev.error(format!(
+                    "path {p:?} on listener {l:?} is an admin route, answered before {other}, which would never be reached: choose another path, or serve the admin routes on another listener (admin.listener)"
+                )));
+            }
+        }
+    }
+
     let broker = match &gw.broker {
         Some(b) => compile_broker(&mut sink, b),
         None => BrokerCfg::Memory,
@@ -1334,7 +1423,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         status_page,
         asyncapi_path,
         limits,
-        log_level: gw.log.level,
+        log_level,
         log_format: gw.log.format,
         shutdown_deadline: gw.shutdown.deadline.0,
         channels,

@@ -61,8 +61,12 @@ pub struct Rate {
     pub per: Duration,
 }
 
+/// The longest period a rate may have: the limiter counts time in u64
+/// nanoseconds (about 584 years), and a longer one made it panic.
+pub const MAX_RATE_PERIOD: Duration = Duration::from_secs(100 * 31_557_600);
+
 impl Rate {
-    /// Parse `COUNT/PERIOD`.
+    /// Parse `COUNT/PERIOD` (a period of at most [`MAX_RATE_PERIOD`]).
     pub fn parse(s: &str) -> Option<Rate> {
         let (n, p) = s.trim().split_once('/')?;
         let count: u32 = n.trim().parse().ok().filter(|c| *c > 0)?;
@@ -73,7 +77,7 @@ impl Rate {
             "h" | "hour" => Duration::from_secs(3600),
             other => humantime::parse_duration(other)
                 .ok()
-                .filter(|d| !d.is_zero())?,
+                .filter(|d| !d.is_zero() && *d <= MAX_RATE_PERIOD)?,
         };
         Some(Rate { count, per })
     }
@@ -93,7 +97,7 @@ impl<'de> Deserialize<'de> for Rate {
         let s = String::deserialize(d)?;
         Rate::parse(&s).ok_or_else(|| {
             de::Error::custom(format!(
-                "invalid rate {s:?}: write COUNT/PERIOD with COUNT ≥ 1, e.g. 100/s, 10/1m, 1000/min"
+                "invalid rate {s:?}: write COUNT/PERIOD with COUNT ≥ 1 and a PERIOD of at most 100 years, e.g. 100/s, 10/1m, 1000/min"
             ))
         })
     }
@@ -510,8 +514,8 @@ fn default_source_buffer() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct LogFile {
     /// Level or filter (`info`, `debug`, `gateway=debug,info`); `RUST_LOG` wins when set.
-    #[serde(default = "default_log_level")]
-    pub level: String,
+    #[schemars(with = "String", default = "default_log_level")]
+    pub level: Option<Spanned<String>>,
     /// `text` (human) or `json` (one object per line).
     #[serde(default)]
     pub format: LogFormat,
@@ -520,13 +524,13 @@ pub struct LogFile {
 impl Default for LogFile {
     fn default() -> Self {
         LogFile {
-            level: default_log_level(),
+            level: None,
             format: LogFormat::Text,
         }
     }
 }
 
-fn default_log_level() -> String {
+pub(crate) fn default_log_level() -> String {
     "info".into()
 }
 
