@@ -1005,6 +1005,31 @@ fn a_log_level_that_is_no_level_is_refused() {
     }
 }
 
+/// HTTP routes and the publish API take a token by header or query only: an
+/// auth with `message` is refused there even with `bearer` (the default) or
+/// `query` on, since an in-band auth lets a request without a token through
+/// (a publish with no token was accepted).
+#[test]
+fn an_in_band_auth_is_refused_on_http_routes_and_the_publish_api() {
+    let jwt = "{mode: jwt, algorithm: HS256, secret_default: s3cret, message: {match: {type: auth}, token_field: token}}";
+    let dep = deployment(&format!(
+        "publish:\n  auth: {jwt}\nhttp:\n  - path: /stats\n    auth: {jwt}\n    body: {{ok: true}}\n"
+    ));
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let file = at(&dep, "gateway.yaml");
+    assert_eq!(
+        errors(&dep),
+        [
+            format!(
+                "{file}:9:9: publish.auth: the publish API authenticates by header or query only: remove `message` (and use `jwt` or `api_key`)"
+            ),
+            format!(
+                "{file}:12:11: http[0].auth: HTTP routes authenticate by header or query only: remove `message` (and use `jwt` or `api_key`)"
+            ),
+        ]
+    );
+}
+
 // --- Listeners. ---
 
 #[test]

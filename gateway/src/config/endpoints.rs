@@ -1092,8 +1092,11 @@ pub(crate) fn compile_http(
     );
     let auth = match &r.auth {
         None => Auth::None,
+        // Any `message` is refused, not only one without `bearer` or
+        // `query`: a request without a token would pass (an in-band auth
+        // makes the token optional before the upgrade).
         Some(span) => match compile_auth(&span.value, dir) {
-            Ok(a) if a.needs_message() => {
+            Ok(a) if a.inband().is_some() => {
                 sink.at(
                     span,
                     f("auth"),
@@ -1325,11 +1328,11 @@ pub(crate) fn compile_publish(
         .filter(|n| lk.channels.iter().any(|c| c.name == *n && !c.keyed))
         .collect();
     let auth = match compile_auth(&p.auth.value, dir) {
-        Ok(a) if a.needs_message() => {
+        Ok(a) if a.inband().is_some() => {
             sink.at(
                 &p.auth,
                 "publish.auth",
-                "the publish API authenticates by header or query only",
+                "the publish API authenticates by header or query only: remove `message` (and use `jwt` or `api_key`)",
             );
             return None;
         }
