@@ -60,7 +60,8 @@ fn refusal(code: &'static str, message: impl Into<String>) -> Refusal {
 
 impl Control {
     /// Control for a new session. `principal` is None while in-band
-    /// authentication is pending.
+    /// authentication is pending; `guards` are its slots of the principal's.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ep: Arc<EndpointCfg>,
         state: Arc<GatewayState>,
@@ -69,6 +70,7 @@ impl Control {
         key: Option<(Arc<str>, Vec<u8>)>,
         params: Value,
         principal: Option<Principal>,
+        guards: Vec<crate::limits::CountGuard>,
     ) -> Control {
         Control {
             ep,
@@ -80,7 +82,7 @@ impl Control {
             authed: principal.is_some(),
             subs: Vec::new(),
             in_flight: Arc::new(AtomicUsize::new(0)),
-            guards: Vec::new(),
+            guards,
             close: None,
         }
     }

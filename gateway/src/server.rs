@@ -478,7 +478,7 @@ fn handle_endpoint(
         }
     }
     // Rates and per-IP caps before any costly auth work.
-    let mut guards = match endpoint.limits.admit_ip(info.peer.ip()) {
+    let guards = match endpoint.limits.admit_ip(info.peer.ip()) {
         Ok(g) => g,
         Err(r) => return limit_reply(state, &info, path, r),
     };
@@ -490,12 +490,13 @@ fn handle_endpoint(
             return error_reply(e.status, e.error, &e.message);
         }
     };
-    if let Some(Principal(Some(p))) = &principal {
-        match endpoint.limits.admit_principal(p) {
-            Ok(g) => guards.extend(g),
+    let principal_guards = match &principal {
+        Some(Principal(Some(p))) => match endpoint.limits.admit_principal(p) {
+            Ok(g) => g,
             Err(r) => return limit_reply(state, &info, path, r),
-        }
-    }
+        },
+        _ => Vec::new(),
+    };
     if shutdown.is_cancelled() {
         return error_reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -550,6 +551,7 @@ fn handle_endpoint(
         params: serde_json::Value::Object(params_obj),
         principal,
         guards,
+        principal_guards,
         state: state.clone(),
     });
     // The task holds only what the upgrade needs, and then one pointer: the

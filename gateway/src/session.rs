@@ -48,6 +48,10 @@ pub struct SessionCtx {
     pub principal: Option<Principal>,
     /// Connection-limit slots held for the session's life.
     pub guards: Vec<crate::limits::CountGuard>,
+    /// The principal's slots (`max_connections_per_principal`), taken at the
+    /// upgrade; they move with the principal if the client authenticates
+    /// again in-band as another.
+    pub principal_guards: Vec<crate::limits::CountGuard>,
     /// Gateway state (shutdown reaches the session through its queue:
     /// [`GatewayState::begin_shutdown`]).
     pub state: Arc<GatewayState>,
@@ -290,6 +294,7 @@ where
             ctx.key.take(),
             std::mem::take(&mut ctx.params),
             ctx.principal.take(),
+            std::mem::take(&mut ctx.principal_guards),
         );
         let el = &ctx.endpoint.limits;
         let mut reader = FrameReader::new(el.max_message_size);

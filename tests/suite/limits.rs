@@ -109,6 +109,15 @@ endpoints:
       bearer: false
       message: {match: {type: auth}, token_field: token, reply: {type: ok}, error_reply: {type: refused, why: "{{error.code}}"}}
     limits: {max_connections_per_principal: 1}
+  - path: /header-or-inband-user
+    protocol: p
+    channels: [feed]
+    auth:
+      mode: jwt
+      algorithm: HS256
+      secret_default: s3cret
+      message: {match: {type: auth}, token_field: token, reply: {type: ok}, error_reply: {type: refused, why: "{{error.code}}"}}
+    limits: {max_connections_per_principal: 1}
   - path: /chatty-close
     protocol: p
     channels: [feed]
@@ -292,6 +301,40 @@ async fn connection_caps_per_ip_endpoint_and_principal() {
         .await,
         Some(3.0)
     );
+}
+
+/// A client that connected with a token in the header and authenticates
+/// again in-band keeps its slot as the same principal (it was refused as
+/// its own second connection), and moves it as another (the first
+/// principal's slot stayed taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_band_auth_after_a_header_token_keeps_or_moves_the_principal_s_slot() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let bearer = |sub: &str| format!("Bearer {}", jwt(sub));
+    let path = "/header-or-inband-user";
+    let mut ws = try_connect(addr, path, &[("Authorization", &bearer("alice"))])
+        .await
+        .unwrap();
+    send_json(&mut ws, &json!({"type": "auth", "token": jwt("alice")})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "ok"}));
+    let (s, _) = try_connect(addr, path, &[("Authorization", &bearer("alice"))])
+        .await
+        .err()
+        .expect("alice's second connection is refused");
+    assert_eq!(s, 429);
+    send_json(&mut ws, &json!({"type": "auth", "token": jwt("bob")})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "ok"}));
+    let _alice = try_connect(addr, path, &[("Authorization", &bearer("alice"))])
+        .await
+        .expect("alice's slot is free again");
+    let (s, _) = try_connect(addr, path, &[("Authorization", &bearer("bob"))])
+        .await
+        .err()
+        .expect("bob's slot is taken");
+    assert_eq!(s, 429);
+    gw.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
