@@ -71,6 +71,20 @@ pub fn error_reply(status: StatusCode, error: &str, message: &str) -> Reply {
     )
 }
 
+/// What a 426 must carry (RFC 9110 §15.5.22, §7.8): the protocol to upgrade
+/// to, and `Connection: upgrade` beside `Upgrade`.
+fn upgrade_headers(r: &mut Reply) {
+    let h = r.headers_mut();
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+}
+
 /// Serve one listener until `shutdown`.
 pub async fn serve_listener(
     listener: TcpListener,
@@ -410,11 +424,15 @@ fn handle_endpoint(
     let m = &state.metrics;
     if method != Method::GET {
         m.refused_bad_request.fetch_add(1, Relaxed);
-        return error_reply(
+        let mut r = error_reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "WebSocket endpoints accept GET upgrades only",
         );
+        // RFC 9110 §15.5.6: a 405 lists the methods the target takes.
+        r.headers_mut()
+            .insert(http::header::ALLOW, http::HeaderValue::from_static("GET"));
+        return r;
     }
     if !header_has(headers, http::header::UPGRADE, "websocket")
         || !header_has(headers, http::header::CONNECTION, "upgrade")
@@ -425,10 +443,7 @@ fn handle_endpoint(
             "upgrade_required",
             &format!("{path} is a WebSocket endpoint: connect with a WebSocket client"),
         );
-        r.headers_mut().insert(
-            http::header::UPGRADE,
-            http::HeaderValue::from_static("websocket"),
-        );
+        upgrade_headers(&mut r);
         return r;
     }
     if headers
@@ -446,6 +461,7 @@ fn handle_endpoint(
             http::header::SEC_WEBSOCKET_VERSION,
             http::HeaderValue::from_static("13"),
         );
+        upgrade_headers(&mut r);
         return r;
     }
     let Some(key) = headers

@@ -70,14 +70,22 @@ async fn requests_that_cannot_upgrade_get_json_errors() {
         body,
         r#"{"error":"not_found","message":"nothing is served at /nowhere"}"#
     );
-    let (status, _, body) = http(addr, "GET", "/open", &[]).await;
+    let (status, head, body) = http(addr, "GET", "/open", &[]).await;
     assert_eq!(status, 426);
     assert_eq!(
         body,
         r#"{"error":"upgrade_required","message":"/open is a WebSocket endpoint: connect with a WebSocket client"}"#
     );
-    let (status, _, _) = http(addr, "POST", "/open", &UPGRADE).await;
+    // RFC 9110: a 426 names the protocol, with the `upgrade` option.
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("upgrade: websocket") && head.contains("connection: upgrade"),
+        "{head}"
+    );
+    let (status, head, _) = http(addr, "POST", "/open", &UPGRADE).await;
     assert_eq!(status, 405);
+    // RFC 9110: a 405 lists the methods the target takes.
+    assert!(head.to_ascii_lowercase().contains("allow: get"), "{head}");
     for bad_key in [
         "",
         "short",
@@ -94,10 +102,9 @@ async fn requests_that_cannot_upgrade_get_json_errors() {
     old[2] = ("Sec-WebSocket-Version", "8");
     let (status, head, _) = http(addr, "GET", "/open", &old).await;
     assert_eq!(status, 426);
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("sec-websocket-version: 13")
-    );
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("sec-websocket-version: 13"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
     gw.shutdown().await;
 }
 
