@@ -26,6 +26,9 @@ fn query_object(query: &str) -> Value {
     Value::Object(m)
 }
 
+/// How long a request's body may take to arrive, whole.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn read_body<S, B>(mut body: S, limit: usize) -> Result<Vec<u8>, Reply>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
@@ -123,9 +126,19 @@ where
             &format!("the request body is larger than {} bytes", route.max_body),
         );
     }
-    let raw = match read_body(body, route.max_body).await {
-        Ok(b) => b,
-        Err(r) => return r,
+    // The headers had HEADER_TIMEOUT; the body gets as long: a client that
+    // sends it a byte at a time, or never ends it, does not hold a
+    // connection (and up to max_body of memory) for good.
+    let raw = match tokio::time::timeout(BODY_TIMEOUT, read_body(body, route.max_body)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(r)) => return r,
+        Err(_) => {
+            return error_reply(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                &format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+            );
+        }
     };
     let body_json = if raw.iter().all(u8::is_ascii_whitespace) {
         Value::Null

@@ -238,3 +238,35 @@ async fn the_delivery_delay_histogram_shows_what_a_message_waited() {
         "both writes counted under {bound} s, one waited {waited_at_least} s"
     );
 }
+
+/// A request body that never ends is answered 408 once `BODY_TIMEOUT` is
+/// up, and the connection closed: a client sending a byte at a time does
+/// not hold a connection and its buffer for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_ends_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dep = deployment("");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /publish/news HTTP/1.1\r\nHost: {addr}\r\nX-Api-Key: pub-key\r\nContent-Length: 100\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(
+        gateway::http_routes::BODY_TIMEOUT + PATIENCE,
+        s.read_to_end(&mut buf),
+    )
+    .await
+    .expect("an answer, then the end of the connection")
+    .unwrap();
+    let (status, _, body) = split_response(&buf);
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("request_timeout"), "{body}");
+    gw.shutdown().await;
+}

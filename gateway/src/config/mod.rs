@@ -440,7 +440,7 @@ fn literal_path(p: &str) -> bool {
 }
 
 /// The HTTP error statuses the gateway answers with (docs/configuration.md).
-const HTTP_ERRORS_SENT: &[u16] = &[400, 401, 403, 404, 405, 413, 426, 429, 500, 503, 504];
+const HTTP_ERRORS_SENT: &[u16] = &[400, 401, 403, 404, 405, 408, 413, 426, 429, 500, 503, 504];
 
 impl Config {
     /// The statuses listener `name` answers as others (`status_codes`).
