@@ -1508,7 +1508,7 @@ fn listener_status_codes_must_map_an_error_status_to_an_error_status() {
     for (map, msg) in [
         (
             "{200: 404}",
-            "200 is not a code the gateway sends; it sends 400, 401, 403, 404, 405, 413, 426, 429, 500, 503, 504",
+            "200 is not a code the gateway sends; it sends 400, 401, 403, 404, 405, 408, 413, 426, 429, 500, 503, 504",
         ),
         (
             "{405: 302}",

@@ -321,8 +321,7 @@ async fn in_band_auth_after_a_header_token_keeps_or_moves_the_principal_s_slot()
     assert_eq!(next_json(&mut ws).await, json!({"type": "ok"}));
     let (s, _) = try_connect(addr, path, &[("Authorization", &bearer("alice"))])
         .await
-        .err()
-        .expect("alice's second connection is refused");
+        .expect_err("alice's second connection is refused");
     assert_eq!(s, 429);
     send_json(&mut ws, &json!({"type": "auth", "token": jwt("bob")})).await;
     assert_eq!(next_json(&mut ws).await, json!({"type": "ok"}));
@@ -331,8 +330,7 @@ async fn in_band_auth_after_a_header_token_keeps_or_moves_the_principal_s_slot()
         .expect("alice's slot is free again");
     let (s, _) = try_connect(addr, path, &[("Authorization", &bearer("bob"))])
         .await
-        .err()
-        .expect("bob's slot is taken");
+        .expect_err("bob's slot is taken");
     assert_eq!(s, 429);
     gw.shutdown().await;
 }

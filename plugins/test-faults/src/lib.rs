@@ -44,12 +44,16 @@
 //! queues those messages, emitted as they are on the unkeyed stream at the
 //! next tick (push) or poll, and answers `{"queued":n}`; `{"op":"hold"}` makes
 //! every poll that starts from then on wait at its start until
-//! `{"op":"release"}` (both answer `{"held":bool}`); `{"op":"wait"}` waits
-//! while held, like a poll, then answers `{"waited":true}`. `status` also reports
+//! `{"op":"release"}` (both answer `{"held":bool}`; a hold lets go by itself
+//! after 60 s); `{"op":"wait"}` waits while held, like a poll, then answers
+//! `{"waited":true}`. `status` also reports
 //! `"in_poll"`, the polls running now, and `"most_in_poll"`, the most that
 //! ever ran at once.
 
 #![forbid(unsafe_code)]
+
+/// The longest a held poll or `wait` command waits for `release`.
+const HOLD_MAX: Duration = Duration::from_secs(60);
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -193,14 +197,22 @@ impl TestFaults {
             .then(|| PluginError::new(format!("test-faults: {} exists", path.display())))
     }
 
-    /// Wait while held (the `hold` command).
+    /// Wait while held (the `hold` command), at most `HOLD_MAX`: a test
+    /// that fails before its `release` then fails, instead of hanging on a
+    /// poll that never returns (a runtime waits for its blocking threads).
     fn wait_released(&self) {
+        let until = std::time::Instant::now() + HOLD_MAX;
         let mut held = lock(&self.held);
         while *held {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
             held = self
                 .released
-                .wait(held)
-                .unwrap_or_else(PoisonError::into_inner);
+                .wait_timeout(held, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
