@@ -464,6 +464,11 @@ pub fn bus_spec(name: &str, extra: &str) -> String {
     )
 }
 
+/// Channel `slow` at /slow: test-faults polled every 20 ms, each poll one
+/// `{"seq":n}` (schema `schemas/seq.json`, [`SEQ_SCHEMA`]); with
+/// [`hold_a_poll`], a poll that waits inside the plugin.
+pub const SLOW_POLL_SPEC: &str = "channel: slow\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\nendpoints:\n  - path: /slow\n";
+
 /// Accepts any JSON object.
 pub const ANY_SCHEMA: &str = r#"{"type": "object"}"#;
 
@@ -636,4 +641,42 @@ pub fn status_page_deployment(
         &format!("channel: flaky\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: {poll_every}\n  config: {{error_every: {error_every}}}\nendpoints:\n  - path: /ws/flaky\n"),
     );
     dep
+}
+
+/// A command to `rt`'s plugin, answered as JSON (a refusal fails the test).
+pub async fn plugin_command(rt: &gateway::channel::ChannelRuntime, request: Value) -> Value {
+    let reply = rt
+        .command(request.to_string().into_bytes(), PATIENCE)
+        .await
+        .unwrap_or_else(|e| panic!("command {request}: {e:?}"));
+    serde_json::from_slice(&reply).expect("the plugin answered JSON")
+}
+
+/// Hold `rt`'s test-faults polls (`hold`) and wait until one is held inside
+/// the plugin; its `status` then (`seq`: the last message it emitted).
+/// Pair with [`then_release`].
+pub async fn hold_a_poll(rt: &gateway::channel::ChannelRuntime) -> Value {
+    eventually("the channel's plugin", || async {
+        rt.command(br#"{"op":"hold"}"#.to_vec(), PATIENCE)
+            .await
+            .ok()
+    })
+    .await;
+    eventually("a held poll", || async {
+        let v = plugin_command(rt, serde_json::json!({"op": "status"})).await;
+        (v["in_poll"] == 1).then_some(v)
+    })
+    .await
+}
+
+/// Run `f`, then release `rt`'s held polls whatever happened: a test that
+/// fails meanwhile fails at once, not after the plugin's own 60 s bound.
+pub async fn then_release<T>(
+    rt: &gateway::channel::ChannelRuntime,
+    f: impl std::future::Future<Output = T>,
+) -> T {
+    use futures_util::FutureExt;
+    let r = std::panic::AssertUnwindSafe(f).catch_unwind().await;
+    plugin_command(rt, serde_json::json!({"op": "release"})).await;
+    r.unwrap_or_else(|p| std::panic::resume_unwind(p))
 }

@@ -379,6 +379,40 @@ fn schema_that_is_not_a_json_schema() {
     );
 }
 
+/// A misspelt keyword or format is an annotation to a JSON Schema
+/// validator: the check it names silently did not happen (`requird` left
+/// every field optional). Both are refused, with the keyword meant.
+#[test]
+fn a_schema_with_a_misspelt_keyword_or_format_is_refused() {
+    let dep = deployment("");
+    dep.write(
+        "specs/schemas/typo.json",
+        r#"{"type": "object", "requird": ["seq"], "properties": {"seq": {"type": "integer", "minimun": 1}, "x": {"anyOf": [{"maxLenght": 3}]}}, "x-owner": "team"}"#,
+    );
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/typo.json\nsource:\n  plugin: ticker\n  mode: push\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:2:9: schema: schema {} uses unknown keyword `minimun` at /properties/seq (did you mean `minimum`?), unknown keyword `maxLenght` at /properties/x/anyOf/0 (did you mean `maxLength`?), unknown keyword `requird` at / (did you mean `required`?): validation would ignore them; correct them (a custom annotation: prefix it with x-)",
+            at(&dep, "specs/ticker.yaml"),
+            at(&dep, "specs/schemas/typo.json")
+        )]
+    );
+    dep.write(
+        "specs/schemas/typo.json",
+        r#"{"type": "object", "properties": {"at": {"type": "string", "format": "date-tme"}}}"#,
+    );
+    let errs = errors(&dep);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("is not a valid JSON Schema") && errs[0].contains("date-tme"),
+        "{errs:?}"
+    );
+}
+
 #[test]
 fn schema_that_is_not_json() {
     let dep = deployment("");

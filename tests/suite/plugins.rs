@@ -438,18 +438,10 @@ async fn commands_still_running_in_the_plugin_are_bounded_per_channel() {
     let dep = Deployment::new();
     dep.gateway_yaml("")
         .write("specs/schemas/seq.json", SEQ_SCHEMA)
-        .write(
-            "specs/slow.yaml",
-            "channel: slow\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\nendpoints:\n  - path: /slow\n",
-        );
+        .write("specs/slow.yaml", SLOW_POLL_SPEC);
     let gw = dep.start().await;
     let slow = gw.state().live().channels["slow"].clone();
-    eventually("the slow channel's plugin", || async {
-        slow.command(br#"{"op":"hold"}"#.to_vec(), PATIENCE)
-            .await
-            .ok()
-    })
-    .await;
+    hold_a_poll(&slow).await;
     let short = Duration::from_millis(50);
     for i in 0..MAX_CHANNEL_COMMANDS {
         let r = slow.command(br#"{"op":"wait"}"#.to_vec(), short).await;
@@ -484,7 +476,7 @@ async fn a_poll_that_overruns_its_interval_neither_piles_up_nor_blocks_other_cha
         .write("specs/schemas/seq.json", SEQ_SCHEMA)
         .write(
             "specs/slow.yaml",
-            "channel: slow\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\nendpoints:\n  - path: /slow\n",
+            SLOW_POLL_SPEC,
         )
         .write(
             "specs/steady.yaml",

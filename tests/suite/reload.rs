@@ -59,18 +59,6 @@ async fn read_in_order(ws: &mut Ws, mut prev: i64, n: usize) -> i64 {
     prev
 }
 
-/// A plugin command to `rt`, answered as JSON.
-async fn command(
-    rt: &gateway::channel::ChannelRuntime,
-    request: serde_json::Value,
-) -> serde_json::Value {
-    let reply = rt
-        .command(request.to_string().into_bytes(), PATIENCE)
-        .await
-        .unwrap_or_else(|e| panic!("command {request}: {e:?}"));
-    serde_json::from_slice(&reply).unwrap()
-}
-
 /// Queue `message` at `rt`'s plugin once it runs.
 async fn emit_when_running(rt: &gateway::channel::ChannelRuntime, message: serde_json::Value) {
     let request = serde_json::json!({"op": "emit", "messages": [message]}).to_string();
@@ -85,24 +73,15 @@ async fn emit_when_running(rt: &gateway::channel::ChannelRuntime, message: serde
 /// Hold `rt`'s next poll inside the plugin, and have it emit `message`
 /// when released.
 async fn hold_with(rt: &gateway::channel::ChannelRuntime, message: serde_json::Value) {
-    command(rt, serde_json::json!({"op": "hold"})).await;
-    eventually("a held poll", || async {
-        (command(rt, serde_json::json!({"op": "status"})).await["in_poll"] == 1).then_some(())
-    })
-    .await;
-    command(rt, serde_json::json!({"op": "emit", "messages": [message]})).await;
+    hold_a_poll(rt).await;
+    plugin_command(rt, serde_json::json!({"op": "emit", "messages": [message]})).await;
 }
 
-/// Run `f`, then release `rt`'s held poll whatever happened (a poll held
-/// for good would keep the test's runtime from ending).
-async fn then_release<T>(
-    rt: &gateway::channel::ChannelRuntime,
-    f: impl std::future::Future<Output = T>,
-) -> T {
-    use futures_util::FutureExt;
-    let r = std::panic::AssertUnwindSafe(f).catch_unwind().await;
-    command(rt, serde_json::json!({"op": "release"})).await;
-    r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+/// A keyed channel of test-faults streams of `steps` steps, at /jobs/{id}.
+fn jobs_spec(steps: u32) -> String {
+    format!(
+        "channel: jobs\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  config: {{steps: {steps}}}\nendpoints:\n  - path: /jobs/{{id}}\n"
+    )
 }
 
 /// The old source's last messages come before the new source's (a reload
@@ -138,11 +117,11 @@ async fn an_old_source_s_last_messages_come_first_and_a_removed_one_s_go_nowhere
         gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
         let new = gw.state().live().channels["slow"].clone();
         emit_when_running(&new, json!({"n": "new"})).await;
-        let polls = command(&new, json!({"op": "status"})).await["polls"]
+        let polls = plugin_command(&new, json!({"op": "status"})).await["polls"]
             .as_u64()
             .unwrap();
         eventually("the new source's message emitted", || async {
-            let now = command(&new, json!({"op": "status"})).await["polls"]
+            let now = plugin_command(&new, json!({"op": "status"})).await["polls"]
                 .as_u64()
                 .unwrap();
             (now >= polls + 2).then_some(())
@@ -331,11 +310,7 @@ async fn connection_limits_count_the_connections_open_before_a_reload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_keyed_channel_closes_its_streams_for_the_clients_to_reopen() {
     let dep = Deployment::new();
-    let spec = |steps: u32| {
-        format!(
-            "channel: jobs\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  config: {{steps: {steps}}}\nendpoints:\n  - path: /jobs/{{id}}\n"
-        )
-    };
+    let spec = jobs_spec;
     dep.gateway_yaml("reload:\n  watch: false\n")
         .write("specs/schemas/any.json", ANY_SCHEMA)
         .write("specs/jobs.yaml", &spec(1_000_000));
@@ -364,11 +339,7 @@ async fn a_changed_keyed_channel_closes_its_streams_for_the_clients_to_reopen() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_keyed_channel_s_old_source_does_not_reach_the_reopened_streams() {
     let dep = Deployment::new();
-    let spec = |steps: u32| {
-        format!(
-            "channel: jobs\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  config: {{steps: {steps}}}\nendpoints:\n  - path: /jobs/{{id}}\n"
-        )
-    };
+    let spec = jobs_spec;
     dep.gateway_yaml("reload:\n  watch: false\n")
         .write("specs/schemas/any.json", ANY_SCHEMA)
         .write("specs/jobs.yaml", &spec(1_000_000));
@@ -377,12 +348,8 @@ async fn a_changed_keyed_channel_s_old_source_does_not_reach_the_reopened_stream
     let mut ws = connect(addr, "/jobs/a").await;
     next_json(&mut ws).await;
     let old = gw.state().live().channels["jobs"].clone();
-    command(&old, serde_json::json!({"op": "hold"})).await;
+    hold_a_poll(&old).await;
     let mut ws = then_release(&old, async {
-        eventually("a held poll", || async {
-            (command(&old, serde_json::json!({"op": "status"})).await["in_poll"] == 1).then_some(())
-        })
-        .await;
         dep.write("specs/jobs.yaml", &spec(2));
         gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(close_code(&mut ws).await, Some(1001));

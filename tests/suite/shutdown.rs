@@ -1,7 +1,7 @@
 //! Shutdown: every client gets Close 1001 and the process exits within its
 //! deadline. Also the process's runtime size, which `TOKIO_WORKER_THREADS` sets.
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -98,48 +98,24 @@ async fn new_connections_are_refused_while_the_sources_stop() {
     // Half the deadline (what the sources get) outlasts `eventually`.
     dep.gateway_yaml("shutdown:\n  deadline: 60s\n")
         .write("specs/schemas/seq.json", SEQ_SCHEMA)
-        .write(
-            "specs/slow.yaml",
-            "channel: slow\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\nendpoints:\n  - path: /slow\n",
-        );
+        .write("specs/slow.yaml", SLOW_POLL_SPEC);
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
     let mut ws = connect(addr, "/slow").await;
     next_json(&mut ws).await;
     let slow = gw.state().live().channels["slow"].clone();
-    let status = || async {
-        let reply = slow
-            .command(br#"{"op":"status"}"#.to_vec(), PATIENCE)
-            .await
-            .expect("status");
-        serde_json::from_slice::<serde_json::Value>(&reply).unwrap()
-    };
-    slow.command(br#"{"op":"hold"}"#.to_vec(), PATIENCE)
-        .await
-        .expect("hold");
-    let held_seq = eventually("a held poll", || async {
-        let v = status().await;
-        (v["in_poll"] == 1).then(|| v["seq"].as_i64().unwrap())
-    })
-    .await;
+    let held_seq = hold_a_poll(&slow).await["seq"].as_i64().unwrap();
     let done = tokio::spawn(gw.shutdown());
-    // Released whatever happens: a poll held for good would keep the test's
-    // runtime from ending.
-    let refused =
-        std::panic::AssertUnwindSafe(eventually("the listener to refuse connections", || async {
+    then_release(
+        &slow,
+        eventually("the listener to refuse connections", || async {
             tokio::net::TcpStream::connect(addr)
                 .await
                 .is_err()
                 .then_some(())
-        }))
-        .catch_unwind()
-        .await;
-    slow.command(br#"{"op":"release"}"#.to_vec(), PATIENCE)
-        .await
-        .expect("release");
-    if let Err(panic) = refused {
-        std::panic::resume_unwind(panic);
-    }
+        }),
+    )
+    .await;
     let mut last = 0;
     let code = loop {
         match next_json_or_close(&mut ws).await {

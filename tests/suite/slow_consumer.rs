@@ -26,18 +26,24 @@ fn deployment(on_full: &str) -> Deployment {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drop_oldest_skips_frames_for_a_stalled_client_and_keeps_it_connected() {
-    let dep = deployment("drop_oldest");
-    let gw = dep.start().await;
-    let addr = gw.addr("main").unwrap();
-    let mut stalled = connect_stalling(addr, "/flood").await;
-    // Read nothing until the gateway has had to drop frames for this client.
+/// A client of /flood that reads nothing until the gateway has had to drop
+/// frames for it.
+async fn stalled_until_drops(addr: std::net::SocketAddr) -> Ws {
+    let stalled = connect_stalling(addr, "/flood").await;
     let drops = "gateway_slow_consumer_drops_total{channel=\"flood\",plugin=\"ticker\"}";
     eventually("frames dropped for the stalled client", || async {
         metric(addr, drops).await.filter(|v| *v > 0.0)
     })
     .await;
+    stalled
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_skips_frames_for_a_stalled_client_and_keeps_it_connected() {
+    let dep = deployment("drop_oldest");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut stalled = stalled_until_drops(addr).await;
     // Catching up: the stream resumes (a gap shows where frames were
     // dropped) and the connection stays open.
     let mut prev = next_json(&mut stalled).await["seq"].as_i64().unwrap();
@@ -77,12 +83,7 @@ async fn a_client_catching_up_after_a_full_writer_waited_gets_the_rest() {
     );
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
-    let mut stalled = connect_stalling(addr, "/flood").await;
-    let drops = "gateway_slow_consumer_drops_total{channel=\"flood\",plugin=\"ticker\"}";
-    eventually("frames dropped for the stalled client", || async {
-        metric(addr, drops).await.filter(|v| *v > 0.0)
-    })
-    .await;
+    let mut stalled = stalled_until_drops(addr).await;
     let mut prev = 0;
     for _ in 0..300 {
         let s = next_json(&mut stalled).await["seq"].as_i64().unwrap();

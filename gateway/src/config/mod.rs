@@ -1756,10 +1756,25 @@ pub fn compile_schema_json(
         std::fs::read(file).map_err(|e| format!("cannot read schema {}: {e}", file.display()))?;
     let schema: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| format!("schema {} is not valid JSON: {e}", file.display()))?;
+    // A misspelt keyword or format is not an error to a JSON Schema
+    // validator (it is an annotation): the check it names silently does not
+    // happen. Both are refused here.
+    let mut unknown = Vec::new();
+    unknown_keywords(&schema, "", &mut unknown);
+    if !unknown.is_empty() {
+        return Err(format!(
+            "schema {} uses {}: validation would ignore {}; correct {} (a custom annotation: prefix it with x-)",
+            file.display(),
+            unknown.join(", "),
+            if unknown.len() == 1 { "it" } else { "them" },
+            if unknown.len() == 1 { "it" } else { "them" },
+        ));
+    }
     // Relative `$ref`s ("other.json") resolve next to the schema file.
     let base = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     let validator = jsonschema::options()
         .should_validate_formats(true)
+        .should_ignore_unknown_formats(false)
         .with_base_uri(format!("file://{}", base.display()))
         .build(&schema)
         .map_err(|e| {
@@ -1771,6 +1786,145 @@ pub fn compile_schema_json(
             )
         })?;
     Ok((validator, schema))
+}
+
+/// The keywords of JSON Schema (2020-12, and the draft-07 ones it replaced).
+const SCHEMA_KEYWORDS: &[&str] = &[
+    "$schema",
+    "$id",
+    "$ref",
+    "$anchor",
+    "$dynamicRef",
+    "$dynamicAnchor",
+    "$vocabulary",
+    "$comment",
+    "$defs",
+    "$recursiveRef",
+    "$recursiveAnchor",
+    "definitions",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "not",
+    "if",
+    "then",
+    "else",
+    "dependentSchemas",
+    "prefixItems",
+    "items",
+    "contains",
+    "properties",
+    "patternProperties",
+    "additionalProperties",
+    "propertyNames",
+    "additionalItems",
+    "dependencies",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "type",
+    "enum",
+    "const",
+    "multipleOf",
+    "maximum",
+    "exclusiveMaximum",
+    "minimum",
+    "exclusiveMinimum",
+    "maxLength",
+    "minLength",
+    "pattern",
+    "maxItems",
+    "minItems",
+    "uniqueItems",
+    "maxContains",
+    "minContains",
+    "maxProperties",
+    "minProperties",
+    "required",
+    "dependentRequired",
+    "title",
+    "description",
+    "default",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "examples",
+    "format",
+    "contentEncoding",
+    "contentMediaType",
+    "contentSchema",
+];
+
+/// Every key of a (sub)schema in `v` that is no JSON Schema keyword, as
+/// "`key` at /pointer" (with the keyword it may have meant). Keys starting
+/// with `x-` are custom annotations, and left alone.
+fn unknown_keywords(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+    use serde_json::Value;
+    let Value::Object(m) = v else { return };
+    let each = |v: &Value, out: &mut Vec<String>, at: String| unknown_keywords(v, &at, out);
+    for (k, sub) in m {
+        let here = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
+        match k.as_str() {
+            "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas"
+            | "dependencies" => {
+                if let Value::Object(children) = sub {
+                    for (name, s) in children {
+                        each(
+                            s,
+                            out,
+                            format!("{here}/{}", name.replace('~', "~0").replace('/', "~1")),
+                        );
+                    }
+                }
+            }
+            "allOf" | "anyOf" | "oneOf" | "prefixItems" | "items" if sub.is_array() => {
+                for (i, s) in sub.as_array().into_iter().flatten().enumerate() {
+                    each(s, out, format!("{here}/{i}"));
+                }
+            }
+            "not"
+            | "if"
+            | "then"
+            | "else"
+            | "contains"
+            | "propertyNames"
+            | "items"
+            | "additionalProperties"
+            | "additionalItems"
+            | "unevaluatedItems"
+            | "unevaluatedProperties"
+            | "contentSchema" => each(sub, out, here),
+            k if SCHEMA_KEYWORDS.contains(&k) || k.starts_with("x-") => {}
+            k => {
+                let near = SCHEMA_KEYWORDS
+                    .iter()
+                    .filter(|w| {
+                        edit_distance(&w.to_ascii_lowercase(), &k.to_ascii_lowercase()) <= 2
+                    })
+                    .min_by_key(|w| edit_distance(w, k));
+                let at = if at.is_empty() { "/" } else { at };
+                out.push(match near {
+                    Some(w) => format!("unknown keyword `{k}` at {at} (did you mean `{w}`?)"),
+                    None => format!("unknown keyword `{k}` at {at}"),
+                });
+            }
+        }
+    }
+}
+
+/// Levenshtein distance, for suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Check a channel's `examples` against its schema: one error per mismatch,
