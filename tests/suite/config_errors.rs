@@ -1064,6 +1064,21 @@ fn an_in_band_auth_is_refused_on_http_routes_and_the_publish_api() {
     );
 }
 
+/// The status page's endpoint declared but refused for its own error (here
+/// a keys file that does not exist) gets that error only, not a second
+/// one saying there is no such endpoint.
+#[test]
+fn a_refused_status_endpoint_is_not_also_reported_missing() {
+    let dep = status_page_deployment("k", "1s", "1s", 1000, 1000);
+    std::fs::remove_file(dep.path("specs/status.keys")).unwrap();
+    let errs = errors(&dep);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with(&at(&dep, "specs/status.yaml")) && errs[0].contains("status.keys"),
+        "{errs:?}"
+    );
+}
+
 // --- Listeners. ---
 
 #[test]

@@ -1319,6 +1319,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         http.push(Arc::new(h));
     }
     let status_page = gw.admin.status_page.as_ref().and_then(|sp| {
+        // An endpoint declared at that path but refused (its own errors are
+        // reported) is not "no endpoint".
+        let declared = admin_listener.as_ref().is_some_and(|l| {
+            crate::router::PathPattern::parse(&sp.value.endpoint.value)
+                .is_ok_and(|pat| lk.paths.contains_key(&(l.clone(), pat.shape())))
+        });
         compile_status_page(
             &mut sink,
             sp,
@@ -1326,6 +1332,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             &endpoints,
             &http,
             asyncapi_path.as_deref(),
+            declared,
         )
     });
     // Commands need a plugin that answers them.
@@ -1452,6 +1459,7 @@ fn compile_status_page(
     endpoints: &[Arc<EndpointCfg>],
     http: &[Arc<HttpRouteCfg>],
     asyncapi: Option<&str>,
+    endpoint_declared: bool,
 ) -> Option<StatusPageCfg> {
     let Some(admin) = admin else {
         sink.at(
@@ -1511,14 +1519,16 @@ fn compile_status_page(
         .iter()
         .find(|e| e.listener == admin && e.paths.iter().any(|p| p.as_str() == ep_path.value))
     else {
-        sink.at(
-            ep_path,
-            field,
-            format!(
-                "no endpoint {:?} on the admin listener {admin:?}: the page connects back to the host it was loaded from; serve a channel with `source: {{builtin: status}}` there",
-                ep_path.value
-            ),
-        );
+        if !endpoint_declared {
+            sink.at(
+                ep_path,
+                field,
+                format!(
+                    "no endpoint {:?} on the admin listener {admin:?}: the page connects back to the host it was loaded from; serve a channel with `source: {{builtin: status}}` there",
+                    ep_path.value
+                ),
+            );
+        }
         return None;
     };
     if ep.protocol.is_some() || ep.channels.len() != 1 {
