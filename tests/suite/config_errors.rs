@@ -1079,6 +1079,34 @@ fn a_refused_status_endpoint_is_not_also_reported_missing() {
     );
 }
 
+/// An idle timeout no longer than the ping interval closes clients that
+/// only listen (their Pongs are all they send): loaded, with a warning.
+#[test]
+fn an_idle_timeout_not_longer_than_the_ping_interval_is_warned_about() {
+    for (limits, warned) in [
+        ("idle_timeout: 1s\n  ping_interval: 5s", true),
+        ("idle_timeout: 1s\n  ping_interval: off", true),
+        ("idle_timeout: 60s\n  ping_interval: 30s", false),
+    ] {
+        let dep = deployment(&format!("limits:\n  {limits}\n"));
+        dep.write("specs/ticker.yaml", TICKER_SPEC);
+        let cfg = dep.load().unwrap_or_else(|e| panic!("{e}"));
+        let w: Vec<_> = cfg
+            .warnings
+            .iter()
+            .filter(|w| w.contains("idle_timeout"))
+            .collect();
+        assert_eq!(!w.is_empty(), warned, "{limits}: {w:?}");
+        if warned {
+            assert!(
+                w[0].contains("endpoint /ws/ticker")
+                    && w[0].contains("make ping_interval shorter than idle_timeout"),
+                "{w:?}"
+            );
+        }
+    }
+}
+
 // --- Listeners. ---
 
 #[test]

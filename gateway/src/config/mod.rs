@@ -1423,6 +1423,24 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         errors.sort_by_key(|e| (order.iter().position(|f| *f == e.file), e.line, e.col));
         return Err(ConfigErrors(errors));
     }
+    // Pongs count as the client's sign of life: with Pings rarer than the
+    // idle timeout (or none), a client that only listens is closed as idle.
+    for ep in &endpoints {
+        let l = &ep.limits;
+        if let Some(idle) = l.idle_timeout
+            && l.ping_interval.is_none_or(|p| p >= idle)
+        {
+            let pings = match l.ping_interval {
+                Some(p) => format!("ping_interval ({p:?}) is not shorter"),
+                None => "ping_interval is off".to_string(),
+            };
+            warnings.push(format!(
+                "{}: endpoint {}: idle_timeout is {idle:?} and {pings}: a client that only listens sends nothing but Pongs, and is closed as idle; make ping_interval shorter than idle_timeout",
+                path.display(),
+                ep.paths.first().map(|p| p.as_str()).unwrap_or("?"),
+            ));
+        }
+    }
     Ok(Config {
         file: path.to_path_buf(),
         listeners,
