@@ -209,7 +209,7 @@ impl Gateway {
                 name.into(),
                 state.clone(),
                 tracker.clone(),
-                state.closing.clone(),
+                shutdown.clone(),
             ));
         }
         Ok(Gateway {
@@ -247,7 +247,8 @@ impl Gateway {
     pub async fn shutdown(self) -> bool {
         let deadline = self.state.config().shutdown_deadline;
         tracing::info!(?deadline, "shutting down");
-        // No new connections from now on (`/readyz` says `stopping`).
+        // No new WebSocket sessions from now on (503 `shutting_down`), and
+        // `/readyz` says `stopping`; HTTP and admin routes still answer.
         self.state.stop_accepting();
         // Sources first: what they hand over until they have stopped is
         // published, and reaches the clients before their Close (at most

@@ -513,7 +513,9 @@ fn handle_endpoint(
         },
         _ => Vec::new(),
     };
-    if shutdown.is_cancelled() {
+    // From the first step of shutdown: the sources stop, and the clients
+    // they still feed are closed next; a new session would only get 1001.
+    if shutdown.is_cancelled() || state.shutting_down() {
         return error_reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",

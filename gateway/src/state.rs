@@ -141,11 +141,11 @@ pub struct GatewayState {
     pub broker: Arc<dyn Broker>,
     /// The cluster this instance belongs to (`broker: {kind: nats}`).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
-    /// Cancelled when shutdown begins: the listeners close, `/readyz`
-    /// answers `stopping`, new sessions are refused.
+    /// Cancelled when shutdown begins: new WebSocket sessions are refused
+    /// (503 `shutting_down`) and `/readyz` answers `stopping`.
     pub closing: CancellationToken,
-    /// Cancelled when the sources have stopped and the clients are closed:
-    /// every task ends.
+    /// Cancelled when the sources have stopped and the clients are being
+    /// closed: the listeners close, and every task ends.
     pub shutdown: CancellationToken,
     /// Bound listener addresses by name.
     pub addrs: BTreeMap<String, SocketAddr>,
@@ -233,8 +233,9 @@ impl GatewayState {
             .insert(conn_id, (info.clone(), queue.clone()));
         // Registered after `begin_shutdown` swept the sessions: close now.
         // (Shutdown is flagged before the sweep takes the lock, so a session
-        // the sweep missed sees the flag here.)
-        if self.shutting_down() {
+        // the sweep missed sees the flag here.) A session admitted just
+        // before `stop_accepting` is served until then, like the others.
+        if self.shutdown.is_cancelled() {
             queue.close(close::GOING_AWAY, SHUTTING_DOWN);
         }
         info
@@ -268,9 +269,9 @@ impl GatewayState {
         v.into_iter().map(|(_, c)| c).collect()
     }
 
-    /// Stop taking connections (the first step of shutdown): the listeners
-    /// close, `/readyz` answers `stopping`. Clients already connected are
-    /// served until [`begin_shutdown`](Self::begin_shutdown).
+    /// Stop taking WebSocket sessions (the first step of shutdown): new ones
+    /// get 503 `shutting_down`, `/readyz` answers `stopping`. Clients already
+    /// connected are served until [`begin_shutdown`](Self::begin_shutdown).
     pub fn stop_accepting(&self) {
         self.closing.cancel();
     }

@@ -88,8 +88,9 @@ async fn what_the_sources_handed_over_reaches_the_clients_before_their_close() {
     );
 }
 
-/// Shutdown stops accepting at once: while a source is still stopping
-/// (here a poll held inside the plugin), new connections are refused, and
+/// Shutdown stops taking sessions at once: while a source is still stopping
+/// (here a poll held inside the plugin), a new WebSocket connection gets
+/// 503 and `/readyz` says `stopping` (the admin routes still answer), and
 /// the clients already connected still get what the source hands over,
 /// then their Close 1001.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,15 +107,21 @@ async fn new_connections_are_refused_while_the_sources_stop() {
     let slow = gw.state().live().channels["slow"].clone();
     let held_seq = hold_a_poll(&slow).await["seq"].as_i64().unwrap();
     let done = tokio::spawn(gw.shutdown());
-    then_release(
-        &slow,
-        eventually("the listener to refuse connections", || async {
-            tokio::net::TcpStream::connect(addr)
-                .await
-                .is_err()
-                .then_some(())
-        }),
-    )
+    then_release(&slow, async {
+        eventually("new sessions refused", || async {
+            match try_connect(addr, "/slow", &[]).await {
+                Err((503, body)) => Some(body),
+                _ => None,
+            }
+        })
+        .await;
+        // Load balancers are told, and the admin routes still answer.
+        let (status, _, body) = http(addr, "GET", "/readyz", &[]).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("stopping"), "{body}");
+        let (status, _, _) = http(addr, "GET", "/metrics", &[]).await;
+        assert_eq!(status, 200);
+    })
     .await;
     let mut last = 0;
     let code = loop {
