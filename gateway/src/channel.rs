@@ -765,6 +765,9 @@ async fn publish_loop(
                         out.hold(key, msg);
                     }
                 }
+                // A retired source's end of a stream would end the stream
+                // reopened on its successor (the topic is the same).
+                SourceEvent::End { .. } if rt.removed.load(Relaxed) => {}
                 SourceEvent::End { key } => {
                     // A stream's last message is never held back.
                     if let Some(msg) = rate
@@ -937,6 +940,7 @@ impl Outbox {
 
 fn publish(rt: &ChannelRuntime, key: Option<Arc<str>>, msgs: &[Message]) {
     if rt.removed.load(Relaxed) {
+        rt.metrics.discarded.fetch_add(msgs.len() as u64, Relaxed);
         return;
     }
     let cfg = &rt.cfg;

@@ -48,6 +48,10 @@ pub struct ChannelMetrics {
     pub subscribers: AtomicI64,
     /// Messages over the channel's `rate_limit`, dropped.
     pub rate_dropped: AtomicU64,
+    /// Messages an old source handed over after a reload closed what they
+    /// were for (the channel removed, or its keyed streams reopened on the
+    /// new source), dropped.
+    pub discarded: AtomicU64,
     /// Messages over the channel's `rate_limit`, replaced by a later one (conflated).
     pub rate_conflated: AtomicU64,
     /// The latest message that failed the channel's schema: where and why.
@@ -401,12 +405,18 @@ impl Metrics {
 
         let chans = self.channels.read();
         type Get = fn(&ChannelMetrics) -> i64;
-        let series: [(&str, &str, &str, Get); 16] = [
+        let series: [(&str, &str, &str, Get); 17] = [
             (
                 "gateway_rate_limit_dropped_total",
                 "counter",
                 "Messages dropped by the channel's rate_limit (on_exceed: drop).",
                 |m| m.rate_dropped.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_messages_discarded_total",
+                "counter",
+                "Messages an old source handed over after a reload had closed what they were for (channel removed, keyed streams reopened on the new source).",
+                |m| m.discarded.load(Relaxed) as i64,
             ),
             (
                 "gateway_rate_limit_conflated_total",

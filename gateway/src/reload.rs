@@ -143,7 +143,9 @@ impl Reloader {
                 st.shutdown.clone(),
                 Arc::downgrade(st),
                 st.cluster.as_ref(),
-                prev.map(|p| p.published_all()),
+                // What a keyed channel's old source still hands over goes
+                // nowhere (see above): nothing to wait for.
+                prev.filter(|p| !p.cfg.keyed).map(|p| p.published_all()),
             );
             // A restarted channel was ready before; readiness is about the
             // first start.

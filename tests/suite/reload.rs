@@ -370,6 +370,13 @@ async fn a_changed_keyed_channel_s_old_source_does_not_reach_the_reopened_stream
     assert_eq!(next_json(&mut ws).await["step"], 1);
     assert_eq!(next_json(&mut ws).await["step"], 2);
     assert_eq!(close_code(&mut ws).await, Some(1000));
+    // The old source's message is counted where it went: nowhere.
+    metric_becomes(
+        addr,
+        "gateway_messages_discarded_total{channel=\"jobs\",plugin=\"test-faults\"}",
+        1.0,
+    )
+    .await;
     gw.shutdown().await;
 }
 
