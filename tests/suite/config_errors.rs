@@ -1077,6 +1077,14 @@ fn a_refused_status_endpoint_is_not_also_reported_missing() {
         errs[0].starts_with(&at(&dep, "specs/status.yaml")) && errs[0].contains("status.keys"),
         "{errs:?}"
     );
+    // An HTTP route at that path is no endpoint: still said.
+    let dep = deployment(
+        "admin:\n  status_page:\n    path: /status\n    endpoint: /feed\nhttp:\n  - path: /feed\n    body: {ok: true}\n",
+    );
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let errs = errors(&dep);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("no endpoint \"/feed\""), "{errs:?}");
 }
 
 /// An idle timeout no longer than the ping interval closes clients that

@@ -1320,10 +1320,15 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     }
     let status_page = gw.admin.status_page.as_ref().and_then(|sp| {
         // An endpoint declared at that path but refused (its own errors are
-        // reported) is not "no endpoint".
+        // reported) is not "no endpoint"; an HTTP route there is.
         let declared = admin_listener.as_ref().is_some_and(|l| {
-            crate::router::PathPattern::parse(&sp.value.endpoint.value)
-                .is_ok_and(|pat| lk.paths.contains_key(&(l.clone(), pat.shape())))
+            crate::router::PathPattern::parse(&sp.value.endpoint.value).is_ok_and(|pat| {
+                lk.paths
+                    .get(&(l.clone(), pat.shape()))
+                    .is_some_and(|(what, _)| {
+                        what.starts_with("channel ") || what.starts_with("endpoint ")
+                    })
+            })
         });
         compile_status_page(
             &mut sink,
