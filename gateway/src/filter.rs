@@ -73,13 +73,15 @@ pub struct SubFilter {
     project: Option<(Vec<String>, Vec<String>)>,
     conflate: Option<Conflate>,
     /// Cancelled when the subscription is gone: the timers of its held
-    /// frames end then, not at their due time.
-    gone: CancellationToken,
+    /// frames end then, not at their due time (with `frequency` only).
+    gone: Option<CancellationToken>,
 }
 
 impl Drop for SubFilter {
     fn drop(&mut self) {
-        self.gone.cancel();
+        if let Some(g) = &self.gone {
+            g.cancel();
+        }
     }
 }
 
@@ -201,6 +203,7 @@ impl SubFilter {
                     if let Some(period) =
                         parse_period(value).map_err(|e| format!("filter {name:?}: {e}"))?
                     {
+                        f.gone = Some(CancellationToken::new());
                         f.conflate = Some(Conflate {
                             period,
                             key: key.clone(),
@@ -298,7 +301,7 @@ impl SubFilter {
             let q = Arc::downgrade(queue);
             let cancelled = cancelled.clone();
             let metrics = metrics.clone();
-            let gone = self.gone.clone();
+            let gone = self.gone.clone().unwrap_or_default();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = tokio::time::sleep_until(due) => {}
