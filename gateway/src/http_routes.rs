@@ -26,8 +26,20 @@ fn query_object(query: &str) -> Value {
     Value::Object(m)
 }
 
-/// How long a request's body may take to arrive, whole.
+/// How long a request's body may take to arrive, whole, at the least; a
+/// route whose `max_body` is larger than `BODY_RATE` bytes a second would
+/// fill gets a second more per `BODY_RATE` bytes (a large body on a slow
+/// link is not cut off).
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The slowest upload a body of `max_body` bytes is given time for.
+pub const BODY_RATE: usize = 64 << 10;
+
+/// How long a body of at most `max_body` bytes may take to arrive.
+pub fn body_deadline(max_body: usize) -> std::time::Duration {
+    BODY_TIMEOUT.max(std::time::Duration::from_secs(
+        (max_body / BODY_RATE) as u64,
+    ))
+}
 
 async fn read_body<S, B>(mut body: S, limit: usize) -> Result<Vec<u8>, Reply>
 where
@@ -129,14 +141,15 @@ where
     // The headers had HEADER_TIMEOUT; the body gets as long: a client that
     // sends it a byte at a time, or never ends it, does not hold a
     // connection (and up to max_body of memory) for good.
-    let raw = match tokio::time::timeout(BODY_TIMEOUT, read_body(body, route.max_body)).await {
+    let deadline = body_deadline(route.max_body);
+    let raw = match tokio::time::timeout(deadline, read_body(body, route.max_body)).await {
         Ok(Ok(b)) => b,
         Ok(Err(r)) => return r,
         Err(_) => {
             return error_reply(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
-                &format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+                &format!("the request body did not arrive within {deadline:?}"),
             );
         }
     };
@@ -346,5 +359,19 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 10 s at the least; a second per 64 KiB of `max_body` beyond that.
+    #[test]
+    fn a_large_body_gets_time_in_proportion() {
+        use std::time::Duration;
+        assert_eq!(body_deadline(256), Duration::from_secs(10));
+        assert_eq!(body_deadline(1 << 20), Duration::from_secs(16));
+        assert_eq!(body_deadline(10_000_000), Duration::from_secs(152));
     }
 }

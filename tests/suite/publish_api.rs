@@ -259,7 +259,7 @@ async fn a_body_that_never_ends_gets_408() {
     .unwrap();
     let mut buf = Vec::new();
     tokio::time::timeout(
-        gateway::http_routes::BODY_TIMEOUT + PATIENCE,
+        gateway::http_routes::body_deadline(256) + PATIENCE,
         s.read_to_end(&mut buf),
     )
     .await

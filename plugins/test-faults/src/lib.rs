@@ -44,9 +44,9 @@
 //! queues those messages, emitted as they are on the unkeyed stream at the
 //! next tick (push) or poll, and answers `{"queued":n}`; `{"op":"hold"}` makes
 //! every poll that starts from then on wait at its start until
-//! `{"op":"release"}` (both answer `{"held":bool}`; a hold lets go by itself
-//! after 60 s); `{"op":"wait"}` waits while held, like a poll, then answers
-//! `{"waited":true}`. `status` also reports
+//! `{"op":"release"}` (both answer `{"held":bool}`; a held poll stops waiting
+//! after 60 s, though the hold stays on); `{"op":"wait"}` waits while held,
+//! like a poll, then answers `{"waited":true}`. `status` also reports
 //! `"in_poll"`, the polls running now, and `"most_in_poll"`, the most that
 //! ever ran at once.
 
