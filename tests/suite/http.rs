@@ -132,9 +132,13 @@ async fn api_keys_are_required_and_checked() {
         status, 403,
         "a key that merely starts with a valid key is refused"
     );
+    let mut with_header = UPGRADE.to_vec();
+    with_header.push(("X-Api-Key", "key-on"));
+    let (status, _, _) = http(addr, "GET", "/secret", &with_header).await;
+    assert_eq!(status, 403, "a valid key's prefix is refused");
     assert_eq!(
         metric(addr, "gateway_connections_refused_total{reason=\"auth\"}").await,
-        Some(3.0)
+        Some(4.0)
     );
 
     // Accepted by query parameter and by header; the data flows.
