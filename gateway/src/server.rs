@@ -475,6 +475,40 @@ fn handle_endpoint(
             "missing or malformed Sec-WebSocket-Key (base64 of 16 bytes)",
         );
     };
+    // A client that asks for subprotocols gets one the endpoint speaks, or
+    // a refusal: a 101 without one would make a browser fail the
+    // connection after it was counted (RFC 6455 4.1, WHATWG WebSockets).
+    let offered: Vec<&str> = headers
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let subprotocol = match offered
+        .iter()
+        .find(|p| endpoint.subprotocols.iter().any(|s| s == *p))
+    {
+        Some(p) => http::HeaderValue::from_str(p).ok(),
+        None if offered.is_empty() => None,
+        None => {
+            m.refused_bad_request.fetch_add(1, Relaxed);
+            let speaks = if endpoint.subprotocols.is_empty() {
+                "no subprotocol: connect without Sec-WebSocket-Protocol".to_string()
+            } else {
+                format!("only {}", endpoint.subprotocols.join(", "))
+            };
+            return error_reply(
+                StatusCode::BAD_REQUEST,
+                "unsupported_subprotocol",
+                &format!(
+                    "the client offered {}; {path} speaks {speaks}",
+                    offered.join(", ")
+                ),
+            );
+        }
+    };
     if let Some(allowed) = &endpoint.origins
         && let Some(origin) = headers.get(http::header::ORIGIN)
     {
@@ -597,6 +631,9 @@ fn handle_endpoint(
     let mut r = Reply::new(Default::default());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
+    if let Some(p) = subprotocol {
+        h.insert(http::header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
     h.insert(
         http::header::CONNECTION,
         http::HeaderValue::from_static("upgrade"),

@@ -16,7 +16,7 @@ fn deployment() -> Deployment {
         .write("specs/keys.txt", "# demo keys\nkey-one\nkey-two\n")
         .write(
             "specs/ticker.yaml",
-            "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {rate: 50}\nendpoints:\n  - path: /open\n  - path: /secret\n    auth:\n      mode: api_key\n      query: api_key\n      header: X-Api-Key\n      keys_file: keys.txt\n",
+            "channel: ticker\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  config: {rate: 50}\nendpoints:\n  - path: /open\n  - path: /sub\n    subprotocols: [v2, v1]\n  - path: /secret\n    auth:\n      mode: api_key\n      query: api_key\n      header: X-Api-Key\n      keys_file: keys.txt\n",
         );
     dep
 }
@@ -177,5 +177,52 @@ async fn stream_endpoints_ignore_client_messages() {
     let a = next_json(&mut ws).await["seq"].as_i64().unwrap();
     let b = next_json(&mut ws).await["seq"].as_i64().unwrap();
     assert_eq!(b, a + 1);
+    gw.shutdown().await;
+}
+
+/// A client that asks for subprotocols gets one the endpoint speaks (the
+/// first it offered), or 400: a 101 without one made a browser fail the
+/// connection after the gateway had counted it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subprotocols_are_negotiated_or_refused() {
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}/sub").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "v0, v1, v2".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgraded");
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some("v1"),
+        "the first offered that the endpoint speaks"
+    );
+    next_json(&mut ws).await;
+    let mut offer = UPGRADE.to_vec();
+    offer.push(("Sec-WebSocket-Protocol", "v0, v1, v2"));
+    let (status, _, body) = http(addr, "GET", "/open", &offer).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("unsupported_subprotocol") && body.contains("v0, v1, v2"),
+        "{body}"
+    );
+    let mut other = UPGRADE.to_vec();
+    other.push(("Sec-WebSocket-Protocol", "v9"));
+    let (status, _, body) = http(addr, "GET", "/sub", &other).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("only v2, v1"), "{body}");
+    // A real client that asks for v2 gets it, and the data.
+    let mut ws = try_connect(addr, "/sub", &[("Sec-WebSocket-Protocol", "v2")])
+        .await
+        .expect("v2 is spoken");
+    next_json(&mut ws).await;
+    // Without the header, nothing changes.
+    let mut plain = connect(addr, "/sub").await;
+    next_json(&mut plain).await;
     gw.shutdown().await;
 }

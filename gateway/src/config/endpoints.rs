@@ -192,6 +192,8 @@ pub struct EndpointCfg {
     pub auth: Auth,
     /// Allowed Origin values (None: any).
     pub origins: Option<Vec<String>>,
+    /// WebSocket subprotocols spoken here.
+    pub subprotocols: Vec<String>,
     /// The control protocol (None: a one-way stream).
     pub protocol: Option<Arc<ProtocolCfg>>,
     /// Channels a client may receive here, in config order.
@@ -912,6 +914,7 @@ pub(crate) fn compile_endpoint(
                 .map(|x| x.trim_end_matches('/').to_ascii_lowercase())
                 .collect()
         }),
+        subprotocols: ep.subprotocols.clone(),
         protocol,
         channels,
         subscribe,

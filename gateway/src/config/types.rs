@@ -1041,6 +1041,11 @@ pub struct EndpointFile {
     pub aliases: Vec<Spanned<String>>,
     /// Allowed `Origin` header values (absent: any).
     pub origins: Option<Vec<String>>,
+    /// WebSocket subprotocols spoken here (`Sec-WebSocket-Protocol`): the
+    /// first a client offers that is listed is selected; a client offering
+    /// only others is refused (400).
+    #[serde(default)]
+    pub subprotocols: Vec<String>,
     /// `stream` (default) or the name of a protocol in gateway.yaml.
     #[schemars(with = "Option<String>")]
     pub protocol: Option<Spanned<String>>,
