@@ -94,13 +94,7 @@ pub async fn serve_listener(
     shutdown: CancellationToken,
 ) {
     let admin = state.config().admin_listener.as_deref() == Some(&*name);
-    let filter = routes(
-        state.clone(),
-        name.clone(),
-        admin,
-        tracker.clone(),
-        shutdown.clone(),
-    );
+    let filter = routes(state.clone(), name.clone(), admin, tracker.clone());
     let svc = warp::service(filter);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -198,7 +192,6 @@ fn routes(
     listener: Arc<str>,
     admin: bool,
     tracker: TaskTracker,
-    shutdown: CancellationToken,
 ) -> warp::filters::BoxedFilter<(Reply,)> {
     let st = state.clone();
     let ws = warp::any()
@@ -223,11 +216,9 @@ fn routes(
                 let router = st.live().routers.get(&*listener).cloned();
                 let listener = listener.clone();
                 let tracker = tracker.clone();
-                let shutdown = shutdown.clone();
                 async move {
                     let mut reply = route(
-                        &st, router, &tracker, &shutdown, method, path, &headers, &query, info,
-                        slot, body,
+                        &st, router, &tracker, method, path, &headers, &query, info, slot, body,
                     )
                     .await;
                     // The listener's `status_codes`: errors answered as others.
@@ -325,7 +316,6 @@ async fn route<S, B>(
     st: &Arc<GatewayState>,
     router: Option<Arc<crate::router::Router>>,
     tracker: &TaskTracker,
-    shutdown: &CancellationToken,
     method: Method,
     path: warp::path::FullPath,
     headers: &HeaderMap,
@@ -351,7 +341,6 @@ where
             endpoint,
             params,
             tracker,
-            shutdown,
             method,
             path.as_str(),
             headers,
@@ -413,7 +402,6 @@ fn handle_endpoint(
     endpoint: Arc<crate::config::EndpointCfg>,
     params: crate::router::Params,
     tracker: &TaskTracker,
-    shutdown: &CancellationToken,
     method: Method,
     path: &str,
     headers: &HeaderMap,
@@ -549,7 +537,7 @@ fn handle_endpoint(
     };
     // From the first step of shutdown: the sources stop, and the clients
     // they still feed are closed next; a new session would only get 1001.
-    if shutdown.is_cancelled() || state.shutting_down() {
+    if state.shutting_down() {
         return error_reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
