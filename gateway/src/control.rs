@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use crate::auth::{InbandResult, Principal};
+use crate::auth::{Inband, InbandResult, Principal};
 use crate::channel::{CommandError, Subscription};
 use crate::config::{Action, ChannelCfg, EndpointCfg, NotSubscribed, OnFull, TimestampFormat};
 use crate::context::GatewayCtx;
@@ -158,6 +158,22 @@ impl Control {
         match self.ep.auth.inband().and_then(|ib| ib.schema.as_deref()) {
             Some(schema) => self.frame_checked(v, Some(schema)),
             None => self.frame_of(v),
+        }
+    }
+
+    /// The answer to an auth message that is refused (its token, or its
+    /// principal's connection cap): the auth's own `error_reply`, else the
+    /// protocol's error.
+    fn auth_refused(&self, ib: &Inband, r: Refusal, msg: &Value) -> Option<Bytes> {
+        match &ib.error_reply {
+            Some(t) => self.render_inband(
+                t,
+                vec![
+                    ("request", msg.clone()),
+                    ("error", json!({"code": r.code, "message": r.message})),
+                ],
+            ),
+            None => self.error(r, Some(msg), None),
         }
     }
 
@@ -343,22 +359,11 @@ impl Control {
                                     .metrics
                                     .refused_per_principal
                                     .fetch_add(1, Relaxed);
-                                // The answer to an auth message is the auth's
-                                // own refusal, where the endpoint has one.
-                                let r = refusal(r.error, r.message);
-                                out.extend(match &ib.error_reply {
-                                    Some(t) => self.render_inband(
-                                        t,
-                                        vec![
-                                            ("request", msg.clone()),
-                                            (
-                                                "error",
-                                                json!({"code": r.code, "message": r.message}),
-                                            ),
-                                        ],
-                                    ),
-                                    None => self.error(r, Some(&msg), None),
-                                });
+                                out.extend(self.auth_refused(
+                                    ib,
+                                    refusal(r.error, r.message),
+                                    &msg,
+                                ));
                                 self.close = Some((
                                     crate::ws::close::POLICY,
                                     "too many connections for this principal",
@@ -386,17 +391,7 @@ impl Control {
                 }
                 InbandResult::Refused(code, message) => {
                     self.state.metrics.refused_auth.fetch_add(1, Relaxed);
-                    let r = refusal(code, message);
-                    match &ib.error_reply {
-                        Some(t) => out.extend(self.render_inband(
-                            t,
-                            vec![
-                                ("request", msg.clone()),
-                                ("error", json!({"code": r.code, "message": r.message})),
-                            ],
-                        )),
-                        None => out.extend(self.error(r, Some(&msg), None)),
-                    }
+                    out.extend(self.auth_refused(ib, refusal(code, message), &msg));
                 }
             }
             return;
