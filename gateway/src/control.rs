@@ -51,6 +51,13 @@ struct Refusal {
     message: String,
 }
 
+/// Whether subscribing to `name` (with subscription key value `id`)
+/// replaces the subscription to `n` (with `i`): the same channel, unless
+/// both have key values and they differ.
+fn replaces(name: &str, id: Option<&str>, n: &str, i: Option<&str>) -> bool {
+    n == name && !matches!((id, i), (Some(a), Some(b)) if a != b)
+}
+
 fn refusal(code: &'static str, message: impl Into<String>) -> Refusal {
     Refusal {
         code,
@@ -262,7 +269,7 @@ impl Control {
         };
         // Re-subscribing replaces the filters: drop the old one first.
         self.subs
-            .retain(|(n, i, _)| *n != c.name || (id.is_some() && i.is_some() && *i != id));
+            .retain(|(n, i, _)| !replaces(&c.name, id.as_deref(), n, i.as_deref()));
         let key = if self.ep.keyed.is_some() {
             self.key.clone()
         } else {
@@ -555,7 +562,7 @@ impl Control {
                 let replaced = self
                     .subs
                     .iter()
-                    .filter(|(n, i, _)| **n == *name && !(id.is_some() && i.is_some() && *i != id))
+                    .filter(|(n, i, _)| replaces(&name, id.as_deref(), n, i.as_deref()))
                     .count();
                 if self.subs.len() - replaced >= MAX_SUBSCRIPTIONS {
                     out.extend(self.error(
