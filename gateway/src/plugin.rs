@@ -392,15 +392,14 @@ extern "C" fn host_emit(ctx: *mut c_void, key: GwSlice, json: GwSlice) -> i32 {
         if h.stopped.load(Relaxed) {
             return GW_STOPPED;
         }
-        if json.len() > h.max_message {
-            h.metrics.received.fetch_add(1, Relaxed);
-            h.metrics.rejected.fetch_add(1, Relaxed);
-            return GW_REJECTED;
-        }
-        let Ok(key) = key_of(key) else {
-            h.metrics.received.fetch_add(1, Relaxed);
-            h.metrics.rejected.fetch_add(1, Relaxed);
-            return GW_REJECTED;
+        // Too large, or a key that is not UTF-8: refused at the boundary.
+        let key = match key_of(key) {
+            Ok(key) if json.len() <= h.max_message => key,
+            _ => {
+                h.metrics.received.fetch_add(1, Relaxed);
+                h.metrics.rejected.fetch_add(1, Relaxed);
+                return GW_REJECTED;
+            }
         };
         let emitted = crate::metrics::stamp();
         let (frame, header) = crate::ws::text_frame(json);
