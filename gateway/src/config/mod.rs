@@ -1894,18 +1894,16 @@ fn unknown_keywords(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
     use serde_json::Value;
     let Value::Object(m) = v else { return };
     let each = |v: &Value, out: &mut Vec<String>, at: String| unknown_keywords(v, &at, out);
+    // One JSON Pointer step (RFC 6901).
+    let step = |at: &str, k: &str| format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
     for (k, sub) in m {
-        let here = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
+        let here = step(at, k);
         match k.as_str() {
             "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas"
             | "dependencies" => {
                 if let Value::Object(children) = sub {
                     for (name, s) in children {
-                        each(
-                            s,
-                            out,
-                            format!("{here}/{}", name.replace('~', "~0").replace('/', "~1")),
-                        );
+                        each(s, out, step(&here, name));
                     }
                 }
             }
