@@ -440,17 +440,32 @@ mod tests {
         }
     }
 
+    /// A subscription with `frequency: period`: its filter, queue (16),
+    /// cancelled flag and channel metrics.
+    #[allow(clippy::type_complexity)]
+    fn with_frequency(
+        period: &str,
+    ) -> (
+        Arc<SubFilter>,
+        Arc<SessionQueue>,
+        Arc<AtomicBool>,
+        Arc<ChannelMetrics>,
+    ) {
+        let p = json!(period);
+        let f = SubFilter::build(&rules(), &[("frequency", &p)])
+            .unwrap()
+            .unwrap();
+        (
+            Arc::new(f),
+            Arc::new(SessionQueue::new(16)),
+            Arc::new(AtomicBool::new(false)),
+            Arc::default(),
+        )
+    }
+
     #[tokio::test(start_paused = true)]
     async fn frequency_conflates_per_key_latest_wins() {
-        let p = json!("10s");
-        let f = Arc::new(
-            SubFilter::build(&rules(), &[("frequency", &p)])
-                .unwrap()
-                .unwrap(),
-        );
-        let q = Arc::new(SessionQueue::new(16));
-        let c = Arc::new(AtomicBool::new(false));
-        let cm: Arc<ChannelMetrics> = Arc::default();
+        let (f, q, c, cm) = with_frequency("10s");
         let m = |d: i64, n: i64| json!({"device_id": d, "n": n});
         let fr = |v: &Value| crate::ws::frame(crate::ws::OP_TEXT, v.to_string().as_bytes());
         assert!(matches!(
@@ -487,15 +502,7 @@ mod tests {
     /// once: its timers do not keep them, or its session's queue, alive.
     #[tokio::test(start_paused = true)]
     async fn held_frames_go_with_their_subscription() {
-        let p = json!("24h");
-        let f = Arc::new(
-            SubFilter::build(&rules(), &[("frequency", &p)])
-                .unwrap()
-                .unwrap(),
-        );
-        let q = Arc::new(SessionQueue::new(16));
-        let c = Arc::new(AtomicBool::new(false));
-        let cm: Arc<ChannelMetrics> = Arc::default();
+        let (f, q, c, cm) = with_frequency("24h");
         let m = |d: i64| json!({"device_id": d, "pad": "x".repeat(1000)});
         let fr = |v: &Value| crate::ws::frame(crate::ws::OP_TEXT, v.to_string().as_bytes());
         for d in 0..50 {

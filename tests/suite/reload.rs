@@ -77,6 +77,20 @@ async fn hold_with(rt: &gateway::channel::ChannelRuntime, message: serde_json::V
     plugin_command(rt, serde_json::json!({"op": "emit", "messages": [message]})).await;
 }
 
+/// A gateway serving [`jobs_spec`] streams of a million steps (reload by
+/// hand), and a client that follows /jobs/a and got its first step.
+async fn following_a_long_job() -> (Deployment, gateway::Gateway, std::net::SocketAddr, Ws) {
+    let dep = Deployment::new();
+    dep.gateway_yaml("reload:\n  watch: false\n")
+        .write("specs/schemas/any.json", ANY_SCHEMA)
+        .write("specs/jobs.yaml", &jobs_spec(1_000_000));
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/jobs/a").await;
+    next_json(&mut ws).await;
+    (dep, gw, addr, ws)
+}
+
 /// A keyed channel of test-faults streams of `steps` steps, at /jobs/{id}.
 fn jobs_spec(steps: u32) -> String {
     format!(
@@ -309,16 +323,8 @@ async fn connection_limits_count_the_connections_open_before_a_reload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_keyed_channel_closes_its_streams_for_the_clients_to_reopen() {
-    let dep = Deployment::new();
-    let spec = jobs_spec;
-    dep.gateway_yaml("reload:\n  watch: false\n")
-        .write("specs/schemas/any.json", ANY_SCHEMA)
-        .write("specs/jobs.yaml", &spec(1_000_000));
-    let gw = dep.start().await;
-    let addr = gw.addr("main").unwrap();
-    let mut ws = connect(addr, "/jobs/a").await;
-    next_json(&mut ws).await;
-    dep.write("specs/jobs.yaml", &spec(2));
+    let (dep, gw, addr, mut ws) = following_a_long_job().await;
+    dep.write("specs/jobs.yaml", &jobs_spec(2));
     let report = gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((report.changed.len(), report.closed), (1, 1));
     assert_eq!(
@@ -338,19 +344,11 @@ async fn a_changed_keyed_channel_closes_its_streams_for_the_clients_to_reopen() 
 /// new source: their first message is the new source's first step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_keyed_channel_s_old_source_does_not_reach_the_reopened_streams() {
-    let dep = Deployment::new();
-    let spec = jobs_spec;
-    dep.gateway_yaml("reload:\n  watch: false\n")
-        .write("specs/schemas/any.json", ANY_SCHEMA)
-        .write("specs/jobs.yaml", &spec(1_000_000));
-    let gw = dep.start().await;
-    let addr = gw.addr("main").unwrap();
-    let mut ws = connect(addr, "/jobs/a").await;
-    next_json(&mut ws).await;
+    let (dep, gw, addr, mut ws) = following_a_long_job().await;
     let old = gw.state().live().channels["jobs"].clone();
     hold_a_poll(&old).await;
     let mut ws = then_release(&old, async {
-        dep.write("specs/jobs.yaml", &spec(2));
+        dep.write("specs/jobs.yaml", &jobs_spec(2));
         gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(close_code(&mut ws).await, Some(1001));
         let ws = connect(addr, "/jobs/a").await;
