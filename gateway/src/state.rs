@@ -143,7 +143,7 @@ pub struct GatewayState {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Cancelled when shutdown begins: new WebSocket sessions are refused
     /// (503 `shutting_down`) and `/readyz` answers `stopping`.
-    pub closing: CancellationToken,
+    closing: CancellationToken,
     /// Cancelled when the sources have stopped and the clients are being
     /// closed: the listeners close, and every task ends.
     pub shutdown: CancellationToken,
