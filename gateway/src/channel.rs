@@ -253,13 +253,16 @@ impl ChannelRuntime {
     }
 
     /// Subscribe a session queue to the channel (or to one keyed stream,
-    /// opening it at the plugin for its first subscriber).
+    /// opening it at the plugin for its first subscriber). `None` if a
+    /// reload has removed this runtime (the channel, or its keyed streams):
+    /// the caller read it just before the reload swapped it out, and
+    /// subscribes again through what is live now.
     pub fn subscribe(
         self: &Arc<Self>,
         key: Option<(Arc<str>, Vec<u8>)>,
         queue: Arc<SessionQueue>,
         filter: Option<Arc<SubFilter>>,
-    ) -> Subscription {
+    ) -> Option<Subscription> {
         let cancelled = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(AtomicU64::new(0));
         let topic = Topic {
@@ -302,13 +305,19 @@ impl ChannelRuntime {
             }
         };
         self.metrics.subscribers.fetch_add(1, Relaxed);
-        Subscription {
+        let sub = Subscription {
             rt: self.clone(),
             topic,
             id,
             generation,
             cancelled,
-        }
+        };
+        // A reload sets `removed` before it closes the channel's
+        // subscribers under the broker's lock, which the subscribe above
+        // also took: either that close found this subscriber, or this load
+        // sees the flag. Without it, a subscriber that came after the close
+        // followed a runtime nobody publishes to again, and was never told.
+        (!self.removed.load(Relaxed)).then_some(sub)
     }
 
     /// Check a message as the publisher would (parse, envelope, schema).

@@ -20,6 +20,7 @@ use crate::filter::SubFilter;
 use crate::queue::SessionQueue;
 use crate::state::{ClientInfo, GatewayState};
 use crate::template::{Template, With};
+use crate::ws::close;
 
 /// Plugin commands one client may have in flight.
 const MAX_COMMANDS_IN_FLIGHT: usize = 4;
@@ -263,10 +264,6 @@ impl Control {
         filter: Option<Arc<SubFilter>>,
         id: Option<String>,
     ) {
-        // A channel a reload removed after this client connected is gone.
-        let Some(rt) = self.state.live().channels.get(&c.name).cloned() else {
-            return;
-        };
         // Re-subscribing replaces the filters: drop the old one first.
         self.subs
             .retain(|(n, i, _)| !replaces(&c.name, id.as_deref(), n, i.as_deref()));
@@ -275,7 +272,22 @@ impl Control {
         } else {
             None
         };
-        let sub = rt.subscribe(key, self.queue.clone(), filter);
+        let sub = loop {
+            // A channel a reload removed after this client connected is
+            // gone: the client is closed as its subscribers were.
+            let Some(rt) = self.state.live().channels.get(&c.name).cloned() else {
+                self.queue.close(close::GOING_AWAY, "channel removed");
+                return;
+            };
+            // `None`: a reload retired `rt` between the read and the
+            // subscribe; what is live now is the new runtime (or nothing).
+            if let Some(sub) = rt.subscribe(key.clone(), self.queue.clone(), filter.clone()) {
+                break sub;
+            }
+            // A changed keyed channel's runtime is retired just before the
+            // swap, which follows at once.
+            std::thread::yield_now();
+        };
         // Most sessions hold one subscription: room for exactly one at
         // first (a plain push reserves four, ~300 bytes per idle session).
         let first = self.subs.is_empty();

@@ -339,6 +339,43 @@ async fn a_changed_keyed_channel_closes_its_streams_for_the_clients_to_reopen() 
     gw.shutdown().await;
 }
 
+/// A subscribe that read the live channels just before a reload retired
+/// the runtime it found (a changed keyed channel's, a removed channel's) is
+/// refused by that runtime, and the session subscribes through what is live
+/// now: before, it followed a runtime nobody publishes to again, its keyed
+/// stream opened at a stopped source, and it was never told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_through_a_runtime_a_reload_retired_is_refused() {
+    use gateway::queue::SessionQueue;
+    use std::sync::Arc;
+    let (dep, gw, _addr, _ws) = following_a_long_job().await;
+    dep.write("specs/other.yaml", &bus_spec("other", ""));
+    gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    let queue = Arc::new(SessionQueue::new(16));
+    let key = || Some(("b".into(), br#"{"id":"b"}"#.to_vec()));
+    let old = gw.state().live().channels["jobs"].clone();
+    let before = old.subscribe(key(), queue.clone(), None);
+    assert!(before.is_some(), "a live runtime takes a subscriber");
+    drop(before);
+
+    dep.write("specs/jobs.yaml", &jobs_spec(2));
+    gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        old.subscribe(key(), queue.clone(), None).is_none(),
+        "a changed keyed channel's old runtime took a subscriber"
+    );
+    let new = gw.state().live().channels["jobs"].clone();
+    assert!(new.subscribe(key(), queue.clone(), None).is_some());
+
+    std::fs::remove_file(dep.path("specs/jobs.yaml")).unwrap();
+    gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        new.subscribe(key(), queue.clone(), None).is_none(),
+        "a removed channel's runtime took a subscriber"
+    );
+    gw.shutdown().await;
+}
+
 /// What a changed keyed channel's old source hands over after the reload
 /// (here a poll held across it) does not reach the streams reopened on the
 /// new source: their first message is the new source's first step.
