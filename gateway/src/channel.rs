@@ -1501,9 +1501,28 @@ async fn supervise(
         } else {
             tracing::warn!(channel = %ch, plugin = %pname, failures_in_a_row = in_a_row, retry_in = ?delay, "plugin failed: {f}");
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => break,
+        // Keyed streams opened and closed meanwhile change only what the
+        // next instance opens: queued, every subscribe and unsubscribe of a
+        // long backoff would wait in memory to be replayed at the plugin.
+        let wait = tokio::time::sleep(delay);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'outer,
+                _ = &mut wait => break,
+                cmd = cmds.recv() => match cmd {
+                    Some(SourceCmd::OpenKey(k, params)) => {
+                        open_keys.insert(k, params);
+                    }
+                    Some(SourceCmd::CloseKey(k)) => {
+                        open_keys.remove(&k);
+                    }
+                    Some(SourceCmd::Ended(_) | SourceCmd::Remote(_)) => {}
+                    // The runtime is gone.
+                    None => break 'outer,
+                },
+            }
         }
         rt.metrics.plugin_restarts.fetch_add(1, Relaxed);
     }

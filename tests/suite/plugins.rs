@@ -538,3 +538,59 @@ async fn a_poll_that_overruns_its_interval_neither_piles_up_nor_blocks_other_cha
     assert_eq!(seq(&next_json(&mut ws).await), a + 1);
     gw.shutdown().await;
 }
+
+/// Keyed streams opened and closed while the plugin waits out its restart
+/// backoff change only what the next instance opens: the keys still
+/// followed, once each. Before, every open and close waited in a queue
+/// without bound (a client reconnecting all through a 30 s backoff grew it
+/// by two each time) and was replayed at the next instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_opened_and_closed_during_a_backoff_are_not_replayed_at_the_next_instance() {
+    let dep = Deployment::new();
+    // While this file exists, test-faults' polls and creates fail.
+    let down = dep.path("upstream-down");
+    dep.gateway_yaml("")
+        .write("specs/schemas/any.json", ANY_SCHEMA)
+        .write(
+            "specs/jobs.yaml",
+            &format!(
+                "channel: jobs\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  config: {{steps: 1000000, error_while_exists: '{}'}}\nendpoints:\n  - path: /jobs/{{id}}\n",
+                down.display()
+            ),
+        );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut a = connect(addr, "/jobs/a").await;
+    next_json(&mut a).await;
+
+    std::fs::write(&down, "").unwrap();
+    // The second failure in a row is a create's: no instance runs from
+    // now until the file goes.
+    eventually("a create failed", || async {
+        let v = readyz(addr).await.1;
+        (v["channels"]["jobs"]["consecutive_failures"].as_u64()? >= 2).then_some(())
+    })
+    .await;
+    for _ in 0..50 {
+        drop(connect(addr, "/jobs/b").await);
+    }
+    // Every one of them has subscribed and gone.
+    metric_becomes(addr, "gateway_connections_total", 51.0).await;
+    metric_becomes(addr, "gateway_connections", 1.0).await;
+
+    std::fs::remove_file(&down).unwrap();
+    let jobs = gw.state().live().channels["jobs"].clone();
+    let status = eventually("the next instance polled", || async {
+        // Refused while no instance runs.
+        let v = jobs
+            .command(br#"{"op":"status"}"#.to_vec(), PATIENCE)
+            .await
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&v).ok()?;
+        (v["polls"].as_u64()? >= 3).then_some(v)
+    })
+    .await;
+    assert_eq!(status["open_keys"], serde_json::json!(["a"]), "{status}");
+    assert_eq!(status["opens"], 1, "{status}");
+    gw.shutdown().await;
+}

@@ -23,8 +23,9 @@
 //! - `steps` (integer ≥ 1, default 3): steps of a keyed stream;
 //! - `limit` (N): push mode: the run loop returns Ok (a normal exit) once it has
 //!   emitted N unkeyed messages;
-//! - `error_while_exists` (string, a file path): while that file exists, every
-//!   poll (push mode: every tick) fails with `test-faults: <path> exists`.
+//! - `error_while_exists` (string, a file path): while that file exists,
+//!   `create` and every poll (push mode: every tick) fail with
+//!   `test-faults: <path> exists`.
 //!   It outlives restarts, so a test can make a channel fail for a while and
 //!   then recover.
 //!
@@ -40,7 +41,8 @@
 //! Commands: `{"op":"echo",...}` answers the request itself; `{"op":"panic"}`
 //! panics (`test-faults: planned command panic`); `{"op":"fail"}` fails with
 //! `test-faults: planned command failure`; `{"op":"status"}` answers
-//! `{"polls":p,"seq":s,"open_keys":[...]}`; `{"op":"emit","messages":[...]}`
+//! `{"polls":p,"seq":s,"open_keys":[...],"opens":o}` (`opens`: the
+//! `open_key` calls this instance has had); `{"op":"emit","messages":[...]}`
 //! queues those messages, emitted as they are on the unkeyed stream at the
 //! next tick (push) or poll, and answers `{"queued":n}`; `{"op":"hold"}` makes
 //! every poll that starts from then on wait at its start until
@@ -84,7 +86,7 @@ pub struct Config {
     pub steps: u64,
     /// Push mode: finish after N messages.
     pub limit: Option<u64>,
-    /// Fail every poll / tick while this file exists.
+    /// Fail `create` and every poll / tick while this file exists.
     pub error_while_exists: Option<std::path::PathBuf>,
 }
 
@@ -164,6 +166,8 @@ struct KeyState {
 pub struct TestFaults {
     config: Config,
     polls: AtomicU64,
+    /// `open_key` calls.
+    opens: AtomicU64,
     /// Polls running now, and the most that ever ran at once.
     in_poll: Mutex<(u64, u64)>,
     /// Polls wait at their start while this is true.
@@ -267,9 +271,16 @@ impl Plugin for TestFaults {
         if let Some(msg) = &config.fail_create {
             return Err(msg.as_str().into());
         }
+        if let Some(path) = config.error_while_exists.as_ref().filter(|p| p.exists()) {
+            return Err(PluginError::new(format!(
+                "test-faults: {} exists",
+                path.display()
+            )));
+        }
         Ok(TestFaults {
             config,
             polls: AtomicU64::new(0),
+            opens: AtomicU64::new(0),
             in_poll: Mutex::new((0, 0)),
             held: Mutex::new(false),
             released: Condvar::new(),
@@ -357,6 +368,7 @@ impl Plugin for TestFaults {
     }
 
     fn open_key(&self, key: &str, params: Value) -> Result<(), PluginError> {
+        self.opens.fetch_add(1, Ordering::Relaxed);
         self.keys()
             .insert(key.to_owned(), KeyState { params, step: 0 });
         Ok(())
@@ -393,6 +405,7 @@ impl Plugin for TestFaults {
                     "most_in_poll": most_in_poll,
                     "seq": self.seq.load(Ordering::Relaxed),
                     "open_keys": self.keys().keys().collect::<Vec<_>>(),
+                    "opens": self.opens.load(Ordering::Relaxed),
                 }))
             }
             _ => Err(PluginError::new(format!(
@@ -616,13 +629,13 @@ mod tests {
         assert_eq!(status, GW_OK);
         assert_eq!(
             serde_json::from_str::<Value>(&reply).unwrap(),
-            json!({"polls":1,"in_poll":0,"most_in_poll":1,"seq":1,"open_keys":["a"]})
+            json!({"polls":1,"in_poll":0,"most_in_poll":1,"seq":1,"open_keys":["a"],"opens":1})
         );
         assert_eq!(inst.command(r#"{"op":"x"}"#).0, GW_ERROR);
     }
 
     #[test]
-    fn error_while_exists_fails_polls_and_ticks_while_the_file_is_there() {
+    fn error_while_exists_fails_creates_polls_and_ticks_while_the_file_is_there() {
         let path = std::env::temp_dir().join(format!("test-faults-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let config = json!({"error_while_exists": path, "interval_ms": 1});
@@ -631,13 +644,18 @@ mod tests {
         let p = create(&host, config.clone());
         let out = host.emitter();
         p.poll(None, &out).unwrap();
-        std::fs::write(&path, b"").unwrap();
-        assert_eq!(p.poll(None, &out).unwrap_err().message(), expected);
-        assert_eq!(p.poll(None, &out).unwrap_err().message(), expected);
-        // Push mode: the run loop fails at its next tick.
         let loaded = Loaded::of::<TestFaults>();
         let push_host = TestHost::new();
         let inst = loaded.create(&push_host, &config.to_string()).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(p.poll(None, &out).unwrap_err().message(), expected);
+        assert_eq!(p.poll(None, &out).unwrap_err().message(), expected);
+        // A new instance cannot even be made meanwhile.
+        let err = TestFaults::create(config.clone(), host.host())
+            .err()
+            .expect("create fails while the file exists");
+        assert_eq!(err.message(), expected);
+        // Push mode: the run loop fails at its next tick.
         assert_eq!(inst.start().0, GW_OK);
         assert_eq!(push_host.wait_for_exit(WAIT), Some((GW_ERROR, expected)));
         std::fs::remove_file(&path).unwrap();
