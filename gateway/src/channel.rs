@@ -621,34 +621,35 @@ pub fn start(
         removed: AtomicBool::new(false),
         commands: Arc::new(tokio::sync::Semaphore::new(MAX_CHANNEL_COMMANDS)),
     });
-    tracker.spawn(publish_loop(rt.clone(), ev_rx, after));
-    match &cfg.source.kind {
-        SourceKind::Plugin(plugin) if let Some(c) = cluster => {
-            tracker.spawn(leased(
-                rt.clone(),
-                plugin.clone(),
-                ev_tx,
-                cmd_rx,
-                limits.max_message_size.max(1 << 20),
-                stop,
-                c,
-                tracker.clone(),
-            ));
-        }
-        SourceKind::Plugin(plugin) => {
-            tracker.spawn(supervise(
-                rt.clone(),
-                plugin.clone(),
-                ev_tx,
-                cmd_rx,
-                limits.max_message_size.max(1 << 20),
-                stop,
-            ));
-        }
+    let source_over = CancellationToken::new();
+    tracker.spawn(publish_loop(rt.clone(), ev_rx, after, source_over.clone()));
+    let source: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &cfg.source.kind {
+        SourceKind::Plugin(plugin) if let Some(c) = cluster => Box::pin(leased(
+            rt.clone(),
+            plugin.clone(),
+            ev_tx,
+            cmd_rx,
+            limits.max_message_size.max(1 << 20),
+            stop,
+            c,
+            tracker.clone(),
+        )),
+        SourceKind::Plugin(plugin) => Box::pin(supervise(
+            rt.clone(),
+            plugin.clone(),
+            ev_tx,
+            cmd_rx,
+            limits.max_message_size.max(1 << 20),
+            stop,
+        )),
         SourceKind::Builtin(Builtin::Status) => {
-            tracker.spawn(run_status(rt.clone(), ev_tx, state, stop));
+            Box::pin(run_status(rt.clone(), ev_tx, state, stop))
         }
-    }
+    };
+    tracker.spawn(async move {
+        source.await;
+        source_over.cancel();
+    });
     rt
 }
 
@@ -700,10 +701,15 @@ const PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
 /// With `after` (the predecessor's `published_all`, at a reload that changed
 /// the channel), nothing is published before the old source's last
 /// messages, or `PREDECESSOR_WAIT`: the two never interleave.
+///
+/// It ends once every sender is gone, or once the source's task has ended
+/// (`source_over`) and what was queued is published: an instance a command
+/// still runs in keeps its sender, refusing everything (`Instance::revoke`).
 async fn publish_loop(
     rt: Arc<ChannelRuntime>,
     mut rx: mpsc::Receiver<SourceEvent>,
     after: Option<CancellationToken>,
+    source_over: CancellationToken,
 ) {
     if let Some(prev) = after
         && tokio::time::timeout(PREDECESSOR_WAIT, prev.cancelled())
@@ -723,6 +729,7 @@ async fn publish_loop(
     let mut rate = cfg.rate_limit.map(|(r, on)| RateGate::new(r.quota(), on));
     let mut out = Outbox::new(cfg.linger);
     let mut batch = Vec::with_capacity(64);
+    let mut closed = false;
     loop {
         let flush = async {
             match rate.as_ref().and_then(|r| r.flush_at) {
@@ -738,6 +745,12 @@ async fn publish_loop(
         };
         tokio::select! {
             n = rx.recv_many(&mut batch, 64) => if n == 0 { break },
+            // No more sends; what is queued is still received.
+            _ = source_over.cancelled(), if !closed => {
+                closed = true;
+                rx.close();
+                continue;
+            }
             _ = send_held => {
                 out.send(&rt);
                 continue;
@@ -1478,7 +1491,9 @@ async fn supervise(
                 failure = fail;
                 // Stop and free the instance off the async workers. A call
                 // still running inside the plugin holds a clone; the last
-                // holder frees it.
+                // holder frees it, but its source ends now: what it hands
+                // over from here is refused, as after a stop.
+                inst.revoke();
                 let _ = blocking(move || {
                     if let Ok(i) = Arc::try_unwrap(inst) {
                         i.shutdown();

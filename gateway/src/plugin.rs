@@ -589,6 +589,15 @@ impl Instance {
         }
     }
 
+    /// Refuse everything the plugin hands over from now on (`GW_STOPPED`),
+    /// and wake an emit waiting for room, without calling the plugin: its
+    /// source is over even while a command still running inside it holds
+    /// the instance (the last holder stops and frees it).
+    pub fn revoke(&self) {
+        self.ctx.stopped.store(true, Relaxed);
+        self.ctx.stop.cancel();
+    }
+
     /// Stop and free the instance. After this no plugin thread calls the host
     /// for it, so the host state can go.
     pub fn shutdown(mut self) {
@@ -600,8 +609,7 @@ impl Instance {
             return;
         }
         self.destroyed = true;
-        self.ctx.stopped.store(true, Relaxed);
-        self.ctx.stop.cancel();
+        self.revoke();
         (self.plugin.table.stop)(self.ptr);
         (self.plugin.table.destroy)(self.ptr);
         let _ = &self.host;

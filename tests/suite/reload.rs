@@ -376,6 +376,64 @@ async fn a_subscribe_through_a_runtime_a_reload_retired_is_refused() {
     gw.shutdown().await;
 }
 
+/// A push source whose instance a command still runs in (one waiting on
+/// `hold`, past its timeout) ends at a reload that changed the channel all
+/// the same. Before, the command's clone of the instance kept the old source
+/// running: it went on emitting (checked against the old schema), its
+/// publisher never ended, and after waiting 5 s for it the new source's
+/// messages interleaved with the old one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_ends_at_a_reload_while_a_command_still_runs_in_it() {
+    use gateway::channel::CommandError;
+    use serde_json::json;
+    let dep = Deployment::new();
+    let spec = |ms: u32| {
+        format!(
+            "channel: pushy\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {{interval_ms: {ms}}}\nendpoints:\n  - path: /pushy\n"
+        )
+    };
+    dep.gateway_yaml("reload:\n  watch: false\n")
+        .write("specs/schemas/any.json", ANY_SCHEMA)
+        .write("specs/pushy.yaml", &spec(5));
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/pushy").await;
+    next_json(&mut ws).await;
+    let old = gw.state().live().channels["pushy"].clone();
+    // To release the hold after the reload, when the runtime no longer
+    // reaches this instance.
+    let inst = old.current_instance().expect("the plugin runs");
+    plugin_command(&old, json!({"op": "hold"})).await;
+    let r = old
+        .command(
+            br#"{"op":"wait"}"#.to_vec(),
+            std::time::Duration::from_millis(50),
+        )
+        .await;
+    assert!(matches!(r, Err(CommandError::Timeout)), "{r:?}");
+
+    dep.write("specs/pushy.yaml", &spec(6));
+    gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    let ended = tokio::time::timeout(PATIENCE, old.published_all().cancelled()).await;
+    // The new source's messages count from 1 again, and only they follow.
+    let mut prev = seq(&next_json(&mut ws).await);
+    while prev != 1 {
+        prev = seq(&next_json(&mut ws).await);
+    }
+    for _ in 0..50 {
+        let n = seq(&next_json(&mut ws).await);
+        assert_eq!(n, prev + 1, "an old source's message among the new one's");
+        prev = n;
+    }
+    tokio::task::spawn_blocking(move || {
+        inst.command(br#"{"op":"release"}"#).expect("release");
+    })
+    .await
+    .unwrap();
+    assert!(ended.is_ok(), "the old source was still running");
+    gw.shutdown().await;
+}
+
 /// What a changed keyed channel's old source hands over after the reload
 /// (here a poll held across it) does not reach the streams reopened on the
 /// new source: their first message is the new source's first step.
