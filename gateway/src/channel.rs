@@ -483,6 +483,9 @@ impl ChannelRuntime {
             (None, _) => return Err(CommandError::Unavailable),
         };
         let Ok(permit) = self.commands.clone().try_acquire_owned() else {
+            // This clone may be the instance's last (its source stopped
+            // meanwhile): freeing it stops the plugin, which blocks.
+            tokio::task::spawn_blocking(move || drop(inst));
             return Err(CommandError::Busy);
         };
         // The permit goes back when the plugin returns, not at the timeout.

@@ -384,8 +384,6 @@ extern "C" fn host_emit(ctx: *mut c_void, key: GwSlice, json: GwSlice) -> i32 {
         // SAFETY: `ctx` is the `HostCtx` given at create; it outlives the
         // instance's `destroy` (ABI contract: no host calls after `stop`).
         let h = unsafe { &*(ctx as *const HostCtx) };
-        // SAFETY: the plugin passes slices valid for this call.
-        let (key, json) = unsafe { (slice(key), slice(json)) };
         // A message answered "stopped" stays the plugin's (a durable source
         // does not acknowledge it), so it is not counted at all: `received`
         // counts what the gateway took, published or dropped.
@@ -393,14 +391,20 @@ extern "C" fn host_emit(ctx: *mut c_void, key: GwSlice, json: GwSlice) -> i32 {
             return GW_STOPPED;
         }
         // Too large, or a key that is not UTF-8: refused at the boundary.
-        let key = match key_of(key) {
-            Ok(key) if json.len() <= h.max_message => key,
+        // The length is checked before a slice is made of it (one longer
+        // than `isize::MAX` may not even be formed).
+        // SAFETY: the plugin passes a key slice valid for this call.
+        let key = match (json.len <= h.max_message).then(|| key_of(unsafe { slice(key) })) {
+            Some(Ok(key)) => key,
             _ => {
                 h.metrics.received.fetch_add(1, Relaxed);
                 h.metrics.rejected.fetch_add(1, Relaxed);
                 return GW_REJECTED;
             }
         };
+        // SAFETY: the plugin passes a body slice valid for this call, and
+        // its length was checked above.
+        let json = unsafe { slice(json) };
         let emitted = crate::metrics::stamp();
         let (frame, header) = crate::ws::text_frame(json);
         let r = h.send(SourceEvent::Message {

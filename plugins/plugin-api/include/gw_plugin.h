@@ -49,7 +49,7 @@ extern "C" {
 #define GW_PANIC 2       /* the plugin panicked; the panic was caught at the boundary */
 #define GW_UNSUPPORTED 3 /* the plugin does not implement this call */
 #define GW_STOPPED 4     /* (from host emit) the instance is being stopped; return */
-#define GW_REJECTED 5    /* (from host emit) the message was refused (not UTF-8, too large) */
+#define GW_REJECTED 5    /* (from host emit) the message was refused (too large, or a key that is not UTF-8) */
 
 /* Mode bits (GwPluginV1.modes). */
 #define GW_MODE_POLL 1u    /* implements poll */

@@ -39,7 +39,8 @@ pub const GW_PANIC: i32 = 2;
 pub const GW_UNSUPPORTED: i32 = 3;
 /// Status (from host `emit`): the instance is being stopped; the plugin should return.
 pub const GW_STOPPED: i32 = 4;
-/// Status (from host `emit`): the message was refused (e.g. not UTF-8, too large).
+/// Status (from host `emit`): the message was refused (too large, or a key that is
+/// not UTF-8; a body that is not JSON is taken, then dropped and counted).
 pub const GW_REJECTED: i32 = 5;
 
 /// Mode bit: the plugin implements `poll`.
