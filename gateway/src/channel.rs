@@ -191,6 +191,9 @@ struct KeyRef {
     subscribers: usize,
     /// Its path parameters (JSON), to open it again.
     params: Vec<u8>,
+    /// Opened again for subscribers its previous opening ended before they
+    /// got anything.
+    reopened: bool,
 }
 
 /// Unsubscribes when dropped.
@@ -294,6 +297,7 @@ impl ChannelRuntime {
                         generation: refs.next_gen,
                         subscribers: 0,
                         params: params.clone(),
+                        reopened: false,
                     }
                 });
                 r.subscribers += 1;
@@ -539,6 +543,16 @@ impl ChannelRuntime {
         if kept.is_empty() {
             return;
         }
+        // Opened again for them, and ended again before any of them got
+        // anything (the plugin ends the stream without a message, or every
+        // message is dropped): once more would loop for as long as they
+        // stay. They are closed as the others were.
+        if ended.reopened && kept.len() == ended.subscribers {
+            for s in &kept {
+                s.queue.close(crate::ws::close::NORMAL, "stream ended");
+            }
+            return;
+        }
         refs.next_gen += 1;
         let generation = refs.next_gen;
         for s in &kept {
@@ -550,6 +564,7 @@ impl ChannelRuntime {
                 generation,
                 subscribers: kept.len(),
                 params: ended.params.clone(),
+                reopened: true,
             },
         );
         let _ = self.cmd_tx.send(SourceCmd::OpenKey(key, ended.params));

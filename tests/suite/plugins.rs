@@ -594,3 +594,29 @@ async fn keys_opened_and_closed_during_a_backoff_are_not_replayed_at_the_next_in
     assert_eq!(status["opens"], 1, "{status}");
     gw.shutdown().await;
 }
+
+/// A keyed stream that ends before its subscriber got anything is opened
+/// again for it once; if that opening ends the same way too, the subscriber
+/// is closed (1000) like any whose stream ended. Before, it was opened again
+/// and again for as long as the client stayed (here every message fails
+/// the schema), a plugin call each time, and the client was never told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_stream_that_keeps_ending_with_nothing_delivered_is_closed() {
+    let dep = Deployment::new();
+    dep.gateway_yaml("")
+        // test-faults' keyed messages have no `seq`: each fails the schema.
+        .write("specs/schemas/seq.json", SEQ_SCHEMA)
+        .write(
+            "specs/jobs.yaml",
+            "channel: jobs\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 1h\n  config: {steps: 1}\nendpoints:\n  - path: /jobs/{id}\n",
+        );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/jobs/a").await;
+    assert_eq!(close_code(&mut ws).await, Some(1000));
+    let jobs = gw.state().live().channels["jobs"].clone();
+    let status = plugin_command(&jobs, serde_json::json!({"op": "status"})).await;
+    assert_eq!(status["opens"], 2, "{status}");
+    assert_eq!(status["open_keys"], serde_json::json!([]), "{status}");
+    gw.shutdown().await;
+}
