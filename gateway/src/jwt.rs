@@ -176,6 +176,8 @@ pub struct JwtVerifier {
     /// Where the key(s) came from, for `Debug` and logs (no secret in it).
     key_source: String,
     validation: Validation,
+    /// `iss` must be this string (the library also takes an array holding it).
+    issuer: Option<String>,
     principal_claim: String,
     leeway: Duration,
 }
@@ -400,6 +402,7 @@ impl JwtVerifier {
             keys,
             key_source,
             validation,
+            issuer: s.issuer.clone(),
             principal_claim: principal_claim.to_string(),
             leeway,
         })
@@ -432,6 +435,11 @@ impl JwtVerifier {
         let claims = data.claims;
         if !claims.is_object() {
             return Err(JwtError::invalid("token payload is not a JSON object"));
+        }
+        if let Some(iss) = &self.issuer
+            && claims.get("iss").and_then(Value::as_str) != Some(iss.as_str())
+        {
+            return Err(map_error(ErrorKind::InvalidIssuer));
         }
         let principal = match claims.get(&self.principal_claim) {
             Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
@@ -1233,6 +1241,13 @@ mod tests {
             code(v.verify(&sign_hs(Algorithm::HS256, &claims()))),
             "invalid_issuer"
         );
+        // iss is one string: an array holding the issuer is not it.
+        let listed = sign_hs(
+            Algorithm::HS256,
+            &json!({"sub": "alice", "exp": now() + 600,
+                    "iss": ["https://evil.example", "https://issuer.example"]}),
+        );
+        assert_eq!(code(v.verify(&listed)), "invalid_issuer");
     }
 
     #[test]
