@@ -7,7 +7,7 @@
 //! wrong or the Origin is not allowed.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, StatusCode};
 use serde_json::{Map, Value};
@@ -58,8 +58,9 @@ impl Inband {
 
 /// The outcome of an in-band message.
 pub enum InbandResult {
-    /// Accepted; the principal, if any.
-    Accepted(Option<String>),
+    /// Accepted; the principal, if any, and when its token expires (with
+    /// `close_at_exp`).
+    Accepted(Option<String>, Option<SystemTime>),
     /// Refused: (code, message).
     Refused(&'static str, String),
 }
@@ -110,9 +111,11 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-/// Who connected, as far as auth could tell.
+/// Who connected, as far as auth could tell, and when the credential stops
+/// holding the connection open (a JWT's `exp` plus leeway, with
+/// `close_at_exp`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Principal(pub Option<String>);
+pub struct Principal(pub Option<String>, pub Option<SystemTime>);
 
 /// Why a connection was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,7 +170,7 @@ impl Auth {
                 let path = ib.token_field.as_deref().unwrap_or(&[]);
                 match get_path(msg, path) {
                     Some(Value::String(t)) => match j.verifier.verify(t) {
-                        Ok(v) => InbandResult::Accepted(v.principal),
+                        Ok(v) => InbandResult::Accepted(v.principal, v.expires),
                         Err(e) => InbandResult::Refused(e.code, e.message),
                     },
                     _ => InbandResult::Refused(
@@ -184,7 +187,7 @@ impl Auth {
                     .map(String::as_str)
                     .collect();
                 if missing.is_empty() {
-                    InbandResult::Accepted(None)
+                    InbandResult::Accepted(None, None)
                 } else {
                     InbandResult::Refused(
                         "invalid_handshake",
@@ -195,7 +198,7 @@ impl Auth {
                     )
                 }
             }
-            _ => InbandResult::Accepted(None),
+            _ => InbandResult::Accepted(None, None),
         }
     }
 
@@ -225,7 +228,7 @@ impl Auth {
                 });
                 match bearer.or(from_query) {
                     Some(t) => match j.verifier.verify(&t) {
-                        Ok(v) => Ok(Some(Principal(v.principal))),
+                        Ok(v) => Ok(Some(Principal(v.principal, v.expires))),
                         Err(e) => Err(AuthError {
                             status: StatusCode::UNAUTHORIZED,
                             error: e.code,
@@ -257,7 +260,7 @@ impl Auth {
     /// Check a request against the `none` and `api_key` modes.
     fn check_key(&self, headers: &HeaderMap, query: &str) -> Result<Principal, AuthError> {
         match self {
-            Auth::None => Ok(Principal(None)),
+            Auth::None => Ok(Principal(None, None)),
             Auth::Jwt(_) | Auth::Handshake(_) => Err(AuthError {
                 status: StatusCode::UNAUTHORIZED,
                 error: "unauthorized",
@@ -306,7 +309,7 @@ impl Auth {
                     }
                 }
                 match found {
-                    Some(i) => Ok(Principal(Some(format!("api_key#{i}")))),
+                    Some(i) => Ok(Principal(Some(format!("api_key#{i}")), None)),
                     None => Err(AuthError {
                         status: StatusCode::FORBIDDEN,
                         error: "invalid_api_key",

@@ -44,6 +44,9 @@ pub struct Control {
     guards: Vec<crate::limits::CountGuard>,
     /// A close the session should send.
     close: Option<(u16, &'static str)>,
+    /// An in-band authentication set when the connection's token expires
+    /// (`close_at_exp`): the session's deadline moves to it.
+    expiry: Option<Option<std::time::SystemTime>>,
 }
 
 /// An error reply's code and message.
@@ -92,7 +95,14 @@ impl Control {
             in_flight: Arc::new(AtomicUsize::new(0)),
             guards,
             close: None,
+            expiry: None,
         }
+    }
+
+    /// When the token of an in-band authentication since the last call
+    /// expires (`Some(None)`: it does not close the connection).
+    pub fn take_expiry(&mut self) -> Option<Option<std::time::SystemTime>> {
+        self.expiry.take()
     }
 
     /// A close requested by the protocol (e.g. a principal over its limit).
@@ -362,7 +372,7 @@ impl Control {
             && ib.matches(&msg)
         {
             match auth.check_message(&msg) {
-                InbandResult::Accepted(p) => {
+                InbandResult::Accepted(p, expires) => {
                     // A first auth takes a slot of its principal's; a later
                     // one as another principal moves the connection to that
                     // principal's count (the new slot first, then the old
@@ -394,6 +404,7 @@ impl Control {
                     if p.is_some() {
                         *self.info.principal.lock() = p.clone();
                     }
+                    self.expiry = Some(expires);
                     if let Some(t) = &ib.reply {
                         out.extend(self.render_inband(
                             t,

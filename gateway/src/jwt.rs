@@ -16,6 +16,7 @@
 //! | `audience` | no | | A list of strings. When set, the token must carry an `aud` claim (a string or a list) that contains at least one of them. When not set, `aud` is not checked, whatever the token carries. |
 //! | `leeway` | no | `30s` | Clock skew allowed when checking `exp` and `nbf`: a duration such as `0s`, `30s`, `2m`; whole seconds (a fraction is dropped), at most `1h`. |
 //! | `require_exp` | no | `true` | Refuse a token without an `exp` claim. When `false`, a token without `exp` never expires; an `exp` that is present is still checked. |
+//! | `close_at_exp` | no | `false` | Close a WebSocket connection when its token expires (`exp` plus `leeway`), with 1008 `token expired`. An in-band authentication with a fresh token moves the deadline; one refused leaves it. Without it a token is checked when it is presented, and the connection it opened lives on. |
 //! | `principal_claim` | no | `sub` | The claim that names who connected: a string (an empty one counts as absent) or a number (its decimal text). Any other type, or no such claim, leaves the principal unset; the token is still valid. |
 //!
 //! Which keys go together:
@@ -69,7 +70,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -132,6 +133,8 @@ pub struct JwtSettings {
     pub leeway: Option<String>,
     /// Refuse tokens without `exp` (default `true`).
     pub require_exp: Option<bool>,
+    /// Close a connection when its token expires (default `false`).
+    pub close_at_exp: Option<bool>,
     /// The claim naming the principal (default `sub`).
     pub principal_claim: Option<String>,
 }
@@ -151,6 +154,7 @@ impl fmt::Debug for JwtSettings {
             .field("audience", &self.audience)
             .field("leeway", &self.leeway)
             .field("require_exp", &self.require_exp)
+            .field("close_at_exp", &self.close_at_exp)
             .field("principal_claim", &self.principal_claim)
             .finish()
     }
@@ -180,6 +184,8 @@ pub struct JwtVerifier {
     issuer: Option<String>,
     principal_claim: String,
     leeway: Duration,
+    /// Report when a token expires ([`Verified::expires`]).
+    close_at_exp: bool,
 }
 
 /// The verification key(s).
@@ -222,6 +228,9 @@ pub struct Verified {
     pub principal: Option<String>,
     /// Every claim of the token (a JSON object).
     pub claims: Value,
+    /// With `close_at_exp`: when the token stops being valid (`exp` plus
+    /// the leeway); `None` without it, or for a token without `exp`.
+    pub expires: Option<SystemTime>,
 }
 
 /// Why a token was refused.
@@ -405,6 +414,7 @@ impl JwtVerifier {
             issuer: s.issuer.clone(),
             principal_claim: principal_claim.to_string(),
             leeway,
+            close_at_exp: s.close_at_exp.unwrap_or(false),
         })
     }
 
@@ -446,7 +456,17 @@ impl JwtVerifier {
             Some(Value::Number(n)) => Some(n.to_string()),
             _ => None,
         };
-        Ok(Verified { principal, claims })
+        let expires = claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .filter(|_| self.close_at_exp)
+            .and_then(|exp| Duration::try_from_secs_f64(exp.max(0.0)).ok())
+            .and_then(|exp| UNIX_EPOCH.checked_add(exp + self.leeway));
+        Ok(Verified {
+            principal,
+            claims,
+            expires,
+        })
     }
 
     fn select_key(&self, kid: Option<&str>) -> Result<&DecodingKey, JwtError> {

@@ -251,6 +251,8 @@ pub struct Metrics {
     pub inbound_rate_errors: AtomicU64,
     /// Connections closed because in-band authentication did not come in time.
     pub auth_timeouts: AtomicU64,
+    /// Connections closed when their token expired (`close_at_exp`).
+    pub closed_token_expired: AtomicU64,
     /// TLS handshakes that failed or timed out on TLS listeners.
     pub tls_handshake_failures: AtomicU64,
     /// How long the oldest frame of each socket write waited in the gateway.
@@ -360,6 +362,7 @@ impl Metrics {
             ("ping_timeout", &self.closed_ping_timeout),
             ("inbound_messages", &self.closed_inbound_rate),
             ("auth_timeout", &self.auth_timeouts),
+            ("token_expired", &self.closed_token_expired),
         ] {
             let _ = writeln!(
                 out,

@@ -529,7 +529,7 @@ fn handle_endpoint(
         }
     };
     let principal_guards = match &principal {
-        Some(Principal(Some(p))) => match endpoint.limits.admit_principal(p) {
+        Some(Principal(Some(p), _)) => match endpoint.limits.admit_principal(p) {
             Ok(g) => g,
             Err(r) => return limit_reply(state, &info, path, r),
         },

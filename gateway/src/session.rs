@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -57,6 +57,13 @@ pub struct SessionCtx {
     pub state: Arc<GatewayState>,
 }
 
+/// The instant of wall-clock time `t`, from `now` (at once if it is past).
+fn instant_at(now: Instant, t: SystemTime) -> Instant {
+    now + t
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
 /// Ready when the sleep is set and due; never while it is unset.
 fn poll_sleep(s: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<()> {
     match s {
@@ -79,6 +86,10 @@ struct Timers {
     auth_due: Option<Instant>,
     /// The connection's lifetime ends then.
     end_of_life: Option<Instant>,
+    /// Its token expires then (`close_at_exp`).
+    token_due: Option<Instant>,
+    /// A deadline moved: the timer is set again after this read.
+    rearm: bool,
     /// Longest silence, and when the client was last heard.
     idle: Option<Duration>,
     last_read: Instant,
@@ -99,6 +110,7 @@ enum Due {
 /// Which limit closed the connection (for metrics).
 enum Limit {
     Auth,
+    Token,
     Lifetime,
     Idle,
     Pong,
@@ -108,6 +120,7 @@ impl Timers {
     fn next(&self) -> Option<Instant> {
         [
             self.auth_due,
+            self.token_due,
             self.end_of_life,
             self.idle.map(|d| self.last_read + d),
             self.next_ping,
@@ -126,6 +139,10 @@ impl Timers {
             if !authed {
                 return Due::Close(close::POLICY, "authentication timeout", Limit::Auth);
             }
+        }
+        if self.token_due.is_some_and(|t| now >= t) {
+            self.token_due = None;
+            return Due::Close(close::POLICY, "token expired", Limit::Token);
         }
         if self.end_of_life.is_some_and(|t| now >= t) {
             self.end_of_life = None;
@@ -285,6 +302,7 @@ where
             ctx.principal.as_ref().and_then(|p| p.0.clone()),
             &queue,
         );
+        let token_expires = ctx.principal.as_ref().and_then(|p| p.1);
         let mut control = Control::new(
             ctx.endpoint.clone(),
             ctx.state.clone(),
@@ -321,6 +339,8 @@ where
                     .awaiting_auth()
                     .then(|| ctx.endpoint.auth.inband().map(|ib| now + ib.timeout))
                     .flatten(),
+                token_due: token_expires.map(|t| instant_at(now, t)),
+                rearm: false,
                 end_of_life: el.max_duration.map(|d| now + d),
                 idle: el.idle_timeout,
                 last_read: now,
@@ -330,8 +350,6 @@ where
                 pong_due: None,
             }
         };
-        let mut timer: Option<Pin<Box<Sleep>>> =
-            timers.next().map(|t| Box::pin(tokio::time::sleep_until(t)));
         // Boxed: a session without an inbound limit pays 8 bytes, not 72.
         let mut inbound = el
             .inbound
@@ -351,6 +369,9 @@ where
             );
         }
         *early = Vec::new();
+        timers.rearm = false;
+        let mut timer: Option<Pin<Box<Sleep>>> =
+            timers.next().map(|t| Box::pin(tokio::time::sleep_until(t)));
 
         loop {
             // The close deadline starts when a Close is queued, not when it is
@@ -446,6 +467,7 @@ where
                         Due::Close(code, reason, which) => {
                             match which {
                                 Limit::Auth => &m.auth_timeouts,
+                                Limit::Token => &m.closed_token_expired,
                                 Limit::Lifetime => &m.closed_lifetime,
                                 Limit::Idle => &m.closed_idle,
                                 Limit::Pong => &m.closed_ping_timeout,
@@ -474,6 +496,9 @@ where
                         inbound.as_deref_mut(),
                     ) {
                         break;
+                    }
+                    if std::mem::take(&mut timers.rearm) {
+                        timer = timers.next().map(|t| Box::pin(tokio::time::sleep_until(t)));
                     }
                     // Clients send little (control messages, pongs): keep no
                     // memory between reads.
@@ -561,6 +586,10 @@ fn handle_read(
                 }
                 if let Some((code, reason)) = control.take_close() {
                     f.queue_close(writer, code, reason);
+                }
+                if let Some(expires) = control.take_expiry() {
+                    timers.token_due = expires.map(|t| instant_at(Instant::now(), t));
+                    timers.rearm = true;
                 }
             }
             Incoming::Text(_) | Incoming::Binary(_) | Incoming::Pong(_) | Incoming::Ping(_) => {}

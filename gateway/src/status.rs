@@ -163,6 +163,7 @@ pub fn snapshot(st: &GatewayState, rates: &mut Rates) -> Value {
         ("ping_timeout", m.closed_ping_timeout.load(Relaxed)),
         ("inbound_messages", m.closed_inbound_rate.load(Relaxed)),
         ("auth_timeout", m.auth_timeouts.load(Relaxed)),
+        ("token_expired", m.closed_token_expired.load(Relaxed)),
         ("message_too_big", m.closed_too_big.load(Relaxed)),
     ];
     let inbound_dropped = m.inbound_rate_errors.load(Relaxed);

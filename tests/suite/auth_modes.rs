@@ -458,3 +458,98 @@ async fn rs256_tokens_are_checked_against_a_jwks_file_with_iss_and_aud() {
         assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"], code);
     }
 }
+
+/// With `close_at_exp`, a connection ends when its token does: 1008
+/// `token expired`, counted. An in-band authentication with another token
+/// moves the deadline, sooner or later. Without it, a connection outlives
+/// its token (the token is checked when it is presented).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_at_exp_ends_a_connection_when_its_token_expires() {
+    let dep = Deployment::new();
+    let jwt = |extra: &str| {
+        format!(
+            "{{mode: jwt, algorithm: HS256, secret_default: {SECRET}, leeway: 0s, query: token{extra}}}"
+        )
+    };
+    // The authentication deadline far away: the session's next deadline
+    // after the first auth is then a ping, 30 s away.
+    let inband = ", message: {match: {type: auth}, token_field: token, reply: {type: auth_response, success: true}, timeout: 60s}";
+    dep.gateway_yaml(&format!(
+        r#"
+protocols:
+  iot: {{}}
+endpoints:
+  - path: /expiring
+    channels: [feed]
+    auth: {}
+  - path: /lasting
+    channels: [feed]
+    auth: {}
+  - path: /ws
+    protocol: iot
+    channels: all
+    subscribe: [feed]
+    auth: {}
+"#,
+        jwt(", close_at_exp: true"),
+        jwt(""),
+        jwt(&format!(", close_at_exp: true{inband}")),
+    ))
+    .write("specs/schemas/any.json", ANY_SCHEMA)
+    .write("specs/feed.yaml", &bus_spec("feed", ""));
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let feed = gw.state().live().channels["feed"].clone();
+    let expiring_in = |s: u64| {
+        token(
+            Algorithm::HS256,
+            SECRET,
+            json!({"sub": "u", "exp": now() + s}),
+        )
+    };
+    let auth = |t: String| json!({"type": "auth", "token": t});
+
+    // Before the upgrade: closed when the token expires.
+    let mut a = connect(addr, &format!("/expiring?token={}", expiring_in(1))).await;
+    assert_eq!(close_code(&mut a).await, Some(1008));
+
+    // In-band, again with a token expiring sooner: closed then, not at the
+    // next deadline the session had (a ping, 30 s away).
+    let mut b = connect(addr, "/ws").await;
+    send_json(&mut b, &auth(expiring_in(600))).await;
+    assert_eq!(next_json(&mut b).await["type"], "auth_response");
+    send_json(&mut b, &auth(expiring_in(1))).await;
+    assert_eq!(next_json(&mut b).await["type"], "auth_response");
+    assert_eq!(close_code(&mut b).await, Some(1008));
+    metric_becomes(
+        addr,
+        "gateway_connections_closed_by_limit_total{limit=\"token_expired\"}",
+        2.0,
+    )
+    .await;
+
+    // Again with a fresher token: the first one's deadline is gone. And
+    // without close_at_exp, a connection outlives its token.
+    let mut c = connect(addr, "/ws").await;
+    send_json(&mut c, &auth(expiring_in(2))).await;
+    assert_eq!(next_json(&mut c).await["type"], "auth_response");
+    send_json(&mut c, &auth(expiring_in(600))).await;
+    assert_eq!(next_json(&mut c).await["type"], "auth_response");
+    let first_expiry = now() + 2;
+    let mut d = connect(addr, &format!("/lasting?token={}", expiring_in(2))).await;
+    while now() <= first_expiry {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    plugin_command(&feed, json!({"op": "emit", "messages": [{"y": 1}]})).await;
+    assert_eq!(next_json(&mut c).await, json!({"y": 1}));
+    assert_eq!(next_json(&mut d).await, json!({"y": 1}));
+    assert_eq!(
+        metric(
+            addr,
+            "gateway_connections_closed_by_limit_total{limit=\"token_expired\"}"
+        )
+        .await,
+        Some(2.0)
+    );
+    gw.shutdown().await;
+}

@@ -1216,6 +1216,7 @@ pub(crate) fn compile_auth(a: &AuthFile, spec_dir: &Path) -> Result<Auth, String
             audience,
             leeway,
             require_exp,
+            close_at_exp,
             principal_claim,
             bearer,
             query,
@@ -1231,6 +1232,7 @@ pub(crate) fn compile_auth(a: &AuthFile, spec_dir: &Path) -> Result<Auth, String
                 audience: audience.clone(),
                 leeway: leeway.clone(),
                 require_exp: *require_exp,
+                close_at_exp: *close_at_exp,
                 principal_claim: principal_claim.clone(),
             };
             let verifier = crate::jwt::JwtVerifier::compile(&settings, spec_dir)?;

@@ -1106,6 +1106,8 @@ pub enum AuthFile {
         leeway: Option<String>,
         /// Refuse tokens without `exp` (default true).
         require_exp: Option<bool>,
+        /// Close a connection when its token expires (default false).
+        close_at_exp: Option<bool>,
         /// Claim naming the principal (default `sub`).
         principal_claim: Option<String>,
         /// Take the token from `Authorization: Bearer` (default true).
