@@ -69,6 +69,11 @@ BASE_RATES = (100, 1000)
 MAX_P99_US = 1_000_000
 GROWTH_MIN = 1.05
 MIN_DELIVERY_RATIO = 0.9
+# Above this, the window held a catch-up burst of messages that were late
+# before it: the step did not run at its rate either.
+MAX_DELIVERY_RATIO = 1.02
+# An idle client receives one message per 1000 s; more is not idle.
+MAX_IDLE_MESSAGES_PER_CLIENT = 2
 
 # How often the runner polls /proc while waiting (kept low: the runner shares
 # the two cores with the server and the generator).
@@ -800,15 +805,22 @@ def step_problem(step: dict, best_dps: float) -> str | None:
         return f"only {r.get('connected')} of {step['clients']} clients connected"
     if r.get("gaps", 0) > 0:
         return f"{r['gaps']} gaps"
+    if r.get("dups", 0) > 0:
+        return f"{r['dups']} duplicates"
+    if r.get("unparsed", 0) > 0:
+        return f"{r['unparsed']} messages loadgen could not parse"
     if r.get("silent_clients", 0) > 0:
         return f"{r['silent_clients']} silent clients"
     if r.get("disconnects", 0) > 0:
         return f"{r['disconnects']} clients disconnected"
-    # The producers stamp `ts` when they build a message, so a producer that
-    # falls behind shows up here, not in the latency.
+    # The producers stamp `ts` with when a message was due, so a producer
+    # that falls behind shows in the latency too; a ratio above 1 is a
+    # catch-up burst of messages that were late before the window.
     ratio = r.get("delivery_ratio")
     if ratio is not None and ratio < MIN_DELIVERY_RATIO:
         return f"delivered {ratio:.0%} of the offered rate"
+    if ratio is not None and ratio > MAX_DELIVERY_RATIO:
+        return f"delivered {ratio:.1%} of the offered rate (a catch-up burst)"
     p99 = (r.get("latency_us") or {}).get("p99")
     if p99 is None or p99 > MAX_P99_US:
         return "p99 > 1 s" if p99 is not None else "no latency"
@@ -932,6 +944,12 @@ def idle_run(cfg, server: Server, clients: int, ramp: float, hold: float, tag: s
                 (out["rss_kib_after"] - out["rss_kib_before"]) / out["held_by_server"], 2)
         out["loadgen"] = finish_loadgen(lg, t0 + connect_secs + cfg.connect_slack + hold + cfg.step_slack)
         lg = None
+        # A server that ignored the idle rate streamed to every client: its
+        # RSS is not an idle connection's.
+        received = out["loadgen"].get("messages") or 0
+        if received > MAX_IDLE_MESSAGES_PER_CLIENT * clients:
+            out["error"] = f"not idle: the clients received {received} messages"
+            out.pop("kib_per_connection", None)
         return out
     finally:
         if lg:
@@ -1286,6 +1304,10 @@ def render_summary(docs: list[dict], tag: str) -> str:
         s1m = step_at(doc, 1000)
         cpu_cell = fmt_num(s1m.get("server_cpu_secs_per_1m")) if s1m else "–"
         lg_cell = fmt_num(s1m.get("loadgen_cpu_secs_per_1m")) if s1m else "–"
+        if s1m and not sustained(s1m):
+            # Measured at what it did deliver, not at 1M/s: not comparable
+            # with a server that kept the rate.
+            cpu_cell += f" (not sustained: {fmt_int(s1m['loadgen'].get('deliveries_per_sec'))}/s)"
         if doc["server"] == "nats" and s1m and s1m.get("publisher_cpu_secs") is not None:
             notes.append(f"NATS: the publisher (`loadgen publish`) used {s1m['publisher_cpu_secs']:.3f} CPU-s "
                          f"in the {s1m.get('window_secs')} s window at 1000 msg/s on top of nats-server.")

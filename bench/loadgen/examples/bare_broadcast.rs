@@ -19,28 +19,34 @@ async fn main() {
         .nth(1)
         .and_then(|p| p.parse().ok())
         .unwrap_or(9905);
-    let rate: u64 = std::env::var("BENCH_RATE")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(1000)
-        .max(1);
+    // Fractions allowed (the idle runs use 0.001 msg/s).
+    let rate: f64 = match std::env::var("BENCH_RATE") {
+        Err(_) => 1000.0,
+        Ok(r) => match r.parse::<f64>() {
+            Ok(r) if r > 0.0 && r.is_finite() => r,
+            _ => panic!("BENCH_RATE={r:?} is not a positive number"),
+        },
+    };
     let (tx, _) = broadcast::channel::<Utf8Bytes>(8192);
     let producer = tx.clone();
     tokio::spawn(async move {
         let start = Instant::now();
+        let start_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let pad = "x".repeat(100);
         let mut seq: u64 = 0;
+        // Message n is due (n - 1) / rate s after the start; every due
+        // message is sent (late ones in a burst).
+        let offset = |n: u64| Duration::from_secs_f64(n as f64 / rate);
         loop {
-            // Message n is due (n - 1) / rate s after the start; every due
-            // message is sent (late ones in a burst).
-            let due = start + Duration::from_nanos(seq * 1_000_000_000 / rate);
-            tokio::time::sleep_until(due.into()).await;
-            while start + Duration::from_nanos(seq * 1_000_000_000 / rate) <= Instant::now() {
+            tokio::time::sleep_until((start + offset(seq)).into()).await;
+            while start + offset(seq) <= Instant::now() {
+                // `ts`: when it was due, not when it is built (no
+                // coordinated omission).
+                let ts = start_ns + offset(seq).as_nanos();
                 seq += 1;
-                let ts = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0);
                 let msg = format!(r#"{{"seq":{seq},"ts":{ts},"pad":"{pad}"}}"#);
                 let _ = producer.send(Utf8Bytes::from(msg));
             }

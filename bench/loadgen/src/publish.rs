@@ -202,6 +202,7 @@ pub async fn publish(cfg: PublishConfig) -> Result<PublishReport, SetupError> {
     let mut pongs_owed = 0u32;
     let mut lost: Option<String> = None;
     let t0 = Instant::now();
+    let t0_ns = now_ns();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_print = Instant::now();
@@ -230,9 +231,12 @@ pub async fn publish(cfg: PublishConfig) -> Result<PublishReport, SetupError> {
             out.extend_from_slice(b"PONG\r\n");
         }
         pongs_owed = 0;
-        let ts = now_ns();
         for _ in 0..n {
             sent += 1;
+            // When message `sent` was due (`sent / rate` after the start),
+            // not when it is sent: a publisher that falls behind shows in
+            // the latency (no coordinated omission).
+            let ts = t0_ns + (sent as f64 * 1e9 / cfg.rate) as u64;
             payload.clear();
             bench_message(&mut payload, sent, ts, &pad);
             nats::pub_msg(&mut out, &cfg.subject, &payload);

@@ -10,7 +10,9 @@ A background producer task emits {"seq":n,"ts":<ns since the UNIX epoch>,
 ticker's: message n is due (n - 1) / rate seconds after the start and every
 due message is sent (late ones in a burst, yielding to the event loop every
 5 ms so accepts and handshakes still run), so the average rate does not
-drift. `ts` is taken when the message is built. Each message is serialized
+drift. `ts` is when the message was due, not when it was built: a producer
+that falls behind shows in the latency measured from it (no coordinated
+omission). Each message is serialized
 once and the same string goes to every client with `send_text`, one client
 after the other (the broadcast of FastAPI's WebSocket documentation); a client
 whose send fails is dropped.
@@ -70,6 +72,7 @@ BURST_SECS = 0.005
 
 async def producer() -> None:
     start = time.monotonic()
+    start_ns = time.time_ns()
     seq = 0
     while True:
         turn = time.monotonic()
@@ -77,7 +80,8 @@ async def producer() -> None:
         while seq < due:
             seq += 1
             message = json.dumps(
-                {"seq": seq, "ts": time.time_ns(), "pad": PAD}, separators=(",", ":")
+                {"seq": seq, "ts": start_ns + int((seq - 1) * 1e9 / RATE), "pad": PAD},
+                separators=(",", ":"),
             )
             await broadcast(message)
             if seq < due and time.monotonic() - turn > BURST_SECS:
@@ -124,7 +128,7 @@ if __name__ == "__main__":
         host=host,
         port=port,
         workers=1,
-        backlog=1024,
+        backlog=8192,  # as the gateway (the kernel caps it at somaxconn)
         log_level="warning",
         access_log=False,
     )

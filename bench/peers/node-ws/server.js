@@ -8,8 +8,9 @@
 // every connected client. Pacing is the gateway ticker's: message n is due
 // (n - 1) / rate seconds after the start, every due message is sent (late ones
 // in a burst, yielding to the event loop every 5 ms so accepts and handshakes
-// still run), so the average rate does not drift. `ts` is taken when the
-// message is built, just before it is sent. Each message is serialized once and
+// still run), so the average rate does not drift. `ts` is when the message
+// was due, not when it was built: a producer that falls behind shows in the
+// latency measured from it (no coordinated omission). Each message is serialized once and
 // the same string is passed to every client's send(): the idiomatic broadcast.
 //
 // Environment: BENCH_RATE, BENCH_PORT (default 9901; argv[2] wins), BENCH_HOST
@@ -62,7 +63,8 @@ const wss = new WebSocketServer({
   host,
   port,
   path: '/bench',
-  backlog: 1024,
+  // As the gateway's listeners (the kernel caps it at net.core.somaxconn).
+  backlog: 8192,
   perMessageDeflate: false,
   clientTracking: true,
 });
@@ -78,6 +80,7 @@ wss.on('error', (err) => {
 
 let seq = 0;
 let start = 0n;
+let startNs = 0n;
 
 function broadcast(message) {
   for (const client of wss.clients) {
@@ -100,7 +103,8 @@ function tick() {
   const due = Math.floor(elapsedSecs * rate) + 1;
   while (seq < due) {
     seq += 1;
-    broadcast(`{"seq":${seq},"ts":${nowNs()},"pad":"${pad}"}`);
+    const ts = startNs + BigInt(Math.round(((seq - 1) * 1e9) / rate));
+    broadcast(`{"seq":${seq},"ts":${ts},"pad":"${pad}"}`);
     if (seq < due && process.hrtime.bigint() - turnStart > BURST_NS) {
       setImmediate(tick);
       return;
@@ -114,6 +118,7 @@ function tick() {
 wss.on('listening', () => {
   console.error(`node-ws: ws://${host}:${port}/bench, ${rate} msg/s`);
   start = process.hrtime.bigint();
+  startNs = epochAnchorNs + (start - hrAnchor);
   tick();
 });
 

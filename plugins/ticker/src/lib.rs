@@ -7,8 +7,10 @@
 //! ```
 //!
 //! `seq` starts at 1 and increases by one per message (a restarted instance
-//! starts again at 1); `ts` is the send time in nanoseconds since the UNIX
-//! epoch (integer); `pad` is `pad` bytes of `x`, omitted when `pad` is 0. The
+//! starts again at 1); `ts` is the time the message was due by the schedule
+//! below, in nanoseconds since the UNIX epoch (integer), so that latency
+//! measured from it includes any time the ticker fell behind (no coordinated
+//! omission); `pad` is `pad` bytes of `x`, omitted when `pad` is 0. The
 //! first message is sent at once; message `n` is due `(n - 1) / rate` seconds
 //! after the start, and every due message is sent (late ones in a burst, so
 //! the average rate does not drift, up to about 1e6 messages/s). The run loop
@@ -190,6 +192,7 @@ impl Plugin for Ticker {
         let pad = "x".repeat(self.config.pad);
         let mut buf: Vec<u8> = Vec::with_capacity(64 + pad.len());
         let start = Instant::now();
+        let start_ns = now_ns();
         let mut seq = 0u64;
         loop {
             let due = self.due(start.elapsed());
@@ -197,7 +200,13 @@ impl Plugin for Ticker {
                 seq += 1;
                 buf.clear();
                 // Writing into a Vec cannot fail.
-                let _ = write!(buf, "{{\"seq\":{seq},\"ts\":{}", now_ns());
+                // `ts` is when the message was due, not when it was built:
+                // a source that falls behind shows in the latency measured
+                // from it (no coordinated omission).
+                let ts = start_ns.saturating_add(
+                    u64::try_from(self.next_due(seq - 1).as_nanos()).unwrap_or(u64::MAX),
+                );
+                let _ = write!(buf, "{{\"seq\":{seq},\"ts\":{ts}");
                 if !pad.is_empty() {
                     let _ = write!(buf, ",\"pad\":\"{pad}\"");
                 }
@@ -342,6 +351,30 @@ mod tests {
             t.command(json!({"op": "status"})).unwrap(),
             json!({"seq": 50, "paused": false})
         );
+    }
+
+    /// `ts` is each message's due time by the schedule, not when it was
+    /// built: at 1000/s they are exactly 1 ms apart, however the thread ran.
+    #[test]
+    fn ts_is_the_due_time() {
+        let host = TestHost::new();
+        ticker(json!({"rate": 1000, "limit": 30}))
+            .run(host.emitter())
+            .unwrap();
+        let ts: Vec<u64> = host
+            .json_messages()
+            .iter()
+            .map(|(_, m)| m["ts"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ts.len(), 30);
+        for (n, t) in ts.iter().enumerate() {
+            let off = (t - ts[0]) as i64 - n as i64 * 1_000_000;
+            assert!(
+                off.abs() <= 1,
+                "message {}: {off} ns off its due time",
+                n + 1
+            );
+        }
     }
 
     #[test]
