@@ -120,9 +120,10 @@ where
     let principal = match route.auth.check_request(headers, query) {
         Ok(p) => p.and_then(|p| p.0),
         Err(e) => {
+            // Not `refused_auth`: that one counts WebSocket upgrades.
             state
                 .metrics
-                .refused_auth
+                .http_refused_auth
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return error_reply(e.status, e.error, &e.message);
         }
@@ -218,17 +219,40 @@ where
                     ),
                 );
             };
-            let items: Vec<Value> = match request["body"].clone() {
-                Value::Null => {
+            if request["body"].is_null() {
+                return error_reply(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "POST a JSON message, or a JSON array of messages",
+                );
+            }
+            // Each message as it was sent (the body parsed above is valid
+            // JSON): re-serialized, its keys would be sorted and a large
+            // integer turned into a float, where a plugin's message goes
+            // out byte for byte.
+            let items: Result<Vec<&serde_json::value::RawValue>, _> = if request["body"].is_array()
+            {
+                serde_json::from_slice(&raw)
+            } else {
+                serde_json::from_slice(&raw).map(|v| vec![v])
+            };
+            let items = match items {
+                Ok(items) => items,
+                Err(e) => {
                     return error_reply(
                         StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        "POST a JSON message, or a JSON array of messages",
+                        "invalid_json",
+                        &format!("the request body is not valid JSON: {e}"),
                     );
                 }
-                Value::Array(a) => a,
-                one => vec![one],
             };
+            if rt.inject_capacity() == 0 {
+                return error_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    &format!("channel {name:?} is not taking messages now (it is stopping)"),
+                );
+            }
             if items.len() > rt.inject_capacity() {
                 return error_reply(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -239,11 +263,22 @@ where
                     ),
                 );
             }
+            // As large as a plugin's message may be.
+            let cap = state.config().limits.max_message_size.max(1 << 20);
+            if let Some(i) = items.iter().position(|m| m.get().len() > cap) {
+                return json_reply(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &json!({
+                        "error": "message_too_large",
+                        "message": format!("message {i} is larger than {cap} bytes (the most a plugin may emit: limits.max_message_size, at least 1 MiB)"),
+                        "index": i,
+                    }),
+                );
+            }
             // All or nothing: every message is checked before any is published.
             let mut msgs = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
-                let bytes = serde_json::to_vec(item).unwrap_or_default();
-                match rt.check(&bytes) {
+                match rt.check(item.get().as_bytes()) {
                     Ok(m) => msgs.push(m),
                     Err(e) => {
                         let (instance_path, message) = match e {

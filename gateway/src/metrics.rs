@@ -231,6 +231,8 @@ pub struct Metrics {
     pub refused_per_principal: AtomicU64,
     /// HTTP route requests refused by `http_requests_per_ip`.
     pub http_rate_limited: AtomicU64,
+    /// HTTP route and publish API requests refused by their auth.
+    pub http_refused_auth: AtomicU64,
     /// Connections closed after `idle_timeout`.
     pub closed_idle: AtomicU64,
     /// Configuration reloads applied.
@@ -383,6 +385,13 @@ impl Metrics {
             "counter",
             "HTTP route requests refused with 429 by requests_per_ip.",
             self.http_rate_limited.load(Relaxed) as i64,
+        );
+        g(
+            &mut out,
+            "gateway_http_auth_refused_total",
+            "counter",
+            "HTTP route and publish API requests refused by their auth (401, 403).",
+            self.http_refused_auth.load(Relaxed) as i64,
         );
         g(
             &mut out,

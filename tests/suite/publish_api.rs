@@ -270,3 +270,66 @@ async fn a_body_that_never_ends_gets_408() {
     assert!(body.contains("request_timeout"), "{body}");
     gw.shutdown().await;
 }
+
+/// A published message goes out byte for byte (its key order, a large
+/// integer), may be as large as a plugin's and no larger (413 with its
+/// index), and a refused key counts as an HTTP refusal, not a WebSocket
+/// one. The builtin status channel takes no messages unless named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_messages_go_out_as_sent_within_a_plugin_s_size() {
+    use futures_util::StreamExt;
+    let dep = Deployment::new();
+    dep.gateway_yaml(
+        "publish:\n  auth: {mode: api_key, header: X-Api-Key, keys_file: keys.txt}\n  max_body: 4MiB\n",
+    )
+    .write("keys.txt", "pub-key\n")
+    .write("specs/schemas/any.json", ANY_SCHEMA)
+    .write("specs/news.yaml", &bus_spec("news", "endpoints:\n  - path: /news\n"))
+    .write(
+        "specs/status.yaml",
+        "channel: status\nschema: schemas/any.json\nsource:\n  builtin: status\n  interval: 1h\nendpoints:\n  - path: /status-feed\n",
+    );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/news").await;
+    subscribed(addr).await;
+
+    let sent = r#"{"z":1,"a":[2, 3],"big":123456789012345678901234}"#;
+    let (s, b) = post(addr, "/publish/news", Some("pub-key"), sent).await;
+    assert_eq!((s, b), (202, json!({"accepted": 1})));
+    let got = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("a message in time")
+        .expect("open")
+        .expect("read");
+    assert_eq!(got.into_text().unwrap().as_str(), sent);
+
+    // 1 MiB (limits.max_message_size is 64 KiB) is the most a plugin may emit.
+    let pad = "x".repeat(1 << 20);
+    let big = format!(r#"[{{"ok":1}},{{"pad":"{pad}"}}]"#);
+    let (s, b) = post(addr, "/publish/news", Some("pub-key"), &big).await;
+    assert_eq!(s, 413, "{b}");
+    assert_eq!(
+        (b["error"].as_str(), b["index"].as_u64()),
+        (Some("message_too_large"), Some(1))
+    );
+
+    let (s, b) = post(addr, "/publish/status", Some("pub-key"), r#"{"fake":true}"#).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (404, Some("unknown_channel")),
+        "{b}"
+    );
+
+    let (s, _) = post(addr, "/publish/news", Some("wrong"), r#"{"seq":1}"#).await;
+    assert_eq!(s, 403);
+    assert_eq!(
+        metric(addr, "gateway_http_auth_refused_total").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(addr, "gateway_connections_refused_total{reason=\"auth\"}").await,
+        Some(0.0)
+    );
+    gw.shutdown().await;
+}

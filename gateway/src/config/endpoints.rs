@@ -1300,7 +1300,15 @@ pub(crate) fn compile_publish(
         }
     };
     let channels: Vec<Arc<str>> = match &p.channels {
-        None => lk.channels.iter().map(|c| c.name.clone()).collect(),
+        // Not the builtin ones (the status page's data): a publisher could
+        // otherwise show operators a made-up state. They are published to
+        // only when named.
+        None => lk
+            .channels
+            .iter()
+            .filter(|c| !matches!(c.source.kind, super::SourceKind::Builtin(_)))
+            .map(|c| c.name.clone())
+            .collect(),
         Some(s) => match select(&s.value, lk.channels, false) {
             Ok(sel) => resolve(&sel, lk.channels)
                 .iter()
