@@ -1895,3 +1895,21 @@ fn a_linger_longer_than_a_second_is_refused_where_it_is_written() {
         )]
     );
 }
+
+/// `latest` on a keyed channel: its messages go to its keyed streams, so
+/// the route would answer 503 `no_data` for good.
+#[test]
+fn latest_of_a_keyed_channel_is_refused() {
+    let dep = deployment("http:\n  - path: /jobs-latest\n    latest: jobs\n");
+    dep.write("specs/schemas/any.json", ANY_SCHEMA).write(
+        "specs/jobs.yaml",
+        "channel: jobs\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 1s\nendpoints:\n  - path: /jobs/{id}\n",
+    );
+    let g = at(&dep, "gateway.yaml");
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{g}:10:13: http[0].latest: channel \"jobs\" is made of keyed streams and has no latest message of its own; `latest` takes an unkeyed channel"
+        )]
+    );
+}

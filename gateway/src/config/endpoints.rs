@@ -1053,6 +1053,19 @@ pub(crate) fn compile_http(
             );
             return None;
         }
+        // Its messages go to its keyed streams: the channel itself never
+        // has a latest one, and the route would answer 503 for good.
+        if lk.channels.iter().any(|c| *c.name == *l.value && c.keyed) {
+            sink.at(
+                l,
+                f("latest"),
+                format!(
+                    "channel {:?} is made of keyed streams and has no latest message of its own; `latest` takes an unkeyed channel",
+                    l.value
+                ),
+            );
+            return None;
+        }
         HttpAnswer::Latest(l.value.as_str().into())
     } else if let Some(c) = &r.command {
         let cmd = compile_command(sink, CmdSpec::of(c), &f("command"), &names)?;
