@@ -112,7 +112,12 @@ where
             "method_not_allowed",
             &format!("{} accepts {} only", route.path.as_str(), route.method),
         );
-        if let Ok(v) = http::HeaderValue::from_str(route.method.as_str()) {
+        let allow = if route.method == Method::GET {
+            "GET, HEAD"
+        } else {
+            route.method.as_str()
+        };
+        if let Ok(v) = http::HeaderValue::from_str(allow) {
             r.headers_mut().insert(http::header::ALLOW, v);
         }
         return r;

@@ -187,6 +187,10 @@ where
     }
 }
 
+/// GET, and HEAD (load balancers check health with it; no body is sent).
+fn get_or_head() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::get().or(warp::head()).unify()
+}
 fn routes(
     state: Arc<GatewayState>,
     listener: Arc<str>,
@@ -243,9 +247,9 @@ fn routes(
     let s1 = state.clone();
     let s2 = state.clone();
     let healthz = warp::path!("healthz")
-        .and(warp::get())
+        .and(get_or_head())
         .map(|| json_reply(StatusCode::OK, &serde_json::json!({"status": "ok"})));
-    let readyz = warp::path!("readyz").and(warp::get()).map(move || {
+    let readyz = warp::path!("readyz").and(get_or_head()).map(move || {
         let (ok, body) = s1.readiness();
         let status = if ok {
             StatusCode::OK
@@ -254,7 +258,7 @@ fn routes(
         };
         json_reply(status, &body)
     });
-    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
+    let metrics = warp::path!("metrics").and(get_or_head()).map(move || {
         let mut text = s2.metrics.render();
         if let Some(c) = &s2.cluster {
             c.render(&s2, &mut text);
@@ -268,7 +272,7 @@ fn routes(
     });
     // The status page, at the path the configuration served now names.
     let s3 = state.clone();
-    let status_page = warp::get()
+    let status_page = get_or_head()
         .and(warp::path::full())
         .and(warp::header::optional::<String>("host"))
         .and_then(move |path: warp::path::FullPath, host: Option<String>| {
@@ -284,7 +288,7 @@ fn routes(
     // the path it names (a reload may move or remove it).
     let s3 = state.clone();
     let asyncapi =
-        warp::get()
+        get_or_head()
             .and(warp::path::full())
             .and_then(move |path: warp::path::FullPath| {
                 let cfg = s3.config();

@@ -28,6 +28,11 @@ async fn admin_routes_answer() {
     let addr = gw.addr("main").unwrap();
     let (status, _, body) = http(addr, "GET", "/healthz", &[]).await;
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
+    // HEAD too (load balancers check health with it): the status, no body.
+    for path in ["/healthz", "/metrics"] {
+        let (status, _, body) = http(addr, "HEAD", path, &[]).await;
+        assert_eq!((status, body.as_str()), (200, ""), "HEAD {path}");
+    }
     let (status, head, body) = http(addr, "GET", "/metrics", &[]).await;
     assert_eq!(status, 200);
     assert!(

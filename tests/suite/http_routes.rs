@@ -222,4 +222,11 @@ async fn route_errors_are_json_with_the_right_status() {
     assert_eq!((s, json_of(&b)), (200, json!({"ok": true})));
     let (s, _, _) = http(rest, "GET", "/secret", &[("X-Api-Key", "k-2")]).await;
     assert_eq!(s, 403);
+    // A GET route takes HEAD too, and says so (RFC 9110).
+    let (s, head, _) = http_body(rest, "POST", "/echo", &[], "{}").await;
+    assert_eq!(s, 405);
+    assert!(
+        head.to_ascii_lowercase().contains("allow: get, head"),
+        "{head}"
+    );
 }
