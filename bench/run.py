@@ -1363,9 +1363,12 @@ def render_summary(docs: list[dict], tag: str) -> str:
                 f"| {fmt_int(s.get('rss_kib_during'))} | {stop} |")
     lines += ["", "CPU columns are percent of one core over the measuring window (200% = both cores); "
               "machine busy is of the whole machine (100% = both cores). In-server p99: the bucket "
-              "bound of the gateway's own `gateway_delivery_delay_seconds` (from a message coming in "
-              "to its socket write, per write) that 99% of the window's writes fell under; the rest "
-              "of p99 is the kernel and the load generator.", ""]
+              "bound of the gateway's own `gateway_delivery_delay_seconds` (one sample per socket "
+              "write: from the emit of its oldest message to when the session took it for the write) "
+              "that 99% of the window's writes fell under; the rest of p99 is the write itself (the "
+              "kernel, the client's wake-up) and the load generator. Latency is measured from when "
+              "each message was due by its producer's schedule, so a producer that fell behind "
+              "shows in it.", ""]
 
     lines += ["## Idle connections", "",
               "| server | idle conns asked | held | RSS before KiB | RSS held KiB | KiB/conn | sampled after s |",
