@@ -10,7 +10,7 @@
 //! of the endpoint's control protocol, an in-band auth message). Endpoint
 //! auth modes become security schemes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -68,6 +68,12 @@ struct Doc<'a> {
     schemes: Map<String, Value>,
     channels: Map<String, Value>,
     operations: Map<String, Value>,
+    /// The key each named thing got (a channel's message, a protocol's
+    /// message, a security scheme): names that `ident` makes alike
+    /// (`prices.eu`, `prices-eu`) get keys of their own.
+    keys: HashMap<String, String>,
+    /// Each listener's key under `servers`.
+    servers: HashMap<String, String>,
 }
 
 fn reference(path: &str) -> Value {
@@ -85,11 +91,32 @@ fn fresh(map: &Map<String, Value>, base: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The key of `name` in `map`, made once per name: `ident(base)`, or a fresh
+/// one if another name took it; and whether it was made now.
+fn key_for(
+    keys: &mut HashMap<String, String>,
+    map: &Map<String, Value>,
+    name: String,
+    base: &str,
+) -> (String, bool) {
+    if let Some(k) = keys.get(&name) {
+        return (k.clone(), false);
+    }
+    let k = fresh(map, &ident(base));
+    keys.insert(name, k.clone());
+    (k, true)
+}
+
 impl Doc<'_> {
     /// The component message of a channel (what the gateway sends on it).
     fn channel_message(&mut self, ch: &ChannelCfg) -> String {
-        let id = ident(&ch.name);
-        if !self.messages.contains_key(&id) {
+        let (id, new) = key_for(
+            &mut self.keys,
+            &self.messages,
+            format!("channel\0{}", ch.name),
+            &ch.name,
+        );
+        if new {
             let mut m = json!({
                 "name": &*ch.name,
                 "title": format!("{} message", ch.name),
@@ -124,8 +151,13 @@ impl Doc<'_> {
         what: &str,
         build: impl FnOnce() -> Value,
     ) -> String {
-        let id = format!("{}-{}", ident(&p.name), ident(what));
-        if !self.messages.contains_key(&id) {
+        let (id, new) = key_for(
+            &mut self.keys,
+            &self.messages,
+            format!("protocol\0{}\0{what}", p.name),
+            &format!("{}-{}", ident(&p.name), ident(what)),
+        );
+        if new {
             let m = build();
             self.messages.insert(id.clone(), m);
         }
@@ -213,8 +245,10 @@ impl Doc<'_> {
     }
 
     fn scheme(&mut self, id: &str, scheme: Value) -> Value {
-        let id = ident(id);
-        self.schemes.entry(id.clone()).or_insert(scheme);
+        let (id, new) = key_for(&mut self.keys, &self.schemes, format!("scheme\0{id}"), id);
+        if new {
+            self.schemes.insert(id.clone(), scheme);
+        }
         reference(&format!("#/components/securitySchemes/{id}"))
     }
 
@@ -433,7 +467,7 @@ impl Doc<'_> {
             "address": path,
             "title": path,
             "description": description,
-            "servers": [reference(&format!("#/servers/{}", ident(&ep.listener)))],
+            "servers": [reference(&format!("#/servers/{}", self.servers[&ep.listener]))],
             "messages": messages,
         });
         let params = ep.path.params();
@@ -462,6 +496,7 @@ impl Doc<'_> {
 /// of a running gateway (None: the addresses as configured).
 pub fn document(cfg: &Config, addrs: Option<&BTreeMap<String, SocketAddr>>) -> Value {
     let mut servers = Map::new();
+    let mut server_keys = HashMap::new();
     for l in &cfg.listeners {
         let addr = addrs
             .and_then(|a| a.get(&l.name))
@@ -482,7 +517,8 @@ pub fn document(cfg: &Config, addrs: Option<&BTreeMap<String, SocketAddr>>) -> V
         if cfg.admin_listener.as_deref() == Some(l.name.as_str()) {
             s["tags"] = json!([{"name": "admin", "description": "Serves the admin routes."}]);
         }
-        servers.insert(ident(&l.name), s);
+        let (key, _) = key_for(&mut server_keys, &servers, l.name.clone(), &l.name);
+        servers.insert(key, s);
     }
     let mut doc = Doc {
         cfg,
@@ -490,6 +526,8 @@ pub fn document(cfg: &Config, addrs: Option<&BTreeMap<String, SocketAddr>>) -> V
         schemes: Map::new(),
         channels: Map::new(),
         operations: Map::new(),
+        keys: HashMap::new(),
+        servers: server_keys,
     };
     let mut eps: Vec<&Arc<EndpointCfg>> = doc.cfg.endpoints.iter().collect();
     eps.sort_by(|a, b| {

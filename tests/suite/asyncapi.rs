@@ -347,3 +347,53 @@ async fn without_admin_asyncapi_nothing_is_served() {
     assert_eq!(status, 200);
     gw.shutdown().await;
 }
+
+/// Names that make the same AsyncAPI key (`a.b` and `a-b`) get keys of
+/// their own: each endpoint's message has its own channel's schema, each
+/// listener its own server, each API-key header its own scheme. Before, the
+/// second took the first's message, server or scheme.
+#[test]
+fn names_alike_as_keys_keep_their_own_entries() {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  a.b: {{bind: 127.0.0.1:0}}\n  a-b: {{bind: 127.0.0.1:0}}\nplugins:\n  dirs: [{}]\nchannels:\n  - specs/*.yaml\n",
+            target_dir().display()
+        ),
+    )
+    .write("specs/schemas/one.json", r#"{"type": "object", "title": "one"}"#)
+    .write("specs/schemas/two.json", r#"{"type": "object", "title": "two"}"#)
+    .write(
+        "specs/dot.yaml",
+        "channel: p.q\nschema: schemas/one.json\nsource: {plugin: ticker, mode: push}\nendpoints:\n  - path: /dot\n    listener: a.b\n    auth: {mode: api_key, header: x.key, keys_env: PATH}\n",
+    )
+    .write(
+        "specs/dash.yaml",
+        "channel: p-q\nschema: schemas/two.json\nsource: {plugin: ticker, mode: push}\nendpoints:\n  - path: /dash\n    listener: a-b\n    auth: {mode: api_key, header: x-key, keys_env: PATH}\n",
+    );
+    let cfg = load(&dep.path("gateway.yaml"));
+    let doc = asyncapi::document(&cfg, None);
+    assert!(invalid(&asyncapi_schema(), &doc).is_empty(), "{doc:#}");
+    let servers = doc["servers"].as_object().unwrap();
+    assert_eq!(servers.len(), 2, "{doc:#}");
+    let mut titles = Vec::new();
+    let mut schemes = Vec::new();
+    for (path, listener) in [("/dot", "a.b"), ("/dash", "a-b")] {
+        let c = doc["channels"]
+            .as_object()
+            .unwrap()
+            .values()
+            .find(|c| c["address"] == path)
+            .unwrap();
+        let server = resolve(&doc, &c["servers"][0]);
+        assert_eq!(server["title"], format!("listener {listener}"));
+        let id = channel_id(&doc, c);
+        let send = operations(&doc, &id, "send");
+        let msg = resolve(&doc, &send[0]["messages"][0]);
+        titles.push(msg["payload"]["schema"]["title"].clone());
+        schemes.push(resolve(&doc, &send[0]["security"][0])["name"].clone());
+    }
+    assert_eq!(titles, [json!("one"), json!("two")]);
+    assert_eq!(schemes, [json!("x.key"), json!("x-key")]);
+}
