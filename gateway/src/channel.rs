@@ -748,6 +748,10 @@ async fn publish_loop(
     let mut out = Outbox::new(cfg.linger);
     let mut batch = Vec::with_capacity(64);
     let mut closed = false;
+    // Made once: a token's `cancelled()` takes its lock to register and to
+    // deregister, which per batch would cost the hot loop two locks.
+    let over = source_over.cancelled();
+    tokio::pin!(over);
     loop {
         let flush = async {
             match rate.as_ref().and_then(|r| r.flush_at) {
@@ -764,7 +768,7 @@ async fn publish_loop(
         tokio::select! {
             n = rx.recv_many(&mut batch, 64) => if n == 0 { break },
             // No more sends; what is queued is still received.
-            _ = source_over.cancelled(), if !closed => {
+            _ = &mut over, if !closed => {
                 closed = true;
                 rx.close();
                 continue;
