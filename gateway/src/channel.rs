@@ -192,8 +192,8 @@ struct KeyRef {
     /// Its path parameters (JSON), to open it again.
     params: Vec<u8>,
     /// Opened again for subscribers its previous opening ended before they
-    /// got anything.
-    reopened: bool,
+    /// got anything: the topic's published count then.
+    reopened_at: Option<u64>,
 }
 
 /// Unsubscribes when dropped.
@@ -220,7 +220,12 @@ impl Drop for Subscription {
                 r.subscribers -= 1;
                 if r.subscribers == 0 {
                     refs.open.remove(key);
-                    let _ = self.rt.cmd_tx.send(SourceCmd::CloseKey(key.clone()));
+                    // A retired runtime's source is stopping: told now, in a
+                    // cluster it could announce the close after the new
+                    // runtime announced the key open again.
+                    if !self.rt.removed.load(Relaxed) {
+                        let _ = self.rt.cmd_tx.send(SourceCmd::CloseKey(key.clone()));
+                    }
                 }
             }
         }
@@ -266,6 +271,9 @@ impl ChannelRuntime {
         queue: Arc<SessionQueue>,
         filter: Option<Arc<SubFilter>>,
     ) -> Option<Subscription> {
+        if self.removed.load(Relaxed) {
+            return None;
+        }
         let cancelled = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(AtomicU64::new(0));
         let topic = Topic {
@@ -297,12 +305,12 @@ impl ChannelRuntime {
                         generation: refs.next_gen,
                         subscribers: 0,
                         params: params.clone(),
-                        reopened: false,
+                        reopened_at: None,
                     }
                 });
                 r.subscribers += 1;
                 generation.store(r.generation, Relaxed);
-                if r.subscribers == 1 {
+                if r.subscribers == 1 && !self.removed.load(Relaxed) {
                     let _ = self.cmd_tx.send(SourceCmd::OpenKey(k, params));
                 }
                 id
@@ -342,8 +350,13 @@ impl ChannelRuntime {
     }
 
     /// Most messages one `inject` can take.
+    /// 0 once the publisher takes no more (the source has ended).
     pub fn inject_capacity(&self) -> usize {
-        self.inject.upgrade().map(|s| s.max_capacity()).unwrap_or(0)
+        self.inject
+            .upgrade()
+            .filter(|s| !s.is_closed())
+            .map(|s| s.max_capacity())
+            .unwrap_or(0)
     }
 
     /// Publish checked messages in order; false when the publisher's buffer
@@ -543,11 +556,15 @@ impl ChannelRuntime {
         if kept.is_empty() {
             return;
         }
-        // Opened again for them, and ended again before any of them got
-        // anything (the plugin ends the stream without a message, or every
-        // message is dropped): once more would loop for as long as they
-        // stay. They are closed as the others were.
-        if ended.reopened && kept.len() == ended.subscribers {
+        // Kept: they joined after the last message, so their `joined_at` is
+        // the topic's published count now. Opened again for them, and ended
+        // again with nothing published since (the plugin ends the stream
+        // without a message, or every message is dropped): once more would
+        // loop for as long as they stay. They are closed as the others were.
+        // (An opening that published something and ended is opened again
+        // for its late joiners, as the first one was.)
+        let published = kept.first().map_or(0, |s| s.joined_at);
+        if ended.reopened_at.is_some_and(|at| published <= at) {
             for s in &kept {
                 s.queue.close(crate::ws::close::NORMAL, "stream ended");
             }
@@ -564,7 +581,7 @@ impl ChannelRuntime {
                 generation,
                 subscribers: kept.len(),
                 params: ended.params.clone(),
-                reopened: true,
+                reopened_at: Some(published),
             },
         );
         let _ = self.cmd_tx.send(SourceCmd::OpenKey(key, ended.params));
