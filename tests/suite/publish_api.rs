@@ -332,4 +332,29 @@ async fn published_messages_go_out_as_sent_within_a_plugin_s_size() {
         Some(0.0)
     );
     gw.shutdown().await;
+
+    // `channels: all` leaves it out too; named, it takes messages.
+    for (channels, status_takes) in [("all", false), ("[news, status]", true)] {
+        dep.gateway_yaml(&format!(
+            "publish:\n  auth: {{mode: none}}\n  channels: {channels}\n"
+        ));
+        let cfg = dep.load().unwrap_or_else(|e| panic!("{e}"));
+        let taken = cfg
+            .http
+            .iter()
+            .find_map(|r| match &r.answer {
+                gateway::config::endpoints::HttpAnswer::Publish(c) => Some(c.clone()),
+                _ => None,
+            })
+            .expect("the publish route");
+        assert!(
+            taken.iter().any(|c| &**c == "news"),
+            "{channels}: {taken:?}"
+        );
+        assert_eq!(
+            taken.iter().any(|c| &**c == "status"),
+            status_takes,
+            "{channels}: {taken:?}"
+        );
+    }
 }

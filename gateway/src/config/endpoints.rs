@@ -1325,6 +1325,11 @@ pub(crate) fn compile_publish(
         Some(s) => match select(&s.value, lk.channels, false) {
             Ok(sel) => resolve(&sel, lk.channels)
                 .iter()
+                // `all` and groups leave the builtin ones out too.
+                .filter(|c| {
+                    !matches!(c.source.kind, super::SourceKind::Builtin(_))
+                        || matches!(&sel, ChannelSel::Names(n) if n.contains(&c.name))
+                })
                 .map(|c| c.name.clone())
                 .collect(),
             Err(m) => {
