@@ -91,16 +91,17 @@ impl Control {
             key,
             params,
             authed: principal.is_some(),
+            expiry: principal.as_ref().and_then(|p| p.1).map(Some),
             subs: Vec::new(),
             in_flight: Arc::new(AtomicUsize::new(0)),
             guards,
             close: None,
-            expiry: None,
         }
     }
 
-    /// When the token of an in-band authentication since the last call
-    /// expires (`Some(None)`: it does not close the connection).
+    /// When the token of the handshake, or of an in-band authentication
+    /// since the last call, expires (`Some(None)`: it does not close the
+    /// connection).
     pub fn take_expiry(&mut self) -> Option<Option<std::time::SystemTime>> {
         self.expiry.take()
     }

@@ -302,7 +302,6 @@ where
             ctx.principal.as_ref().and_then(|p| p.0.clone()),
             &queue,
         );
-        let token_expires = ctx.principal.as_ref().and_then(|p| p.1);
         let mut control = Control::new(
             ctx.endpoint.clone(),
             ctx.state.clone(),
@@ -339,7 +338,8 @@ where
                     .awaiting_auth()
                     .then(|| ctx.endpoint.auth.inband().map(|ib| now + ib.timeout))
                     .flatten(),
-                token_due: token_expires.map(|t| instant_at(now, t)),
+                // The handshake's token, if it expires (`close_at_exp`).
+                token_due: control.take_expiry().flatten().map(|t| instant_at(now, t)),
                 rearm: false,
                 end_of_life: el.max_duration.map(|d| now + d),
                 idle: el.idle_timeout,
