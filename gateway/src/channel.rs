@@ -658,13 +658,15 @@ pub fn start(
     });
     let source_over = CancellationToken::new();
     tracker.spawn(publish_loop(rt.clone(), ev_rx, after, source_over.clone()));
+    // The most a plugin's message may be.
+    let max_message = limits.max_message_size.max(1 << 20);
     let source: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &cfg.source.kind {
         SourceKind::Plugin(plugin) if let Some(c) = cluster => Box::pin(leased(
             rt.clone(),
             plugin.clone(),
             ev_tx,
             cmd_rx,
-            limits.max_message_size.max(1 << 20),
+            max_message,
             stop,
             c,
             tracker.clone(),
@@ -674,7 +676,7 @@ pub fn start(
             plugin.clone(),
             ev_tx,
             cmd_rx,
-            limits.max_message_size.max(1 << 20),
+            max_message,
             stop,
         )),
         SourceKind::Builtin(Builtin::Status) => {
