@@ -658,8 +658,7 @@ pub fn start(
     });
     let source_over = CancellationToken::new();
     tracker.spawn(publish_loop(rt.clone(), ev_rx, after, source_over.clone()));
-    // The most a plugin's message may be.
-    let max_message = limits.max_message_size.max(1 << 20);
+    let max_message = limits.max_plugin_message();
     let source: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &cfg.source.kind {
         SourceKind::Plugin(plugin) if let Some(c) = cluster => Box::pin(leased(
             rt.clone(),

@@ -269,7 +269,7 @@ where
                 );
             }
             // As large as a plugin's message may be.
-            let cap = state.config().limits.max_message_size.max(1 << 20);
+            let cap = state.config().limits.max_plugin_message();
             if let Some(i) = items.iter().position(|m| m.get().len() > cap) {
                 return json_reply(
                     StatusCode::PAYLOAD_TOO_LARGE,

@@ -525,6 +525,14 @@ pub struct Limits {
     pub http_per_ip: Option<Arc<IpLimiter>>,
 }
 
+impl Limits {
+    /// The most a plugin's message (or one message to the publish API) may
+    /// be: `max_message_size`, at least 1 MiB.
+    pub fn max_plugin_message(&self) -> usize {
+        self.max_message_size.max(1 << 20)
+    }
+}
+
 /// A channel ready to run.
 pub struct ChannelCfg {
     /// Name.
