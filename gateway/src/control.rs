@@ -283,11 +283,16 @@ impl Control {
         } else {
             None
         };
+        let mut raced = false;
         let sub = loop {
-            // A channel a reload removed after this client connected is
-            // gone: the client is closed as its subscribers were.
             let Some(rt) = self.state.live().channels.get(&c.name).cloned() else {
-                self.queue.close(close::GOING_AWAY, "channel removed");
+                // Removed by a reload after this client connected: nothing
+                // to follow (one channel of a set is skipped). Removed by
+                // the reload this subscribe raced: the client is closed as
+                // the channel's subscribers were at that moment.
+                if raced {
+                    self.queue.close(close::GOING_AWAY, "channel removed");
+                }
                 return;
             };
             // `None`: a reload retired `rt` between the read and the
@@ -295,6 +300,7 @@ impl Control {
             if let Some(sub) = rt.subscribe(key.clone(), self.queue.clone(), filter.clone()) {
                 break sub;
             }
+            raced = true;
             // A changed keyed channel's runtime is retired just before the
             // swap, which follows at once.
             std::thread::yield_now();
