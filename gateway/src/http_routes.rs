@@ -133,11 +133,12 @@ where
             return error_reply(e.status, e.error, &e.message);
         }
     };
+    let reads_body = route.reads_body();
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > route.max_body) {
+    if reads_body && declared.is_some_and(|n| n > route.max_body) {
         return error_reply(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
@@ -148,7 +149,14 @@ where
     // sends it a byte at a time, or never ends it, does not hold a
     // connection (and up to max_body of memory) for good.
     let deadline = body_deadline(route.max_body);
-    let raw = match tokio::time::timeout(deadline, read_body(body, route.max_body)).await {
+    let read = async {
+        if reads_body {
+            read_body(body, route.max_body).await
+        } else {
+            Ok(Default::default())
+        }
+    };
+    let raw = match tokio::time::timeout(deadline, read).await {
         Ok(Ok(b)) => b,
         Ok(Err(r)) => return r,
         Err(_) => {

@@ -222,6 +222,10 @@ async fn route_errors_are_json_with_the_right_status() {
     assert_eq!((s, json_of(&b)), (200, json!({"ok": true})));
     let (s, _, _) = http(rest, "GET", "/secret", &[("X-Api-Key", "k-2")]).await;
     assert_eq!(s, 403);
+    // A route whose answer never reads `request.body` does not take the
+    // body at all (it would cost memory, parsed, for nothing).
+    let (s, _, b) = http_body(rest, "GET", "/echo?level=3", &[], "{not json").await;
+    assert_eq!((s, json_of(&b)["level"].clone()), (200, json!("3")), "{b}");
     // A GET route takes HEAD too, and says so (RFC 9110).
     let (s, head, _) = http_body(rest, "POST", "/echo", &[], "{}").await;
     assert_eq!(s, 405);

@@ -251,6 +251,28 @@ pub struct HttpRouteCfg {
     pub per_ip: Option<Arc<crate::limits::IpLimiter>>,
 }
 
+impl HttpRouteCfg {
+    /// Whether the request body is read: on POST, and on GET when the
+    /// answer's templates read `request.body` (or the whole `request`).
+    /// Read and parsed, a body costs up to ~30 times its bytes in memory
+    /// for as long as the request runs; a route that never looks at it
+    /// does not take it.
+    pub fn reads_body(&self) -> bool {
+        let reads = |t: &Template| {
+            t.vars()
+                .iter()
+                .any(|v| v.root == "request" && v.rest.first().is_none_or(|s| s == "body"))
+        };
+        self.method == http::Method::POST
+            || match &self.answer {
+                HttpAnswer::Body(t) => reads(t),
+                HttpAnswer::Latest(_) => false,
+                HttpAnswer::Command(c, t) => reads(&c.request) || t.as_ref().is_some_and(reads),
+                HttpAnswer::Publish(_) => true,
+            }
+    }
+}
+
 /// Everything endpoint compilation needs to look things up.
 pub(crate) struct Lookup<'a> {
     pub channels: &'a [Arc<ChannelCfg>],
