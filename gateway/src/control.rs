@@ -24,6 +24,11 @@ use crate::ws::close;
 
 /// Plugin commands one client may have in flight.
 const MAX_COMMANDS_IN_FLIGHT: usize = 4;
+
+/// In-band authentications refused on one connection before it is closed
+/// (1008): each is a signature check, which a client could otherwise ask
+/// for without end.
+pub const MAX_AUTH_FAILURES: u8 = 10;
 /// Most subscriptions one connection may hold (with a `subscription_key`,
 /// each value is one): every publish to a channel visits each of them.
 pub const MAX_SUBSCRIPTIONS: usize = 1024;
@@ -40,6 +45,8 @@ pub struct Control {
     /// (channel, subscription key value, subscription).
     subs: Vec<(Arc<str>, Option<String>, Subscription)>,
     in_flight: Arc<AtomicUsize>,
+    /// In-band authentications refused so far.
+    auth_failures: u8,
     /// Per-principal slots taken at in-band authentication.
     guards: Vec<crate::limits::CountGuard>,
     /// A close the session should send.
@@ -94,6 +101,7 @@ impl Control {
             expiry: principal.as_ref().and_then(|p| p.1).map(Some),
             subs: Vec::new(),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            auth_failures: 0,
             guards,
             close: None,
         }
@@ -429,6 +437,11 @@ impl Control {
                 InbandResult::Refused(code, message) => {
                     self.state.metrics.refused_auth.fetch_add(1, Relaxed);
                     out.extend(self.auth_refused(ib, refusal(code, message), &msg));
+                    self.auth_failures = self.auth_failures.saturating_add(1);
+                    if self.auth_failures >= MAX_AUTH_FAILURES {
+                        self.close =
+                            Some((crate::ws::close::POLICY, "too many failed authentications"));
+                    }
                 }
             }
             return;

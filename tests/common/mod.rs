@@ -294,6 +294,24 @@ pub async fn close_code(ws: &mut Ws) -> Option<u16> {
     }
 }
 
+/// The close code and reason the server sends next (skipping data).
+pub async fn close_frame(ws: &mut Ws) -> Option<(u16, String)> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("no close in time")
+        {
+            Some(Ok(Message::Close(f))) => {
+                return f.map(|f| (u16::from(f.code), f.reason.to_string()));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
 pub async fn send_text(ws: &mut Ws, text: &str) {
     ws.send(Message::Text(text.into())).await.expect("send");
 }

@@ -553,3 +553,40 @@ endpoints:
     );
     gw.shutdown().await;
 }
+
+/// In-band authentication refused `MAX_AUTH_FAILURES` times on one
+/// connection closes it (1008): each attempt is a signature check, which a
+/// client could otherwise ask for without end. Each refusal is answered
+/// first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_failed_in_band_authentications_close_the_connection() {
+    use gateway::control::MAX_AUTH_FAILURES;
+    let dep = deployment();
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/ws").await;
+    let bad = token(
+        Algorithm::HS256,
+        "not-the-secret",
+        json!({"sub": "u", "exp": now() + 600}),
+    );
+    for i in 1..=MAX_AUTH_FAILURES {
+        send_json(&mut ws, &json!({"type": "auth", "token": bad})).await;
+        let r = next_json(&mut ws).await;
+        assert_eq!(r["success"], false, "attempt {i}: {r}");
+    }
+    // Not the authentication timeout (10 s): this limit, at once.
+    assert_eq!(
+        close_frame(&mut ws).await,
+        Some((1008, "too many failed authentications".to_string()))
+    );
+    // Fewer on another connection leave it open, and a good token works.
+    let mut ok = connect(addr, "/ws").await;
+    for _ in 1..MAX_AUTH_FAILURES {
+        send_json(&mut ok, &json!({"type": "auth", "token": bad})).await;
+        assert_eq!(next_json(&mut ok).await["success"], false);
+    }
+    send_json(&mut ok, &json!({"type": "auth", "token": good("u")})).await;
+    assert_eq!(next_json(&mut ok).await["success"], true);
+    gw.shutdown().await;
+}

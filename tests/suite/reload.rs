@@ -20,24 +20,6 @@ fn pad_len(v: &serde_json::Value) -> usize {
     v["pad"].as_str().map(str::len).unwrap_or(0)
 }
 
-/// The close code and reason the server sends next (skipping data).
-async fn close_frame(ws: &mut Ws) -> Option<(u16, String)> {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    loop {
-        match tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .expect("no close in time")
-        {
-            Some(Ok(Message::Close(f))) => {
-                return f.map(|f| (u16::from(f.code), f.reason.to_string()));
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return None,
-        }
-    }
-}
-
 /// Read until a message with a pad of `len` characters arrives (the stream
 /// keeps flowing, so each read is bounded by PATIENCE).
 async fn until_pad(ws: &mut Ws, len: usize) {
