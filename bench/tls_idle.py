@@ -9,9 +9,11 @@ listener, once on a TLS listener with a self-signed P-256 certificate made
 by `openssl` for the run. Each time, `--clients` clients connect (asyncio,
 the same code for both; TLS 1.3 from Python's ssl module), complete the
 WebSocket upgrade to /bench and hold; the gateway's RSS is read before the
-first client and `--sample-after` seconds after the last one. The gateway
-pings every 30 s, which these clients do not answer, so keep the sample
-well before that. Writes bench/results/<tag>-tls-idle.json and prints a
+first client and `--sample-after` seconds after the last one, and divided
+by the connections the gateway holds then (its open sockets). The gateway
+pings every 30 s, which these clients do not answer (and closes them 10 s
+later): a sample taken more than 30 s after the *first* connect is marked
+`after_first_ping` (over TLS the connecting alone takes about 18 s here). Writes bench/results/<tag>-tls-idle.json and prints a
 markdown table. Python 3 standard library only.
 """
 
@@ -32,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (  # noqa: E402  (bench/run.py)
-    IDLE_RATE, ROOT, Proc, bench_copy, port_open, rate_env, rss_kib, wait_until)
+    IDLE_RATE, ROOT, Proc, bench_copy, fd_count, port_open, rate_env, rss_kib, wait_until)
 
 PORT = 9906
 
@@ -94,27 +96,32 @@ def measure(mode: str, clients: int, sample_after: float, scratch: Path) -> dict
             raise RuntimeError(f"the gateway did not accept on port {PORT}\n{gw.log_tail()}")
         time.sleep(1.0)
         before = rss_kib([gw.pid])
+        base_fds = fd_count([gw.pid])
         ctx = None
         if tls:
             ctx = ssl.create_default_context(cafile=str(scratch / mode / "cert.pem"))
-        after, secs = asyncio.run(hold_and_sample(clients, ctx, sample_after, gw.pid))
+        after, fds, secs = asyncio.run(hold_and_sample(clients, ctx, sample_after, gw.pid))
+        held = fds - base_fds
         return {
             "mode": mode, "clients": clients, "connect_secs": round(secs, 1),
             "sampled_after_secs": sample_after, "rss_kib_before": before, "rss_kib_held": after,
-            "kib_per_connection": round((after - before) / clients, 2),
+            "held_by_server": held,
+            "after_first_ping": secs + sample_after >= 30,
+            "kib_per_connection": round((after - before) / held, 2) if held > 0 else None,
         }
     finally:
         gw.stop()
 
 
-async def hold_and_sample(clients: int, ctx, sample_after: float, pid: int) -> tuple[int, float]:
-    """The gateway's RSS `sample_after` s after `clients` hold, and the connecting time."""
+async def hold_and_sample(clients: int, ctx, sample_after: float, pid: int) -> tuple[int, int, float]:
+    """The gateway's RSS and open fds `sample_after` s after `clients` hold, and the connecting time."""
     held, secs = await hold(clients, ctx)
     await asyncio.sleep(sample_after)
     rss = rss_kib([pid])
+    fds = fd_count([pid])
     for w in held:
         w.close()
-    return rss, secs
+    return rss, fds, secs
 
 
 def main() -> int:
@@ -131,11 +138,13 @@ def main() -> int:
     rows = [measure(mode, a.clients, a.sample_after, scratch) for mode in ("ws", "wss")]
     out = ROOT / "bench" / "results" / f"{a.tag}-tls-idle.json"
     out.write_text(json.dumps({"tag": a.tag, "runs": rows}, indent=2) + "\n")
-    print("| listener | idle connections | RSS before | RSS held | KiB per connection | sampled after |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| listener | idle connections (held) | connecting took | RSS before | RSS held | KiB per connection | sampled after |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['mode']} | {r['clients']:,} | {r['rss_kib_before']:,} KiB | {r['rss_kib_held']:,} KiB "
-              f"| {r['kib_per_connection']} | {r['sampled_after_secs']} s |")
+        late = " (after the first ping)" if r["after_first_ping"] else ""
+        print(f"| {r['mode']} | {r['clients']:,} ({r['held_by_server']:,}) | {r['connect_secs']} s "
+              f"| {r['rss_kib_before']:,} KiB | {r['rss_kib_held']:,} KiB "
+              f"| {r['kib_per_connection']} | {r['sampled_after_secs']} s{late} |")
     print(f"wrote {out}")
     return 0
 
