@@ -1005,10 +1005,13 @@ def scenario_connect_rate(cfg, server: Server) -> dict:
     A ramp beyond what the server accepts overflows its listen queue, and the
     dropped SYNs come back only after TCP's 1 s retransmission timeout, so a
     single huge ramp measures queue sizes, not accept speed. The ladder stops
-    once the server no longer keeps up with the ramp (connects/s < 90 % of it)
-    or a connection fails.
+    when a connection fails, or once the server no longer keeps up with the
+    ramp (connects/s < 90 % of it) and its connects/s also grew less than 5 %
+    over the best so far (a server that falls behind a ramp may still accept
+    faster at the next one).
     """
     out = {"clients": cfg.connect_clients, "runs": []}
+    best_cps = 0.0
     for ramp in cfg.connect_ramps:
         try:
             run = connect_run(cfg, server, ramp)
@@ -1020,8 +1023,10 @@ def scenario_connect_rate(cfg, server: Server) -> dict:
         r = run["loadgen"]
         log(f"{server.name}: ramp {ramp}/s -> {r.get('connects_per_sec')} connects/s, "
             f"{r.get('connect_failures')} failed, listen overflows {run.get('listen_overflows')}")
-        if r.get("connect_failures") or (r.get("connects_per_sec") or 0) < 0.9 * ramp:
+        cps = r.get("connects_per_sec") or 0
+        if r.get("connect_failures") or (cps < 0.9 * ramp and cps < best_cps * GROWTH_MIN):
             break
+        best_cps = max(best_cps, cps)
     ok = [x for x in out["runs"] if "loadgen" in x and not x["loadgen"].get("connect_failures")]
     if ok:
         best = max(ok, key=lambda x: x["loadgen"].get("connects_per_sec") or 0)
