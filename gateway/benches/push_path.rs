@@ -97,6 +97,9 @@ fn run(plugins: &Path, schema: &str) -> f64 {
             .metrics
             .clone();
         let start = Instant::now();
+        // The ticker runs from the start of the gateway: what it published
+        // before the clock started is not in the measured time.
+        let before = m.published.load(Relaxed) + m.schema_failures.load(Relaxed);
         while m.published.load(Relaxed) + m.schema_failures.load(Relaxed) < MESSAGES {
             assert!(
                 start.elapsed() < Duration::from_secs(120),
@@ -112,7 +115,7 @@ fn run(plugins: &Path, schema: &str) -> f64 {
             "every message valid and published"
         );
         gw.shutdown().await;
-        MESSAGES as f64 / secs / 1e6
+        (MESSAGES - before) as f64 / secs / 1e6
     });
     let _ = std::fs::remove_dir_all(&dir);
     rate
