@@ -1334,32 +1334,27 @@ pub(crate) fn compile_publish(
             return None;
         }
     };
-    let channels: Vec<Arc<str>> = match &p.channels {
-        // Not the builtin ones (the status page's data): a publisher could
-        // otherwise show operators a made-up state. They are published to
-        // only when named.
-        None => lk
-            .channels
-            .iter()
-            .filter(|c| !matches!(c.source.kind, super::SourceKind::Builtin(_)))
-            .map(|c| c.name.clone())
-            .collect(),
+    // Default: all of them.
+    let sel = match &p.channels {
+        None => ChannelSel::All,
         Some(s) => match select(&s.value, lk.channels, false) {
-            Ok(sel) => resolve(&sel, lk.channels)
-                .iter()
-                // `all` and groups leave the builtin ones out too.
-                .filter(|c| {
-                    !matches!(c.source.kind, super::SourceKind::Builtin(_))
-                        || matches!(&sel, ChannelSel::Names(n) if n.contains(&c.name))
-                })
-                .map(|c| c.name.clone())
-                .collect(),
+            Ok(sel) => sel,
             Err(m) => {
                 sink.at(s, "publish.channels", m);
                 return None;
             }
         },
     };
+    let channels: Vec<Arc<str>> = resolve(&sel, lk.channels)
+        .iter()
+        // The builtin ones (the status page's data) only when named: a
+        // publisher could otherwise show operators a made-up state.
+        .filter(|c| {
+            !matches!(c.source.kind, super::SourceKind::Builtin(_))
+                || matches!(&sel, ChannelSel::Names(n) if n.contains(&c.name))
+        })
+        .map(|c| c.name.clone())
+        .collect();
     if p.channels.is_some()
         && let Some(k) = lk
             .channels
