@@ -133,7 +133,7 @@ where
             return error_reply(e.status, e.error, &e.message);
         }
     };
-    let reads_body = route.reads_body();
+    let reads_body = route.reads_body;
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

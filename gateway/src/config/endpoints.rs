@@ -249,28 +249,27 @@ pub struct HttpRouteCfg {
     pub max_body: usize,
     /// Requests per client IP.
     pub per_ip: Option<Arc<crate::limits::IpLimiter>>,
+    /// Whether the request body is read ([`reads_body`]).
+    pub reads_body: bool,
 }
 
-impl HttpRouteCfg {
-    /// Whether the request body is read: on POST, and on GET when the
-    /// answer's templates read `request.body` (or the whole `request`).
-    /// Read and parsed, a body costs up to ~30 times its bytes in memory
-    /// for as long as the request runs; a route that never looks at it
-    /// does not take it.
-    pub fn reads_body(&self) -> bool {
-        let reads = |t: &Template| {
-            t.vars()
-                .iter()
-                .any(|v| v.root == "request" && v.rest.first().is_none_or(|s| s == "body"))
-        };
-        self.method == http::Method::POST
-            || match &self.answer {
-                HttpAnswer::Body(t) => reads(t),
-                HttpAnswer::Latest(_) => false,
-                HttpAnswer::Command(c, t) => reads(&c.request) || t.as_ref().is_some_and(reads),
-                HttpAnswer::Publish(_) => true,
-            }
-    }
+/// Whether a route reads the request body: on POST, and on GET when the
+/// answer's templates read `request.body` (or the whole `request`). Read
+/// and parsed, a body costs up to ~30 times its bytes in memory for as long
+/// as the request runs; a route that never looks at it does not take it.
+fn reads_body(method: &http::Method, answer: &HttpAnswer) -> bool {
+    let reads = |t: &Template| {
+        t.vars()
+            .iter()
+            .any(|v| v.root == "request" && v.rest.first().is_none_or(|s| s == "body"))
+    };
+    *method == http::Method::POST
+        || match answer {
+            HttpAnswer::Body(t) => reads(t),
+            HttpAnswer::Latest(_) => false,
+            HttpAnswer::Command(c, t) => reads(&c.request) || t.as_ref().is_some_and(reads),
+            HttpAnswer::Publish(_) => true,
+        }
 }
 
 /// Everything endpoint compilation needs to look things up.
@@ -1172,6 +1171,7 @@ pub(crate) fn compile_http(
     Some(HttpRouteCfg {
         listener,
         path,
+        reads_body: reads_body(&method, &answer),
         method,
         auth,
         answer,
@@ -1424,5 +1424,6 @@ pub(crate) fn compile_publish(
             Some(rate) => Some(lk.ip_limiter("publish", rate)),
             None => lk.limits.http_per_ip.clone(),
         },
+        reads_body: true,
     })
 }
