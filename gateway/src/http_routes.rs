@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Buf;
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, Method, StatusCode};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::config::{HttpAnswer, HttpRouteCfg, TimestampFormat};
@@ -39,6 +40,18 @@ pub fn body_deadline(max_body: usize) -> std::time::Duration {
     BODY_TIMEOUT.max(std::time::Duration::from_secs(
         (max_body / BODY_RATE) as u64,
     ))
+}
+
+/// The messages of a publish body, each as it was sent: an array's
+/// elements, or the one message; None for `null`.
+fn published_items(raw: &[u8]) -> serde_json::Result<Option<Vec<&RawValue>>> {
+    match raw.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(raw).map(Some),
+        _ => {
+            let one: &RawValue = serde_json::from_slice(raw)?;
+            Ok((one.get() != "null").then(|| vec![one]))
+        }
+    }
 }
 
 async fn read_body<S, B>(mut body: S, limit: usize) -> Result<Vec<u8>, Reply>
@@ -167,18 +180,29 @@ where
             );
         }
     };
-    let body_json = if raw.iter().all(u8::is_ascii_whitespace) {
-        Value::Null
+    // The publish API takes each message as it was sent (parsed once, not
+    // into values: re-serialized, its keys would be sorted and a large
+    // integer turned into a float, where a plugin's message goes out byte
+    // for byte); every other route, the body as a value for its templates.
+    let mut published = None;
+    let parsed = if raw.iter().all(u8::is_ascii_whitespace) {
+        Ok(Value::Null)
+    } else if matches!(route.answer, HttpAnswer::Publish(_)) {
+        published_items(&raw).map(|items| {
+            published = items;
+            Value::Null
+        })
     } else {
-        match serde_json::from_slice::<Value>(&raw) {
-            Ok(v) => v,
-            Err(e) => {
-                return error_reply(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_json",
-                    &format!("the request body is not valid JSON: {e}"),
-                );
-            }
+        serde_json::from_slice::<Value>(&raw)
+    };
+    let body_json = match parsed {
+        Ok(v) => v,
+        Err(e) => {
+            return error_reply(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                &format!("the request body is not valid JSON: {e}"),
+            );
         }
     };
     let host = headers
@@ -232,32 +256,12 @@ where
                     ),
                 );
             };
-            if request["body"].is_null() {
+            let Some(items) = published else {
                 return error_reply(
                     StatusCode::BAD_REQUEST,
                     "bad_request",
                     "POST a JSON message, or a JSON array of messages",
                 );
-            }
-            // Each message as it was sent (the body parsed above is valid
-            // JSON): re-serialized, its keys would be sorted and a large
-            // integer turned into a float, where a plugin's message goes
-            // out byte for byte.
-            let items: Result<Vec<&serde_json::value::RawValue>, _> = if request["body"].is_array()
-            {
-                serde_json::from_slice(&raw)
-            } else {
-                serde_json::from_slice(&raw).map(|v| vec![v])
-            };
-            let items = match items {
-                Ok(items) => items,
-                Err(e) => {
-                    return error_reply(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_json",
-                        &format!("the request body is not valid JSON: {e}"),
-                    );
-                }
             };
             if rt.inject_capacity() == 0 {
                 return error_reply(
