@@ -59,6 +59,10 @@ pub enum PluginState {
     /// Another gateway instance of the cluster runs the source (it holds
     /// the lease); this one takes over if that one goes.
     Standby,
+    /// `MAX_ABANDONED_CALLS` calls into the plugin ran past
+    /// `source.call_timeout` and have not returned: no new instance is
+    /// created until one does.
+    Stalled,
 }
 
 impl PluginState {
@@ -70,6 +74,7 @@ impl PluginState {
             PluginState::Restarting => "restarting",
             PluginState::Finished => "finished",
             PluginState::Standby => "standby",
+            PluginState::Stalled => "stalled",
         }
     }
 
@@ -98,6 +103,8 @@ pub struct PluginHealth {
     /// When the next instance will be created (while starting or restarting
     /// after a failure; in the past while it is being created).
     pub retry_at: Option<Instant>,
+    /// The supervisor's call into the plugin running now, and since when.
+    pub call: Option<(&'static str, Instant)>,
 }
 
 impl Default for PluginHealth {
@@ -108,6 +115,7 @@ impl Default for PluginHealth {
             last_error: None,
             last_failure: None,
             retry_at: None,
+            call: None,
         }
     }
 }
@@ -432,6 +440,37 @@ impl ChannelRuntime {
             .iter()
             .map(|(k, r)| (k.clone(), r.params.clone()))
             .collect()
+    }
+
+    /// `MAX_ABANDONED_CALLS` calls given up on still run in the plugin. A
+    /// channel whose source never ran stays `Starting` (`/readyz` answers
+    /// 503 until it has), its last error saying why.
+    fn set_stalled(&self) {
+        let mut h = self.health.lock();
+        if self.started.load(Relaxed) {
+            h.state = PluginState::Stalled;
+        }
+        h.retry_at = None;
+    }
+
+    /// The supervisor's call `name` into the plugin begins; what
+    /// `call_ended` takes.
+    fn call_began(&self, name: &'static str) -> u64 {
+        self.health.lock().call = Some((name, Instant::now()));
+        // Never 0, which means "none runs".
+        let ms = crate::state::epoch_ms(SystemTime::now()).max(1);
+        self.metrics.plugin_call_started_ms.store(ms, Relaxed);
+        ms
+    }
+
+    /// The call `call_began` stamped `ms` ended. The gauge is left alone if
+    /// a successor (a reload; the metrics are shared) has stamped it since.
+    fn call_ended(&self, ms: u64) {
+        self.health.lock().call = None;
+        let _ = self
+            .metrics
+            .plugin_call_started_ms
+            .compare_exchange(ms, 0, Relaxed, Relaxed);
     }
 
     /// The push plugin finished by itself.
@@ -1461,6 +1500,244 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.ok()
 }
 
+/// Calls into a channel's plugin given up on after `source.call_timeout`
+/// that may run on inside it at once: each holds a blocking thread, so the
+/// supervisor creates no new instance while this many have not returned.
+const MAX_ABANDONED_CALLS: u64 = 4;
+
+/// The keyed streams of a channel's source: what its instance was asked to
+/// open, and what subscribers asked for while a call into the plugin ran.
+#[derive(Default)]
+struct Keys {
+    /// Open at the instance (the next instance opens them all), with their
+    /// parameters.
+    open: HashMap<Arc<str>, Vec<u8>>,
+    /// Asked for while a call ran: the last wish per key (None: close). Kept
+    /// per key, so a plugin call that hangs holds one entry per key, not
+    /// every subscribe and unsubscribe meanwhile.
+    pending: HashMap<Arc<str>, Option<Vec<u8>>>,
+    /// Taken from `pending`, to tell the instance next, in order.
+    ready: std::collections::VecDeque<SourceCmd>,
+}
+
+impl Keys {
+    /// Keep `cmd` for when the call running now returns.
+    fn defer(&mut self, cmd: SourceCmd) {
+        match cmd {
+            SourceCmd::OpenKey(k, p) => {
+                self.pending.insert(k, Some(p));
+            }
+            SourceCmd::CloseKey(k) => {
+                self.pending.insert(k, None);
+            }
+            SourceCmd::Ended(_) | SourceCmd::Remote(_) => {}
+        }
+    }
+
+    /// Whether `defer` kept something `next` has not handed out.
+    fn waiting(&self) -> bool {
+        !self.ready.is_empty() || !self.pending.is_empty()
+    }
+
+    /// The next open or close kept by `defer` to tell the instance. A key
+    /// closed and opened again meanwhile is closed and opened (its stream
+    /// starts over); one opened and closed again is never told.
+    fn next(&mut self) -> Option<SourceCmd> {
+        if self.ready.is_empty() {
+            // All at once: each key is in it once, so what `open` says of a
+            // key now still holds when its turn comes.
+            for (k, wish) in self.pending.drain() {
+                let open = self.open.contains_key(&k);
+                match wish {
+                    Some(p) => {
+                        if open {
+                            self.ready.push_back(SourceCmd::CloseKey(k.clone()));
+                        }
+                        self.ready.push_back(SourceCmd::OpenKey(k, p));
+                    }
+                    None if open => self.ready.push_back(SourceCmd::CloseKey(k)),
+                    None => {}
+                }
+            }
+        }
+        self.ready.pop_front()
+    }
+
+    /// The instance is gone: what was kept only changes which keys the next
+    /// one opens.
+    fn settle(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        let ready = std::mem::take(&mut self.ready);
+        let wishes = ready
+            .into_iter()
+            .filter_map(|c| match c {
+                SourceCmd::OpenKey(k, p) => Some((k, Some(p))),
+                SourceCmd::CloseKey(k) => Some((k, None)),
+                SourceCmd::Ended(_) | SourceCmd::Remote(_) => None,
+            })
+            .chain(pending);
+        for (k, wish) in wishes {
+            match wish {
+                Some(p) => self.open.insert(k, p),
+                None => self.open.remove(&k),
+            };
+        }
+    }
+}
+
+/// A call into the plugin is running, has returned, or was given up on.
+const CALL_RUNNING: u8 = 0;
+const CALL_RETURNED: u8 = 1;
+const CALL_ABANDONED: u8 = 2;
+
+/// The supervisor's calls into its plugin (create, start, poll, open_key,
+/// close_key): each runs on a blocking thread and, with
+/// `source.call_timeout`, is given up on when it runs past it.
+struct Calls {
+    rt: Arc<ChannelRuntime>,
+    timeout: Option<Duration>,
+    shutdown: CancellationToken,
+}
+
+impl Calls {
+    /// Run `f` (the call `name`) on a blocking thread. While it runs, keyed
+    /// opens and closes from `cmds` are kept in `keys`. An error when it ran
+    /// past `call_timeout` (it is given up on and runs on: the caller
+    /// revokes the instance, so what it emits from then on is refused), or
+    /// when its thread failed.
+    async fn run<T: Send + 'static>(
+        &self,
+        name: &'static str,
+        cmds: &mut mpsc::UnboundedReceiver<SourceCmd>,
+        keys: &mut Keys,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, PluginFailure> {
+        let metrics = self.rt.metrics.clone();
+        let state = Arc::new(std::sync::atomic::AtomicU8::new(CALL_RUNNING));
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        {
+            let (metrics, state) = (metrics.clone(), state.clone());
+            tokio::task::spawn_blocking(move || {
+                // Also when `f` unwinds: a call given up on is counted out
+                // once it is over, whatever its end.
+                let _over = CallOver { metrics, state };
+                // Refused once the call was given up on: the result (an
+                // instance `create` made, say) is dropped here.
+                let _ = tx.send(f());
+            });
+        }
+        // A source stopping (a reload, a lease lost) no longer speaks for
+        // the channel.
+        let stamp = (!self.shutdown.is_cancelled()).then(|| self.rt.call_began(name));
+        let timeout = self.timeout;
+        let wait = tokio::time::sleep(timeout.unwrap_or(Duration::MAX));
+        tokio::pin!(wait);
+        let mut timed = timeout.is_some();
+        let mut cmds_open = true;
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut rx => break r.map_err(|_| PluginFailure {
+                    code: plugin_api::abi::GW_ERROR,
+                    message: format!("the thread of the {name} call failed"),
+                }),
+                _ = &mut wait, if timed => {
+                    timed = false;
+                    // Counted before it is given up: the call may return at
+                    // any moment, and counts itself out then.
+                    metrics.plugin_calls_abandoned.fetch_add(1, Relaxed);
+                    let given_up = state
+                        .compare_exchange(CALL_RUNNING, CALL_ABANDONED, std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire)
+                        .is_ok();
+                    if !given_up {
+                        // It returned just now: take what it returned.
+                        metrics.plugin_calls_abandoned.fetch_sub(1, Relaxed);
+                        metrics.plugin_call_returned.notify_waiters();
+                    } else {
+                        metrics.plugin_call_timeouts.fetch_add(1, Relaxed);
+                        let t = timeout.unwrap_or_default();
+                        break Err(PluginFailure {
+                            code: plugin_api::abi::GW_ERROR,
+                            message: format!(
+                                "{name} did not return within {t:?} (source.call_timeout): the instance was given up; the call runs on in the plugin"
+                            ),
+                        });
+                    }
+                }
+                cmd = cmds.recv(), if cmds_open => match cmd {
+                    Some(cmd) => keys.defer(cmd),
+                    // The runtime is gone; the caller sees it next.
+                    None => cmds_open = false,
+                },
+            }
+        };
+        if let Some(ms) = stamp {
+            self.rt.call_ended(ms);
+        }
+        result
+    }
+
+    /// Wait while `MAX_ABANDONED_CALLS` calls given up on still run in the
+    /// plugin (also ones of the runtime a reload replaced: they share the
+    /// channel's metrics), keeping keyed opens and closes meanwhile. False
+    /// when the gateway stops or the runtime is gone.
+    async fn wait_for_room(
+        &self,
+        cmds: &mut mpsc::UnboundedReceiver<SourceCmd>,
+        keys: &mut Keys,
+    ) -> bool {
+        let m = &self.rt.metrics;
+        let mut told = false;
+        loop {
+            let returned = m.plugin_call_returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            let stuck = m.plugin_calls_abandoned.load(Relaxed);
+            if stuck < MAX_ABANDONED_CALLS {
+                if told {
+                    tracing::info!(channel = %self.rt.cfg.name, plugin = self.rt.cfg.source.name(), "a call given up on returned: starting the plugin again");
+                }
+                return true;
+            }
+            if !told {
+                told = true;
+                self.rt.set_stalled();
+                tracing::error!(channel = %self.rt.cfg.name, plugin = self.rt.cfg.source.name(), calls = stuck, "calls into the plugin ran past source.call_timeout and have not returned: no new instance until one does");
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return false,
+                _ = &mut returned => {}
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => {
+                        keys.defer(cmd);
+                        keys.settle();
+                    }
+                    None => return false,
+                },
+            }
+        }
+    }
+}
+
+/// Counts a call given up on out when it is over.
+struct CallOver {
+    metrics: Arc<ChannelMetrics>,
+    state: Arc<std::sync::atomic::AtomicU8>,
+}
+
+impl Drop for CallOver {
+    fn drop(&mut self) {
+        let was = self
+            .state
+            .swap(CALL_RETURNED, std::sync::atomic::Ordering::AcqRel);
+        if was == CALL_ABANDONED {
+            self.metrics.plugin_calls_abandoned.fetch_sub(1, Relaxed);
+            self.metrics.plugin_call_returned.notify_waiters();
+        }
+    }
+}
+
 /// Run the channel's plugin for as long as the gateway runs.
 async fn supervise(
     rt: Arc<ChannelRuntime>,
@@ -1472,10 +1749,18 @@ async fn supervise(
 ) {
     let cfg = rt.cfg.clone();
     let (ch, pname) = (cfg.name.clone(), plugin.name.clone());
-    let mut open_keys: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
+    let mut keys = Keys::default();
     let handle = tokio::runtime::Handle::current();
+    let calls = Calls {
+        rt: rt.clone(),
+        timeout: cfg.source.call_timeout,
+        shutdown: shutdown.clone(),
+    };
 
     'outer: while !shutdown.is_cancelled() {
+        if !calls.wait_for_room(&mut cmds, &mut keys).await {
+            break;
+        }
         let params = InstanceParams {
             channel: ch.clone(),
             config: cfg.source.config_json.clone(),
@@ -1485,33 +1770,35 @@ async fn supervise(
             rt: handle.clone(),
         };
         let p2 = plugin.clone();
-        let created = blocking(move || Instance::create(p2, params)).await;
+        let created = calls
+            .run("create", &mut cmds, &mut keys, move || {
+                Instance::create(p2, params)
+            })
+            .await
+            .and_then(|r| r);
         let failure: Option<PluginFailure>;
         match created {
-            None | Some(Err(_)) => {
-                failure = Some(match created {
-                    Some(Err(f)) => f,
-                    _ => PluginFailure {
-                        code: 2,
-                        message: "create did not return".into(),
-                    },
-                });
-            }
-            Some(Ok((inst, exited))) => {
+            Err(f) => failure = Some(f),
+            Ok((inst, exited)) => {
                 let inst = Arc::new(inst);
                 // Re-open the keyed streams subscribers still want.
                 let mut fail = None;
-                for (k, p) in open_keys.clone() {
+                for (k, p) in keys.open.clone() {
                     let i = inst.clone();
-                    if let Some(Err(f)) = blocking(move || i.open_key(&k, &p)).await {
+                    let r = calls
+                        .run("open_key", &mut cmds, &mut keys, move || i.open_key(&k, &p))
+                        .await;
+                    if let Err(f) = r.and_then(|r| r) {
                         fail = Some(f);
+                        break;
                     }
                 }
                 if fail.is_none() && cfg.source.mode == SourceMode::Push {
                     let i = inst.clone();
-                    if let Some(Err(f)) = blocking(move || i.start()).await {
-                        fail = Some(f);
-                    }
+                    let r = calls
+                        .run("start", &mut cmds, &mut keys, move || i.start())
+                        .await;
+                    fail = r.and_then(|r| r).err();
                 }
                 if fail.is_none() {
                     *rt.current.lock() = Some(inst.clone());
@@ -1519,8 +1806,9 @@ async fn supervise(
                     if !rt.started.swap(true, Relaxed) {
                         tracing::info!(channel = %ch, plugin = %pname, mode = %cfg.source.mode, "source started");
                     }
-                    fail = run_instance(&rt, &inst, exited, &mut cmds, &mut open_keys, &shutdown)
-                        .await;
+                    fail =
+                        run_instance(&rt, &inst, exited, &mut cmds, &mut keys, &calls, &shutdown)
+                            .await;
                     // A stopped channel's metrics belong to its successor (a
                     // reload that changed it) from now on.
                     if !shutdown.is_cancelled() {
@@ -1530,9 +1818,10 @@ async fn supervise(
                 }
                 failure = fail;
                 // Stop and free the instance off the async workers. A call
-                // still running inside the plugin holds a clone; the last
-                // holder frees it, but its source ends now: what it hands
-                // over from here is refused, as after a stop.
+                // still running inside the plugin (a command, or one given
+                // up on) holds a clone; the last holder frees it, but its
+                // source ends now: what it hands over from here is refused,
+                // as after a stop.
                 inst.revoke();
                 let _ = blocking(move || {
                     if let Ok(i) = Arc::try_unwrap(inst) {
@@ -1542,6 +1831,8 @@ async fn supervise(
                 .await;
             }
         }
+        // What was asked for while the last calls ran goes to the next instance.
+        keys.settle();
         let Some(f) = failure else { break 'outer };
         if shutdown.is_cancelled() {
             break;
@@ -1567,13 +1858,10 @@ async fn supervise(
                 _ = shutdown.cancelled() => break 'outer,
                 _ = &mut wait => break,
                 cmd = cmds.recv() => match cmd {
-                    Some(SourceCmd::OpenKey(k, params)) => {
-                        open_keys.insert(k, params);
+                    Some(cmd) => {
+                        keys.defer(cmd);
+                        keys.settle();
                     }
-                    Some(SourceCmd::CloseKey(k)) => {
-                        open_keys.remove(&k);
-                    }
-                    Some(SourceCmd::Ended(_) | SourceCmd::Remote(_)) => {}
                     // The runtime is gone.
                     None => break 'outer,
                 },
@@ -1590,7 +1878,8 @@ async fn run_instance(
     inst: &Arc<Instance>,
     mut exited: tokio::sync::oneshot::Receiver<PluginFailure>,
     cmds: &mut mpsc::UnboundedReceiver<SourceCmd>,
-    open_keys: &mut HashMap<Arc<str>, Vec<u8>>,
+    keys: &mut Keys,
+    calls: &Calls,
     shutdown: &CancellationToken,
 ) -> Option<PluginFailure> {
     let cfg = &rt.cfg;
@@ -1627,52 +1916,81 @@ async fn run_instance(
                     tracing::info!(channel = %cfg.name, plugin = cfg.source.name(), failures_in_a_row = failures, "plugin recovered: ran {HEALTHY_AFTER:?} without failing");
                 }
             }
+            // What was asked for while the last call ran, before what came
+            // since.
+            _ = std::future::ready(()), if keys.waiting() => {
+                if let Some(cmd) = keys.next()
+                    && let Some(f) = key_call(rt, inst, cmd, cmds, keys, calls).await
+                {
+                    return Some(f);
+                }
+            }
             cmd = cmds.recv() => {
-                let cmd = cmd?;
-                match cmd {
-                    SourceCmd::OpenKey(k, params) => {
-                        open_keys.insert(k.clone(), params.clone());
-                        let i = inst.clone();
-                        let k2 = k.clone();
-                        let r = blocking(move || {
-                            i.open_key(&k2, &params)?;
-                            // The first value now, not an interval later.
-                            if poll { i.poll(Some(&k2)) } else { Ok(()) }
-                        }).await;
-                        if let Some(Err(f)) = r {
-                            return Some(f);
-                        }
-                    }
-                    SourceCmd::Ended(_) | SourceCmd::Remote(_) => {}
-                    SourceCmd::CloseKey(k) => {
-                        open_keys.remove(&k);
-                        let i = inst.clone();
-                        if let Some(Err(f)) = blocking(move || i.close_key(&k)).await {
-                            tracing::warn!(channel = %cfg.name, "close_key failed: {f}");
-                        }
-                    }
+                if let Some(f) = key_call(rt, inst, cmd?, cmds, keys, calls).await {
+                    return Some(f);
                 }
             }
             _ = tick.tick(), if poll => {
-                let keys: Vec<Option<Arc<str>>> = if cfg.keyed {
-                    open_keys.keys().cloned().map(Some).collect()
+                let polled: Vec<Option<Arc<str>>> = if cfg.keyed {
+                    keys.open.keys().cloned().map(Some).collect()
                 } else {
                     vec![None]
                 };
                 let i = inst.clone();
-                let r = blocking(move || {
-                    for k in keys {
+                let r = calls.run("poll", cmds, keys, move || {
+                    for k in polled {
                         i.poll(k.as_deref())?;
                     }
                     Ok::<(), PluginFailure>(())
                 }).await;
-                match r {
-                    Some(Ok(())) => {}
-                    Some(Err(f)) => return Some(f),
-                    None => return Some(PluginFailure { code: 2, message: "poll thread failed".into() }),
+                if let Err(f) = r.and_then(|r| r) {
+                    return Some(f);
                 }
             }
         }
+    }
+}
+
+/// Tell the instance to open or close a keyed stream; Some when that failed
+/// it.
+async fn key_call(
+    rt: &Arc<ChannelRuntime>,
+    inst: &Arc<Instance>,
+    cmd: SourceCmd,
+    cmds: &mut mpsc::UnboundedReceiver<SourceCmd>,
+    keys: &mut Keys,
+    calls: &Calls,
+) -> Option<PluginFailure> {
+    let poll = rt.cfg.source.mode == SourceMode::Poll;
+    match cmd {
+        SourceCmd::OpenKey(k, params) => {
+            keys.open.insert(k.clone(), params.clone());
+            let i = inst.clone();
+            let r = calls
+                .run("open_key", cmds, keys, move || {
+                    i.open_key(&k, &params)?;
+                    // The first value now, not an interval later.
+                    if poll { i.poll(Some(&k)) } else { Ok(()) }
+                })
+                .await;
+            r.and_then(|r| r).err()
+        }
+        SourceCmd::CloseKey(k) => {
+            keys.open.remove(&k);
+            let i = inst.clone();
+            match calls
+                .run("close_key", cmds, keys, move || i.close_key(&k))
+                .await
+            {
+                Ok(Ok(())) => None,
+                Ok(Err(f)) => {
+                    tracing::warn!(channel = %rt.cfg.name, "close_key failed: {f}");
+                    None
+                }
+                Err(f) => Some(f),
+            }
+        }
+        SourceCmd::Ended(_) | SourceCmd::Remote(_) => None,
     }
 }
 
@@ -1806,6 +2124,91 @@ mod tests {
         assert!(cut.ends_with('…'));
         assert!(long.starts_with(cut.trim_end_matches('…')));
         assert_eq!(truncate("abcdef", 4), "a…");
+    }
+
+    /// What `next` tells the instance, applied to `open` as the
+    /// supervisor does.
+    fn told(keys: &mut Keys) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Some(c) = keys.next() {
+            lines.push(match c {
+                SourceCmd::OpenKey(k, p) => {
+                    let line = format!("open {k} {}", String::from_utf8_lossy(&p));
+                    keys.open.insert(k, p);
+                    line
+                }
+                SourceCmd::CloseKey(k) => {
+                    keys.open.remove(&k);
+                    format!("close {k}")
+                }
+                _ => "other".into(),
+            });
+        }
+        lines
+    }
+
+    #[test]
+    fn keys_asked_for_during_a_call_keep_only_the_last_wish_per_key() {
+        let open = |k: &str, p: &str| SourceCmd::OpenKey(k.into(), p.as_bytes().to_vec());
+        let close = |k: &str| SourceCmd::CloseKey(k.into());
+        let mut keys = Keys::default();
+        keys.open.insert("was".into(), b"1".to_vec());
+        keys.open.insert("again".into(), b"1".to_vec());
+        for _ in 0..1000 {
+            keys.defer(open("brief", "{}"));
+            keys.defer(close("brief"));
+        }
+        keys.defer(close("was"));
+        keys.defer(close("again"));
+        keys.defer(open("again", "2"));
+        keys.defer(open("new", "3"));
+        assert_eq!(
+            keys.pending.len(),
+            4,
+            "one entry per key, however many asks"
+        );
+        let mut got = told(&mut keys);
+        // `again` is closed before it is opened with its new parameters.
+        let i = got.iter().position(|l| l == "close again").unwrap();
+        assert!(
+            i < got.iter().position(|l| l == "open again 2").unwrap(),
+            "{got:?}"
+        );
+        got.sort();
+        assert_eq!(
+            got,
+            ["close again", "close was", "open again 2", "open new 3"]
+        );
+        assert_eq!(keys.next().map(|_| ()), None);
+        let mut open_now: Vec<_> = keys.open.keys().map(|k| k.to_string()).collect();
+        open_now.sort();
+        assert_eq!(open_now, ["again", "new"]);
+
+        // An instance gone: what was kept only changes what the next one opens.
+        keys.defer(close("new"));
+        keys.defer(open("later", "4"));
+        // One is told (and applied to `open`, as the supervisor does before
+        // the call), the other waits in `ready` when the instance fails.
+        match keys.next() {
+            Some(SourceCmd::OpenKey(k, p)) => {
+                keys.open.insert(k, p);
+            }
+            Some(SourceCmd::CloseKey(k)) => {
+                keys.open.remove(&k);
+            }
+            _ => panic!("an open or a close"),
+        }
+        assert_eq!(keys.ready.len(), 1);
+        keys.defer(open("new", "5"));
+        keys.settle();
+        let mut open_now: Vec<_> = keys
+            .open
+            .iter()
+            .map(|(k, p)| format!("{k} {}", String::from_utf8_lossy(p)))
+            .collect();
+        open_now.sort();
+        assert_eq!(open_now, ["again 2", "later 4", "new 5"]);
+        assert!(keys.pending.is_empty() && keys.ready.is_empty());
     }
 
     #[test]

@@ -44,6 +44,16 @@ pub struct ChannelMetrics {
     pub plugin_consecutive_failures: AtomicU64,
     /// When the plugin last failed, ms since the epoch (0: never).
     pub plugin_last_failure_ms: AtomicU64,
+    /// Calls into the plugin that ran past `source.call_timeout`.
+    pub plugin_call_timeouts: AtomicU64,
+    /// Calls given up on (past `source.call_timeout`) still running inside
+    /// the plugin, each holding a thread.
+    pub plugin_calls_abandoned: AtomicU64,
+    /// When the supervisor's current call into the plugin began, ms since
+    /// the epoch (0: none runs).
+    pub plugin_call_started_ms: AtomicU64,
+    /// Woken when a call given up on returns.
+    pub plugin_call_returned: tokio::sync::Notify,
     /// Current subscribers.
     pub subscribers: AtomicI64,
     /// Messages over the channel's `rate_limit`, dropped.
@@ -417,7 +427,7 @@ impl Metrics {
 
         let chans = self.channels.read();
         type Get = fn(&ChannelMetrics) -> i64;
-        let series: [(&str, &str, &str, Get); 17] = [
+        let series: [(&str, &str, &str, Get); 20] = [
             (
                 "gateway_rate_limit_dropped_total",
                 "counter",
@@ -513,6 +523,30 @@ impl Metrics {
                 "gauge",
                 "When the channel's plugin last failed, seconds since the UNIX epoch (0: never).",
                 |m| (m.plugin_last_failure_ms.load(Relaxed) / 1000) as i64,
+            ),
+            (
+                "gateway_plugin_call_timeouts_total",
+                "counter",
+                "Calls into the plugin that ran past source.call_timeout (the instance was given up and restarted).",
+                |m| m.plugin_call_timeouts.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_plugin_calls_abandoned",
+                "gauge",
+                "Calls given up on after source.call_timeout that still run inside the plugin.",
+                |m| m.plugin_calls_abandoned.load(Relaxed) as i64,
+            ),
+            (
+                "gateway_plugin_call_running_seconds",
+                "gauge",
+                "How long the supervisor's current call into the plugin (create, start, poll, open_key, close_key) has run; 0 when none runs.",
+                |m| match m.plugin_call_started_ms.load(Relaxed) {
+                    0 => 0,
+                    t => {
+                        (crate::state::epoch_ms(std::time::SystemTime::now()).saturating_sub(t)
+                            / 1000) as i64
+                    }
+                },
             ),
             (
                 "gateway_subscribers",

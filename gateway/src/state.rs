@@ -309,8 +309,14 @@ impl GatewayState {
                 PluginState::Starting | PluginState::Restarting => h
                     .retry_at
                     .map(|t| t.saturating_duration_since(now).as_millis() as u64),
-                PluginState::Up | PluginState::Finished | PluginState::Standby => None,
+                PluginState::Up
+                | PluginState::Finished
+                | PluginState::Standby
+                | PluginState::Stalled => None,
             };
+            let call = h.call.map(|(name, since)| {
+                json!({"name": name, "running_ms": now.saturating_duration_since(since).as_millis() as u64})
+            });
             channels.insert(
                 rt.cfg.name.to_string(),
                 json!({
@@ -320,6 +326,8 @@ impl GatewayState {
                     "last_error": h.last_error,
                     "last_failure": h.last_failure.map(iso),
                     "retry_in_ms": retry_in_ms,
+                    "call": call,
+                    "abandoned_calls": rt.metrics.plugin_calls_abandoned.load(std::sync::atomic::Ordering::Relaxed),
                 }),
             );
         }

@@ -66,7 +66,7 @@ fn unknown_key_in_a_channel_spec_lists_the_expected_keys() {
     assert_eq!(
         errors(&dep),
         [format!(
-            "{}:6:3: source.intervl: unknown field `intervl`, expected one of plugin, builtin, mode, interval, config",
+            "{}:6:3: source.intervl: unknown field `intervl`, expected one of plugin, builtin, mode, interval, config, call_timeout",
             at(&dep, "specs/system.yaml")
         )]
     );
@@ -1396,7 +1396,7 @@ fn mistakes_in_several_files_are_reported_together_in_order() {
         format!("{a}:5:9: source.interval: poll sources need an interval, e.g. `interval: 5s`"),
         format!("{a}:9:15: endpoints[1].listener: no listener named \"public\"; defined: main"),
         format!(
-            "{b}:6:3: source.intervl: unknown field `intervl`, expected one of plugin, builtin, mode, interval, config"
+            "{b}:6:3: source.intervl: unknown field `intervl`, expected one of plugin, builtin, mode, interval, config, call_timeout"
         ),
         format!(
             "{c}:6:13: source.interval: interval applies to poll sources only; remove it or use `mode: poll`"
@@ -1686,6 +1686,44 @@ fn an_unknown_builtin_source_and_a_builtin_without_interval() {
             ),
         ]
     );
+}
+
+#[test]
+fn call_timeout_is_for_plugin_sources_and_takes_a_duration_or_off() {
+    let dep = deployment("");
+    dep.write(
+        "specs/a.yaml",
+        "channel: a\nschema: schemas/ticker.json\nsource:\n  builtin: status\n  interval: 1s\n  call_timeout: 5s\n",
+    );
+    dep.write(
+        "specs/b.yaml",
+        "channel: b\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  call_timeout: soon\n",
+    );
+    assert_eq!(
+        errors(&dep),
+        [
+            format!(
+                "{}:6:17: source.call_timeout: builtin source \"status\" makes no plugin calls: remove `call_timeout`",
+                at(&dep, "specs/a.yaml")
+            ),
+            format!(
+                "{}:6:17: source.call_timeout: invalid duration \"soon\": write a number and a unit, e.g. 30s, 1m, or `off`",
+                at(&dep, "specs/b.yaml")
+            ),
+        ]
+    );
+    // A duration, or off.
+    for t in ["30s", "off"] {
+        let dep = deployment("");
+        dep.write(
+            "specs/c.yaml",
+            &format!("channel: c\nschema: schemas/ticker.json\nsource:\n  plugin: ticker\n  mode: push\n  call_timeout: {t}\n"),
+        );
+        let cfg = dep.load().unwrap_or_else(|e| panic!("{t}: {e}"));
+        let want = (t == "30s").then_some(std::time::Duration::from_secs(30));
+        let c = cfg.channels.iter().find(|c| &*c.name == "c").unwrap();
+        assert_eq!(c.source.call_timeout, want, "{t}");
+    }
 }
 
 #[test]

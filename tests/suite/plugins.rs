@@ -203,6 +203,7 @@ async fn readyz_turns_ready_once_every_plugin_started() {
         serde_json::json!({"status": "ready", "channels": {"steady": {
             "plugin": "ticker", "state": "up", "consecutive_failures": 0,
             "last_error": null, "last_failure": null, "retry_in_ms": null,
+            "call": null, "abandoned_calls": 0,
         }}})
     );
     gw.shutdown().await;
@@ -306,6 +307,7 @@ async fn a_failing_plugin_makes_readyz_degraded_naming_its_error_and_ready_again
         serde_json::json!({
             "plugin": "ticker", "state": "up", "consecutive_failures": 0,
             "last_error": null, "last_failure": null, "retry_in_ms": null,
+            "call": null, "abandoned_calls": 0,
         })
     );
     // Not retried at full speed (a poll every 20 ms): the wait before
@@ -592,6 +594,209 @@ async fn keys_opened_and_closed_during_a_backoff_are_not_replayed_at_the_next_in
     .await;
     assert_eq!(status["open_keys"], serde_json::json!(["a"]), "{status}");
     assert_eq!(status["opens"], 1, "{status}");
+    gw.shutdown().await;
+}
+
+/// `source.call_timeout`: a poll that hangs past it fails the instance,
+/// which is given up (what its poll emits when it does return is refused)
+/// and restarted. Calls given up on run on in the plugin, each on a thread:
+/// at `MAX_ABANDONED_CALLS` (4) of them no new instance is created (the
+/// channel is `stalled`) until one returns. Before, a hung poll stalled its
+/// channel for as long as it hung, and nothing said so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_that_hangs_past_call_timeout_restarts_the_instance_and_stalls_at_four() {
+    let dep = Deployment::new();
+    // While this file exists, test-faults' polls hang.
+    let block = dep.path("upstream-hangs");
+    dep.gateway_yaml("")
+        .write("specs/schemas/seq.json", SEQ_SCHEMA)
+        .write(
+            "specs/hangs.yaml",
+            &format!(
+                "channel: hangs\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  call_timeout: 200ms\n  config: {{block_while_exists: '{}'}}\nendpoints:\n  - path: /hangs\n",
+                block.display()
+            ),
+        );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/hangs").await;
+    let mut last = seq(&next_json(&mut ws).await);
+    assert!(last >= 1);
+
+    std::fs::write(&block, "").unwrap();
+    let v = eventually("four calls given up on: stalled", || async {
+        let v = readyz(addr).await.1;
+        (v["channels"]["hangs"]["state"] == "stalled").then_some(v)
+    })
+    .await;
+    let hangs = &v["channels"]["hangs"];
+    assert_eq!(hangs["abandoned_calls"], 4, "{v}");
+    // The first instance's poll, then the next three instances' creates.
+    assert_eq!(
+        hangs["last_error"],
+        "create did not return within 200ms (source.call_timeout): the instance was given up; the call runs on in the plugin",
+        "{v}"
+    );
+    let series = |name: &str| format!("{name}{{channel=\"hangs\",plugin=\"test-faults\"}}");
+    assert_eq!(
+        metric(addr, &series("gateway_plugin_calls_abandoned")).await,
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(addr, &series("gateway_plugin_call_timeouts_total")).await,
+        Some(4.0)
+    );
+    // No fifth instance while four calls are stuck: no more timeouts.
+    let restarts = metric(addr, &series("gateway_plugin_restarts_total")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        metric(addr, &series("gateway_plugin_call_timeouts_total")).await,
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(addr, &series("gateway_plugin_restarts_total")).await,
+        restarts
+    );
+    // The subscriber got what came before the hang, and nothing since.
+    while let Ok(m) =
+        tokio::time::timeout(std::time::Duration::from_millis(100), next_json(&mut ws)).await
+    {
+        let s = seq(&m);
+        assert_eq!(s, last + 1);
+        last = s;
+    }
+
+    // The hung polls return: each is refused what it emits (its instance was
+    // given up); they are counted out and a new instance runs, from seq 1.
+    std::fs::remove_file(&block).unwrap();
+    assert_eq!(
+        seq(&next_json(&mut ws).await),
+        1,
+        "the first message after the stall is the new instance's"
+    );
+    assert_eq!(seq(&next_json(&mut ws).await), 2);
+    metric_becomes(addr, &series("gateway_plugin_calls_abandoned"), 0.0).await;
+    let v = eventually("up again", || async {
+        let v = readyz(addr).await.1;
+        (v["channels"]["hangs"]["state"] == "up").then_some(v)
+    })
+    .await;
+    assert_eq!(v["channels"]["hangs"]["abandoned_calls"], 0, "{v}");
+    gw.shutdown().await;
+}
+
+/// A channel whose plugin never got to run (its `create` hangs past
+/// `call_timeout`, four times) keeps `/readyz` at 503 `starting` while it
+/// is stalled, and turns ready once the calls return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_stalled_before_it_ever_ran_keeps_readyz_starting() {
+    let dep = Deployment::new();
+    let block = dep.path("upstream-hangs");
+    std::fs::write(&block, "").unwrap();
+    dep.gateway_yaml("")
+        .write("specs/schemas/seq.json", SEQ_SCHEMA)
+        .write(
+            "specs/hangs.yaml",
+            &format!(
+                "channel: hangs\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 20ms\n  call_timeout: 100ms\n  config: {{block_while_exists: '{}'}}\nendpoints:\n  - path: /hangs\n",
+                block.display()
+            ),
+        );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    // Four given up on, and the backoff after the fourth over: no next
+    // instance is due (`retry_in_ms` null), it waits for the calls.
+    let v = eventually("four creates given up on, and a stall", || async {
+        let (status, v) = readyz(addr).await;
+        let hangs = &v["channels"]["hangs"];
+        (hangs["abandoned_calls"] == 4 && hangs["retry_in_ms"].is_null()).then_some((status, v))
+    })
+    .await;
+    let (status, v) = v;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["status"], "starting", "{v}");
+    assert_eq!(v["waiting_for"], serde_json::json!(["hangs"]), "{v}");
+    assert_eq!(v["channels"]["hangs"]["state"], "starting", "{v}");
+    std::fs::remove_file(&block).unwrap();
+    eventually("ready", || async {
+        let (status, v) = readyz(addr).await;
+        (status == 200 && v["status"] == "ready").then_some(())
+    })
+    .await;
+    let mut ws = connect(addr, "/hangs").await;
+    assert!(seq(&next_json(&mut ws).await) >= 1);
+    gw.shutdown().await;
+}
+
+/// While a call into the plugin hangs (here an `open_key`, with no
+/// `call_timeout`), `/readyz` and a gauge say which call and for how long,
+/// and the keyed opens and closes that come meanwhile are kept per key:
+/// when it returns, the plugin is told only of the keys still followed.
+/// Before, every subscribe and unsubscribe queued without bound behind the
+/// call and was replayed at the plugin one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_opened_and_closed_while_a_call_hangs_are_folded() {
+    let dep = Deployment::new();
+    // While this file exists, test-faults' open_key and polls hang.
+    let block = dep.path("upstream-hangs");
+    dep.gateway_yaml("")
+        .write("specs/schemas/any.json", ANY_SCHEMA)
+        .write(
+            "specs/jobs.yaml",
+            &format!(
+                "channel: jobs\nschema: schemas/any.json\nsource:\n  plugin: test-faults\n  mode: poll\n  interval: 1h\n  config: {{steps: 1000000, block_while_exists: '{}'}}\nendpoints:\n  - path: /jobs/{{id}}\n",
+                block.display()
+            ),
+        );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    // Created (creates wait while the file exists too).
+    eventually("ready", || async {
+        let (status, v) = readyz(addr).await;
+        (status == 200 && v["status"] == "ready").then_some(())
+    })
+    .await;
+    std::fs::write(&block, "").unwrap();
+    let mut first = connect(addr, "/jobs/first").await;
+    let v = eventually("the open_key call shows", || async {
+        let v = readyz(addr).await.1;
+        (v["channels"]["jobs"]["call"]["name"] == "open_key").then_some(v)
+    })
+    .await;
+    assert!(v["channels"]["jobs"]["call"]["running_ms"].is_u64(), "{v}");
+    // Still up: nothing failed, a call is just slow.
+    assert_eq!(v["channels"]["jobs"]["state"], "up", "{v}");
+    let running = "gateway_plugin_call_running_seconds{channel=\"jobs\",plugin=\"test-faults\"}";
+    eventually("the gauge counts the seconds", || async {
+        (metric(addr, running).await? >= 1.0).then_some(())
+    })
+    .await;
+    for i in 0..50 {
+        drop(connect(addr, &format!("/jobs/k{i}")).await);
+    }
+    let mut kept = connect(addr, "/jobs/kept").await;
+    // Every one of them has subscribed, and the 50 have gone.
+    metric_becomes(addr, "gateway_connections_total", 52.0).await;
+    metric_becomes(addr, "gateway_connections", 2.0).await;
+
+    std::fs::remove_file(&block).unwrap();
+    assert_eq!(next_json(&mut first).await["key"], "first");
+    assert_eq!(next_json(&mut kept).await["key"], "kept");
+    let jobs = gw.state().live().channels["jobs"].clone();
+    let status = plugin_command(&jobs, serde_json::json!({"op": "status"})).await;
+    assert_eq!(status["opens"], 2, "{status}");
+    assert_eq!(
+        status["open_keys"],
+        serde_json::json!(["first", "kept"]),
+        "{status}"
+    );
+    // The call that delivered `kept`'s first message may still be returning.
+    eventually("no call runs", || async {
+        let v = readyz(addr).await.1;
+        v["channels"]["jobs"]["call"].is_null().then_some(())
+    })
+    .await;
+    assert_eq!(metric(addr, running).await, Some(0.0));
     gw.shutdown().await;
 }
 

@@ -599,6 +599,9 @@ pub struct SourceCfg {
     pub interval: Option<Duration>,
     /// Plugin config as JSON bytes.
     pub config_json: Vec<u8>,
+    /// Plugin sources: the longest a call into the plugin may run
+    /// (`source.call_timeout`); None waits as long as it takes.
+    pub call_timeout: Option<Duration>,
 }
 
 /// What produces a channel's messages.
@@ -1231,6 +1234,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                     mode,
                     interval,
                     config_json,
+                    call_timeout: src.call_timeout.as_ref().and_then(|t| t.value.0),
                 },
                 on_full: spec.queue.on_full,
                 keyed,
@@ -1677,6 +1681,16 @@ fn compile_source(
                     b,
                     "source.config",
                     format!("builtin source {:?} takes no `config`; remove it", b.value),
+                );
+            }
+            if let Some(t) = &src.call_timeout {
+                sink.at(
+                    t,
+                    "source.call_timeout",
+                    format!(
+                        "builtin source {:?} makes no plugin calls: remove `call_timeout`",
+                        b.value
+                    ),
                 );
             }
             let Some(interval) = &src.interval else {

@@ -999,6 +999,11 @@ pub struct SourceFile {
     /// Plugin configuration, passed to the plugin as JSON.
     #[serde(default)]
     pub config: Option<serde_json::Value>,
+    /// Plugin sources: the longest a call into the plugin (create, start,
+    /// poll, open_key, close_key) may run; past it the instance is given up
+    /// and a new one started. `off` (the default) waits as long as it takes.
+    #[schemars(with = "Option<DurationOrOff>")]
+    pub call_timeout: Option<Spanned<DurationOrOff>>,
 }
 
 /// Per-subscriber queue policy.

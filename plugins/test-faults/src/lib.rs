@@ -28,6 +28,10 @@
 //!   `test-faults: <path> exists`.
 //!   It outlives restarts, so a test can make a channel fail for a while and
 //!   then recover.
+//! - `block_while_exists` (string, a file path): while that file exists,
+//!   `create`, every poll and every `open_key` wait at their start (checking
+//!   every 5 ms, at most 60 s), in every instance: a plugin call that hangs,
+//!   for as long as a test wants.
 //!
 //! Polls (keyed or not) share one counter for `panic_every`/`error_every`; a
 //! panicking or failing poll emits nothing.
@@ -88,6 +92,8 @@ pub struct Config {
     pub limit: Option<u64>,
     /// Fail `create` and every poll / tick while this file exists.
     pub error_while_exists: Option<std::path::PathBuf>,
+    /// `create`, polls and `open_key` wait while this file exists.
+    pub block_while_exists: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -102,6 +108,7 @@ impl Default for Config {
             steps: 3,
             limit: None,
             error_while_exists: None,
+            block_while_exists: None,
         }
     }
 }
@@ -151,6 +158,17 @@ impl Drop for InPoll<'_> {
 }
 
 /// True when `n` is a multiple of `every`.
+/// Wait while `path` exists, at most `HOLD_MAX`.
+fn wait_while_exists(path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        return;
+    };
+    let until = std::time::Instant::now() + HOLD_MAX;
+    while path.exists() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn hits(every: Option<u64>, n: u64) -> bool {
     every.is_some_and(|every| n.is_multiple_of(every))
 }
@@ -199,6 +217,11 @@ impl TestFaults {
         let path = self.config.error_while_exists.as_ref()?;
         path.exists()
             .then(|| PluginError::new(format!("test-faults: {} exists", path.display())))
+    }
+
+    /// Wait while the `block_while_exists` file exists, at most `HOLD_MAX`.
+    fn wait_unblocked(&self) {
+        wait_while_exists(self.config.block_while_exists.as_deref());
     }
 
     /// Wait while held (the `hold` command), at most `HOLD_MAX`: a test
@@ -268,6 +291,7 @@ impl TestFaults {
 impl Plugin for TestFaults {
     fn create(config: Value, _host: Host) -> Result<Self, PluginError> {
         let config = Config::parse(config)?;
+        wait_while_exists(config.block_while_exists.as_deref());
         if let Some(msg) = &config.fail_create {
             return Err(msg.as_str().into());
         }
@@ -293,6 +317,7 @@ impl Plugin for TestFaults {
     fn poll(&self, key: Option<&str>, out: &Emitter) -> Result<(), PluginError> {
         let _in_poll = InPoll::enter(&self.in_poll);
         let n = self.polls.fetch_add(1, Ordering::Relaxed) + 1;
+        self.wait_unblocked();
         self.wait_released();
         if let Some(e) = self.planned_file_error() {
             return Err(e);
@@ -369,6 +394,7 @@ impl Plugin for TestFaults {
 
     fn open_key(&self, key: &str, params: Value) -> Result<(), PluginError> {
         self.opens.fetch_add(1, Ordering::Relaxed);
+        self.wait_unblocked();
         self.keys()
             .insert(key.to_owned(), KeyState { params, step: 0 });
         Ok(())
@@ -696,6 +722,54 @@ mod tests {
             assert_eq!(status(&p)["most_in_poll"], json!(1));
         });
         assert_eq!(seqs(&host), vec![json!(1)]);
+    }
+
+    #[test]
+    fn block_while_exists_holds_polls_and_opens_until_the_file_goes() {
+        let dir = std::env::temp_dir().join(format!("test-faults-block-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("block");
+        let host = TestHost::new();
+        let p = create(&host, json!({"block_while_exists": file}));
+        std::fs::write(&file, "").unwrap();
+        let out = host.emitter();
+        std::thread::scope(|s| {
+            let poll = s.spawn(|| p.poll(None, &out));
+            let open = s.spawn(|| p.open_key("k", json!({})));
+            let status = |p: &TestFaults| p.command(json!({"op": "status"})).unwrap();
+            let deadline = std::time::Instant::now() + WAIT;
+            while status(&p)["in_poll"] != json!(1) || status(&p)["opens"] != json!(1) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the calls never started"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Blocked: nothing emitted, the key not open yet.
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(host.message_count(), 0);
+            assert_eq!(status(&p)["open_keys"], json!([]));
+            std::fs::remove_file(&file).unwrap();
+            poll.join().unwrap().unwrap();
+            open.join().unwrap().unwrap();
+        });
+        assert_eq!(seqs(&host), vec![json!(1)]);
+        assert_eq!(
+            p.command(json!({"op": "status"})).unwrap()["open_keys"],
+            json!(["k"])
+        );
+        // `create` waits too.
+        std::fs::write(&file, "").unwrap();
+        std::thread::scope(|s| {
+            let created = s.spawn(|| {
+                TestFaults::create(json!({"block_while_exists": file}), host.host()).is_ok()
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(!created.is_finished());
+            std::fs::remove_file(&file).unwrap();
+            assert!(created.join().unwrap());
+        });
+        let _ = std::fs::remove_dir(&dir);
     }
 
     #[test]
