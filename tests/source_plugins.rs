@@ -452,6 +452,43 @@ async fn the_template_plugin_runs_in_both_modes() {
     gw.shutdown().await;
 }
 
+/// A C plugin that leaves entries of its table null (here `start` and
+/// `command`, easy to leave out of a designated initializer for a poll-only
+/// plugin) is refused at load, naming them. Before, it loaded, and the
+/// first call of a null entry (a client's command, say) crashed the process.
+#[test]
+fn a_c_plugin_with_null_table_entries_is_refused_naming_them() {
+    let dep = Deployment::new();
+    let root = repo_root();
+    let source = std::fs::read_to_string(root.join("plugins/c-example/counter.c")).unwrap();
+    let partial = source
+        .replace("    .start = counter_start,\n", "")
+        .replace("    .command = counter_command,\n", "");
+    assert_eq!(partial.len() + 60, source.len(), "both lines left out");
+    let c_file = dep.path("partial.c");
+    std::fs::write(&c_file, partial).unwrap();
+    let lib = dep.path("libc_partial.so");
+    let status = std::process::Command::new("cc")
+        .args(["-std=c11", "-Wall", "-shared", "-fPIC", "-I"])
+        .arg(root.join("plugins/plugin-api/include"))
+        .arg("-o")
+        .arg(&lib)
+        .arg(&c_file)
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "compiling partial.c failed");
+    let err = gateway::plugin::PluginRegistry::global()
+        .load(&lib)
+        .expect_err("a table with null entries must be refused");
+    assert_eq!(
+        err,
+        format!(
+            "plugin {} leaves these entries of its table null: start, command; fill every entry of GwPluginV1 (a call for a mode the plugin does not declare answers GW_UNSUPPORTED)",
+            lib.display()
+        )
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_written_in_c_is_loaded_and_delivers() {
     capture_logs();

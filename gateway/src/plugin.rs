@@ -194,6 +194,12 @@ impl PluginRegistry {
         if table_ptr.is_null() {
             return Err(format!("plugin {} returned no table", path.display()));
         }
+        if !table_ptr.is_aligned() {
+            return Err(format!(
+                "plugin {} returned a table at a misaligned address: return a pointer to a `static const GwPluginV1`",
+                path.display()
+            ));
+        }
         // SAFETY: the first two fields are the same in every ABI version, so
         // they may be read before the version is known.
         let (abi, size) = unsafe { ((*table_ptr).abi_version, (*table_ptr).struct_size) };
@@ -210,8 +216,35 @@ impl PluginRegistry {
                 std::mem::size_of::<GwPluginV1>()
             ));
         }
-        // SAFETY: version and size were checked; the table is static in a
-        // library that is never unloaded.
+        // The host calls the table's functions without a null check: a null
+        // entry would crash the process at its first call.
+        let missing: Vec<&str> = TABLE_FUNCTIONS
+            .iter()
+            .filter(|(_, offset)| {
+                // SAFETY: the table is at least size_of::<GwPluginV1>() bytes
+                // and aligned (both checked above), so each entry is; the entry
+                // is read as a raw pointer, which may be null, not as a
+                // function pointer, which may not.
+                unsafe {
+                    table_ptr
+                        .cast::<u8>()
+                        .add(*offset)
+                        .cast::<*const c_void>()
+                        .read()
+                }
+                .is_null()
+            })
+            .map(|(name, _)| *name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "plugin {} leaves these entries of its table null: {}; fill every entry of GwPluginV1 (a call for a mode the plugin does not declare answers GW_UNSUPPORTED)",
+                path.display(),
+                missing.join(", ")
+            ));
+        }
+        // SAFETY: version and size were checked, and no entry is null; the
+        // table is static in a library that is never unloaded.
         let table: &'static GwPluginV1 = unsafe { &*table_ptr };
         // SAFETY: name/version are static strings of the plugin (ABI contract).
         let name = unsafe { slice(table.name) };
@@ -234,6 +267,25 @@ impl PluginRegistry {
         Ok(plugin)
     }
 }
+
+/// The function entries of `GwPluginV1`, by name and offset: none may be null.
+const TABLE_FUNCTIONS: [(&str, usize); 8] = [
+    ("create", std::mem::offset_of!(GwPluginV1, create)),
+    ("poll", std::mem::offset_of!(GwPluginV1, poll)),
+    ("start", std::mem::offset_of!(GwPluginV1, start)),
+    ("open_key", std::mem::offset_of!(GwPluginV1, open_key)),
+    ("close_key", std::mem::offset_of!(GwPluginV1, close_key)),
+    ("command", std::mem::offset_of!(GwPluginV1, command)),
+    ("stop", std::mem::offset_of!(GwPluginV1, stop)),
+    ("destroy", std::mem::offset_of!(GwPluginV1, destroy)),
+];
+
+// `destroy` is the table's last field: a field added after it must be added
+// to TABLE_FUNCTIONS too (and this check moved).
+const _: () = assert!(
+    std::mem::offset_of!(GwPluginV1, destroy) + std::mem::size_of::<usize>()
+        == std::mem::size_of::<GwPluginV1>()
+);
 
 /// Borrow a `GwSlice` as a Rust slice.
 ///

@@ -103,7 +103,9 @@ typedef struct GwHostV1 {
 } GwHostV1;
 
 /* The table a plugin's entry symbol returns. It must live as long as the
- * library (a static). */
+ * library (a static). Every function entry must be set (the host refuses a
+ * table with a NULL one): functions for modes the plugin does not declare
+ * return GW_UNSUPPORTED. */
 typedef struct GwPluginV1 {
     /* Must equal the host's GW_ABI_VERSION; checked before anything else. */
     uint32_t abi_version;
