@@ -32,6 +32,7 @@ pub mod config;
 pub mod context;
 pub mod control;
 pub mod filter;
+pub mod forwarded;
 pub mod http_routes;
 pub mod jwt;
 pub mod limits;

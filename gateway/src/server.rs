@@ -221,6 +221,13 @@ fn routes(
                 let listener = listener.clone();
                 let tracker = tracker.clone();
                 async move {
+                    // Behind trusted reverse proxies: the client they name.
+                    let mut info = info;
+                    info.peer = crate::forwarded::client_addr(
+                        info.peer,
+                        &headers,
+                        st.config().listener_trusted_proxies(&listener),
+                    );
                     let mut reply = route(
                         &st, router, &tracker, method, path, &headers, &query, info, slot, body,
                     )

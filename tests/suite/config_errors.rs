@@ -1342,7 +1342,7 @@ fn tls_settings_misspelled() {
     assert_eq!(
         errors(&dep),
         [format!(
-            "{}:4:5: listeners.main.tsl: unknown field `tsl`, expected one of bind, tls, status_codes",
+            "{}:4:5: listeners.main.tsl: unknown field `tsl`, expected one of bind, tls, status_codes, trusted_proxies",
             at(&dep, "gateway.yaml")
         )]
     );
@@ -1683,6 +1683,31 @@ fn an_unknown_builtin_source_and_a_builtin_without_interval() {
             format!(
                 "{}:5:9: source.mode: builtin source \"status\" publishes every `interval`: remove `mode` or write `mode: poll`",
                 at(&dep, "specs/b.yaml")
+            ),
+        ]
+    );
+}
+
+#[test]
+fn trusted_proxies_must_be_addresses_or_networks() {
+    let dep = Deployment::new();
+    dep.shipped_schema("ticker.json").write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\n    trusted_proxies: [10.0.0.0/8, proxy.local, 10.0.0.1/8]\nplugins:\n  dirs: [{}]\nchannels: []\n",
+            target_dir().display()
+        ),
+    );
+    assert_eq!(
+        errors(&dep),
+        [
+            format!(
+                "{}:4:35: listeners.main.trusted_proxies[1]: \"proxy.local\" is not an IP address or network: write e.g. 10.0.0.5, 10.0.0.0/8 or fd00::/8",
+                at(&dep, "gateway.yaml")
+            ),
+            format!(
+                "{}:4:48: listeners.main.trusted_proxies[2]: \"10.0.0.1/8\" has bits set past its /8 prefix: write 10.0.0.0/8",
+                at(&dep, "gateway.yaml")
             ),
         ]
     );

@@ -204,6 +204,102 @@ fn error_of(body: &str) -> Value {
     serde_json::from_str::<Value>(body).unwrap()["error"].clone()
 }
 
+/// Behind a reverse proxy every connection comes from the proxy's address,
+/// so per-IP limits would count all clients as one. A listener's
+/// `trusted_proxies` takes the client from `X-Forwarded-For` for
+/// connections from those proxies, and from nowhere else: on a listener
+/// without it the header is anybody's to write and is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_limits_count_the_client_a_trusted_proxy_names() {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            r#"listeners:
+  proxied:
+    bind: 127.0.0.1:0
+    trusted_proxies: [10.0.0.0/8, 127.0.0.1]
+  direct:
+    bind: 127.0.0.1:0
+plugins:
+  dirs: [{}]
+channels:
+  - specs/*.yaml
+limits:
+  ping_interval: off
+endpoints:
+  - path: /feed
+    listener: proxied
+    channels: [feed]
+    limits: {{max_connections_per_ip: 1}}
+  - path: /feed
+    listener: direct
+    channels: [feed]
+    limits: {{max_connections_per_ip: 1}}
+http:
+  - path: /hello
+    listener: proxied
+    requests_per_ip: 1/1h
+    body: {{hello: world}}
+"#,
+            target_dir().display()
+        ),
+    )
+    .write("specs/schemas/any.json", ANY_SCHEMA)
+    .write("specs/feed.yaml", &bus_spec("feed", ""));
+    let gw = dep.start().await;
+    let (proxied, direct) = (gw.addr("proxied").unwrap(), gw.addr("direct").unwrap());
+    let xff = |v: &'static str| [("X-Forwarded-For", v)];
+
+    // Two clients through the proxy: one connection each.
+    let a = try_connect(proxied, "/feed", &xff("203.0.113.1"))
+        .await
+        .unwrap();
+    let b = try_connect(proxied, "/feed", &xff("203.0.113.2"))
+        .await
+        .unwrap();
+    // Through two proxies; what the client wrote itself (left) is not believed.
+    let (s, body) = try_connect(
+        proxied,
+        "/feed",
+        &xff("198.51.100.7, 203.0.113.1, 10.1.2.3"),
+    )
+    .await
+    .expect_err("203.0.113.1 has its one connection");
+    assert_eq!(
+        (s, error_of(&body)),
+        (429, json!("too_many_connections_per_ip"))
+    );
+    // Without the header: the proxy itself, a client of its own.
+    let c = try_connect(proxied, "/feed", &[]).await.unwrap();
+    drop((a, b, c));
+
+    // On the listener that trusts nobody the header changes nothing.
+    let d = try_connect(direct, "/feed", &xff("203.0.113.3"))
+        .await
+        .unwrap();
+    let (s, body) = try_connect(direct, "/feed", &xff("203.0.113.4"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (s, error_of(&body)),
+        (429, json!("too_many_connections_per_ip"))
+    );
+    drop(d);
+
+    // HTTP routes' per-IP limits count the same client.
+    let hello = |v: &'static str| async move {
+        http(proxied, "GET", "/hello", &[("X-Forwarded-For", v)])
+            .await
+            .0
+    };
+    assert_eq!(hello("203.0.113.1").await, 200);
+    assert_eq!(hello("203.0.113.2").await, 200);
+    assert_eq!(hello("203.0.113.1").await, 429);
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_caps_per_ip_endpoint_and_principal() {
     let dep = deployment();

@@ -451,6 +451,14 @@ impl Config {
             .map_or(&[], |l| &l.status_codes)
     }
 
+    /// The reverse proxies listener `name` believes (`trusted_proxies`).
+    pub fn listener_trusted_proxies(&self, name: &str) -> &[crate::forwarded::Cidr] {
+        self.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map_or(&[], |l| &l.trusted_proxies)
+    }
+
     /// The TLS configuration of listener `name` (None: plain TCP, or no such listener).
     pub fn listener_tls(&self, name: &str) -> Option<&Arc<rustls::ServerConfig>> {
         self.listeners
@@ -486,6 +494,8 @@ pub struct ListenerCfg {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// HTTP error statuses answered as others (`status_codes`).
     pub status_codes: Vec<(u16, u16)>,
+    /// The reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<crate::forwarded::Cidr>,
 }
 
 /// Compiled limits.
@@ -885,6 +895,13 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             .map_err(|m| sink.at(sc, format!("listeners.{name}.status_codes"), m))
             .unwrap_or_default(),
         };
+        let mut trusted_proxies = Vec::new();
+        for (i, p) in l.trusted_proxies.iter().enumerate() {
+            match crate::forwarded::Cidr::parse(&p.value) {
+                Ok(c) => trusted_proxies.push(c),
+                Err(m) => sink.at(p, format!("listeners.{name}.trusted_proxies[{i}]"), m),
+            }
+        }
         match resolve_addr(text) {
             Ok(bind)
                 if let Some(other) = listeners
@@ -906,6 +923,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 origin,
                 tls,
                 status_codes,
+                trusted_proxies,
             }),
             Err(m) => sink.at(&l.bind, field, m),
         }

@@ -334,6 +334,14 @@ pub struct ListenerFile {
     /// `{405: 404, 429: 503}`, for APIs that document a fixed set.
     #[schemars(with = "Option<BTreeMap<u16, u16>>")]
     pub status_codes: Option<Spanned<BTreeMap<u16, u16>>>,
+    /// The reverse proxies in front of this listener, as addresses
+    /// (`10.0.0.5`) or networks (`10.0.0.0/8`, `fd00::/8`): for a connection
+    /// from one of them, the client's address is the rightmost
+    /// `X-Forwarded-For` entry that is not one of them. Per-IP limits, logs
+    /// and `client.peer` use that address. Empty (default): the socket's.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub trusted_proxies: Vec<Spanned<String>>,
 }
 
 /// A listener's certificate and private key, PEM files relative to gateway.yaml.
