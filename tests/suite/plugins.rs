@@ -257,6 +257,15 @@ async fn readyz(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
     (status, v)
 }
 
+/// Wait until `/readyz` answers 200 `ready`.
+async fn until_ready(addr: std::net::SocketAddr) {
+    eventually("ready", || async {
+        let (status, v) = readyz(addr).await;
+        (status == 200 && v["status"] == "ready").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_plugin_makes_readyz_degraded_naming_its_error_and_ready_again_after() {
     let dep = Deployment::new();
@@ -278,11 +287,7 @@ async fn a_failing_plugin_makes_readyz_degraded_naming_its_error_and_ready_again
         );
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
-    eventually("ready", || async {
-        let (status, v) = readyz(addr).await;
-        (status == 200 && v["status"] == "ready").then_some(())
-    })
-    .await;
+    until_ready(addr).await;
     let mut steady = connect(addr, "/steady").await;
     let mut prev = seq(&next_json(&mut steady).await);
 
@@ -718,11 +723,7 @@ async fn a_source_stalled_before_it_ever_ran_keeps_readyz_starting() {
     assert_eq!(v["waiting_for"], serde_json::json!(["hangs"]), "{v}");
     assert_eq!(v["channels"]["hangs"]["state"], "starting", "{v}");
     std::fs::remove_file(&block).unwrap();
-    eventually("ready", || async {
-        let (status, v) = readyz(addr).await;
-        (status == 200 && v["status"] == "ready").then_some(())
-    })
-    .await;
+    until_ready(addr).await;
     let mut ws = connect(addr, "/hangs").await;
     assert!(seq(&next_json(&mut ws).await) >= 1);
     gw.shutdown().await;
@@ -751,11 +752,7 @@ async fn keys_opened_and_closed_while_a_call_hangs_are_folded() {
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
     // Created (creates wait while the file exists too).
-    eventually("ready", || async {
-        let (status, v) = readyz(addr).await;
-        (status == 200 && v["status"] == "ready").then_some(())
-    })
-    .await;
+    until_ready(addr).await;
     std::fs::write(&block, "").unwrap();
     let mut first = connect(addr, "/jobs/first").await;
     let v = eventually("the open_key call shows", || async {
