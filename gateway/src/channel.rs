@@ -1654,6 +1654,14 @@ impl Calls {
                         metrics.plugin_calls_abandoned.fetch_sub(1, Relaxed);
                         metrics.plugin_call_returned.notify_waiters();
                     } else {
+                        // What the call returns from now on is dropped on its
+                        // own thread (the send fails); what it sent since the
+                        // swap, here, off the async workers: dropping an
+                        // instance stops and destroys it.
+                        rx.close();
+                        if let Ok(late) = rx.try_recv() {
+                            tokio::task::spawn_blocking(move || drop(late));
+                        }
                         metrics.plugin_call_timeouts.fetch_add(1, Relaxed);
                         let t = timeout.unwrap_or_default();
                         break Err(PluginFailure {

@@ -157,7 +157,6 @@ impl Drop for InPoll<'_> {
     }
 }
 
-/// True when `n` is a multiple of `every`.
 /// Wait while `path` exists, at most `HOLD_MAX`.
 fn wait_while_exists(path: Option<&std::path::Path>) {
     let Some(path) = path else {
@@ -169,6 +168,7 @@ fn wait_while_exists(path: Option<&std::path::Path>) {
     }
 }
 
+/// True when `n` is a multiple of `every`.
 fn hits(every: Option<u64>, n: u64) -> bool {
     every.is_some_and(|every| n.is_multiple_of(every))
 }
