@@ -28,10 +28,15 @@ impl Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (t, None),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| {
+        let written: IpAddr = addr.parse().map_err(|_| {
             format!("{text:?} is not an IP address or network: write e.g. 10.0.0.5, 10.0.0.0/8 or fd00::/8")
         })?;
-        let addr = addr.to_canonical();
+        let addr = written.to_canonical();
+        if addr != written && prefix.is_some() {
+            return Err(format!(
+                "{text:?} is an IPv4-mapped address with a prefix: write the IPv4 network, e.g. {addr}/24"
+            ));
+        }
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -100,14 +105,17 @@ impl std::fmt::Display for Cidr {
 /// rightmost `X-Forwarded-For` entry that is not (port 0: the header carries
 /// none). An entry that is not an address ends the walk at the last trusted
 /// hop, as does a missing header. With `trusted`, an IPv4-mapped IPv6
-/// address is given as its IPv4 address, rewritten or not, so that one
+/// address is given as its IPv4 address, from a proxy or not, so that one
 /// client is one key for per-IP limits.
 pub fn client_addr(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr]) -> SocketAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
-    if trusted.is_empty() || !is_trusted(peer.ip()) {
+    if trusted.is_empty() {
         return peer;
     }
     let socket = peer.ip().to_canonical();
+    if !is_trusted(socket) {
+        return SocketAddr::new(socket, peer.port());
+    }
     let mut client = socket;
     // Several headers are one list, in order (RFC 9110 §5.3). Entries are
     // split on the raw bytes: a client's own bytes that are not text spoil
@@ -207,6 +215,7 @@ mod tests {
             ),
             ("fd00::/129", "from 1 to 128"),
             ("proxy.local", "is not an IP address or network"),
+            ("::ffff:10.0.0.0/104", "write the IPv4 network"),
             ("10.0.0.0/x", "the prefix length must be"),
         ] {
             let e = Cidr::parse(bad).unwrap_err();
@@ -259,6 +268,10 @@ mod tests {
         // when it is the answer too.
         assert_eq!(client("::ffff:10.0.0.5", &["203.0.113.9"]), "203.0.113.9:0");
         assert_eq!(client("::ffff:10.0.0.5", &[]), "10.0.0.5:40000");
+        assert_eq!(
+            client("::ffff:198.51.100.1", &["203.0.113.9"]),
+            "198.51.100.1:40000"
+        );
         assert_eq!(client("10.0.0.5", &["::ffff:203.0.113.9"]), "203.0.113.9:0");
         // Bytes that are not text in the client's own entry do not hide the
         // entry the proxy appended to the same line (nginx's
