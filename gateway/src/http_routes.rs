@@ -19,10 +19,14 @@ use crate::template::With;
 
 type Reply = warp::reply::Response;
 
+/// `request.query`: a repeated parameter is its first occurrence, as
+/// authentication reads it (a token in the query), so that what was checked
+/// and what the templates see are one value.
 fn query_object(query: &str) -> Value {
     let mut m = Map::new();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        m.insert(k.into_owned(), Value::String(v.into_owned()));
+        m.entry(k.into_owned())
+            .or_insert_with(|| Value::String(v.into_owned()));
     }
     Value::Object(m)
 }

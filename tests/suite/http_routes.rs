@@ -173,6 +173,13 @@ async fn routes_answer_from_state_latest_values_and_commands() {
         (s, json_of(&body)),
         (200, json!({"op": "echo", "level": "info"}))
     );
+    // A repeated parameter is its first occurrence, as authentication
+    // reads one (it was the last).
+    let (s, _, body) = http(rest, "GET", "/echo?level=info&level=debug", &[]).await;
+    assert_eq!(
+        (s, json_of(&body)),
+        (200, json!({"op": "echo", "level": "info"}))
+    );
     let (s, _, body) = http_body(
         rest,
         "POST",
