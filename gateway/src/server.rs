@@ -216,18 +216,20 @@ fn routes(
                   body| {
                 let st = st.clone();
                 // The routes of the configuration served now (a reload
-                // replaces them; requests already routed keep theirs).
-                let router = st.live().routers.get(&*listener).cloned();
+                // replaces them; requests already routed keep theirs), and
+                // the proxies its listener believes: one look at it.
+                let live = st.live();
+                let router = live.routers.get(&*listener).cloned();
+                let mut info = info;
+                // Behind trusted reverse proxies: the client they name.
+                info.peer = crate::forwarded::client_addr(
+                    info.peer,
+                    &headers,
+                    live.config.listener_trusted_proxies(&listener),
+                );
                 let listener = listener.clone();
                 let tracker = tracker.clone();
                 async move {
-                    // Behind trusted reverse proxies: the client they name.
-                    let mut info = info;
-                    info.peer = crate::forwarded::client_addr(
-                        info.peer,
-                        &headers,
-                        st.config().listener_trusted_proxies(&listener),
-                    );
                     let mut reply = route(
                         &st, router, &tracker, method, path, &headers, &query, info, slot, body,
                     )
