@@ -443,28 +443,24 @@ fn literal_path(p: &str) -> bool {
 const HTTP_ERRORS_SENT: &[u16] = &[400, 401, 403, 404, 405, 408, 413, 426, 429, 500, 503, 504];
 
 impl Config {
+    /// Listener `name`.
+    fn listener(&self, name: &str) -> Option<&ListenerCfg> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
     /// The statuses listener `name` answers as others (`status_codes`).
     pub fn listener_status_codes(&self, name: &str) -> &[(u16, u16)] {
-        self.listeners
-            .iter()
-            .find(|l| l.name == name)
-            .map_or(&[], |l| &l.status_codes)
+        self.listener(name).map_or(&[], |l| &l.status_codes)
     }
 
     /// The reverse proxies listener `name` believes (`trusted_proxies`).
     pub fn listener_trusted_proxies(&self, name: &str) -> &[crate::forwarded::Cidr] {
-        self.listeners
-            .iter()
-            .find(|l| l.name == name)
-            .map_or(&[], |l| &l.trusted_proxies)
+        self.listener(name).map_or(&[], |l| &l.trusted_proxies)
     }
 
     /// The TLS configuration of listener `name` (None: plain TCP, or no such listener).
     pub fn listener_tls(&self, name: &str) -> Option<&Arc<rustls::ServerConfig>> {
-        self.listeners
-            .iter()
-            .find(|l| l.name == name)
-            .and_then(|l| l.tls.as_ref())
+        self.listener(name).and_then(|l| l.tls.as_ref())
     }
 }
 
