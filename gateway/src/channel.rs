@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -1595,7 +1595,6 @@ const CALL_ABANDONED: u8 = 2;
 /// `source.call_timeout`, is given up on when it runs past it.
 struct Calls {
     rt: Arc<ChannelRuntime>,
-    timeout: Option<Duration>,
     shutdown: CancellationToken,
 }
 
@@ -1613,7 +1612,7 @@ impl Calls {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, PluginFailure> {
         let metrics = self.rt.metrics.clone();
-        let state = Arc::new(std::sync::atomic::AtomicU8::new(CALL_RUNNING));
+        let state = Arc::new(AtomicU8::new(CALL_RUNNING));
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         {
             let (metrics, state) = (metrics.clone(), state.clone());
@@ -1629,7 +1628,7 @@ impl Calls {
         // A source stopping (a reload, a lease lost) no longer speaks for
         // the channel.
         let stamp = (!self.shutdown.is_cancelled()).then(|| self.rt.call_began(name));
-        let timeout = self.timeout;
+        let timeout = self.rt.cfg.source.call_timeout;
         let wait = tokio::time::sleep(timeout.unwrap_or(Duration::MAX));
         tokio::pin!(wait);
         let mut timed = timeout.is_some();
@@ -1647,7 +1646,7 @@ impl Calls {
                     // any moment, and counts itself out then.
                     metrics.plugin_calls_abandoned.fetch_add(1, Relaxed);
                     let given_up = state
-                        .compare_exchange(CALL_RUNNING, CALL_ABANDONED, std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire)
+                        .compare_exchange(CALL_RUNNING, CALL_ABANDONED, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok();
                     if !given_up {
                         // It returned just now: take what it returned.
@@ -1731,14 +1730,12 @@ impl Calls {
 /// Counts a call given up on out when it is over.
 struct CallOver {
     metrics: Arc<ChannelMetrics>,
-    state: Arc<std::sync::atomic::AtomicU8>,
+    state: Arc<AtomicU8>,
 }
 
 impl Drop for CallOver {
     fn drop(&mut self) {
-        let was = self
-            .state
-            .swap(CALL_RETURNED, std::sync::atomic::Ordering::AcqRel);
+        let was = self.state.swap(CALL_RETURNED, Ordering::AcqRel);
         if was == CALL_ABANDONED {
             self.metrics.plugin_calls_abandoned.fetch_sub(1, Relaxed);
             self.metrics.plugin_call_returned.notify_waiters();
@@ -1761,7 +1758,6 @@ async fn supervise(
     let handle = tokio::runtime::Handle::current();
     let calls = Calls {
         rt: rt.clone(),
-        timeout: cfg.source.call_timeout,
         shutdown: shutdown.clone(),
     };
 
