@@ -65,6 +65,37 @@ pub enum InbandResult {
     Refused(&'static str, String),
 }
 
+/// One accepted API key, kept as its SHA-256 digest.
+#[derive(Clone)]
+pub struct ApiKey {
+    digest: [u8; 32],
+    principal: String,
+}
+
+impl ApiKey {
+    /// An accepted key. Its principal, `api_key:` and the first 16 hex
+    /// digits of the key's SHA-256, names the key wherever it is listed:
+    /// one key on two endpoints is one principal, two keys are two, and a
+    /// key keeps its name when others are added or removed. (It names the
+    /// key without giving it away: 64 bits of a hash cannot be turned back
+    /// into a key of any useful length.)
+    pub fn new(key: &[u8]) -> ApiKey {
+        let d = ring::digest::digest(&ring::digest::SHA256, key);
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(d.as_ref());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        ApiKey {
+            digest,
+            principal: format!("api_key:{hex}"),
+        }
+    }
+
+    /// The principal of a connection that presents this key.
+    pub fn principal(&self) -> &str {
+        &self.principal
+    }
+}
+
 /// A compiled auth mode.
 #[derive(Clone)]
 pub enum Auth {
@@ -77,7 +108,7 @@ pub enum Auth {
         /// Header name.
         header: Option<HeaderName>,
         /// Accepted keys (never logged).
-        keys: Vec<Vec<u8>>,
+        keys: Vec<ApiKey>,
     },
     /// A signed JWT.
     Jwt(Arc<JwtAuth>),
@@ -299,17 +330,16 @@ impl Auth {
                 // SHA-256 digests are compared, not the keys: comparing slices
                 // of different lengths returns at once, which would tell a
                 // guess of a key's length from the others.
-                let sha = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
-                let given = sha(given.as_slice());
-                let mut found: Option<usize> = None;
-                for (i, k) in keys.iter().enumerate() {
-                    let eq: bool = sha(k).as_ref().ct_eq(given.as_ref()).into();
+                let given = ring::digest::digest(&ring::digest::SHA256, &given);
+                let mut found: Option<&ApiKey> = None;
+                for k in keys {
+                    let eq: bool = k.digest.as_slice().ct_eq(given.as_ref()).into();
                     if eq && found.is_none() {
-                        found = Some(i);
+                        found = Some(k);
                     }
                 }
                 match found {
-                    Some(i) => Ok(Principal(Some(format!("api_key#{i}")), None)),
+                    Some(k) => Ok(Principal(Some(k.principal.clone()), None)),
                     None => Err(AuthError {
                         status: StatusCode::FORBIDDEN,
                         error: "invalid_api_key",

@@ -399,6 +399,81 @@ async fn connection_caps_per_ip_endpoint_and_principal() {
     );
 }
 
+/// An API key's principal names the key, not its position in a list: the
+/// first keys of two endpoints' lists are two principals (they were one,
+/// `api_key#0`, sharing one gateway-wide count), and one key accepted by
+/// both endpoints is one principal on either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_principals_name_the_key_across_endpoints() {
+    let dep = Deployment::new();
+    dep.gateway_yaml(
+        r#"
+limits:
+  ping_interval: off
+  max_connections_per_principal: 1
+protocols:
+  p:
+    replies:
+      status: {type: me, principal: "{{principal}}"}
+endpoints:
+  - path: /a
+    protocol: p
+    channels: [feed]
+    auth: {mode: api_key, header: X-Api-Key, keys_file: a.keys}
+  - path: /b
+    protocol: p
+    channels: [feed]
+    auth: {mode: api_key, header: X-Api-Key, keys_file: b.keys}
+"#,
+    )
+    .write("a.keys", "key-a1\nshared-key\n")
+    .write("b.keys", "# b's own first\nkey-b1\nshared-key\n")
+    .write("specs/schemas/any.json", ANY_SCHEMA)
+    .write("specs/feed.yaml", &bus_spec("feed", ""));
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let key = |k: &'static str| [("X-Api-Key", k)];
+    async fn whoami(ws: &mut Ws) -> String {
+        send_json(ws, &json!({"type": "status"})).await;
+        let r = next_json(ws).await;
+        r["principal"].as_str().expect("a principal").to_string()
+    }
+
+    let mut a1 = try_connect(addr, "/a", &key("key-a1")).await.unwrap();
+    let mut b1 = try_connect(addr, "/b", &key("key-b1"))
+        .await
+        .expect("key-b1 is not key-a1: a principal of its own");
+    let (pa, pb) = (whoami(&mut a1).await, whoami(&mut b1).await);
+    assert_ne!(pa, pb);
+    for p in [&pa, &pb] {
+        let hex = p.strip_prefix("api_key:").expect("api_key:<hex>");
+        assert!(
+            hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{p}"
+        );
+    }
+    // The shared key: listed second by /a and third by /b, one principal.
+    let mut s = try_connect(addr, "/b", &key("shared-key")).await.unwrap();
+    let ps = whoami(&mut s).await;
+    assert!(![&pa, &pb].contains(&&ps), "{ps}");
+    let (st, body) = try_connect(addr, "/a", &key("shared-key"))
+        .await
+        .expect_err("shared-key has its one connection, made on /b");
+    assert_eq!(
+        (st, error_of(&body)),
+        (429, json!("too_many_connections_per_principal"))
+    );
+    // Its slot, freed on /b, serves it on /a, as the same principal.
+    drop(s);
+    let mut s = eventually("the shared key's slot back", || async {
+        try_connect(addr, "/a", &key("shared-key")).await.ok()
+    })
+    .await;
+    assert_eq!(whoami(&mut s).await, ps);
+    drop((a1, b1, s));
+    gw.shutdown().await;
+}
+
 /// A client that connected with a token in the header and authenticates
 /// again in-band keeps its slot as the same principal (it was refused as
 /// its own second connection), and moves it as another (the first

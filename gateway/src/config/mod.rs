@@ -2039,7 +2039,7 @@ pub(crate) fn compile_api_key(
                 ),
                 None => None,
             };
-            let mut keys: Vec<Vec<u8>> = Vec::new();
+            let mut keys: Vec<crate::auth::ApiKey> = Vec::new();
             if keys_env.is_none() && keys_file.is_none() {
                 return Err("api_key needs `keys_env` (an environment variable holding comma-separated keys) or `keys_file`".into());
             }
@@ -2049,7 +2049,7 @@ pub(crate) fn compile_api_key(
                         v.split(',')
                             .map(str::trim)
                             .filter(|k| !k.is_empty())
-                            .map(|k| k.as_bytes().to_vec()),
+                            .map(|k| crate::auth::ApiKey::new(k.as_bytes())),
                     ),
                     Err(_) => {
                         return Err(format!(
@@ -2066,7 +2066,7 @@ pub(crate) fn compile_api_key(
                     text.lines()
                         .map(str::trim)
                         .filter(|k| !k.is_empty() && !k.starts_with('#'))
-                        .map(|k| k.as_bytes().to_vec()),
+                        .map(|k| crate::auth::ApiKey::new(k.as_bytes())),
                 );
             }
             if keys.is_empty() {
