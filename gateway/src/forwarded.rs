@@ -100,6 +100,11 @@ impl std::fmt::Display for Cidr {
     }
 }
 
+/// Whether `ip` is one of `trusted`.
+pub fn is_trusted(trusted: &[Cidr], ip: IpAddr) -> bool {
+    trusted.iter().any(|c| c.contains(ip))
+}
+
 /// The client's address for a connection from `peer` with request
 /// `headers`: `peer` itself unless it is one of `trusted`, else the
 /// rightmost `X-Forwarded-For` entry that is not (port 0: the header carries
@@ -108,7 +113,7 @@ impl std::fmt::Display for Cidr {
 /// address is given as its IPv4 address, from a proxy or not, so that one
 /// client is one key for per-IP limits.
 pub fn client_addr(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr]) -> SocketAddr {
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    let is_trusted = |ip: IpAddr| is_trusted(trusted, ip);
     if trusted.is_empty() {
         return peer;
     }

@@ -39,6 +39,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod plugin;
+pub mod proxy_protocol;
 pub mod queue;
 pub mod reload;
 pub mod router;

@@ -267,6 +267,9 @@ pub struct Metrics {
     pub closed_token_expired: AtomicU64,
     /// TLS handshakes that failed or timed out on TLS listeners.
     pub tls_handshake_failures: AtomicU64,
+    /// Connections to `proxy_protocol` listeners closed for want of a valid
+    /// PROXY protocol header (or from an address not in `trusted_proxies`).
+    pub proxy_protocol_refused: AtomicU64,
     /// How long the oldest frame of each socket write waited in the gateway.
     pub delivery_delay: DelayHistogram,
     channels: RwLock<BTreeMap<Arc<str>, Arc<ChannelMetrics>>>,
@@ -416,6 +419,13 @@ impl Metrics {
             "counter",
             "Connections to TLS listeners dropped because the TLS handshake failed or timed out.",
             self.tls_handshake_failures.load(Relaxed) as i64,
+        );
+        g(
+            &mut out,
+            "gateway_proxy_protocol_refused_total",
+            "counter",
+            "Connections to proxy_protocol listeners closed: no valid PROXY protocol header within 10 s, or not from a trusted proxy.",
+            self.proxy_protocol_refused.load(Relaxed) as i64,
         );
         g(
             &mut out,

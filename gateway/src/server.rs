@@ -32,8 +32,9 @@ use crate::router::Target;
 use crate::session::{self, SessionCtx};
 use crate::state::GatewayState;
 
-/// How long a client may take to send its request headers (and, on a TLS
-/// listener, to complete the TLS handshake before that).
+/// How long a client may take to send its request headers; and, before
+/// that, how long a `proxy_protocol` header and a TLS handshake may take
+/// together.
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long HTTP requests in flight get to finish at shutdown.
 const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
@@ -110,21 +111,59 @@ pub async fn serve_listener(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let info = ConnInfo {
-            peer,
-            listener: name.clone(),
-        };
         let svc = svc.clone();
         let shutdown = shutdown.clone();
-        // The listener's TLS settings as configured now: a reload with a
-        // renewed certificate applies to the next connection.
-        let tls = state
-            .config()
+        // The listener's TLS and PROXY protocol settings as configured now:
+        // a reload (a renewed certificate, say) applies to the next connection.
+        let config = state.config();
+        let tls = config
             .listener_tls(&name)
             .cloned()
             .map(tokio_rustls::TlsAcceptor::from);
+        // Some(whether the sender may write a header) on a proxy_protocol
+        // listener (whose trusted_proxies the configuration requires).
+        let proxied = config.listener_proxy_protocol(&name).then(|| {
+            crate::forwarded::is_trusted(config.listener_trusted_proxies(&name), peer.ip())
+        });
+        drop(config);
         let metrics = state.metrics.clone();
+        let name = name.clone();
         tracker.spawn(async move {
+            // A PROXY protocol header and a TLS handshake, where the
+            // listener has them, get HEADER_TIMEOUT together.
+            let deadline = tokio::time::Instant::now() + HEADER_TIMEOUT;
+            let mut tcp = tcp;
+            let peer = match proxied {
+                None => peer,
+                Some(trusted) => {
+                    let got = tokio::select! {
+                        r = tokio::time::timeout_at(deadline, async {
+                            if !trusted {
+                                return Err("not from a trusted proxy".to_string());
+                            }
+                            crate::proxy_protocol::read_header(&mut tcp).await
+                        }) => r.unwrap_or_else(|_| Err("no PROXY protocol header within 10 s".into())),
+                        _ = shutdown.cancelled() => return,
+                    };
+                    match got {
+                        // An IPv4-mapped address is its IPv4 address: one
+                        // client, one key for per-IP limits.
+                        Ok(crate::proxy_protocol::Header::Proxied(client)) => {
+                            SocketAddr::new(client.ip().to_canonical(), client.port())
+                        }
+                        Ok(crate::proxy_protocol::Header::Local) => peer,
+                        Err(e) => {
+                            metrics.proxy_protocol_refused.fetch_add(1, Relaxed);
+                            tracing::debug!(%peer, listener = %name, error = %e, "connection closed: PROXY protocol");
+                            return;
+                        }
+                    }
+                }
+            };
+            let info = ConnInfo {
+                peer,
+                listener: name,
+            };
             let hyper_svc =
                 hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                     let slot =
@@ -138,9 +177,10 @@ pub async fn serve_listener(
                 return serve_http(TokioIo::new(tcp), hyper_svc, shutdown).await;
             };
             // The TLS handshake runs here, in the connection's own task, and
-            // gets as long as a client has to send its request headers.
+            // gets as long as a client has to send its request headers
+            // (less the time its PROXY protocol header took).
             let handshake = tokio::select! {
-                r = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)) => r,
+                r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => r,
                 _ = shutdown.cancelled() => return,
             };
             match handshake {

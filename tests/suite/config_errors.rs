@@ -1342,7 +1342,7 @@ fn tls_settings_misspelled() {
     assert_eq!(
         errors(&dep),
         [format!(
-            "{}:4:5: listeners.main.tsl: unknown field `tsl`, expected one of bind, tls, status_codes, trusted_proxies",
+            "{}:4:5: listeners.main.tsl: unknown field `tsl`, expected one of bind, tls, status_codes, trusted_proxies, proxy_protocol",
             at(&dep, "gateway.yaml")
         )]
     );
@@ -1710,6 +1710,27 @@ fn trusted_proxies_must_be_addresses_or_networks() {
                 at(&dep, "gateway.yaml")
             ),
         ]
+    );
+}
+
+/// `proxy_protocol` without `trusted_proxies` would let any client that
+/// reaches the port name any address: refused, with the fix.
+#[test]
+fn proxy_protocol_needs_trusted_proxies() {
+    let dep = Deployment::new();
+    dep.shipped_schema("ticker.json").write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\n    proxy_protocol: true\n  ok:\n    bind: 127.0.0.1:0\n    proxy_protocol: true\n    trusted_proxies: [10.0.0.0/8]\n  off:\n    bind: 127.0.0.1:0\n    proxy_protocol: false\nplugins:\n  dirs: [{}]\nchannels: []\n",
+            target_dir().display()
+        ),
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:4:21: listeners.main.proxy_protocol: proxy_protocol needs trusted_proxies, the addresses of the load balancers that write the header: without it any client that reaches the port could write one naming any address; list them, e.g. `trusted_proxies: [10.0.1.23, 10.0.2.23]`",
+            at(&dep, "gateway.yaml")
+        )]
     );
 }
 

@@ -6,7 +6,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::common::*;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
@@ -297,6 +297,247 @@ http:
     assert_eq!(hello("203.0.113.1").await, 200);
     assert_eq!(hello("203.0.113.2").await, 200);
     assert_eq!(hello("203.0.113.1").await, 429);
+    gw.shutdown().await;
+}
+
+/// A connection to a `proxy_protocol` listener: `header`, then what follows.
+async fn via_balancer(addr: std::net::SocketAddr, header: &[u8]) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(header).await.expect("write the header");
+    s
+}
+
+/// A WebSocket upgrade of `path` after `header`: the socket, or the status.
+async fn ws_via_balancer(
+    addr: std::net::SocketAddr,
+    header: &[u8],
+    path: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, u16> {
+    ws_via_balancer_with(addr, header, path, &[]).await
+}
+
+/// The same with request headers.
+async fn ws_via_balancer_with(
+    addr: std::net::SocketAddr,
+    header: &[u8],
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let s = via_balancer(addr, header).await;
+    match tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(req, s))
+        .await
+        .expect("upgrade in time")
+    {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("upgrade failed: {e}"),
+    }
+}
+
+/// A PROXY protocol version 2 header for a TCP over IPv4 client.
+fn proxy_v2(client: [u8; 4], port: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    h.extend_from_slice(&client);
+    h.extend_from_slice(&[127, 0, 0, 1]);
+    h.extend_from_slice(&port.to_be_bytes());
+    h.extend_from_slice(&443u16.to_be_bytes());
+    h
+}
+
+/// The peer a session's `client.peer` names, asked through the protocol's
+/// `status` reply.
+async fn peer_of(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> Value {
+    ws.send(Message::text(r#"{"type":"status"}"#))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("a reply in time")
+        .expect("a reply")
+        .expect("a reply");
+    let reply: Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
+    reply["peer"].clone()
+}
+
+/// Behind a TCP load balancer that speaks the PROXY protocol, the header's
+/// source address is the client: per-IP limits count it, version 1 and 2
+/// alike, and `X-Forwarded-For` counts only when the header names a trusted
+/// proxy. A connection without a header, or from an address that is not a
+/// trusted proxy, is closed before any HTTP, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_limits_count_the_client_a_proxy_protocol_header_names() {
+    use tokio::io::AsyncWriteExt;
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            r#"listeners:
+  direct:
+    bind: 127.0.0.1:0
+  balanced:
+    bind: 127.0.0.1:0
+    proxy_protocol: true
+    trusted_proxies: [127.0.0.1, 10.0.0.0/8]
+  elsewhere:
+    bind: 127.0.0.1:0
+    proxy_protocol: true
+    trusted_proxies: [10.0.0.0/8]
+admin:
+  listener: direct
+plugins:
+  dirs: [{}]
+channels:
+  - specs/*.yaml
+limits:
+  ping_interval: off
+protocols:
+  p:
+    replies:
+      status: {{type: me, peer: "{{{{client.peer}}}}"}}
+endpoints:
+  - path: /feed
+    listener: balanced
+    protocol: p
+    channels: [feed]
+    limits: {{max_connections_per_ip: 1}}
+  - path: /feed
+    listener: elsewhere
+    channels: [feed]
+http:
+  - path: /hello
+    listener: balanced
+    requests_per_ip: 1/1h
+    body: {{hello: world}}
+"#,
+            target_dir().display()
+        ),
+    )
+    .write("specs/schemas/any.json", ANY_SCHEMA)
+    .write("specs/feed.yaml", &bus_spec("feed", ""));
+    let gw = dep.start().await;
+    let (direct, balanced, elsewhere) = (
+        gw.addr("direct").unwrap(),
+        gw.addr("balanced").unwrap(),
+        gw.addr("elsewhere").unwrap(),
+    );
+    let refused = "gateway_proxy_protocol_refused_total";
+    assert_eq!(metric(direct, refused).await, Some(0.0));
+
+    // Two clients through one balancer: a connection each, and each
+    // connection's peer is its client's address and port.
+    let mut a = ws_via_balancer(
+        balanced,
+        b"PROXY TCP4 203.0.113.1 127.0.0.1 40000 443\r\n",
+        "/feed",
+    )
+    .await
+    .expect("version 1");
+    let mut b = ws_via_balancer(balanced, &proxy_v2([203, 0, 113, 2], 40001), "/feed")
+        .await
+        .expect("version 2");
+    assert_eq!(peer_of(&mut a).await, json!("203.0.113.1:40000"));
+    assert_eq!(peer_of(&mut b).await, json!("203.0.113.2:40001"));
+    // X-Forwarded-For: believed when the header names a trusted proxy (an
+    // HTTP proxy behind the balancer), not when it names a client.
+    let xff = [("X-Forwarded-For", "198.51.100.9")];
+    let mut via_proxy = ws_via_balancer_with(
+        balanced,
+        b"PROXY TCP4 10.1.2.3 127.0.0.1 40010 443\r\n",
+        "/feed",
+        &xff,
+    )
+    .await
+    .unwrap();
+    assert_eq!(peer_of(&mut via_proxy).await, json!("198.51.100.9:0"));
+    let mut own = ws_via_balancer_with(
+        balanced,
+        b"PROXY TCP4 203.0.113.4 127.0.0.1 40011 443\r\n",
+        "/feed",
+        &xff,
+    )
+    .await
+    .unwrap();
+    assert_eq!(peer_of(&mut own).await, json!("203.0.113.4:40011"));
+    drop((via_proxy, own));
+    // The first client again, by the other version: its one slot is taken.
+    assert_eq!(
+        ws_via_balancer(balanced, &proxy_v2([203, 0, 113, 1], 40002), "/feed")
+            .await
+            .err(),
+        Some(429)
+    );
+    // A header written in two pieces is read whole.
+    let mut s = via_balancer(balanced, b"PROXY TCP4 203.0.11").await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    s.write_all(b"3.3 127.0.0.1 40003 443\r\n").await.unwrap();
+    let c = tokio::time::timeout(
+        PATIENCE,
+        tokio_tungstenite::client_async(format!("ws://{balanced}/feed"), s),
+    )
+    .await
+    .unwrap()
+    .expect("203.0.113.3 has a slot of its own");
+    drop((a, b, c));
+
+    // HTTP routes' per-IP limits count the same clients; a LOCAL header
+    // (the balancer's own health check) is the balancer itself.
+    let hello = |header: Vec<u8>| async move {
+        let mut s = via_balancer(balanced, &header).await;
+        // A refused connection may be closed before this write (it then
+        // fails), and, closed unread, end with a reset instead of EOF.
+        let _ = s
+            .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+            .await
+            .expect("an answer or a close in time");
+        if buf.is_empty() {
+            0
+        } else {
+            split_response(&buf).0
+        }
+    };
+    assert_eq!(
+        hello(b"PROXY TCP4 203.0.113.1 127.0.0.1 1 443\r\n".to_vec()).await,
+        200
+    );
+    assert_eq!(hello(proxy_v2([203, 0, 113, 2], 2)).await, 200);
+    assert_eq!(
+        hello(b"PROXY TCP4 203.0.113.1 127.0.0.1 3 443\r\n".to_vec()).await,
+        429
+    );
+    let mut local = proxy_v2([0; 4], 0);
+    local[12] = 0x20;
+    assert_eq!(hello(local.clone()).await, 200);
+    assert_eq!(hello(local).await, 429, "the balancer's own second request");
+    assert_eq!(metric(direct, refused).await, Some(0.0));
+
+    // No header: closed without an answer. A malformed one, likewise.
+    assert_eq!(hello(Vec::new()).await, 0);
+    assert_eq!(
+        hello(b"PROXY TCP4 203.0.113.9 127.0.0.1 99999 443\r\n".to_vec()).await,
+        0
+    );
+    // A valid header from an address that is not a trusted proxy.
+    // (The gateway may have closed it before this write: a refusal too.)
+    let mut s = via_balancer(elsewhere, &proxy_v2([203, 0, 113, 4], 4)).await;
+    let _ = s.write_all(b"GET /feed HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+        .await
+        .expect("a close in time");
+    assert!(buf.is_empty(), "127.0.0.1 is not in 10.0.0.0/8: {buf:?}");
+    metric_becomes(direct, refused, 3.0).await;
     gw.shutdown().await;
 }
 

@@ -448,3 +448,93 @@ async fn a_reload_picks_up_a_renewed_certificate_for_new_connections() {
     three_ticks(&mut before, &schema).await;
     gw.shutdown().await;
 }
+
+/// On a TLS listener behind a TCP load balancer the PROXY protocol header
+/// comes first, in plain text, and the TLS handshake after it: the session
+/// runs over TLS and its peer is the header's client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
+    let dep = Deployment::new();
+    let (cert, key) = self_signed_cert();
+    dep.write("tls/cert.pem", &cert)
+        .write("tls/key.pem", &key)
+        .write(
+            "gateway.yaml",
+            &format!(
+                r#"
+listeners:
+  secure:
+    bind: 127.0.0.1:0
+    tls: {{cert: tls/cert.pem, key: tls/key.pem}}
+    proxy_protocol: true
+    trusted_proxies: [127.0.0.1]
+plugins:
+  dirs: [{}]
+channels: [specs/*.yaml]
+protocols:
+  p:
+    replies:
+      status: {{type: me, peer: "{{{{client.peer}}}}"}}
+endpoints:
+  - path: /feed
+    protocol: p
+    channels: [feed]
+"#,
+                target_dir().display()
+            ),
+        )
+        .write("specs/schemas/any.json", ANY_SCHEMA)
+        .write("specs/feed.yaml", &bus_spec("feed", ""));
+    let gw = dep.start().await;
+    let secure = gw.addr("secure").unwrap();
+    let client = client_config(&cert);
+
+    let mut tcp = TcpStream::connect(secure).await.expect("connect");
+    tcp.write_all(b"PROXY TCP6 2001:db8::7 2001:db8::1 50123 443\r\n")
+        .await
+        .expect("write the header");
+    let mut ws = wss_over(tcp, &client, "/feed").await;
+    ws.send(Message::text(r#"{"type":"status"}"#))
+        .await
+        .expect("send");
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply, json!({"type": "me", "peer": "[2001:db8::7]:50123"}));
+
+    // Without the header the TLS client hello is not a header: closed, and
+    // counted as such (not as a failed TLS handshake).
+    let tcp = TcpStream::connect(secure).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(client.clone());
+    let r = tokio::time::timeout(
+        PATIENCE,
+        tls.connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .expect("the gateway closes in time");
+    assert!(r.is_err(), "a TLS session without the header");
+    let counted = |name: &'static str| {
+        let client = client.clone();
+        async move {
+            let mut tcp = TcpStream::connect(secure).await.expect("connect");
+            tcp.write_all(b"PROXY UNKNOWN\r\n").await.expect("header");
+            let tls = tokio_rustls::TlsConnector::from(client);
+            let mut s = tls
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .expect("TLS after an UNKNOWN header");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf).await;
+            let (_, _, body) = split_response(&buf);
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        }
+    };
+    eventually("the refusal to be counted", || async {
+        (counted("gateway_proxy_protocol_refused_total").await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(counted(FAILURES).await, Some(0.0));
+    gw.shutdown().await;
+}

@@ -458,6 +458,11 @@ impl Config {
         self.listener(name).map_or(&[], |l| &l.trusted_proxies)
     }
 
+    /// Whether listener `name`'s connections begin with a PROXY protocol header.
+    pub fn listener_proxy_protocol(&self, name: &str) -> bool {
+        self.listener(name).is_some_and(|l| l.proxy_protocol)
+    }
+
     /// The TLS configuration of listener `name` (None: plain TCP, or no such listener).
     pub fn listener_tls(&self, name: &str) -> Option<&Arc<rustls::ServerConfig>> {
         self.listener(name).and_then(|l| l.tls.as_ref())
@@ -490,8 +495,11 @@ pub struct ListenerCfg {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// HTTP error statuses answered as others (`status_codes`).
     pub status_codes: Vec<(u16, u16)>,
-    /// The reverse proxies whose `X-Forwarded-For` is believed.
+    /// The reverse proxies whose `X-Forwarded-For` is believed (and, with
+    /// `proxy_protocol`, the only addresses a connection is taken from).
     pub trusted_proxies: Vec<crate::forwarded::Cidr>,
+    /// Connections begin with a PROXY protocol header (`proxy_protocol`).
+    pub proxy_protocol: bool,
 }
 
 /// Compiled limits.
@@ -898,6 +906,16 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 Err(m) => sink.at(p, format!("listeners.{name}.trusted_proxies[{i}]"), m),
             }
         }
+        if let Some(pp) = &l.proxy_protocol
+            && pp.value
+            && l.trusted_proxies.is_empty()
+        {
+            sink.at(
+                pp,
+                format!("listeners.{name}.proxy_protocol"),
+                "proxy_protocol needs trusted_proxies, the addresses of the load balancers that write the header: without it any client that reaches the port could write one naming any address; list them, e.g. `trusted_proxies: [10.0.1.23, 10.0.2.23]`",
+            );
+        }
         match resolve_addr(text) {
             Ok(bind)
                 if let Some(other) = listeners
@@ -920,6 +938,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 tls,
                 status_codes,
                 trusted_proxies,
+                proxy_protocol: l.proxy_protocol.as_ref().is_some_and(|p| p.value),
             }),
             Err(m) => sink.at(&l.bind, field, m),
         }

@@ -339,9 +339,18 @@ pub struct ListenerFile {
     /// from one of them, the client's address is the rightmost
     /// `X-Forwarded-For` entry that is not one of them. Per-IP limits, logs
     /// and `client.peer` use that address. Empty (default): the socket's.
+    /// With `proxy_protocol`, also the only addresses a connection is taken
+    /// from.
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
     pub trusted_proxies: Vec<Spanned<String>>,
+    /// Every connection begins with a PROXY protocol header (version 1 or
+    /// 2), written by a TCP load balancer in front (HAProxy `send-proxy`,
+    /// AWS NLB): its source address is the client's. A connection without
+    /// one, or from an address not in `trusted_proxies` (required with
+    /// this), is closed. Default false.
+    #[schemars(with = "Option<bool>")]
+    pub proxy_protocol: Option<Spanned<bool>>,
 }
 
 /// A listener's certificate and private key, PEM files relative to gateway.yaml.
