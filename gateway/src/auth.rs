@@ -179,6 +179,14 @@ impl Auth {
         }
     }
 
+    /// What the operator should be told about this mode's settings.
+    pub fn warnings(&self) -> &[String] {
+        match self {
+            Auth::Jwt(j) => j.verifier.warnings(),
+            _ => &[],
+        }
+    }
+
     /// Whether the mode can only be satisfied by a message (not usable for HTTP).
     pub fn needs_message(&self) -> bool {
         match self {

@@ -8,7 +8,7 @@
 //! | key | required | default | meaning |
 //! | --- | --- | --- | --- |
 //! | `algorithm` | yes | | The one signing algorithm accepted: `HS256`, `HS384`, `HS512` (shared secret), `RS256`, `RS384`, `RS512` (RSA public key), `ES256` (EC P-256 public key) or `ES384` (EC P-384 public key). Written exactly so, upper case. |
-//! | `secret_env` | HS* | | Name of the environment variable that holds the shared secret. Its value is used byte for byte (no base64 decoding, no trimming). |
+//! | `secret_env` | HS* | | Name of the environment variable that holds the shared secret. Its value is used byte for byte (no base64 decoding, no trimming). A secret shorter than the algorithm's hash (32, 48 or 64 bytes; RFC 7518 §3.2) is warned about. |
 //! | `secret_default` | no | | HS* only: the secret used when `secret_env` is not given or the variable is not set. For demos and local runs: a secret written in a config file is not a secret. A warning is logged when it is used. |
 //! | `public_key_file` | RS*/ES*, one of | | A PEM file holding the public key (`-----BEGIN PUBLIC KEY-----`, or `-----BEGIN RSA PUBLIC KEY-----` for RSA). Relative paths are relative to the directory of the config file that names it. |
 //! | `jwks_file` | RS*/ES*, one of | | A JWKS file (`{"keys": [...]}`, RFC 7517) holding one or more public keys. Relative like `public_key_file`. |
@@ -186,6 +186,9 @@ pub struct JwtVerifier {
     leeway: Duration,
     /// Report when a token expires ([`Verified::expires`]).
     close_at_exp: bool,
+    /// What the operator should hear about these settings (a secret from
+    /// the config file, a secret shorter than the algorithm needs).
+    warnings: Vec<String>,
 }
 
 /// The verification key(s).
@@ -337,6 +340,7 @@ impl JwtVerifier {
             }
         }
 
+        let mut warnings = Vec::new();
         let (keys, key_source) = match algorithm.family() {
             AlgorithmFamily::Hmac => {
                 if s.public_key_file.is_some() || s.jwks_file.is_some() {
@@ -346,7 +350,7 @@ impl JwtVerifier {
                          give one or the other, not both"
                     ));
                 }
-                let (secret, source) = resolve_secret(s, alg_name)?;
+                let (secret, source) = resolve_secret(s, alg_name, &mut warnings)?;
                 (Keys::Single(DecodingKey::from_secret(&secret)), source)
             }
             _ => {
@@ -415,7 +419,14 @@ impl JwtVerifier {
             principal_claim: principal_claim.to_string(),
             leeway,
             close_at_exp: s.close_at_exp.unwrap_or(false),
+            warnings,
         })
+    }
+
+    /// What the operator should be told about these settings (logged at
+    /// start and at each reload, printed by `gateway check`).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// The pinned algorithm's name, e.g. `"RS256"`.
@@ -573,8 +584,40 @@ fn map_error(kind: ErrorKind) -> JwtError {
     }
 }
 
+/// The HS* secret and where it came from; what to warn about it goes to
+/// `warnings`.
+fn resolve_secret(
+    s: &JwtSettings,
+    alg_name: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<u8>, String), String> {
+    let (secret, source) = find_secret(s, alg_name)?;
+    if source == "secret_default" {
+        warnings.push(format!(
+            "JWT {alg_name} verification uses secret_default from the config file; \
+             set the secret through secret_env outside demos"
+        ));
+    }
+    // RFC 7518 §3.2: a key of at least the hash's size. A shorter one can be
+    // found offline by trying candidates against any one signed token.
+    let need = match alg_name {
+        "HS384" => 48,
+        "HS512" => 64,
+        _ => 32,
+    };
+    if secret.len() < need {
+        warnings.push(format!(
+            "the JWT {alg_name} secret ({source}) is {} bytes; {alg_name} needs at least {need} \
+             (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; \
+             use e.g. `openssl rand -base64 {need}`",
+            secret.len()
+        ));
+    }
+    Ok((secret, source))
+}
+
 /// The HS* secret and where it came from.
-fn resolve_secret(s: &JwtSettings, alg_name: &str) -> Result<(Vec<u8>, String), String> {
+fn find_secret(s: &JwtSettings, alg_name: &str) -> Result<(Vec<u8>, String), String> {
     if let Some(var) = &s.secret_env {
         if var.is_empty() || var.contains(['=', '\0']) {
             return Err(format!(
@@ -603,14 +646,7 @@ fn resolve_secret(s: &JwtSettings, alg_name: &str) -> Result<(Vec<u8>, String), 
     }
     match &s.secret_default {
         Some(secret) if secret.is_empty() => Err("secret_default must not be empty".into()),
-        Some(secret) => {
-            tracing::warn!(
-                secret_env = s.secret_env.as_deref(),
-                "JWT {alg_name} verification uses secret_default from the config file; \
-                 set the secret through secret_env outside demos"
-            );
-            Ok((secret.as_bytes().to_vec(), "secret_default".into()))
-        }
+        Some(secret) => Ok((secret.as_bytes().to_vec(), "secret_default".into())),
         None => Err(format!(
             "{alg_name} needs a secret: set secret_env (the environment variable holding it) \
              and/or secret_default"

@@ -1997,3 +1997,76 @@ fn latest_of_a_keyed_channel_is_refused() {
         )]
     );
 }
+
+/// A JWT secret written in the config file, or shorter than its HMAC
+/// algorithm needs (RFC 7518 §3.2: the hash's size), loads with a warning:
+/// one per finding, naming every endpoint and route it applies to. `gateway
+/// check` prints it, as the gateway logs it when it starts. (The
+/// `secret_default` warning was logged before logging was set up, so
+/// nobody saw it at start.)
+#[test]
+fn inline_or_short_jwt_secrets_are_warned_about() {
+    let long = "k".repeat(32);
+    let dep = deployment(&format!(
+        r#"endpoints:
+  - path: /a
+    channels: [ticker]
+    auth: {{mode: jwt, algorithm: HS256, secret_default: s3cret}}
+  - path: /b
+    channels: [ticker]
+    auth: {{mode: jwt, algorithm: HS256, secret_default: s3cret}}
+  - path: /c
+    channels: [ticker]
+    auth: {{mode: jwt, algorithm: HS512, secret_default: {long}}}
+  - path: /d
+    channels: [ticker]
+    auth: {{mode: jwt, algorithm: HS256, secret_default: {long}}}
+  - path: /e
+    channels: [ticker]
+    auth: {{mode: api_key, header: X-Api-Key, keys_file: keys.txt}}
+http:
+  - path: /f
+    auth: {{mode: jwt, algorithm: HS256, secret_default: s3cret}}
+    body: {{}}
+"#
+    ));
+    dep.write("specs/ticker.yaml", TICKER_SPEC)
+        .write("keys.txt", "k1\n");
+    let gw = at(&dep, "gateway.yaml");
+    let cfg = dep.load().unwrap_or_else(|e| panic!("{e}"));
+    let jwt: Vec<String> = cfg
+        .warnings
+        .iter()
+        .filter(|w| w.contains("JWT"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        jwt,
+        [
+            format!(
+                "{gw}: endpoint /a, endpoint /b, endpoint /d, GET /f: JWT HS256 verification uses secret_default from the config file; set the secret through secret_env outside demos"
+            ),
+            format!(
+                "{gw}: endpoint /a, endpoint /b, GET /f: the JWT HS256 secret (secret_default) is 6 bytes; HS256 needs at least 32 (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; use e.g. `openssl rand -base64 32`"
+            ),
+            format!(
+                "{gw}: endpoint /c: JWT HS512 verification uses secret_default from the config file; set the secret through secret_env outside demos"
+            ),
+            format!(
+                "{gw}: endpoint /c: the JWT HS512 secret (secret_default) is 32 bytes; HS512 needs at least 64 (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; use e.g. `openssl rand -base64 64`"
+            ),
+        ]
+    );
+    let out = gateway_bin(&[
+        "check".as_ref(),
+        "--config".as_ref(),
+        dep.path("gateway.yaml").as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("warning: ").map(str::to_string))
+        .filter(|w| w.contains("JWT"))
+        .collect();
+    assert_eq!(printed, jwt);
+}

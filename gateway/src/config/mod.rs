@@ -1491,6 +1491,31 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             ));
         }
     }
+    // What auth settings call for (a JWT secret written in the config file,
+    // or shorter than its algorithm needs): once per finding, naming every
+    // endpoint and route it applies to.
+    let mut auth_findings: Vec<(&str, Vec<String>)> = Vec::new();
+    let auths = endpoints
+        .iter()
+        .map(|ep| {
+            let p = ep.paths.first().map(|p| p.as_str()).unwrap_or("?");
+            (format!("endpoint {p}"), &ep.auth)
+        })
+        .chain(
+            http.iter()
+                .map(|h| (format!("{} {}", h.method, h.path.as_str()), &h.auth)),
+        );
+    for (what, auth) in auths {
+        for w in auth.warnings() {
+            match auth_findings.iter_mut().find(|(f, _)| *f == w.as_str()) {
+                Some((_, on)) => on.push(what.clone()),
+                None => auth_findings.push((w, vec![what.clone()])),
+            }
+        }
+    }
+    for (w, on) in auth_findings {
+        warnings.push(format!("{}: {}: {w}", path.display(), on.join(", ")));
+    }
     Ok(Config {
         file: path.to_path_buf(),
         listeners,
