@@ -59,6 +59,10 @@ struct RunArgs {
     /// Extra handshake header, 'Name: value' (repeatable).
     #[arg(long = "header", value_parser = parse_header)]
     headers: Vec<(String, String)>,
+    /// Begin each connection with a PROXY protocol v1 header (the client's
+    /// own addresses), for a gateway listener with `proxy_protocol: true`.
+    #[arg(long)]
+    proxy_protocol: bool,
     /// Bind client sockets to 127.0.0.1..127.0.0.N round-robin (for > ~28k
     /// connections; ignored unless the target is 127.x).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=254))]
@@ -198,6 +202,7 @@ fn main() -> ExitCode {
                 warmup: a.warmup,
                 send: a.send,
                 headers: a.headers,
+                proxy_protocol: a.proxy_protocol,
                 sources: a.sources,
                 mode: a.mode,
                 nats_subject: a.nats_subject,
@@ -298,6 +303,9 @@ mod tests {
         let c = Cli::try_parse_from(["loadgen", "--url", "ws://x/"]).unwrap();
         assert_eq!(c.run.spread, 1);
         assert_eq!((c.run.stalled, c.run.stalled_rcvbuf), (0, 4096));
+        assert!(!c.run.proxy_protocol);
+        let c = Cli::try_parse_from(["loadgen", "--url", "ws://x/", "--proxy-protocol"]).unwrap();
+        assert!(c.run.proxy_protocol);
         let c = Cli::try_parse_from([
             "loadgen",
             "--url",

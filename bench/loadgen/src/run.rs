@@ -78,6 +78,10 @@ pub struct Config {
     /// One text frame sent right after the handshake.
     pub send: Option<String>,
     pub headers: Vec<(String, String)>,
+    /// Begin each connection with a PROXY protocol version 1 header naming
+    /// the client's own addresses, as a TCP load balancer in front of a
+    /// `proxy_protocol` listener would (in the same write as the handshake).
+    pub proxy_protocol: bool,
     /// Bind client sockets to 127.0.0.1..=127.0.0.N round-robin (N > 1 and
     /// an IPv4 loopback target only; otherwise the kernel picks).
     pub sources: u8,
@@ -114,6 +118,7 @@ impl Default for Config {
             warmup: Duration::from_secs(2),
             send: None,
             headers: Vec::new(),
+            proxy_protocol: false,
             sources: 4,
             mode: Mode::Stream,
             nats_subject: "bench".into(),
@@ -271,6 +276,8 @@ thread_local! {
 struct Shared {
     run_id: u64,
     mode: Mode,
+    /// `Config::proxy_protocol`.
+    proxy_protocol: bool,
     send: Option<Vec<u8>>,
     nats_subject: String,
     /// Measurement window in ns since the epoch; `u64::MAX` until known.
@@ -412,6 +419,7 @@ async fn connect(
     headers: &[(String, String)],
     rng: &mut ws::MaskRng,
     rcvbuf: Option<u32>,
+    proxy_protocol: bool,
 ) -> Result<(TcpStream, Vec<u8>), String> {
     let sock = match target {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
@@ -436,8 +444,31 @@ async fn connect(
         .set_nodelay(true)
         .map_err(|e| format!("TCP_NODELAY: {e}"))?;
     let key = ws::handshake_key(rng);
+    let mut request = Vec::new();
+    if proxy_protocol {
+        let (from, to) = (
+            stream
+                .local_addr()
+                .map_err(|e| format!("local address: {e}"))?,
+            stream
+                .peer_addr()
+                .map_err(|e| format!("peer address: {e}"))?,
+        );
+        let family = if from.is_ipv4() { "TCP4" } else { "TCP6" };
+        request.extend_from_slice(
+            format!(
+                "PROXY {family} {} {} {} {}\r\n",
+                from.ip(),
+                to.ip(),
+                from.port(),
+                to.port()
+            )
+            .as_bytes(),
+        );
+    }
+    request.extend_from_slice(&ws::handshake_request(url, &key, headers));
     stream
-        .write_all(&ws::handshake_request(url, &key, headers))
+        .write_all(&request)
         .await
         .map_err(|e| format!("handshake write: {e}"))?;
     let mut buf = Vec::with_capacity(1024);
@@ -650,7 +681,15 @@ async fn client(
     let mut rng = ws::MaskRng::new((idx as u64) ^ now_ns().rotate_left(17));
     let connected = tokio::time::timeout_at(
         deadline,
-        connect(target, source, &url, &headers, &mut rng, None),
+        connect(
+            target,
+            source,
+            &url,
+            &headers,
+            &mut rng,
+            None,
+            shared.proxy_protocol,
+        ),
     )
     .await;
     let (mut stream, early) = match connected {
@@ -803,7 +842,15 @@ async fn stalled_client(
     let mut rng = ws::MaskRng::new((idx as u64) ^ now_ns().rotate_left(29));
     let connected = tokio::time::timeout(
         connect_timeout,
-        connect(target, source, &url, &headers, &mut rng, Some(rcvbuf)),
+        connect(
+            target,
+            source,
+            &url,
+            &headers,
+            &mut rng,
+            Some(rcvbuf),
+            shared.proxy_protocol,
+        ),
     )
     .await;
     let mut conn = ws::Conn::new(rng.next_u64());
@@ -979,6 +1026,7 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
     let shared = Arc::new(Shared {
         run_id: RUN_IDS.fetch_add(1, Relaxed),
         mode: cfg.mode,
+        proxy_protocol: cfg.proxy_protocol,
         send: cfg.send.clone().map(String::into_bytes),
         nats_subject: cfg.nats_subject.clone(),
         window_start: AtomicU64::new(u64::MAX),

@@ -470,3 +470,46 @@ async fn spread_without_placeholder_is_a_setup_error() {
     let err = run(cfg).await.unwrap_err();
     assert!(err.0.contains("{n}"), "{err}");
 }
+
+/// `--proxy-protocol`: each connection begins with a PROXY protocol v1
+/// header naming the client's own address and port and the server's, then
+/// the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_headers_name_each_client() {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut cfg = config(format!("ws://{addr}/"), Mode::Idle, Arc::new(Notify::new()));
+    cfg.proxy_protocol = true;
+    cfg.sources = 1;
+    cfg.hold = Duration::from_millis(200);
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..CLIENTS {
+            let (mut tcp, peer) = listener.accept().await.unwrap();
+            // Byte by byte, so nothing of the handshake is taken with it.
+            let mut line = Vec::new();
+            while !line.ends_with(b"\r\n") {
+                line.push(tcp.read_u8().await.unwrap());
+            }
+            assert_eq!(
+                String::from_utf8(line).unwrap(),
+                format!(
+                    "PROXY TCP4 {} {} {} {}\r\n",
+                    peer.ip(),
+                    addr.ip(),
+                    peer.port(),
+                    addr.port()
+                )
+            );
+            held.push(tokio_tungstenite::accept_async(tcp).await.unwrap());
+        }
+        held
+    });
+    let report = tokio::time::timeout(Duration::from_secs(20), run(cfg))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((report.connected, report.connect_failures), (CLIENTS, 0));
+    assert_eq!(server.await.unwrap().len(), CLIENTS);
+}
