@@ -109,6 +109,8 @@ pub enum Auth {
         header: Option<HeaderName>,
         /// Accepted keys (never logged).
         keys: Vec<ApiKey>,
+        /// What the operator should hear about them (short keys).
+        warnings: Vec<String>,
     },
     /// A signed JWT.
     Jwt(Arc<JwtAuth>),
@@ -124,6 +126,7 @@ impl std::fmt::Debug for Auth {
                 query,
                 header,
                 keys,
+                ..
             } => f
                 .debug_struct("ApiKey")
                 .field("query", query)
@@ -183,6 +186,7 @@ impl Auth {
     pub fn warnings(&self) -> &[String] {
         match self {
             Auth::Jwt(j) => j.verifier.warnings(),
+            Auth::ApiKey { warnings, .. } => warnings,
             _ => &[],
         }
     }
@@ -309,6 +313,7 @@ impl Auth {
                 query: qname,
                 header,
                 keys,
+                ..
             } => {
                 let from_header = header
                     .as_ref()

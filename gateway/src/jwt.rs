@@ -593,10 +593,16 @@ fn resolve_secret(
 ) -> Result<(Vec<u8>, String), String> {
     let (secret, source) = find_secret(s, alg_name)?;
     if source == "secret_default" {
-        warnings.push(format!(
-            "JWT {alg_name} verification uses secret_default from the config file; \
-             set the secret through secret_env outside demos"
-        ));
+        warnings.push(match &s.secret_env {
+            Some(var) => format!(
+                "JWT {alg_name} verification uses secret_default from the config file: \
+                 environment variable {var} (secret_env) is not set; set it outside demos"
+            ),
+            None => format!(
+                "JWT {alg_name} verification uses secret_default from the config file; \
+                 set the secret through secret_env outside demos"
+            ),
+        });
     }
     // RFC 7518 §3.2: a key of at least the hash's size. A shorter one can be
     // found offline by trying candidates against any one signed token.
@@ -609,7 +615,7 @@ fn resolve_secret(
         warnings.push(format!(
             "the JWT {alg_name} secret ({source}) is {} bytes; {alg_name} needs at least {need} \
              (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; \
-             use e.g. `openssl rand -base64 {need}`",
+             use e.g. `openssl rand -hex {need}`",
             secret.len()
         ));
     }

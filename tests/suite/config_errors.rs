@@ -1999,13 +1999,14 @@ fn latest_of_a_keyed_channel_is_refused() {
 }
 
 /// A JWT secret written in the config file, or shorter than its HMAC
-/// algorithm needs (RFC 7518 §3.2: the hash's size), loads with a warning:
+/// algorithm needs (RFC 7518 §3.2: the hash's size), or an API key shorter
+/// than 16 bytes, loads with a warning:
 /// one per finding, naming every endpoint and route it applies to. `gateway
 /// check` prints it, as the gateway logs it when it starts. (The
 /// `secret_default` warning was logged before logging was set up, so
 /// nobody saw it at start.)
 #[test]
-fn inline_or_short_jwt_secrets_are_warned_about() {
+fn inline_or_short_jwt_secrets_and_short_api_keys_are_warned_about() {
     let long = "k".repeat(32);
     let dep = deployment(&format!(
         r#"endpoints:
@@ -2024,6 +2025,9 @@ fn inline_or_short_jwt_secrets_are_warned_about() {
   - path: /e
     channels: [ticker]
     auth: {{mode: api_key, header: X-Api-Key, keys_file: keys.txt}}
+  - path: /g
+    channels: [ticker]
+    auth: {{mode: jwt, algorithm: HS256, secret_env: GW_TEST_SURELY_UNSET_SECRET, secret_default: {long}}}
 http:
   - path: /f
     auth: {{mode: jwt, algorithm: HS256, secret_default: s3cret}}
@@ -2031,7 +2035,7 @@ http:
 "#
     ));
     dep.write("specs/ticker.yaml", TICKER_SPEC)
-        .write("keys.txt", "k1\n");
+        .write("keys.txt", "k1\n0123456789abcdef0123\n");
     let gw = at(&dep, "gateway.yaml");
     let cfg = dep.load().unwrap_or_else(|e| panic!("{e}"));
     let jwt: Vec<String> = cfg
@@ -2047,15 +2051,30 @@ http:
                 "{gw}: endpoint /a, endpoint /b, endpoint /d, GET /f: JWT HS256 verification uses secret_default from the config file; set the secret through secret_env outside demos"
             ),
             format!(
-                "{gw}: endpoint /a, endpoint /b, GET /f: the JWT HS256 secret (secret_default) is 6 bytes; HS256 needs at least 32 (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; use e.g. `openssl rand -base64 32`"
+                "{gw}: endpoint /a, endpoint /b, GET /f: the JWT HS256 secret (secret_default) is 6 bytes; HS256 needs at least 32 (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; use e.g. `openssl rand -hex 32`"
             ),
             format!(
                 "{gw}: endpoint /c: JWT HS512 verification uses secret_default from the config file; set the secret through secret_env outside demos"
             ),
             format!(
-                "{gw}: endpoint /c: the JWT HS512 secret (secret_default) is 32 bytes; HS512 needs at least 64 (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; use e.g. `openssl rand -base64 64`"
+                "{gw}: endpoint /c: the JWT HS512 secret (secret_default) is 32 bytes; HS512 needs at least 64 (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; use e.g. `openssl rand -hex 64`"
+            ),
+            format!(
+                "{gw}: endpoint /g: JWT HS256 verification uses secret_default from the config file: environment variable GW_TEST_SURELY_UNSET_SECRET (secret_env) is not set; set it outside demos"
             ),
         ]
+    );
+    // API keys shorter than 16 bytes, likewise (one of two here).
+    let keys: Vec<&String> = cfg
+        .warnings
+        .iter()
+        .filter(|w| w.contains("API key"))
+        .collect();
+    assert_eq!(
+        keys,
+        [&format!(
+            "{gw}: endpoint /e: 1 of its 2 API key(s) are shorter than 16 bytes: a short key can be guessed, by trying it here or against its principal (a hash of the key, in logs and plugin requests); use random keys, e.g. `openssl rand -hex 16`"
+        )]
     );
     let out = gateway_bin(&[
         "check".as_ref(),

@@ -1491,9 +1491,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
             ));
         }
     }
-    // What auth settings call for (a JWT secret written in the config file,
-    // or shorter than its algorithm needs): once per finding, naming every
-    // endpoint and route it applies to.
+    // What auth settings call for (a JWT secret written in the config file
+    // or shorter than its algorithm needs, short API keys): once per
+    // finding, naming every endpoint and route it applies to.
     let mut auth_findings: Vec<(&str, Vec<String>)> = Vec::new();
     let auths = endpoints
         .iter()
@@ -2061,6 +2061,9 @@ fn check_examples(
     }
 }
 
+/// API keys shorter than this are warned about.
+const MIN_API_KEY_LEN: usize = 16;
+
 pub(crate) fn compile_api_key(
     query: &Option<String>,
     header: &Option<String>,
@@ -2083,7 +2086,7 @@ pub(crate) fn compile_api_key(
                 ),
                 None => None,
             };
-            let mut keys: Vec<crate::auth::ApiKey> = Vec::new();
+            let mut keys: Vec<String> = Vec::new();
             if keys_env.is_none() && keys_file.is_none() {
                 return Err("api_key needs `keys_env` (an environment variable holding comma-separated keys) or `keys_file`".into());
             }
@@ -2093,7 +2096,7 @@ pub(crate) fn compile_api_key(
                         v.split(',')
                             .map(str::trim)
                             .filter(|k| !k.is_empty())
-                            .map(|k| crate::auth::ApiKey::new(k.as_bytes())),
+                            .map(str::to_string),
                     ),
                     Err(_) => {
                         return Err(format!(
@@ -2110,7 +2113,7 @@ pub(crate) fn compile_api_key(
                     text.lines()
                         .map(str::trim)
                         .filter(|k| !k.is_empty() && !k.starts_with('#'))
-                        .map(|k| crate::auth::ApiKey::new(k.as_bytes())),
+                        .map(str::to_string),
                 );
             }
             if keys.is_empty() {
@@ -2118,10 +2121,26 @@ pub(crate) fn compile_api_key(
                     "api_key has no keys: the configured keys_env/keys_file hold none".into(),
                 );
             }
+            // A key's principal is a hash of it, in logs and plugin
+            // requests: a key that can be guessed can be checked against it
+            // offline, as against the gateway online.
+            let short = keys.iter().filter(|k| k.len() < MIN_API_KEY_LEN).count();
+            let warnings = if short > 0 {
+                vec![format!(
+                    "{short} of its {} API key(s) are shorter than {MIN_API_KEY_LEN} bytes: a short key can be guessed, by trying it here or against its principal (a hash of the key, in logs and plugin requests); use random keys, e.g. `openssl rand -hex 16`",
+                    keys.len()
+                )]
+            } else {
+                Vec::new()
+            };
             Ok(Auth::ApiKey {
                 query: query.clone(),
                 header,
-                keys,
+                keys: keys
+                    .iter()
+                    .map(|k| crate::auth::ApiKey::new(k.as_bytes()))
+                    .collect(),
+                warnings,
             })
         }
     }
