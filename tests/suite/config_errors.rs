@@ -2028,15 +2028,30 @@ fn inline_or_short_jwt_secrets_and_short_api_keys_are_warned_about() {
   - path: /g
     channels: [ticker]
     auth: {{mode: jwt, algorithm: HS256, secret_env: GW_TEST_SURELY_UNSET_SECRET, secret_default: {long}}}
+  - path: /e2
+    channels: [ticker]
+    auth: {{mode: api_key, header: X-Api-Key, keys_file: keys.txt}}
 http:
   - path: /f
     auth: {{mode: jwt, algorithm: HS256, secret_default: s3cret}}
     body: {{}}
 "#
     ));
+    // A channel spec's endpoint with the short secret: the first place the
+    // finding is written, so the warning starts there.
+    let second = TICKER_SPEC
+        .replace("channel: ticker", "channel: second")
+        .replace(
+            "  - path: /ws/ticker\n",
+            "  - path: /s\n    auth: {mode: jwt, algorithm: HS256, secret_default: s3cret}\n",
+        );
     dep.write("specs/ticker.yaml", TICKER_SPEC)
+        .write("specs/second.yaml", &second)
         .write("keys.txt", "k1\n0123456789abcdef0123\n");
+    // Where each `auth:` is: gateway.yaml's endpoints start at line 8, after
+    // the harness's listener, plugins and channels.
     let gw = at(&dep, "gateway.yaml");
+    let spec = at(&dep, "specs/second.yaml");
     let cfg = dep.load().unwrap_or_else(|e| panic!("{e}"));
     let jwt: Vec<String> = cfg
         .warnings
@@ -2048,23 +2063,24 @@ http:
         jwt,
         [
             format!(
-                "{gw}: endpoint /a, endpoint /b, endpoint /d, GET /f: JWT HS256 verification uses secret_default from the config file; set the secret through secret_env outside demos"
+                "{spec}:8: endpoint /s on main, endpoint /a on main ({gw}:11), endpoint /b on main ({gw}:14), endpoint /d on main ({gw}:20), GET /f on main ({gw}:32): JWT HS256 verification uses secret_default from the config file; set the secret through secret_env outside demos"
             ),
             format!(
-                "{gw}: endpoint /a, endpoint /b, GET /f: the JWT HS256 secret (secret_default) is 6 bytes; HS256 needs at least 32 (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; use e.g. `openssl rand -hex 32`"
+                "{spec}:8: endpoint /s on main, endpoint /a on main ({gw}:11), endpoint /b on main ({gw}:14), GET /f on main ({gw}:32): the JWT HS256 secret (secret_default) is 6 bytes; HS256 needs at least 32 (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; use e.g. `openssl rand -hex 32`"
             ),
             format!(
-                "{gw}: endpoint /c: JWT HS512 verification uses secret_default from the config file; set the secret through secret_env outside demos"
+                "{gw}:17: endpoint /c on main: JWT HS512 verification uses secret_default from the config file; set the secret through secret_env outside demos"
             ),
             format!(
-                "{gw}: endpoint /c: the JWT HS512 secret (secret_default) is 32 bytes; HS512 needs at least 64 (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; use e.g. `openssl rand -hex 64`"
+                "{gw}:17: endpoint /c on main: the JWT HS512 secret (secret_default) is 32 bytes; HS512 needs at least 64 (RFC 7518 §3.2): a shorter one can be guessed offline from any one token; use e.g. `openssl rand -hex 64`"
             ),
             format!(
-                "{gw}: endpoint /g: JWT HS256 verification uses secret_default from the config file: environment variable GW_TEST_SURELY_UNSET_SECRET (secret_env) is not set; set it outside demos"
+                "{gw}:26: endpoint /g on main: JWT HS256 verification uses secret_default from the config file: environment variable GW_TEST_SURELY_UNSET_SECRET (secret_env) is not set; set it outside demos"
             ),
         ]
     );
-    // API keys shorter than 16 bytes, likewise (one of two here).
+    // API keys shorter than 16 bytes, likewise (one of two here), with the
+    // second endpoint in the same file by its line.
     let keys: Vec<&String> = cfg
         .warnings
         .iter()
@@ -2073,7 +2089,7 @@ http:
     assert_eq!(
         keys,
         [&format!(
-            "{gw}: endpoint /e: 1 of its 2 API key(s) are shorter than 16 bytes: a short key can be guessed, by trying it here or against its principal (a hash of the key, in logs and plugin requests); use random keys, e.g. `openssl rand -hex 16`"
+            "{gw}:23: endpoint /e on main, endpoint /e2 on main (line 29): 1 of its 2 API key(s) are shorter than 16 bytes: a short key can be guessed, by trying it here or against its principal (a hash of the key, in logs and plugin requests); use random keys, e.g. `openssl rand -hex 16`"
         )]
     );
     let out = gateway_bin(&[

@@ -190,6 +190,8 @@ pub struct EndpointCfg {
     pub paths: Vec<PathPattern>,
     /// Pre-upgrade and in-band authentication.
     pub auth: Auth,
+    /// Where `auth` was written (None: not written, no auth), for warnings.
+    pub auth_at: Option<Origin>,
     /// Allowed Origin values (None: any).
     pub origins: Option<Vec<String>>,
     /// WebSocket subprotocols spoken here.
@@ -241,6 +243,8 @@ pub struct HttpRouteCfg {
     pub method: http::Method,
     /// Auth (before anything else).
     pub auth: Auth,
+    /// Where `auth` was written (None: not written, no auth), for warnings.
+    pub auth_at: Option<Origin>,
     /// The answer.
     pub answer: HttpAnswer,
     /// Success status.
@@ -930,6 +934,7 @@ pub(crate) fn compile_endpoint(
         path: paths[0].clone(),
         paths,
         auth,
+        auth_at: ep.auth.as_ref().map(|a| Origin::of(file, a, f("auth"))),
         origins: ep.origins.as_ref().map(|o| {
             o.iter()
                 .map(|x| x.trim_end_matches('/').to_ascii_lowercase())
@@ -1174,6 +1179,7 @@ pub(crate) fn compile_http(
         reads_body: reads_body(&method, &answer),
         method,
         auth,
+        auth_at: r.auth.as_ref().map(|a| Origin::of(file, a, f("auth"))),
         answer,
         status,
         max_body: r.max_body.map(|b| b.0).unwrap_or(1 << 20),
@@ -1417,6 +1423,7 @@ pub(crate) fn compile_publish(
         path,
         method: http::Method::POST,
         auth,
+        auth_at: Some(Origin::of(file, &p.auth, "publish.auth")),
         answer: HttpAnswer::Publish(channels),
         status: http::StatusCode::ACCEPTED,
         max_body: p.max_body.map(|b| b.0).unwrap_or(1 << 20),

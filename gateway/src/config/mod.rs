@@ -1493,28 +1493,47 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     }
     // What auth settings call for (a JWT secret written in the config file
     // or shorter than its algorithm needs, short API keys): once per
-    // finding, naming every endpoint and route it applies to.
-    let mut auth_findings: Vec<(&str, Vec<String>)> = Vec::new();
+    // finding, at the first place its `auth` is written, naming every
+    // endpoint and route it applies to and where the others' is.
+    type Place<'a> = (String, Option<&'a Origin>);
+    let mut auth_findings: Vec<(&str, Vec<Place>)> = Vec::new();
     let auths = endpoints
         .iter()
         .map(|ep| {
             let p = ep.paths.first().map(|p| p.as_str()).unwrap_or("?");
-            (format!("endpoint {p}"), &ep.auth)
+            let what = format!("endpoint {p} on {}", ep.listener);
+            (what, ep.auth_at.as_ref(), &ep.auth)
         })
-        .chain(
-            http.iter()
-                .map(|h| (format!("{} {}", h.method, h.path.as_str()), &h.auth)),
-        );
-    for (what, auth) in auths {
+        .chain(http.iter().map(|h| {
+            let what = format!("{} {} on {}", h.method, h.path.as_str(), h.listener);
+            (what, h.auth_at.as_ref(), &h.auth)
+        }));
+    for (what, origin, auth) in auths {
         for w in auth.warnings() {
             match auth_findings.iter_mut().find(|(f, _)| *f == w.as_str()) {
-                Some((_, on)) => on.push(what.clone()),
-                None => auth_findings.push((w, vec![what.clone()])),
+                Some((_, on)) => on.push((what.clone(), origin)),
+                None => auth_findings.push((w, vec![(what.clone(), origin)])),
             }
         }
     }
     for (w, on) in auth_findings {
-        warnings.push(format!("{}: {}: {w}", path.display(), on.join(", ")));
+        let first = on[0].1;
+        let head = match first {
+            Some(o) => format!("{}:{}", o.file.display(), o.line),
+            None => path.display().to_string(),
+        };
+        let places: Vec<String> = on
+            .iter()
+            .enumerate()
+            .map(|(k, (what, o))| match o {
+                Some(o) if k > 0 && first.is_some_and(|f| f.file == o.file) => {
+                    format!("{what} (line {})", o.line)
+                }
+                Some(o) if k > 0 => format!("{what} ({}:{})", o.file.display(), o.line),
+                _ => what.clone(),
+            })
+            .collect();
+        warnings.push(format!("{head}: {}: {w}", places.join(", ")));
     }
     Ok(Config {
         file: path.to_path_buf(),
