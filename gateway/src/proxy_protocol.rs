@@ -197,6 +197,25 @@ fn parse_v2(buf: &[u8]) -> Parsed {
     Parsed::Done(len, header)
 }
 
+/// The client of a connection from `peer` to a `proxy_protocol` listener:
+/// the address its header names (an IPv4-mapped address as its IPv4
+/// address: one client, one key for per-IP limits), or `peer` itself for a
+/// LOCAL or UNKNOWN header. Refused, unread, unless `trusted` (`peer` is
+/// one of the listener's `trusted_proxies`). The caller bounds the time.
+pub async fn client(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    trusted: bool,
+) -> Result<SocketAddr, String> {
+    if !trusted {
+        return Err("not from a trusted proxy".into());
+    }
+    Ok(match read_header(tcp).await? {
+        Header::Proxied(c) => SocketAddr::new(c.ip().to_canonical(), c.port()),
+        Header::Local => peer,
+    })
+}
+
 /// Read a connection's header, consuming exactly its bytes.
 ///
 /// What has come is peeked, not read, until it holds a whole header, so

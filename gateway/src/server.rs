@@ -116,15 +116,15 @@ pub async fn serve_listener(
         // The listener's TLS and PROXY protocol settings as configured now:
         // a reload (a renewed certificate, say) applies to the next connection.
         let config = state.config();
-        let tls = config
-            .listener_tls(&name)
-            .cloned()
+        let listener = config.listener(&name);
+        let tls = listener
+            .and_then(|l| l.tls.clone())
             .map(tokio_rustls::TlsAcceptor::from);
         // Some(whether the sender may write a header) on a proxy_protocol
         // listener (whose trusted_proxies the configuration requires).
-        let proxied = config.listener_proxy_protocol(&name).then(|| {
-            crate::forwarded::is_trusted(config.listener_trusted_proxies(&name), peer.ip())
-        });
+        let proxied = listener
+            .filter(|l| l.proxy_protocol)
+            .map(|l| crate::forwarded::is_trusted(&l.trusted_proxies, peer.ip()));
         drop(config);
         let metrics = state.metrics.clone();
         let name = name.clone();
@@ -136,22 +136,14 @@ pub async fn serve_listener(
             let peer = match proxied {
                 None => peer,
                 Some(trusted) => {
+                    let client = crate::proxy_protocol::client(&mut tcp, peer, trusted);
                     let got = tokio::select! {
-                        r = tokio::time::timeout_at(deadline, async {
-                            if !trusted {
-                                return Err("not from a trusted proxy".to_string());
-                            }
-                            crate::proxy_protocol::read_header(&mut tcp).await
-                        }) => r.unwrap_or_else(|_| Err("no PROXY protocol header within 10 s".into())),
+                        r = tokio::time::timeout_at(deadline, client) => r
+                            .unwrap_or_else(|_| Err("no PROXY protocol header within 10 s".into())),
                         _ = shutdown.cancelled() => return,
                     };
                     match got {
-                        // An IPv4-mapped address is its IPv4 address: one
-                        // client, one key for per-IP limits.
-                        Ok(crate::proxy_protocol::Header::Proxied(client)) => {
-                            SocketAddr::new(client.ip().to_canonical(), client.port())
-                        }
-                        Ok(crate::proxy_protocol::Header::Local) => peer,
+                        Ok(client) => client,
                         Err(e) => {
                             metrics.proxy_protocol_refused.fetch_add(1, Relaxed);
                             tracing::debug!(%peer, listener = %name, error = %e, "connection closed: PROXY protocol");

@@ -444,7 +444,7 @@ const HTTP_ERRORS_SENT: &[u16] = &[400, 401, 403, 404, 405, 408, 413, 426, 429, 
 
 impl Config {
     /// Listener `name`.
-    fn listener(&self, name: &str) -> Option<&ListenerCfg> {
+    pub fn listener(&self, name: &str) -> Option<&ListenerCfg> {
         self.listeners.iter().find(|l| l.name == name)
     }
 
@@ -456,11 +456,6 @@ impl Config {
     /// The reverse proxies listener `name` believes (`trusted_proxies`).
     pub fn listener_trusted_proxies(&self, name: &str) -> &[crate::forwarded::Cidr] {
         self.listener(name).map_or(&[], |l| &l.trusted_proxies)
-    }
-
-    /// Whether listener `name`'s connections begin with a PROXY protocol header.
-    pub fn listener_proxy_protocol(&self, name: &str) -> bool {
-        self.listener(name).is_some_and(|l| l.proxy_protocol)
     }
 
     /// The TLS configuration of listener `name` (None: plain TCP, or no such listener).
