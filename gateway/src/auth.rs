@@ -89,11 +89,6 @@ impl ApiKey {
             principal: format!("api_key:{hex}"),
         }
     }
-
-    /// The principal of a connection that presents this key.
-    pub fn principal(&self) -> &str {
-        &self.principal
-    }
 }
 
 /// A compiled auth mode.
