@@ -426,11 +426,12 @@ pub async fn http_body(
 }
 
 /// Connect with extra request headers; Err carries the HTTP status of a refusal.
-pub async fn try_connect(
+/// An upgrade request for `ws://{addr}{path}` with extra `headers`.
+pub fn ws_request(
     addr: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
-) -> Result<Ws, (u16, String)> {
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = format!("ws://{addr}{path}")
         .into_client_request()
@@ -441,6 +442,15 @@ pub async fn try_connect(
             v.parse().unwrap(),
         );
     }
+    req
+}
+
+pub async fn try_connect(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, (u16, String)> {
+    let req = ws_request(addr, path, headers);
     match tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(req))
         .await
         .expect("connect timed out")

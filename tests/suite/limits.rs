@@ -324,15 +324,8 @@ async fn ws_via_balancer_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, u16> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
-    for (k, v) in headers {
-        req.headers_mut().insert(
-            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
     let s = via_balancer(addr, header).await;
+    let req = ws_request(addr, path, headers);
     match tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(req, s))
         .await
         .expect("upgrade in time")
