@@ -1489,19 +1489,19 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     // What auth settings call for (a JWT secret written in the config file
     // or shorter than its algorithm needs, short API keys): once per
     // finding, at the first place its `auth` is written, naming every
-    // endpoint and route it applies to and where the others' is.
-    type Place<'a> = (String, Option<&'a Origin>);
-    let mut auth_findings: Vec<(&str, Vec<Place>)> = Vec::new();
+    // endpoint and route it applies to and where the others' is. (Only a
+    // written `auth` can have findings.)
+    let mut auth_findings: Vec<(&str, Vec<(String, &Origin)>)> = Vec::new();
     let auths = endpoints
         .iter()
-        .map(|ep| {
+        .filter_map(|ep| {
             let p = ep.paths.first().map(|p| p.as_str()).unwrap_or("?");
             let what = format!("endpoint {p} on {}", ep.listener);
-            (what, ep.auth_at.as_ref(), &ep.auth)
+            Some((what, ep.auth_at.as_ref()?, &ep.auth))
         })
-        .chain(http.iter().map(|h| {
+        .chain(http.iter().filter_map(|h| {
             let what = format!("{} {} on {}", h.method, h.path.as_str(), h.listener);
-            (what, h.auth_at.as_ref(), &h.auth)
+            Some((what, h.auth_at.as_ref()?, &h.auth))
         }));
     for (what, origin, auth) in auths {
         for w in auth.warnings() {
@@ -1513,22 +1513,21 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     }
     for (w, on) in auth_findings {
         let first = on[0].1;
-        let head = match first {
-            Some(o) => format!("{}:{}", o.file.display(), o.line),
-            None => path.display().to_string(),
-        };
         let places: Vec<String> = on
             .iter()
             .enumerate()
-            .map(|(k, (what, o))| match o {
-                Some(o) if k > 0 && first.is_some_and(|f| f.file == o.file) => {
-                    format!("{what} (line {})", o.line)
-                }
-                Some(o) if k > 0 => format!("{what} ({}:{})", o.file.display(), o.line),
-                _ => what.clone(),
+            .map(|(k, (what, o))| match k {
+                0 => what.clone(),
+                _ if o.file == first.file => format!("{what} (line {})", o.line),
+                _ => format!("{what} ({}:{})", o.file.display(), o.line),
             })
             .collect();
-        warnings.push(format!("{head}: {}: {w}", places.join(", ")));
+        warnings.push(format!(
+            "{}:{}: {}: {w}",
+            first.file.display(),
+            first.line,
+            places.join(", ")
+        ));
     }
     Ok(Config {
         file: path.to_path_buf(),
