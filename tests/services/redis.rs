@@ -400,6 +400,9 @@ async fn redis_stream_an_entry_with_a_non_utf8_field_name_does_not_stop_the_stre
     let dep = deployment(&[("s", spec("s", "redis-source", &config, "/s"))]);
     let gw = dep.start().await;
     let mut ws = connect(gw.addr("main").unwrap(), "/s").await;
+    // The handshake completes a little before the subscription is made: an
+    // entry added in between would go to nobody.
+    wait_subscribed(gw.addr("main").unwrap(), "s", "redis-source", 1).await;
     // Added after the client is on: the first two may have gone to nobody.
     let id3 = xadd(&mut con, &stream, 3);
     let mut got = next_json(&mut ws).await;
