@@ -333,6 +333,9 @@ async fn cluster_keyed_streams_last_values_and_commands_span_instances() {
     // A command asked on b runs on a's plugin; what it emits reaches both.
     let mut on_a = connect(aa, "/feed").await;
     let mut on_b = connect(ba, "/feed").await;
+    // The handshake completes a little before the subscription is made.
+    wait_subscribed(aa, "feed", "test-faults", 1).await;
+    wait_subscribed(ba, "feed", "test-faults", 1).await;
     let (s, _, reply) = http_body(
         ba,
         "POST",

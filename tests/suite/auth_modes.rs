@@ -271,6 +271,13 @@ async fn jwt_before_the_upgrade_from_bearer_or_query() {
     let mut b = try_connect(addr, &format!("/bearer?token={}", good("carol")), &[])
         .await
         .unwrap();
+    // The handshake completes a little before the subscription is made.
+    metric_becomes(
+        addr,
+        "gateway_subscribers{channel=\"feed\",plugin=\"test-faults\"}",
+        2.0,
+    )
+    .await;
     emit(addr, json!([{"y": 2}])).await;
     assert_eq!(next_json(&mut a).await, json!({"y": 2}));
     assert_eq!(next_json(&mut b).await, json!({"y": 2}));

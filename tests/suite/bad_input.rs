@@ -89,6 +89,8 @@ impl Watch {
         let r = next_json(&mut filtered).await;
         assert_eq!(r, json!({"type": "subscribed", "channel": "telemetry"}));
         let stream = connect(addr, "/stream").await;
+        // The handshake completes a little before the subscription is made.
+        metric_becomes(addr, SUBSCRIBERS, 2.0).await;
         // The plugin may still be starting: emit until it takes commands.
         eventually("the bus plugin to run", || async {
             (emit(addr, &json!([])).await == 200).then_some(())

@@ -200,6 +200,17 @@ async fn emit(addr: std::net::SocketAddr, channel: &str, messages: Value) {
     .await;
 }
 
+/// Wait until `channel` (a test-faults bus channel) has one subscriber: the
+/// handshake completes a little before the subscription is made.
+async fn subscribed(addr: std::net::SocketAddr, channel: &str) {
+    metric_becomes(
+        addr,
+        &format!("gateway_subscribers{{channel=\"{channel}\",plugin=\"test-faults\"}}"),
+        1.0,
+    )
+    .await;
+}
+
 fn error_of(body: &str) -> Value {
     serde_json::from_str::<Value>(body).unwrap()["error"].clone()
 }
@@ -904,6 +915,7 @@ async fn a_conflated_message_goes_out_when_its_channel_stops() {
     let gw = dep.start().await;
     let addr = gw.addr("main").unwrap();
     let mut capped = connect(addr, "/capped").await;
+    subscribed(addr, "capped").await;
     emit(addr, "capped", json!([{"n": 1}, {"n": 2}, {"n": 3}])).await;
     assert_eq!(next_json(&mut capped).await, json!({"n": 1}));
     eventually("n 2 replaced by n 3", || async {
@@ -934,6 +946,9 @@ async fn a_channel_rate_limit_conflates_or_drops() {
     let mut capped = connect(addr, "/capped").await;
     let mut dropping = connect(addr, "/dropping").await;
     let mut paced = connect(addr, "/paced").await;
+    for channel in ["capped", "dropping", "paced"] {
+        subscribed(addr, channel).await;
+    }
     emit(addr, "capped", json!([{"n": 1}, {"n": 2}, {"n": 3}])).await;
     emit(addr, "dropping", json!([{"n": 1}, {"n": 2}, {"n": 3}])).await;
     assert_eq!(next_json(&mut capped).await, json!({"n": 1}));

@@ -453,7 +453,7 @@ async fn frequency_sends_at_most_one_per_period_per_key_latest_wins() {
     let mut all = connect(addr, "/ws").await;
     subscribe(
         &mut slow,
-        json!({"type": "subscribe", "channel": "telemetry", "frequency": "1s"}),
+        json!({"type": "subscribe", "channel": "telemetry", "frequency": "3s"}),
     )
     .await;
     subscribe(

@@ -392,6 +392,12 @@ async fn a_stalled_tls_reader_gets_the_whole_burst() {
     sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     let tcp = sock.connect(secure).await.expect("connect");
     let mut ws = wss_over(tcp, &s.client, "/feed").await;
+    // The handshake completes a little before the subscription is made.
+    let feed = "gateway_subscribers{channel=\"feed\",plugin=\"test-faults\"}";
+    eventually("the client to be subscribed", || async {
+        (tls_metric(secure, &s.client, feed).await == Some(1.0)).then_some(())
+    })
+    .await;
 
     // Megabytes, in posts under the route's 1 MiB body limit.
     const N: usize = 100;
