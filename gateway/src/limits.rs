@@ -177,6 +177,8 @@ pub struct ConnLimits {
     pub ping_interval: Option<Duration>,
     /// Pong deadline after a Ping.
     pub pong_timeout: Duration,
+    /// Shortest time between two writes of queued frames (`write_interval`).
+    pub write_interval: Option<Duration>,
 }
 
 /// Why a connection was refused by a limit.

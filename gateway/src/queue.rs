@@ -54,6 +54,24 @@ struct Item {
 struct Inner {
     items: VecDeque<Item>,
     closing: bool,
+    /// The session paces its writes ([`SessionQueue::paced`]); set once,
+    /// kept here where it takes no room.
+    paced: bool,
+    /// The last take of a paced queue took something: the session comes
+    /// back for more when its interval is up (or at once, if the take left
+    /// frames behind), so pushes do not wake it meanwhile. A Close does.
+    hold_wakes: bool,
+}
+
+/// What one take did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// The stamp of the first timed frame taken (the oldest), if any.
+    pub oldest: Option<u32>,
+    /// Data frames taken (a Close is not counted).
+    pub frames: usize,
+    /// Nothing was left in the queue after the take.
+    pub drained: bool,
 }
 
 /// A session's outbound queue.
@@ -70,10 +88,23 @@ impl SessionQueue {
             inner: Mutex::new(Inner {
                 items: VecDeque::new(),
                 closing: false,
+                paced: false,
+                hold_wakes: false,
             }),
             notify: Notify::new(),
             cap: cap.max(1),
         }
+    }
+
+    /// A queue for a session that paces its writes (`write_interval`):
+    /// after a take that took something, pushes do not wake the session (it
+    /// takes again when its interval is up, or after its write if the take
+    /// left frames behind); after one that took nothing, the next push does.
+    /// A Close always wakes it.
+    pub fn paced(cap: usize) -> SessionQueue {
+        let q = SessionQueue::new(cap);
+        q.inner.lock().paced = true;
+        q
     }
 
     /// Queue a data frame that is not timed (a reply, a filter's held
@@ -86,10 +117,10 @@ impl SessionQueue {
     /// ([`crate::metrics::stamp`]; 0: not timed).
     pub fn push_timed(&self, frame: Bytes, stamp: u32, on_full: OnFull) -> Pushed {
         let mut g = self.inner.lock();
-        let was_empty = g.items.is_empty();
+        let wakes = g.items.is_empty() && !g.hold_wakes;
         let outcome = self.push_locked(&mut g, frame, stamp, on_full);
         drop(g);
-        if (was_empty && outcome != Pushed::Ignored) || outcome == Pushed::Closed {
+        if (wakes && outcome != Pushed::Ignored) || outcome == Pushed::Closed {
             self.notify.notify_one();
         }
         outcome
@@ -105,16 +136,16 @@ impl SessionQueue {
         mut each: impl FnMut(Pushed),
     ) {
         let mut g = self.inner.lock();
-        let was_empty = g.items.is_empty();
-        let mut wake = false;
+        let wakes = g.items.is_empty() && !g.hold_wakes;
+        let mut closed = false;
         for (frame, stamp) in frames {
             let outcome = self.push_locked(&mut g, frame, stamp, on_full);
-            wake |= outcome == Pushed::Closed;
+            closed |= outcome == Pushed::Closed;
             each(outcome);
         }
         let queued = !g.items.is_empty();
         drop(g);
-        if (was_empty && queued) || wake {
+        if (wakes && queued) || closed {
             self.notify.notify_one();
         }
     }
@@ -174,31 +205,34 @@ impl SessionQueue {
     }
 
     /// Hand up to `max` items to `each`, in order; stops early when `each`
-    /// returns false (that item is consumed). Returns the stamp of the
-    /// first timed frame taken (the oldest), if any.
-    pub fn take_each(&self, max: usize, mut each: impl FnMut(Outbound) -> bool) -> Option<u32> {
+    /// returns false (that item is consumed).
+    pub fn take_each(&self, max: usize, mut each: impl FnMut(Outbound) -> bool) -> Taken {
         let mut g = self.inner.lock();
         let mut taken = 0;
-        let mut oldest = None;
+        let mut t = Taken::default();
         while taken < max {
             let Some(item) = g.items.pop_front() else {
                 break;
             };
             taken += 1;
-            if oldest.is_none() && item.stamp != 0 {
-                oldest = Some(item.stamp);
+            if t.oldest.is_none() && item.stamp != 0 {
+                t.oldest = Some(item.stamp);
             }
+            let frame = matches!(item.out, Outbound::Frame(_));
+            t.frames += usize::from(frame);
             if !each(item.out) {
                 break;
             }
         }
-        if g.items.is_empty()
+        g.hold_wakes = g.paced && taken > 0;
+        t.drained = g.items.is_empty();
+        if t.drained
             && let Some(keep) = keep_capacity(g.items.capacity(), taken)
         {
             // A burst grew the ring; give the memory back once it drains.
             g.items.shrink_to(keep);
         }
-        oldest
+        t
     }
 
     /// Move up to `max` items into `out`.
@@ -244,6 +278,59 @@ mod tests {
     fn texts(q: &SessionQueue) -> Vec<String> {
         let mut out = Vec::new();
         q.take(&mut out, 100);
+        texts_of(out)
+    }
+
+    /// Whether the session would wake now (a stored wake-up is used up).
+    fn woke(q: &SessionQueue) -> bool {
+        use futures_util::FutureExt;
+        q.notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_paced_queue_wakes_its_session_only_when_it_has_no_write_time_to_come() {
+        let q = SessionQueue::paced(3);
+        let mut out = Vec::new();
+        q.push(t("a"), OnFull::DropOldest);
+        assert!(woke(&q), "the first push wakes an idle session");
+        q.take(&mut out, 8);
+        // The session took something: it comes back at its next write time.
+        q.push(t("b"), OnFull::DropOldest);
+        q.push_all([(t("c"), 0)], OnFull::DropOldest, |_| {});
+        assert!(
+            !woke(&q),
+            "pushes after a take wait for the next write time"
+        );
+        q.take(&mut out, 8);
+        assert!(!woke(&q));
+        // Its next take finds nothing: from then on a push wakes it again.
+        q.take(&mut out, 8);
+        assert_eq!(texts_of(out), ["a", "b", "c"]);
+        q.push(t("d"), OnFull::DropOldest);
+        assert!(woke(&q), "after a take that found nothing, a push wakes");
+        // A Close wakes it whenever it comes: a full queue closing it...
+        q.take(&mut Vec::new(), 8);
+        for s in ["e", "f", "g", "h"] {
+            q.push(t(s), OnFull::Close);
+        }
+        assert!(woke(&q), "a slow-consumer close wakes a paced session");
+        // ...or a close of its own.
+        let q = SessionQueue::paced(3);
+        q.push(t("a"), OnFull::DropOldest);
+        q.take(&mut Vec::new(), 8);
+        assert!(woke(&q), "the wake-up of the push of a, kept until now");
+        assert!(q.close(1001, "going away"));
+        assert!(woke(&q), "a close wakes a paced session");
+        // Unpaced, every push onto an empty queue wakes.
+        let q = SessionQueue::new(3);
+        q.push(t("a"), OnFull::DropOldest);
+        q.take(&mut Vec::new(), 8);
+        assert!(woke(&q), "the wake-up of the push of a, kept until now");
+        q.push(t("b"), OnFull::DropOldest);
+        assert!(woke(&q), "unpaced, a push after a take wakes");
+    }
+
+    fn texts_of(out: Vec<Outbound>) -> Vec<String> {
         out.into_iter()
             .map(|o| match o {
                 Outbound::Frame(t) => String::from_utf8(t.to_vec()).unwrap(),
@@ -306,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn a_take_reports_the_stamp_of_its_oldest_timed_frame() {
+    fn a_take_reports_its_oldest_timed_frame_its_frames_and_whether_it_drained_the_queue() {
         let q = SessionQueue::new(3);
         let mut out = Vec::new();
         let mut take = |max| {
@@ -315,13 +402,18 @@ mod tests {
                 true
             })
         };
-        assert_eq!(take(10), None, "nothing queued");
+        let took = |oldest, frames, drained| Taken {
+            oldest,
+            frames,
+            drained,
+        };
+        assert_eq!(take(10), took(None, 0, true), "nothing queued");
         q.push(t("reply"), OnFull::DropOldest);
         q.push_timed(t("1"), 7, OnFull::DropOldest);
         q.push_timed(t("2"), 9, OnFull::DropOldest);
         assert_eq!(
             take(10),
-            Some(7),
+            took(Some(7), 3, true),
             "the reply is not timed; the oldest frame is"
         );
         q.push_all(
@@ -329,12 +421,20 @@ mod tests {
             OnFull::DropOldest,
             |_| {},
         );
-        assert_eq!(take(2), Some(12), "frame 3 was dropped for frame 6");
-        assert_eq!(take(2), Some(14), "what the last take left");
+        assert_eq!(
+            take(2),
+            took(Some(12), 2, false),
+            "frame 3 was dropped for frame 6"
+        );
+        assert_eq!(take(2), took(Some(14), 1, true), "what the last take left");
         q.push(t("reply"), OnFull::DropOldest);
-        assert_eq!(take(10), None, "only untimed frames");
+        assert_eq!(take(10), took(None, 1, true), "only untimed frames");
         assert!(q.close(1000, "bye"));
-        assert_eq!(take(10), None, "a Close is not timed");
+        assert_eq!(
+            take(10),
+            took(None, 0, true),
+            "a Close is neither timed nor a frame"
+        );
     }
 
     #[test]

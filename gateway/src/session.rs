@@ -77,6 +77,7 @@ enum Event {
     Queued,
     Read(std::io::Result<Result<bool, ReadError>>),
     LingerOver,
+    PaceOver,
     Timer,
 }
 
@@ -186,8 +187,9 @@ struct Flags<'a> {
     read_done: bool,
     /// After a protocol error: read and drop input until the client goes.
     discard: bool,
-    /// The queue woke the session while a write waited: for a Close (the
-    /// close deadline starts), not for frames, which wait for the write.
+    /// The queue woke the session while a write waited (or its interval
+    /// ended then): for a Close (the close deadline starts), not for
+    /// frames, which wait for the write.
     queued_while_writing: bool,
     /// The newest unanswered Ping payload: at most one Pong waits (RFC 6455
     /// §5.5.3), so a client pinging without reading cannot grow our memory.
@@ -197,6 +199,9 @@ struct Flags<'a> {
     /// A ping went into the writer: give the writer's memory back once it is
     /// written (a session idle but for pings then holds none).
     release_after_write: bool,
+    /// `write_interval`: frames were written less than the interval ago;
+    /// the queue is not taken from until the pace timer fires.
+    paced: bool,
 }
 
 impl Flags<'_> {
@@ -294,7 +299,13 @@ where
         let batch_max = limits.write_batch;
         tracing::debug!(conn_id = ctx.conn_id, peer = %ctx.peer, path = %ctx.path, principal = ?ctx.principal, "session opened");
 
-        let queue = Arc::new(SessionQueue::new(limits.session_queue));
+        let el = &ctx.endpoint.limits;
+        // `write_interval`: after a write of queued frames, what comes next
+        // waits in the queue until the interval is up (`pace_timer`).
+        let queue = Arc::new(match el.write_interval {
+            Some(_) => SessionQueue::paced(limits.session_queue),
+            None => SessionQueue::new(limits.session_queue),
+        });
         let info = ctx.state.register(
             ctx.conn_id,
             ctx.path.clone(),
@@ -313,11 +324,11 @@ where
             ctx.principal.take(),
             std::mem::take(&mut ctx.principal_guards),
         );
-        let el = &ctx.endpoint.limits;
         let mut reader = FrameReader::new(el.max_message_size);
         let mut writer = FrameWriter::new();
         let mut incoming = Vec::new();
         let mut linger: Option<Pin<Box<Sleep>>> = None;
+        let mut pace_timer: Option<Pin<Box<Sleep>>> = None;
         let mut f = Flags {
             close_codes: &ctx.endpoint.close_codes,
             ..Flags::default()
@@ -390,11 +401,12 @@ where
             // write. Not on a wake-up during a write: frames taken then would
             // fill the writer of a client that stopped reading, and a full
             // writer stops reads (its own Close would go unread).
-            if !f.close_queued
+            if !f.paced
+                && !f.close_queued
                 && writer.len() < batch_max
                 && !std::mem::take(&mut f.queued_while_writing)
             {
-                let oldest = queue.take_each(batch_max - writer.len(), |item| match item {
+                let took = queue.take_each(batch_max - writer.len(), |item| match item {
                     Outbound::Frame(frame) => {
                         writer.push(frame);
                         true
@@ -404,8 +416,23 @@ where
                         false
                     }
                 });
-                if let Some(stamp) = oldest {
+                if let Some(stamp) = took.oldest {
                     ctx.state.metrics.delivery_delay.observe_since(stamp);
+                }
+                // Paced only once the queue is drained: a backlog goes out
+                // batch after batch, as without an interval (the queue does
+                // not wake the session for it; the write's end does).
+                if let Some(p) = ctx.endpoint.limits.write_interval
+                    && took.frames > 0
+                    && took.drained
+                    && !f.close_queued
+                {
+                    let at = Instant::now() + p;
+                    match &mut pace_timer {
+                        Some(t) => t.as_mut().reset(at),
+                        None => pace_timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                    f.paced = true;
                 }
             }
             if f.close_sent && f.read_done {
@@ -426,11 +453,13 @@ where
                 // Armed while a write waits too: a Close queued then
                 // (shutdown, a slow-consumer policy) must start the close
                 // deadline even for a client that stopped reading. The queue
-                // wakes only when it stops being empty, or closes, so a
-                // stalled writer is not woken per message.
+                // wakes only when it stops being empty (not while a paced
+                // session waits for its interval), or closes, so a stalled
+                // writer is not woken per message.
                 _ = queue.notified(), if !f.close_queued => Event::Queued,
                 _ = poll_fn(|cx| poll_sleep(&mut linger, cx)) => Event::LingerOver,
                 _ = poll_fn(|cx| poll_sleep(&mut timer, cx)) => Event::Timer,
+                _ = poll_fn(|cx| poll_sleep(&mut pace_timer, cx)), if f.paced => Event::PaceOver,
             };
             match ev {
                 Event::Written(Ok(())) => {
@@ -450,7 +479,14 @@ where
                     tracing::debug!(conn_id = ctx.conn_id, error = %e, "write failed");
                     break;
                 }
-                Event::Queued => f.queued_while_writing = !writer.is_empty(),
+                Event::Queued => {
+                    f.queued_while_writing = !writer.is_empty();
+                    // A paced session's queue wakes it only for a Close,
+                    // which goes out without waiting for the interval.
+                    if f.paced && queue.is_closing() {
+                        f.paced = false;
+                    }
+                }
                 Event::Timer if f.close_queued => timer = None,
                 Event::Timer => {
                     match timers.fire(Instant::now(), !control.awaiting_auth()) {
@@ -461,8 +497,11 @@ where
                                 f.release_after_write = true;
                             }
                             // A ring kept for earlier batches goes back while
-                            // the session is quiet.
+                            // the session is quiet, and so does the pace timer.
                             queue.release();
+                            if !f.paced {
+                                pace_timer = None;
+                            }
                         }
                         Due::Close(code, reason, which) => {
                             match which {
@@ -505,6 +544,12 @@ where
                     if incoming.capacity() > 0 {
                         incoming = Vec::new();
                     }
+                }
+                Event::PaceOver => {
+                    f.paced = false;
+                    // Frames wait for a write in progress (a client that
+                    // stopped reading must not fill the writer).
+                    f.queued_while_writing = !writer.is_empty();
                 }
                 Event::LingerOver => break,
             }

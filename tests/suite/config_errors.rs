@@ -1980,6 +1980,71 @@ fn a_linger_longer_than_a_second_is_refused_where_it_is_written() {
     );
 }
 
+// --- write_interval. ---
+
+#[test]
+fn a_write_interval_longer_than_a_second_is_refused_where_it_is_written() {
+    let dep = deployment("limits:\n  write_interval: 2s\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:19: limits.write_interval: 2s is too long: it is at most 1s (10ms to 20ms saves most of the CPU it can), or `off`",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    let dep = deployment("limits:\n  write_interval: 0ms\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:19: limits.write_interval: \"0ms\" is no interval: write `off` to write at once, or a duration such as 15ms (10ms to 20ms saves most of the CPU it can)",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    // An endpoint's own, in a channel spec.
+    let dep = deployment("");
+    dep.write(
+        "specs/ticker.yaml",
+        &TICKER_SPEC.replace(
+            "  - path: /ws/ticker\n",
+            "  - path: /ws/ticker\n    limits:\n      write_interval: 1500ms\n",
+        ),
+    );
+    let e = errors(&dep);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with(&at(&dep, "specs/ticker.yaml"))
+            && e[0].contains("write_interval: 1500ms is too long: it is at most 1s"),
+        "{e:?}"
+    );
+}
+
+/// The gateway-wide `write_interval` applies to every endpoint; an
+/// endpoint's own, `off` included, wins.
+#[test]
+fn an_endpoints_write_interval_overrides_the_gateway_wide_one() {
+    let dep = deployment(
+        "limits:\n  write_interval: 15ms\nendpoints:\n  - path: /a\n    channels: [ticker]\n  - path: /b\n    channels: [ticker]\n    limits: {write_interval: 40ms}\n  - path: /c\n    channels: [ticker]\n    limits: {write_interval: off}\n",
+    );
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    let cfg = dep.load().unwrap_or_else(|e| panic!("{e}"));
+    let of = |path: &str| {
+        cfg.endpoints
+            .iter()
+            .find(|e| e.path.as_str() == path)
+            .unwrap_or_else(|| panic!("no endpoint {path}"))
+            .limits
+            .write_interval
+    };
+    let ms = |n| Some(std::time::Duration::from_millis(n));
+    assert_eq!(
+        (of("/ws/ticker"), of("/a"), of("/b"), of("/c")),
+        (ms(15), ms(15), ms(40), None)
+    );
+    assert_eq!(cfg.limits.write_interval, ms(15));
+}
+
 /// `latest` on a keyed channel: its messages go to its keyed streams, so
 /// the route would answer 503 `no_data` for good.
 #[test]

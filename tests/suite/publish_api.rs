@@ -239,6 +239,145 @@ async fn the_delivery_delay_histogram_shows_what_a_message_waited() {
     );
 }
 
+/// The publish API on `news` with `limits` in gateway.yaml and `endpoint`
+/// lines added to the `/news` endpoint.
+fn paced_deployment(limits: &str, endpoint: &str) -> Deployment {
+    let dep = deployment("");
+    dep.gateway_yaml(&format!(
+        "publish:\n  auth: {{mode: api_key, header: X-Api-Key, keys_file: keys.txt}}\n  max_body: 4096\n  requests_per_ip: 20/1h\nlimits:\n{limits}"
+    ))
+    .write(
+        "specs/news.yaml",
+        &format!(
+            "channel: news\nschema: schemas/seq.json\nsource:\n  plugin: test-faults\n  mode: push\n  config: {{burst: 0}}\nendpoints:\n  - path: /news\n{endpoint}"
+        ),
+    );
+    dep
+}
+
+async fn publish_seq(addr: std::net::SocketAddr, seqs: &[u64]) {
+    let body = Value::Array(seqs.iter().map(|n| json!({"seq": n})).collect());
+    let (s, b) = post(addr, "/publish/news", Some("pub-key"), &body.to_string()).await;
+    assert_eq!(s, 202, "{b}");
+}
+
+/// With `write_interval`, a connection's next write of queued messages
+/// comes an interval after its last: what is published meanwhile waits, and
+/// goes out in order. (Only lower bounds on time are checked for the wait:
+/// they hold however slow the machine is.) After a quiet spell a message
+/// goes at once: its wait in the gateway is checked against 250 ms, far
+/// above a wake-up (a message held until the interval ends would wait
+/// anywhere up to 400 ms, so a hold is caught when it is longer than that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_interval_holds_what_follows_a_write_until_the_interval_is_up() {
+    const INTERVAL: std::time::Duration = std::time::Duration::from_millis(400);
+    let dep = paced_deployment("  write_interval: 400ms\n", "");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/news").await;
+    subscribed(addr).await;
+    let writes = "gateway_delivery_delay_seconds_count";
+
+    let t0 = std::time::Instant::now();
+    publish_seq(addr, &[1]).await;
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 1}));
+    // Two publishes, each its own batch for the channel.
+    publish_seq(addr, &[2]).await;
+    publish_seq(addr, &[3]).await;
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 2}));
+    assert!(
+        t0.elapsed() >= INTERVAL,
+        "seq 2 came {:?} after seq 1 was published, before the 400ms interval was up",
+        t0.elapsed()
+    );
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 3}));
+
+    // After a quiet spell longer than the interval, a message is not held:
+    // the gateway's own delay for that write stays far below the interval.
+    tokio::time::sleep(INTERVAL + std::time::Duration::from_millis(100)).await;
+    let before = metric(addr, writes).await.unwrap();
+    let under = "gateway_delivery_delay_seconds_bucket{le=\"0.25\"}";
+    let under_before = metric(addr, under).await.unwrap();
+    publish_seq(addr, &[4]).await;
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 4}));
+    metric_becomes(addr, writes, before + 1.0).await;
+    assert_eq!(
+        metric(addr, under).await,
+        Some(under_before + 1.0),
+        "the first message after a quiet spell waited 250ms or more in the gateway"
+    );
+}
+
+/// A Close is not held for the interval: at shutdown a paced connection
+/// gets what is queued for it and its Close at once. Held, they would come
+/// when the interval that seq 1's write started ends, at least 1 s after
+/// `t0`; the check is exactly that bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_interval_does_not_hold_a_close() {
+    let dep = paced_deployment("  write_interval: 1s\n", "");
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/news").await;
+    subscribed(addr).await;
+    let t0 = std::time::Instant::now();
+    publish_seq(addr, &[1]).await;
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 1}));
+    // Waits for the interval that seq 1's write started.
+    publish_seq(addr, &[2]).await;
+    let stop = tokio::spawn(gw.shutdown());
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 2}));
+    assert_eq!(close_code(&mut ws).await, Some(1001));
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(1),
+        "the Close came {:?} after seq 1 was published: it waited for the interval",
+        t0.elapsed()
+    );
+    assert!(stop.await.unwrap(), "a clean shutdown");
+}
+
+/// A backlog larger than one write (`write_batch`) goes out batch after
+/// batch without waiting an interval between them; an endpoint's own
+/// `write_interval` applies (here over a gateway-wide `off`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_interval_does_not_hold_back_a_backlog() {
+    let dep = paced_deployment(
+        "  write_batch: 2\n  write_interval: off\n",
+        "    limits: {write_interval: 1s}\n",
+    );
+    let gw = dep.start().await;
+    let addr = gw.addr("main").unwrap();
+    let mut ws = connect(addr, "/news").await;
+    subscribed(addr).await;
+    let writes = "gateway_delivery_delay_seconds_count";
+    let under = "gateway_delivery_delay_seconds_bucket{le=\"2.5\"}";
+    let t0 = std::time::Instant::now();
+    publish_seq(addr, &[1, 2, 3, 4, 5, 6, 7]).await;
+    for seq in 1..=7 {
+        assert_eq!(next_json(&mut ws).await, json!({"seq": seq}));
+    }
+    // At least four writes of at most two. The publisher may take the first
+    // message alone (then the rest wait one interval, 1 s, as they should),
+    // but a backlog never waits an interval per write: paced batch by
+    // batch, the last would wait 3 s.
+    let n = metric(addr, writes).await.unwrap();
+    assert!(n >= 4.0, "{n} writes for 7 messages of at most 2");
+    assert_eq!(
+        metric(addr, under).await,
+        Some(n),
+        "a write of the backlog waited 2.5 s or more: it waited an interval per batch"
+    );
+    // The endpoint's interval is in force: what follows the backlog's last
+    // write (after `t0`) waits until a second after it, or is published
+    // later than that.
+    publish_seq(addr, &[8]).await;
+    assert_eq!(next_json(&mut ws).await, json!({"seq": 8}));
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_secs(1),
+        "seq 8 came {:?} after the backlog was published, within the endpoint's 1s interval",
+        t0.elapsed()
+    );
+}
+
 /// A request body that never ends is answered 408 once `BODY_TIMEOUT` is
 /// up, and the connection closed: a client sending a byte at a time does
 /// not hold a connection and its buffer for good.

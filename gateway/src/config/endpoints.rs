@@ -1003,6 +1003,7 @@ fn endpoint_limits(id: &str, own: Option<&EndpointLimitsFile>, lk: &mut Lookup) 
         idle_timeout: e.idle_timeout.map(|d| d.0).unwrap_or(g.idle_timeout),
         ping_interval: e.ping_interval.map(|d| d.0).unwrap_or(g.ping_interval),
         pong_timeout: e.pong_timeout.map(|d| d.0).unwrap_or(g.pong_timeout),
+        write_interval: e.write_interval.map(|d| d.0).unwrap_or(g.write_interval),
     };
     if let Some(n) = e.max_connections_per_ip {
         l.per_ip.push(

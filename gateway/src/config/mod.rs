@@ -510,6 +510,8 @@ pub struct Limits {
     pub session_queue: usize,
     /// Frames per flush.
     pub write_batch: usize,
+    /// Shortest time between two writes of queued frames to one connection.
+    pub write_interval: Option<Duration>,
     /// Plugin → publisher buffer.
     pub source_buffer: usize,
     /// Gateway-wide per-IP connection counter.
@@ -1018,6 +1020,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         max_message_size: gl.max_message_size.0,
         session_queue: gl.session_queue.max(1),
         write_batch: gl.write_batch.max(1),
+        write_interval: gl.write_interval.0,
         source_buffer: gl.source_buffer.max(1),
         per_ip: gl
             .max_connections_per_ip
