@@ -2,7 +2,7 @@
 """Side-by-side benchmark: the gateway against Node.js `ws`, FastAPI and NATS.
 
     bench/run.py setup                       # npm, venv + pip, cargo build
-    bench/run.py compare [--servers gateway,node,fastapi,nats,bare] [--quick] [--linger 20ms] [--schema F]
+    bench/run.py compare [--servers gateway,node,fastapi,nats,bare] [--quick] [--linger 20ms] [--write-interval 15ms] [--schema F]
     bench/run.py summary [--tag 2026-11-23]  # rebuild the markdown from JSON
     bench/run.py scale [--totals 200000,1000000] # gateway cost vs clients and channels
     bench/run.py scale-summary [--tag 2026-11-23-scale]
@@ -482,14 +482,19 @@ def delay_window(a: dict | None, b: dict | None) -> dict | None:
     return out
 
 
-def bench_copy(out: Path, *, linger: str | None = None, schema: Path | None = None) -> Path:
+def bench_copy(out: Path, *, linger: str | None = None, schema: Path | None = None,
+               write_interval: str | None = None) -> Path:
     """examples/bench copied to `out` with absolute plugin dirs, `linger:`
-    added to its channel when given, and `schema` in place of its own.
-    Returns the copy's gateway.yaml."""
+    added to its channel when given, `limits.write_interval` when given, and
+    `schema` in place of its own. Returns the copy's gateway.yaml."""
     src = ROOT / "examples" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     yaml = (src / "gateway.yaml").read_text().replace(
         "dirs: [../../target/release]", f"dirs: [{ROOT / 'target' / 'release'}]")
+    if write_interval:
+        if "\nlimits:\n" not in yaml:
+            raise BenchError("examples/bench/gateway.yaml has no `limits:` section")
+        yaml = yaml.replace("\nlimits:\n", f"\nlimits:\n  write_interval: {write_interval}\n")
     (out / "gateway.yaml").write_text(yaml)
     spec = (src / "bench.yaml").read_text()
     if linger:
@@ -521,13 +526,17 @@ class Gateway(Server):
     def command(self) -> list:
         linger = getattr(self.cfg, "linger", None)
         schema = getattr(self.cfg, "schema", None)
-        if not linger and not schema:
+        interval = getattr(self.cfg, "write_interval", None)
+        if not linger and not schema and not interval:
             return [self.binary(), "--config", "examples/bench/gateway.yaml"]
-        # examples/bench with `linger:` added to its channel and/or another
-        # schema, in a scratch directory (git-ignored).
+        # examples/bench with `linger:` added to its channel, a
+        # `write_interval` and/or another schema, in a scratch directory
+        # (git-ignored).
         name = "-".join(f"{k}-{re.sub(r'[^A-Za-z0-9.-]+', '_', str(v))}"
-                        for k, v in (("linger", linger), ("schema", schema and Path(schema).stem)) if v)
-        config = bench_copy(self.cfg.results / f"gateway-{name}.tmp", linger=linger, schema=schema)
+                        for k, v in (("linger", linger), ("write_interval", interval),
+                                     ("schema", schema and Path(schema).stem)) if v)
+        config = bench_copy(self.cfg.results / f"gateway-{name}.tmp", linger=linger, schema=schema,
+                            write_interval=interval)
         return [self.binary(), "--config", config]
 
     def versions(self) -> dict:
@@ -536,6 +545,8 @@ class Gateway(Server):
         v = {"git": rev + ("+dirty" if dirty else "")}
         if getattr(self.cfg, "linger", None):
             v["linger"] = self.cfg.linger
+        if getattr(self.cfg, "write_interval", None):
+            v["write_interval"] = self.cfg.write_interval
         if getattr(self.cfg, "schema", None):
             v["schema"] = str(self.cfg.schema)
         return v
@@ -2595,6 +2606,8 @@ def main(argv=None) -> int:
     c.add_argument("--results", default=str(DEFAULT_RESULTS))
     c.add_argument("--tag", help="file name prefix (default: today's date, + -quick)")
     c.add_argument("--linger", help="run the gateway's bench channel with this `linger` (e.g. 20ms)")
+    c.add_argument("--write-interval",
+                   help="run the gateway with this `limits.write_interval` (e.g. 15ms)")
     c.add_argument("--schema", type=Path,
                    help="run the gateway's bench channel with this JSON Schema file instead of "
                         "examples/bench/bench.schema.json (e.g. bench/accept-all.schema.json: validation off)")
