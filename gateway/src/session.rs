@@ -245,7 +245,7 @@ pub fn run_tcp(
     async move {
         // Borrowed halves of the socket itself: no lock, no extra buffer.
         let (mut rd, mut wr) = tcp.split();
-        run(&mut rd, &mut wr, &mut early, &mut ctx).await;
+        run(&mut rd, &mut wr, &mut early, &mut ctx, true).await;
     }
 }
 
@@ -263,7 +263,7 @@ pub fn run_tls(
 ) -> impl Future<Output = ()> + Send {
     async move {
         let (mut rd, mut wr) = tokio::io::split(&mut tls);
-        run(&mut rd, &mut wr, &mut early, &mut ctx).await;
+        run(&mut rd, &mut wr, &mut early, &mut ctx, false).await;
         drop((rd, wr));
         // The session's connection slots go back now, not after the wait.
         drop(ctx);
@@ -275,7 +275,8 @@ pub fn run_tls(
 const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(500);
 
 /// Run a session on a connection's two halves. `early` is emptied (its
-/// memory given back) once handled.
+/// memory given back) once handled. `copy_small_batches`: see
+/// [`FrameWriter::new`] (plain TCP yes, TLS no).
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn keeps each argument twice; see above"
@@ -285,6 +286,7 @@ fn run<'a, R, W>(
     wr: &'a mut W,
     early: &'a mut Vec<u8>,
     ctx: &'a mut SessionCtx,
+    copy_small_batches: bool,
 ) -> impl Future<Output = ()> + Send + 'a
 where
     R: AsyncRead + Unpin + Send,
@@ -325,7 +327,7 @@ where
             std::mem::take(&mut ctx.principal_guards),
         );
         let mut reader = FrameReader::new(el.max_message_size);
-        let mut writer = FrameWriter::new();
+        let mut writer = FrameWriter::new(copy_small_batches);
         let mut incoming = Vec::new();
         let mut linger: Option<Pin<Box<Sleep>>> = None;
         let mut pace_timer: Option<Pin<Box<Sleep>>> = None;
@@ -397,10 +399,10 @@ where
                     f.pong = Some(p);
                 }
             }
-            // Move queued frames to the writer: one batch, one vectored
-            // write. Not on a wake-up during a write: frames taken then would
-            // fill the writer of a client that stopped reading, and a full
-            // writer stops reads (its own Close would go unread).
+            // Move queued frames to the writer: one batch, one write. Not
+            // on a wake-up during a write: frames taken then would fill the
+            // writer of a client that stopped reading, and a full writer
+            // stops reads (its own Close would go unread).
             if !f.paced
                 && !f.close_queued
                 && writer.len() < batch_max

@@ -324,7 +324,7 @@ mod tests {
             let mut got = vec![0; len];
             client_stream.read_exact(&mut got).await.map(|_| got)
         });
-        let mut w = FrameWriter::new();
+        let mut w = FrameWriter::new(false);
         for f in frames {
             w.push(f);
         }

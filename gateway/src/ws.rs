@@ -2,8 +2,10 @@
 //!
 //! - Server frames are unmasked, so a frame is the same bytes for every
 //!   subscriber: it is built once ([`frame`]) and shared.
-//! - [`FrameWriter`] writes queued frames with vectored writes: many frames,
-//!   few system calls, no copy.
+//! - [`FrameWriter`] writes queued frames with one system call per batch: on
+//!   plain TCP small frames are copied into one per-thread buffer first (the
+//!   kernel then copies one segment, not one per frame); otherwise, and for
+//!   larger batches, as one vectored write.
 //! - [`FrameReader`] parses client frames from whatever a read returned. It
 //!   holds no buffer while idle: only the tail of a partial frame, or a
 //!   fragmented message being assembled, is kept on the heap.
@@ -371,7 +373,7 @@ pub fn valid_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-/// Frames waiting to be written, written with vectored writes.
+/// Frames waiting to be written, many per write.
 #[derive(Debug, Default)]
 pub struct FrameWriter {
     pending: VecDeque<Bytes>,
@@ -380,17 +382,40 @@ pub struct FrameWriter {
     /// Written but not flushed yet: a TLS stream may hold the tail of a
     /// write in its own buffer until flushed (plain TCP never does).
     unflushed: bool,
+    /// Copy batches of small frames into one buffer before writing them.
+    copy_small_batches: bool,
     /// Frames written since the writer was last empty.
     batch: usize,
 }
 
-/// Most frames gathered into one vectored write.
+/// Most frames gathered into one write.
 const MAX_IOV: usize = 64;
 
+/// Several frames that come to at most this many bytes are copied into one
+/// buffer and written from there: the kernel copies one segment instead of
+/// one per frame (small frames are the common case, and a copy in user
+/// space costs less than a segment in the kernel).
+const COALESCE_MAX: usize = 16 * 1024;
+
+thread_local! {
+    /// The buffer frames are copied into for one write: one per worker
+    /// thread, none per session; at most [`COALESCE_MAX`] bytes. Taken out
+    /// for the write, so no borrow is held across it.
+    static COALESCE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 impl FrameWriter {
-    /// An empty writer (no heap memory until a frame is queued).
-    pub fn new() -> FrameWriter {
-        FrameWriter::default()
+    /// An empty writer (no heap memory until a frame is queued). With
+    /// `copy_small_batches` (for plain TCP), a batch of several frames of
+    /// at most 16 KiB in all is copied into one buffer and written from
+    /// there; otherwise, and for larger batches, batches are written as
+    /// they are with one vectored write. (TLS copies what it is given into
+    /// its records anyway: a copy first would only add one.)
+    pub fn new(copy_small_batches: bool) -> FrameWriter {
+        FrameWriter {
+            copy_small_batches,
+            ..FrameWriter::default()
+        }
     }
 
     /// Queue a frame.
@@ -420,11 +445,27 @@ impl FrameWriter {
             let n = {
                 let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
                 let mut k = 0;
+                let mut total = 0;
                 for (i, f) in self.pending.iter().take(MAX_IOV).enumerate() {
-                    iov[k] = IoSlice::new(if i == 0 { &f[self.offset..] } else { &f[..] });
+                    let part = if i == 0 { &f[self.offset..] } else { &f[..] };
+                    total += part.len();
+                    iov[k] = IoSlice::new(part);
                     k += 1;
                 }
-                match Pin::new(&mut *wr).poll_write_vectored(cx, &iov[..k]) {
+                let written = if self.copy_small_batches && k > 1 && total <= COALESCE_MAX {
+                    let mut buf = COALESCE.take();
+                    buf.clear();
+                    buf.reserve_exact(total);
+                    for part in &iov[..k] {
+                        buf.extend_from_slice(part);
+                    }
+                    let written = Pin::new(&mut *wr).poll_write(cx, &buf);
+                    COALESCE.set(buf);
+                    written
+                } else {
+                    Pin::new(&mut *wr).poll_write_vectored(cx, &iov[..k])
+                };
+                match written {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -644,14 +685,39 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_writes_everything_in_order_through_a_small_pipe() {
-        let (mut a, mut b) = tokio::io::duplex(7);
-        let mut w = FrameWriter::new();
-        let frames: Vec<Bytes> = (0..50)
-            .map(|i| frame(OP_TEXT, format!("message {i}").as_bytes()))
-            .collect();
+        for copy in [false, true] {
+            let frames = (0..50)
+                .map(|i| frame(OP_TEXT, format!("message {i}").as_bytes()))
+                .collect();
+            through_a_pipe(7, frames, copy).await;
+        }
+    }
+
+    /// Frames of every size, in any mix: batches small enough are copied
+    /// into one buffer, larger ones written as they are; the bytes that
+    /// arrive are the same, in order, through a pipe that takes a little at
+    /// a time (partial writes, in the copied and the vectored case).
+    #[tokio::test]
+    async fn the_writer_writes_small_and_large_frames_alike() {
+        let sizes = [10, 20_000, 5, 7, 3_000, 70_000, 1, 2, 3, 16_000, 40];
+        for copy in [false, true] {
+            let frames = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| frame(OP_BINARY, &vec![i as u8; *n]))
+                .collect();
+            through_a_pipe(999, frames, copy).await;
+        }
+    }
+
+    /// Write `frames` through a pipe of `size` bytes; what comes out must
+    /// be their bytes, in order.
+    async fn through_a_pipe(size: usize, frames: Vec<Bytes>, copy_small_batches: bool) {
+        let (mut a, mut b) = tokio::io::duplex(size);
+        let mut w = FrameWriter::new(copy_small_batches);
         let expected: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
-        for f in &frames {
-            w.push(f.clone());
+        for f in frames {
+            w.push(f);
         }
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
@@ -665,7 +731,98 @@ mod tests {
             .unwrap();
         assert!(w.is_empty());
         drop(a);
-        assert_eq!(reader.await.unwrap(), expected);
+        assert!(
+            reader.await.unwrap() == expected,
+            "the bytes differ (copy_small_batches: {copy_small_batches})"
+        );
+    }
+
+    /// A stream that takes every write whole and records it: its bytes and
+    /// how many segments it had (0: a plain write of one buffer).
+    #[derive(Default)]
+    struct Recording {
+        writes: Vec<(usize, usize)>,
+        out: Vec<u8>,
+    }
+
+    impl tokio::io::AsyncWrite for Recording {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.writes.push((buf.len(), 0));
+            self.out.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let n = bufs.iter().map(|b| b.len()).sum();
+            self.writes.push((n, bufs.len()));
+            for b in bufs {
+                self.out.extend_from_slice(b);
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// With `copy_small_batches`, several frames of at most 16 KiB in all
+    /// go out as one buffer; a batch larger than that, a lone frame, and
+    /// every batch without it as one vectored write of a segment per frame.
+    #[tokio::test]
+    async fn small_batches_are_copied_into_one_buffer_only_when_asked() {
+        for copy in [false, true] {
+            let mut s = Recording::default();
+            let mut w = FrameWriter::new(copy);
+            let mut expected = Vec::new();
+            let mut batch = |w: &mut FrameWriter, frames: Vec<Bytes>| {
+                for f in frames {
+                    expected.extend_from_slice(&f);
+                    w.push(f);
+                }
+            };
+            let small: Vec<Bytes> = (0..5).map(|i| frame(OP_TEXT, &[b'a' + i; 150])).collect();
+            let small_len = small.iter().map(Bytes::len).sum();
+            batch(&mut w, small);
+            std::future::poll_fn(|cx| w.poll_write_all(cx, &mut s))
+                .await
+                .unwrap();
+            let large: Vec<Bytes> = (0..2).map(|_| frame(OP_BINARY, &[7; 10_000])).collect();
+            let large_len = large.iter().map(Bytes::len).sum();
+            batch(&mut w, large);
+            std::future::poll_fn(|cx| w.poll_write_all(cx, &mut s))
+                .await
+                .unwrap();
+            let lone = frame(OP_TEXT, b"lone");
+            let lone_len = lone.len();
+            batch(&mut w, vec![lone]);
+            std::future::poll_fn(|cx| w.poll_write_all(cx, &mut s))
+                .await
+                .unwrap();
+            let copied = if copy { 0 } else { 5 };
+            assert_eq!(
+                s.writes,
+                [(small_len, copied), (large_len, 2), (lone_len, 1)],
+                "copy_small_batches: {copy}"
+            );
+            assert!(s.out == expected, "the bytes differ");
+        }
     }
 
     /// A stream that, like TLS, takes writes into its own buffer and hands
@@ -708,7 +865,7 @@ mod tests {
     #[tokio::test]
     async fn the_writer_is_empty_only_once_everything_is_flushed() {
         let mut s = Buffering::default();
-        let mut w = FrameWriter::new();
+        let mut w = FrameWriter::new(false);
         let frames: Vec<Bytes> = (0..5)
             .map(|i| frame(OP_TEXT, format!("message {i}").as_bytes()))
             .collect();
