@@ -254,11 +254,8 @@ fn routes(
                 let router = live.routers.get(&*listener).cloned();
                 let mut info = info;
                 // Behind trusted reverse proxies: the client they name.
-                info.peer = crate::forwarded::client_addr(
-                    info.peer,
-                    &headers,
-                    live.config.listener_trusted_proxies(&listener),
-                );
+                let (trusted, header) = live.config.listener_trusted_proxies(&listener);
+                info.peer = crate::forwarded::client_addr(info.peer, &headers, trusted, header);
                 let listener = listener.clone();
                 let tracker = tracker.clone();
                 async move {

@@ -1342,7 +1342,7 @@ fn tls_settings_misspelled() {
     assert_eq!(
         errors(&dep),
         [format!(
-            "{}:4:5: listeners.main.tsl: unknown field `tsl`, expected one of bind, tls, status_codes, trusted_proxies, proxy_protocol",
+            "{}:4:5: listeners.main.tsl: unknown field `tsl`, expected one of bind, tls, status_codes, trusted_proxies, client_ip_header, proxy_protocol",
             at(&dep, "gateway.yaml")
         )]
     );
@@ -1729,6 +1729,41 @@ fn proxy_protocol_needs_trusted_proxies() {
         errors(&dep),
         [format!(
             "{}:4:21: listeners.main.proxy_protocol: proxy_protocol needs trusted_proxies, the addresses of the load balancers that write the header: without it any client that reaches the port could write one naming any address; list them, e.g. `trusted_proxies: [10.0.1.23, 10.0.2.23]`",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
+/// `client_ip_header` on a listener that trusts no proxy would read
+/// nothing: refused, with the fix; an unknown header name lists the known.
+#[test]
+fn client_ip_header_needs_trusted_proxies_and_a_known_header() {
+    let dep = Deployment::new();
+    dep.shipped_schema("ticker.json").write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\n    client_ip_header: forwarded\n  ok:\n    bind: 127.0.0.1:0\n    trusted_proxies: [10.0.0.5]\n    client_ip_header: x-real-ip\nplugins:\n  dirs: [{}]\nchannels: []\n",
+            target_dir().display()
+        ),
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:4:23: listeners.main.client_ip_header: client_ip_header says which header the proxies in trusted_proxies name the client in, and this listener trusts none, so no header is read: list the proxies, e.g. `trusted_proxies: [10.0.1.23]`, or remove client_ip_header",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            "listeners:\n  main:\n    bind: 127.0.0.1:0\n    trusted_proxies: [10.0.0.5]\n    client_ip_header: x-client-ip\nplugins:\n  dirs: [{}]\nchannels: []\n",
+            target_dir().display()
+        ),
+    );
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:5:23: listeners.main.client_ip_header: unknown variant `x-client-ip`, expected one of x-forwarded-for, forwarded, x-real-ip",
             at(&dep, "gateway.yaml")
         )]
     );

@@ -311,6 +311,107 @@ http:
     gw.shutdown().await;
 }
 
+/// `client_ip_header` names the header the trusted proxies name the client
+/// in: `Forwarded` (RFC 7239) or `X-Real-IP` in place of `X-Forwarded-For`,
+/// and then only that one is read (a proxy that sets one leaves the others
+/// to whatever the client wrote).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ip_header_reads_forwarded_or_x_real_ip_and_nothing_else() {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            r#"listeners:
+  rfc:
+    bind: 127.0.0.1:0
+    trusted_proxies: [127.0.0.1]
+    client_ip_header: forwarded
+  real:
+    bind: 127.0.0.1:0
+    trusted_proxies: [127.0.0.1]
+    client_ip_header: x-real-ip
+plugins:
+  dirs: [{}]
+channels:
+  - specs/*.yaml
+limits:
+  ping_interval: off
+protocols:
+  p:
+    replies:
+      status: {{type: me, peer: "{{{{client.peer}}}}"}}
+endpoints:
+  - path: /feed
+    listener: rfc
+    protocol: p
+    channels: [feed]
+  - path: /feed
+    listener: real
+    protocol: p
+    channels: [feed]
+"#,
+            target_dir().display()
+        ),
+    )
+    .write("specs/schemas/any.json", ANY_SCHEMA)
+    .write("specs/feed.yaml", &bus_spec("feed", ""));
+    let gw = dep.start().await;
+    let (rfc, real) = (gw.addr("rfc").unwrap(), gw.addr("real").unwrap());
+    let spoofed = [
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("Forwarded", "for=192.0.2.1"),
+        ("X-Real-IP", "198.51.100.1"),
+    ];
+    let with = |own: (&'static str, &'static str), skip: &str| {
+        let mut h: Vec<(&str, &str)> = spoofed
+            .iter()
+            .copied()
+            .filter(|(n, _)| *n != skip)
+            .collect();
+        h.push(own);
+        h
+    };
+
+    // What the client wrote itself (left) is not believed; the proxy's
+    // element, an IPv6 address with a port, is.
+    let mut a = ws_via_balancer_with(
+        rfc,
+        b"",
+        "/feed",
+        &with(
+            ("Forwarded", r#"for=198.51.100.7, for="[2001:db8::1]:4711""#),
+            "Forwarded",
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(peer_of(&mut a).await, json!("[2001:db8::1]:0"));
+    let mut b = ws_via_balancer_with(
+        real,
+        b"",
+        "/feed",
+        &with(("X-Real-IP", "203.0.113.5"), "X-Real-IP"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(peer_of(&mut b).await, json!("203.0.113.5:0"));
+    // Without its header the other two change nothing: the proxy itself.
+    for (addr, own) in [(rfc, "Forwarded"), (real, "X-Real-IP")] {
+        let others: Vec<(&str, &str)> =
+            spoofed.iter().copied().filter(|(n, _)| *n != own).collect();
+        let mut c = ws_via_balancer_with(addr, b"", "/feed", &others)
+            .await
+            .unwrap();
+        let peer = peer_of(&mut c).await;
+        let peer = peer.as_str().unwrap();
+        assert!(
+            peer.starts_with("127.0.0.1:") && !peer.ends_with(":0"),
+            "{peer}: not the socket's own address"
+        );
+    }
+    gw.shutdown().await;
+}
+
 /// A connection to a `proxy_protocol` listener: `header`, then what follows.
 async fn via_balancer(addr: std::net::SocketAddr, header: &[u8]) -> TcpStream {
     use tokio::io::AsyncWriteExt;

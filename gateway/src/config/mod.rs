@@ -453,9 +453,16 @@ impl Config {
         self.listener(name).map_or(&[], |l| &l.status_codes)
     }
 
-    /// The reverse proxies listener `name` believes (`trusted_proxies`).
-    pub fn listener_trusted_proxies(&self, name: &str) -> &[crate::forwarded::Cidr] {
-        self.listener(name).map_or(&[], |l| &l.trusted_proxies)
+    /// The reverse proxies listener `name` believes (`trusted_proxies`) and
+    /// the header they name the client in.
+    pub fn listener_trusted_proxies(
+        &self,
+        name: &str,
+    ) -> (&[crate::forwarded::Cidr], types::ClientIpHeader) {
+        self.listener(name)
+            .map_or((&[], types::ClientIpHeader::default()), |l| {
+                (&l.trusted_proxies, l.client_ip_header)
+            })
     }
 
     /// The TLS configuration of listener `name` (None: plain TCP, or no such listener).
@@ -490,9 +497,11 @@ pub struct ListenerCfg {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// HTTP error statuses answered as others (`status_codes`).
     pub status_codes: Vec<(u16, u16)>,
-    /// The reverse proxies whose `X-Forwarded-For` is believed (and, with
+    /// The reverse proxies whose `client_ip_header` is believed (and, with
     /// `proxy_protocol`, the only addresses a connection is taken from).
     pub trusted_proxies: Vec<crate::forwarded::Cidr>,
+    /// The header they name the client in (`client_ip_header`).
+    pub client_ip_header: types::ClientIpHeader,
     /// Connections begin with a PROXY protocol header (`proxy_protocol`).
     pub proxy_protocol: bool,
 }
@@ -903,6 +912,15 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 Err(m) => sink.at(p, format!("listeners.{name}.trusted_proxies[{i}]"), m),
             }
         }
+        if let Some(h) = &l.client_ip_header
+            && l.trusted_proxies.is_empty()
+        {
+            sink.at(
+                h,
+                format!("listeners.{name}.client_ip_header"),
+                "client_ip_header says which header the proxies in trusted_proxies name the client in, and this listener trusts none, so no header is read: list the proxies, e.g. `trusted_proxies: [10.0.1.23]`, or remove client_ip_header",
+            );
+        }
         if let Some(pp) = &l.proxy_protocol
             && pp.value
             && l.trusted_proxies.is_empty()
@@ -935,6 +953,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
                 tls,
                 status_codes,
                 trusted_proxies,
+                client_ip_header: l.client_ip_header.as_ref().map(|h| h.value).unwrap_or_default(),
                 proxy_protocol: l.proxy_protocol.as_ref().is_some_and(|p| p.value),
             }),
             Err(m) => sink.at(&l.bind, field, m),

@@ -133,6 +133,22 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
+/// The request header a listener's trusted proxies name the client in.
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIpHeader {
+    /// `X-Forwarded-For: client, proxy1, ...`, each proxy appending the
+    /// address it got the request from (nginx, HAProxy, Envoy, AWS ALB).
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239), each proxy appending
+    /// an element.
+    Forwarded,
+    /// `X-Real-IP: client`, one address, set (not appended) by the proxy in
+    /// front (nginx `proxy_set_header X-Real-IP $remote_addr`).
+    XRealIp,
+}
+
 /// What happens when a client sends faster than `inbound_messages` allows.
 #[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -370,13 +386,19 @@ pub struct ListenerFile {
     /// The reverse proxies in front of this listener, as addresses
     /// (`10.0.0.5`) or networks (`10.0.0.0/8`, `fd00::/8`): for a connection
     /// from one of them, the client's address is the rightmost
-    /// `X-Forwarded-For` entry that is not one of them. Per-IP limits, logs
+    /// `X-Forwarded-For` (or `client_ip_header`) entry that is not one of
+    /// them. Per-IP limits, logs
     /// and `client.peer` use that address. Empty (default): the socket's.
     /// With `proxy_protocol`, also the only addresses a connection is taken
     /// from.
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
     pub trusted_proxies: Vec<Spanned<String>>,
+    /// The header `trusted_proxies` name the client in: `x-forwarded-for`
+    /// (default), `forwarded` (RFC 7239) or `x-real-ip`. Only this one is
+    /// read; the others are anybody's to write.
+    #[schemars(with = "Option<ClientIpHeader>")]
+    pub client_ip_header: Option<Spanned<ClientIpHeader>>,
     /// Every connection begins with a PROXY protocol header (version 1 or
     /// 2), written by a TCP load balancer in front (HAProxy `send-proxy`,
     /// AWS NLB): its source address is the client's. A connection without
