@@ -384,7 +384,12 @@ async fn a_source_ends_at_a_reload_while_a_command_still_runs_in_it() {
     let old = gw.state().live().channels["pushy"].clone();
     // To release the hold after the reload, when the runtime no longer
     // reaches this instance.
-    let inst = old.current_instance().expect("the plugin runs");
+    // The runtime records the instance once `start` returns; a push
+    // plugin's first message can reach the client before that.
+    let inst = eventually("the runtime to record the running instance", || {
+        std::future::ready(old.current_instance())
+    })
+    .await;
     plugin_command(&old, json!({"op": "hold"})).await;
     let r = old
         .command(
