@@ -371,6 +371,13 @@ async fn handshake_replies_are_checked_against_their_schema() {
         (metric(addr, failures).await == Some(1.0)).then_some(())
     })
     .await;
+    // The reply is counted just before the session subscribes.
+    metric_becomes(
+        addr,
+        "gateway_subscribers{channel=\"feed\",plugin=\"test-faults\"}",
+        1.0,
+    )
+    .await;
     emit(addr, json!([{"z": 1}])).await;
     assert_eq!(next_json(&mut ws).await, json!({"z": 1}));
     // A reply that satisfies it is sent.

@@ -163,7 +163,12 @@ async fn sigterm_closes_clients_with_1001_and_the_process_exits() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code.code(), Some(0), "clean shutdown exits 0");
-    let logs: Vec<String> = gw.logs.try_iter().collect();
+    // Everything it wrote: the reader thread may still be behind its exit;
+    // it ends at the pipe's end.
+    let mut logs = Vec::new();
+    while let Ok(line) = gw.logs.recv_timeout(PATIENCE) {
+        logs.push(line);
+    }
     assert!(
         logs.iter().any(|l| l.contains("shutting down")),
         "shutdown is logged: {logs:?}"
