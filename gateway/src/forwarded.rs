@@ -132,28 +132,26 @@ pub fn client_addr(
         return SocketAddr::new(socket, peer.port());
     }
     let mut client = socket;
-    // Several headers are one list, in order (RFC 9110 §5.3). Entries are
-    // split on the raw bytes: a client's own bytes that are not text spoil
-    // only its entry, not the one a proxy appended to the same line.
-    let lines = headers.get_all(match header {
-        ClientIpHeader::XForwardedFor => "x-forwarded-for",
-        ClientIpHeader::Forwarded => "forwarded",
-        ClientIpHeader::XRealIp => "x-real-ip",
-    });
+    // Several headers are one list, in order (RFC 9110 §5.3).
     let entries: Vec<Option<IpAddr>> = match header {
-        ClientIpHeader::XForwardedFor => lines
+        // Entries are split on the raw bytes: a client's own bytes that are
+        // not text spoil only its entry, not the one a proxy appended to
+        // the same line.
+        ClientIpHeader::XForwardedFor => headers
+            .get_all("x-forwarded-for")
             .iter()
             .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .map(parse_entry)
             .collect(),
-        ClientIpHeader::Forwarded => lines
+        ClientIpHeader::Forwarded => headers
+            .get_all("forwarded")
             .iter()
             .flat_map(|v| forwarded_nodes(v.as_bytes()))
             .collect(),
         // One address, set by the proxy in front: two headers are no
         // answer.
         ClientIpHeader::XRealIp => {
-            let mut it = lines.iter();
+            let mut it = headers.get_all("x-real-ip").iter();
             match (it.next(), it.next()) {
                 (Some(v), None) => vec![parse_entry(v.as_bytes())],
                 (Some(_), Some(_)) => vec![None],
