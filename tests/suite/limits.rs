@@ -317,12 +317,8 @@ http:
 /// to whatever the client wrote).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ip_header_reads_forwarded_or_x_real_ip_and_nothing_else() {
-    let dep = Deployment::new();
-    dep.write(
-        "gateway.yaml",
-        &format!(
-            r#"listeners:
-  rfc:
+    let dep = peer_deployment(
+        r#"  rfc:
     bind: 127.0.0.1:0
     trusted_proxies: [127.0.0.1]
     client_ip_header: forwarded
@@ -330,17 +326,8 @@ async fn client_ip_header_reads_forwarded_or_x_real_ip_and_nothing_else() {
     bind: 127.0.0.1:0
     trusted_proxies: [127.0.0.1]
     client_ip_header: x-real-ip
-plugins:
-  dirs: [{}]
-channels:
-  - specs/*.yaml
-limits:
-  ping_interval: off
-protocols:
-  p:
-    replies:
-      status: {{type: me, peer: "{{{{client.peer}}}}"}}
-endpoints:
+"#,
+        r#"endpoints:
   - path: /feed
     listener: rfc
     protocol: p
@@ -350,11 +337,7 @@ endpoints:
     protocol: p
     channels: [feed]
 "#,
-            target_dir().display()
-        ),
-    )
-    .write("specs/schemas/any.json", ANY_SCHEMA)
-    .write("specs/feed.yaml", &bus_spec("feed", ""));
+    );
     let gw = dep.start().await;
     let (rfc, real) = (gw.addr("rfc").unwrap(), gw.addr("real").unwrap());
     let spoofed = [
@@ -458,6 +441,34 @@ fn proxy_v2(client: [u8; 4], port: u16) -> Vec<u8> {
     h
 }
 
+/// A deployment with these `listeners` (their entries), the bus channel
+/// `feed`, protocol `p` whose `status` reply names the session's
+/// `client.peer`, and `rest` (endpoints, routes) in gateway.yaml.
+fn peer_deployment(listeners: &str, rest: &str) -> Deployment {
+    let dep = Deployment::new();
+    dep.write(
+        "gateway.yaml",
+        &format!(
+            r#"listeners:
+{listeners}plugins:
+  dirs: [{}]
+channels:
+  - specs/*.yaml
+limits:
+  ping_interval: off
+protocols:
+  p:
+    replies:
+      status: {{type: me, peer: "{{{{client.peer}}}}"}}
+{rest}"#,
+            target_dir().display()
+        ),
+    )
+    .write("specs/schemas/any.json", ANY_SCHEMA)
+    .write("specs/feed.yaml", &bus_spec("feed", ""));
+    dep
+}
+
 /// The peer a session's `client.peer` names, asked through the protocol's
 /// `status` reply.
 async fn peer_of(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> Value {
@@ -481,12 +492,8 @@ async fn peer_of(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> Valu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_limits_count_the_client_a_proxy_protocol_header_names() {
     use tokio::io::AsyncWriteExt;
-    let dep = Deployment::new();
-    dep.write(
-        "gateway.yaml",
-        &format!(
-            r#"listeners:
-  direct:
+    let dep = peer_deployment(
+        r#"  direct:
     bind: 127.0.0.1:0
   balanced:
     bind: 127.0.0.1:0
@@ -496,24 +503,15 @@ async fn per_ip_limits_count_the_client_a_proxy_protocol_header_names() {
     bind: 127.0.0.1:0
     proxy_protocol: true
     trusted_proxies: [10.0.0.0/8]
-admin:
+"#,
+        r#"admin:
   listener: direct
-plugins:
-  dirs: [{}]
-channels:
-  - specs/*.yaml
-limits:
-  ping_interval: off
-protocols:
-  p:
-    replies:
-      status: {{type: me, peer: "{{{{client.peer}}}}"}}
 endpoints:
   - path: /feed
     listener: balanced
     protocol: p
     channels: [feed]
-    limits: {{max_connections_per_ip: 1}}
+    limits: {max_connections_per_ip: 1}
   - path: /feed
     listener: elsewhere
     channels: [feed]
@@ -521,13 +519,9 @@ http:
   - path: /hello
     listener: balanced
     requests_per_ip: 1/1h
-    body: {{hello: world}}
+    body: {hello: world}
 "#,
-            target_dir().display()
-        ),
-    )
-    .write("specs/schemas/any.json", ANY_SCHEMA)
-    .write("specs/feed.yaml", &bus_spec("feed", ""));
+    );
     let gw = dep.start().await;
     let (direct, balanced, elsewhere) = (
         gw.addr("direct").unwrap(),
