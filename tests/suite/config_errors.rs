@@ -396,7 +396,7 @@ fn a_schema_with_a_misspelt_keyword_or_format_is_refused() {
     assert_eq!(
         errors(&dep),
         [format!(
-            "{}:2:9: schema: schema {} uses unknown keyword `minimun` at /properties/seq (did you mean `minimum`?), unknown keyword `maxLenght` at /properties/x/anyOf/0 (did you mean `maxLength`?), unknown keyword `requird` at / (did you mean `required`?): validation would ignore them; correct them (a custom annotation: prefix it with x-)",
+            "{}:2:9: schema: schema {} uses unknown keyword `requird` at / (did you mean `required`?), unknown keyword `minimun` at /properties/seq (did you mean `minimum`?), unknown keyword `maxLenght` at /properties/x/anyOf/0 (did you mean `maxLength`?): validation would ignore them; correct them (a custom annotation: prefix it with x-)",
             at(&dep, "specs/ticker.yaml"),
             at(&dep, "specs/schemas/typo.json")
         )]
@@ -411,6 +411,181 @@ fn a_schema_with_a_misspelt_keyword_or_format_is_refused() {
         errs[0].contains("is not a valid JSON Schema") && errs[0].contains("date-tme"),
         "{errs:?}"
     );
+}
+
+/// A misspelt keyword in a schema that the channel's schema refers to in
+/// another file by a `$ref` (or that one refers to, in its own file or
+/// another) is refused the same way, naming the files and `$ref`s that lead
+/// to it; a `#/pointer` fragment checks the schema it points at, not the
+/// rest of its file (an OpenAPI document's `openapi` or `info` are no
+/// keywords), and files that refer back to each other are each read once.
+/// Corrected, the channel loads and the `$ref`s are followed.
+#[test]
+fn a_misspelt_keyword_in_a_file_a_schema_refers_to_is_refused() {
+    let dep = deployment("");
+    dep.write(
+        "specs/schemas/main.json",
+        r#"{"type": "object", "properties": {"price": {"$ref": "common.json#/$defs/price"}, "currency": {"$ref": "api.json#/components/schemas/Currency"}}}"#,
+    );
+    dep.write(
+        "specs/schemas/common.json",
+        r#"{"$defs": {"price": {"$ref": "units/money.json"}}}"#,
+    );
+    dep.write(
+        "specs/schemas/units/money.json",
+        r#"{"type": "number", "minimun": 0, "not": {"$ref": "../main.json"}, "x-unit": "EUR"}"#,
+    );
+    let api = |code: &str| {
+        format!(
+            r##"{{"openapi": "3.1.0", "info": {{"title": "prices"}}, "components": {{"schemas": {{"Currency": {{"$ref": "#/components/schemas/Code"}}, "Code": {{"type": "string", {code}: 3}}}}}}}}"##
+        )
+    };
+    dep.write("specs/schemas/api.json", &api(r#""maxLength""#));
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/main.json\nsource:\n  plugin: ticker\n  mode: push\n",
+    );
+    let main = at(&dep, "specs/schemas/main.json");
+    let spec = at(&dep, "specs/ticker.yaml");
+    let money = format!("{}/units/money.json", at(&dep, "specs/schemas"));
+    let tail = "validation would ignore it; correct it (a custom annotation: prefix it with x-)";
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{spec}:2:9: schema: schema {main}, which refers to {} (`$ref` at /properties/price/$ref), which refers to {money} (`$ref` at /$defs/price/$ref): {money} uses unknown keyword `minimun` at / (did you mean `minimum`?): {tail}",
+            at(&dep, "specs/schemas/common.json"),
+        )]
+    );
+    dep.write(
+        "specs/schemas/units/money.json",
+        r#"{"type": "number", "minimum": 0, "not": {"$ref": "../main.json"}, "x-unit": "EUR"}"#,
+    );
+    dep.write("specs/schemas/api.json", &api(r#""maxLenght""#));
+    let api_path = at(&dep, "specs/schemas/api.json");
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{spec}:2:9: schema: schema {main}, which refers to {api_path} (`$ref` at /properties/currency/$ref), whose `$ref` at /components/schemas/Currency/$ref points to /components/schemas/Code: {api_path} uses unknown keyword `maxLenght` at /components/schemas/Code (did you mean `maxLength`?): {tail}",
+        )]
+    );
+    dep.write("specs/schemas/api.json", &api(r#""maxLength""#));
+    let cfg = match config::load(&dep.path("gateway.yaml"), &LoadOptions::default()) {
+        Ok(cfg) => cfg,
+        Err(e) => panic!("the corrected schemas should load: {e}"),
+    };
+    // The `$ref`s resolve: the other files' `minimum` and `maxLength` are
+    // checked.
+    let v = &cfg.channels[0].validator;
+    assert!(v.is_valid(&serde_json::json!({"price": 3, "currency": "EUR"})));
+    assert!(!v.is_valid(&serde_json::json!({"price": -3})));
+    assert!(!v.is_valid(&serde_json::json!({"currency": "EURO"})));
+}
+
+/// A `$ref` by `file:` URI (`file:///abs`, `file:/abs`) is followed like a
+/// relative one.
+#[test]
+fn a_misspelt_keyword_in_a_file_a_file_uri_refers_to_is_refused() {
+    let dep = deployment("");
+    dep.write("specs/schemas/typo.json", r#"{"minimun": 1}"#);
+    let typo = std::fs::canonicalize(dep.path("specs/schemas/typo.json")).unwrap();
+    for uri in [
+        format!("file://{}", typo.display()),
+        format!("file:{}", typo.display()),
+    ] {
+        dep.write(
+            "specs/schemas/main.json",
+            &format!(r#"{{"type": "object", "properties": {{"a": {{"$ref": "{uri}"}}}}}}"#),
+        );
+        dep.write(
+            "specs/ticker.yaml",
+            "channel: ticker\nschema: schemas/main.json\nsource:\n  plugin: ticker\n  mode: push\n",
+        );
+        assert_eq!(
+            errors(&dep),
+            [format!(
+                "{}:2:9: schema: schema {}, which refers to {t} (`$ref` at /properties/a/$ref): {t} uses unknown keyword `minimun` at / (did you mean `minimum`?): validation would ignore it; correct it (a custom annotation: prefix it with x-)",
+                at(&dep, "specs/ticker.yaml"),
+                at(&dep, "specs/schemas/main.json"),
+                t = typo.display(),
+            )],
+            "{uri}"
+        );
+    }
+}
+
+/// A `$ref` is joined onto the path of the file that holds it as written,
+/// `..` taken out without resolving symlinks, as the validator joins URIs:
+/// through a symlinked directory, `../x.json` is the file next to the link,
+/// and that is the file checked (and, once corrected, the one validated).
+#[test]
+fn a_ref_through_a_symlinked_directory_is_followed_as_the_validator_does() {
+    let dep = deployment("");
+    std::fs::create_dir_all(dep.path("elsewhere")).unwrap();
+    std::fs::create_dir_all(dep.path("specs/schemas")).unwrap();
+    std::os::unix::fs::symlink(dep.path("elsewhere"), dep.path("specs/schemas/link")).unwrap();
+    dep.write(
+        "specs/schemas/main.json",
+        r#"{"type": "object", "properties": {"a": {"$ref": "link/common.json"}}}"#,
+    );
+    dep.write("elsewhere/common.json", r#"{"$ref": "../units.json"}"#);
+    dep.write(
+        "specs/schemas/units.json",
+        r#"{"type": "integer", "minimun": 1}"#,
+    );
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/main.json\nsource:\n  plugin: ticker\n  mode: push\n",
+    );
+    let errs = errors(&dep);
+    assert!(
+        errs.len() == 1
+            && errs[0].contains(&format!(
+                "{} uses unknown keyword `minimun`",
+                at(&dep, "specs/schemas/units.json")
+            )),
+        "{errs:?}"
+    );
+    dep.write(
+        "specs/schemas/units.json",
+        r#"{"type": "integer", "minimum": 1}"#,
+    );
+    let cfg = match config::load(&dep.path("gateway.yaml"), &LoadOptions::default()) {
+        Ok(cfg) => cfg,
+        Err(e) => panic!("the corrected schemas should load: {e}"),
+    };
+    let v = &cfg.channels[0].validator;
+    assert!(v.is_valid(&serde_json::json!({"a": 1})));
+    assert!(!v.is_valid(&serde_json::json!({"a": 0})));
+}
+
+/// What the `$ref` check does not follow: a document with an `$id` (its
+/// `$ref`s resolve against that, not the file's place) and `$ref` inside
+/// data (`default`, `examples`), so neither refuses a schema that loaded
+/// before.
+#[test]
+fn the_ref_check_follows_only_what_the_validator_reads_from_files() {
+    let dep = deployment("");
+    dep.write(
+        "specs/schemas/main.json",
+        r#"{"type": "object", "default": {"$ref": "typo.json"}, "properties": {"a": {"$ref": "with-id.json"}}}"#,
+    );
+    dep.write(
+        "specs/schemas/with-id.json",
+        r#"{"$id": "https://example.com/with-id.json", "type": "integer", "not": {"$ref": "typo.json"}, "examples": [{"$ref": "typo.json"}], "$defs": {"embedded": {"$id": "typo.json", "minimum": 100}}}"#,
+    );
+    dep.write("specs/schemas/typo.json", r#"{"minimun": 1}"#);
+    dep.write(
+        "specs/ticker.yaml",
+        "channel: ticker\nschema: schemas/main.json\nsource:\n  plugin: ticker\n  mode: push\n",
+    );
+    let cfg = match config::load(&dep.path("gateway.yaml"), &LoadOptions::default()) {
+        Ok(cfg) => cfg,
+        Err(e) => panic!("nothing refers to the file typo.json as a schema: {e}"),
+    };
+    // `with-id.json`'s `typo.json` is the schema embedded in it.
+    let v = &cfg.channels[0].validator;
+    assert!(v.is_valid(&serde_json::json!({"a": 99})));
+    assert!(!v.is_valid(&serde_json::json!({"a": 100})));
 }
 
 #[test]

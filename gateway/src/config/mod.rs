@@ -1918,6 +1918,9 @@ pub fn compile_schema_json(
             if unknown.len() == 1 { "it" } else { "them" },
         ));
     }
+    // The same for every schema file it refers to, and they to, by a
+    // relative `$ref` ("common.json#/$defs/price").
+    referenced_keywords(file, &schema)?;
     // Relative `$ref`s ("other.json") resolve next to the schema file.
     let base = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     let validator = jsonschema::options()
@@ -2002,13 +2005,17 @@ const SCHEMA_KEYWORDS: &[&str] = &[
     "contentSchema",
 ];
 
-/// Every key of a (sub)schema in `v` that is no JSON Schema keyword, as
-/// "`key` at /pointer" (with the keyword it may have meant). Keys starting
-/// with `x-` are custom annotations, and left alone.
-fn unknown_keywords(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+/// Call `f` with every (sub)schema object in `v` and where it is (a JSON
+/// Pointer; "" for `v`), following the keywords whose values are schemas;
+/// data (`enum`, `const`, `default`, `examples`) is not entered.
+fn each_subschema(
+    v: &serde_json::Value,
+    at: &str,
+    f: &mut impl FnMut(&serde_json::Map<String, serde_json::Value>, &str),
+) {
     use serde_json::Value;
     let Value::Object(m) = v else { return };
-    let each = |v: &Value, out: &mut Vec<String>, at: String| unknown_keywords(v, &at, out);
+    f(m, at);
     // One JSON Pointer step (RFC 6901).
     let step = |at: &str, k: &str| format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
     for (k, sub) in m {
@@ -2018,13 +2025,13 @@ fn unknown_keywords(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
             | "dependencies" => {
                 if let Value::Object(children) = sub {
                     for (name, s) in children {
-                        each(s, out, step(&here, name));
+                        each_subschema(s, &step(&here, name), f);
                     }
                 }
             }
             "allOf" | "anyOf" | "oneOf" | "prefixItems" | "items" if sub.is_array() => {
                 for (i, s) in sub.as_array().into_iter().flatten().enumerate() {
-                    each(s, out, format!("{here}/{i}"));
+                    each_subschema(s, &format!("{here}/{i}"), f);
                 }
             }
             "not"
@@ -2038,22 +2045,174 @@ fn unknown_keywords(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
             | "additionalItems"
             | "unevaluatedItems"
             | "unevaluatedProperties"
-            | "contentSchema" => each(sub, out, here),
-            k if SCHEMA_KEYWORDS.contains(&k) || k.starts_with("x-") => {}
-            k => {
-                let near = SCHEMA_KEYWORDS
-                    .iter()
-                    .filter(|w| {
-                        edit_distance(&w.to_ascii_lowercase(), &k.to_ascii_lowercase()) <= 2
-                    })
-                    .min_by_key(|w| edit_distance(w, k));
-                let at = if at.is_empty() { "/" } else { at };
-                out.push(match near {
-                    Some(w) => format!("unknown keyword `{k}` at {at} (did you mean `{w}`?)"),
-                    None => format!("unknown keyword `{k}` at {at}"),
-                });
+            | "contentSchema" => each_subschema(sub, &here, f),
+            _ => {}
+        }
+    }
+}
+
+/// Every key of a (sub)schema in `v` that is no JSON Schema keyword, as
+/// "`key` at /pointer" (with the keyword it may have meant). Keys starting
+/// with `x-` are custom annotations, and left alone.
+fn unknown_keywords(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+    each_subschema(v, at, &mut |m, at| {
+        for k in m.keys() {
+            if SCHEMA_KEYWORDS.contains(&k.as_str()) || k.starts_with("x-") {
+                continue;
+            }
+            let near = SCHEMA_KEYWORDS
+                .iter()
+                .filter(|w| edit_distance(&w.to_ascii_lowercase(), &k.to_ascii_lowercase()) <= 2)
+                .min_by_key(|w| edit_distance(w, k));
+            let at = if at.is_empty() { "/" } else { at };
+            out.push(match near {
+                Some(w) => format!("unknown keyword `{k}` at {at} (did you mean `{w}`?)"),
+                None => format!("unknown keyword `{k}` at {at}"),
+            });
+        }
+    });
+}
+
+/// [`unknown_keywords`] for what `schema` (read from `file`) refers to by a
+/// `$ref` to another file (relative, or `file:`), and what that refers to in
+/// turn: the schema a `#/json/pointer` fragment points at (with what it
+/// refers to within its own file), or the whole file. The first with a
+/// misspelt keyword is an error naming it and the `$ref`s that led there.
+/// Not followed, as the validator may resolve them otherwise: a document
+/// with an `$id` anywhere (its `$ref`s resolve against that, not the file's
+/// place), an anchor (`#name`), a `$ref` with another scheme (`https:`,
+/// `urn:`); nor a file that is not there or not JSON, which the validator
+/// refuses itself.
+fn referenced_keywords(file: &Path, schema: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    // Where a `$ref` leads is joined as the validator joins URIs: onto the
+    // referring file's path as written (its base is the channel schema's
+    // real path), with `.` and `..` taken out, symlinks left alone. The
+    // real path only tells files apart.
+    fn lexical(p: &Path) -> PathBuf {
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                c => out.push(c),
             }
         }
+        out
+    }
+    let base = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    // Each file read: (real path, document).
+    let mut docs: Vec<(PathBuf, Value)> = vec![(base.clone(), schema.clone())];
+    // Each schema checked: (real path, JSON Pointer in it); "" is the whole
+    // file.
+    let mut seen: Vec<(PathBuf, String)> = vec![(base.clone(), String::new())];
+    // (the referring file as joined, its real path, the pointer of the schema
+    // there, the chain of `$ref`s that led to it)
+    let mut todo = vec![(base.clone(), base, String::new(), String::new())];
+    while let Some((from, from_real, pointer, chain)) = todo.pop() {
+        let Some((_, doc)) = docs.iter().find(|(p, _)| *p == from_real) else {
+            continue;
+        };
+        if has_key(doc, "$id") {
+            continue;
+        }
+        let Some(sub) = doc.pointer(&pointer) else {
+            continue;
+        };
+        let mut refs = Vec::new();
+        each_subschema(sub, &pointer, &mut |m, at| {
+            if let Some(Value::String(r)) = m.get("$ref") {
+                refs.push((format!("{at}/$ref"), r.clone()));
+            }
+        });
+        for (at, r) in refs {
+            let (target, fragment) = r.split_once('#').unwrap_or((&r, ""));
+            // A JSON Pointer fragment picks one schema; none (or `#`) the
+            // whole file; an anchor is the validator's to find.
+            let fragment = match fragment.strip_prefix('/') {
+                Some(p) => {
+                    let p = percent_encoding::percent_decode_str(p).decode_utf8_lossy();
+                    format!("/{p}")
+                }
+                None if fragment.is_empty() => String::new(),
+                None => continue,
+            };
+            let path = if target.is_empty() {
+                from.clone()
+            } else if let Some(rest) = target.strip_prefix("file:") {
+                let rest = (rest.strip_prefix("//localhost"))
+                    .or_else(|| rest.strip_prefix("//"))
+                    .unwrap_or(rest);
+                lexical(Path::new(rest))
+            } else if target
+                .split_once(':')
+                .is_some_and(|(s, _)| !s.is_empty() && !s.contains('/'))
+            {
+                continue;
+            } else {
+                let Some(dir) = from.parent() else { continue };
+                lexical(&dir.join(target))
+            };
+            let Ok(real) = std::fs::canonicalize(&path) else {
+                continue;
+            };
+            if seen
+                .iter()
+                .any(|(p, f)| *p == real && (f.is_empty() || *f == fragment))
+            {
+                continue;
+            }
+            seen.push((real.clone(), fragment.clone()));
+            if !docs.iter().any(|(p, _)| *p == real) {
+                let Ok(text) = std::fs::read(&real) else {
+                    continue;
+                };
+                let Ok(doc) = serde_json::from_slice::<Value>(&text) else {
+                    continue;
+                };
+                docs.push((real.clone(), doc));
+            }
+            let Some((_, doc)) = docs.iter().find(|(p, _)| *p == real) else {
+                continue;
+            };
+            let Some(schema) = doc.pointer(&fragment) else {
+                continue;
+            };
+            let step = if real == from_real {
+                let to = if fragment.is_empty() { "/" } else { &fragment };
+                format!("{chain}, whose `$ref` at {at} points to {to}")
+            } else {
+                format!(
+                    "{chain}, which refers to {} (`$ref` at {at})",
+                    path.display()
+                )
+            };
+            let mut unknown = Vec::new();
+            unknown_keywords(schema, &fragment, &mut unknown);
+            if !unknown.is_empty() {
+                return Err(format!(
+                    "schema {}{step}: {} uses {}: validation would ignore {}; correct {} (a custom annotation: prefix it with x-)",
+                    file.display(),
+                    path.display(),
+                    unknown.join(", "),
+                    if unknown.len() == 1 { "it" } else { "them" },
+                    if unknown.len() == 1 { "it" } else { "them" },
+                ));
+            }
+            todo.push((path, real, fragment, step));
+        }
+    }
+    Ok(())
+}
+
+/// Whether any object in `v`, at any depth, has the key `key`.
+fn has_key(v: &serde_json::Value, key: &str) -> bool {
+    match v {
+        serde_json::Value::Object(m) => m.contains_key(key) || m.values().any(|v| has_key(v, key)),
+        serde_json::Value::Array(a) => a.iter().any(|v| has_key(v, key)),
+        _ => false,
     }
 }
 
