@@ -588,6 +588,59 @@ fn the_ref_check_follows_only_what_the_validator_reads_from_files() {
     assert!(!v.is_valid(&serde_json::json!({"a": 100})));
 }
 
+/// A client that only listens answers Pings and sends nothing else, so an
+/// `idle_timeout` no longer than `ping_interval` closes it as idle. The
+/// warning names where `idle_timeout` was written (gateway.yaml or the
+/// endpoint's own `limits`) and where `ping_interval` came from.
+#[test]
+fn an_idle_timeout_pings_do_not_beat_is_warned_where_it_is_written() {
+    let dep = deployment("limits:\n  idle_timeout: 20s\n");
+    let second = "\
+channel: second
+schema: schemas/ticker.json
+source:
+  plugin: ticker
+  mode: push
+endpoints:
+  - path: /own
+    limits:
+      idle_timeout: 5s
+      ping_interval: off
+  - path: /mixed
+    limits:
+      ping_interval: 1m
+  - path: /fine
+    limits:
+      ping_interval: 10s
+";
+    dep.write("specs/ticker.yaml", TICKER_SPEC)
+        .write("specs/second.yaml", second);
+    let gw = at(&dep, "gateway.yaml");
+    let spec = at(&dep, "specs/second.yaml");
+    let cfg = dep.load().unwrap_or_else(|e| panic!("{e}"));
+    let mut idle: Vec<&String> = cfg
+        .warnings
+        .iter()
+        .filter(|w| w.contains("closed as idle"))
+        .collect();
+    idle.sort();
+    let tail = "a client that only listens sends nothing but Pongs, and is closed as idle; make ping_interval shorter than idle_timeout";
+    assert_eq!(
+        idle,
+        [
+            &format!(
+                "{gw}:9: limits.idle_timeout: endpoint /mixed: idle_timeout is 20s and ping_interval (60s, {spec}:13) is not shorter: {tail}"
+            ),
+            &format!(
+                "{gw}:9: limits.idle_timeout: endpoint /ws/ticker: idle_timeout is 20s and ping_interval (30s, the default) is not shorter: {tail}"
+            ),
+            &format!(
+                "{spec}:9: endpoints[0].limits.idle_timeout: endpoint /own: idle_timeout is 5s and ping_interval is off (line 10): {tail}"
+            ),
+        ]
+    );
+}
+
 #[test]
 fn schema_that_is_not_json() {
     let dep = deployment("");

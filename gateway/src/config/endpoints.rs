@@ -192,6 +192,12 @@ pub struct EndpointCfg {
     pub auth: Auth,
     /// Where `auth` was written (None: not written, no auth), for warnings.
     pub auth_at: Option<Origin>,
+    /// Where this endpoint's own `limits.idle_timeout` and
+    /// `limits.ping_interval` were written (None: gateway.yaml's apply), for
+    /// warnings.
+    pub idle_at: Option<Origin>,
+    /// See `idle_at`.
+    pub ping_at: Option<Origin>,
     /// Allowed Origin values (None: any).
     pub origins: Option<Vec<String>>,
     /// WebSocket subprotocols spoken here.
@@ -935,6 +941,14 @@ pub(crate) fn compile_endpoint(
         paths,
         auth,
         auth_at: ep.auth.as_ref().map(|a| Origin::of(file, a, f("auth"))),
+        idle_at: ep.limits.as_ref().and_then(|l| {
+            let at = l.value.idle_timeout.as_ref()?;
+            Some(Origin::of(file, at, f("limits.idle_timeout")))
+        }),
+        ping_at: ep.limits.as_ref().and_then(|l| {
+            let at = l.value.ping_interval.as_ref()?;
+            Some(Origin::of(file, at, f("limits.ping_interval")))
+        }),
         origins: ep.origins.as_ref().map(|o| {
             o.iter()
                 .map(|x| x.trim_end_matches('/').to_ascii_lowercase())
@@ -1000,8 +1014,14 @@ fn endpoint_limits(id: &str, own: Option<&EndpointLimitsFile>, lk: &mut Lookup) 
             .max_connection_duration
             .map(|d| d.0)
             .unwrap_or(g.max_duration),
-        idle_timeout: e.idle_timeout.map(|d| d.0).unwrap_or(g.idle_timeout),
-        ping_interval: e.ping_interval.map(|d| d.0).unwrap_or(g.ping_interval),
+        idle_timeout: e
+            .idle_timeout
+            .as_ref()
+            .map_or(g.idle_timeout, |d| d.value.0),
+        ping_interval: e
+            .ping_interval
+            .as_ref()
+            .map_or(g.ping_interval, |d| d.value.0),
         pong_timeout: e.pong_timeout.map(|d| d.0).unwrap_or(g.pong_timeout),
         write_interval: e.write_interval.map(|d| d.0).unwrap_or(g.write_interval),
     };

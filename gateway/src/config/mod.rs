@@ -1051,8 +1051,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
         inbound: gl.inbound_messages,
         on_inbound: gl.on_inbound_limit,
         max_duration: gl.max_connection_duration.and_then(|d| d.0),
-        idle_timeout: gl.idle_timeout.and_then(|d| d.0),
-        ping_interval: gl.ping_interval.0,
+        idle_timeout: gl.idle_timeout.as_ref().and_then(|d| d.value.0),
+        ping_interval: gl
+            .ping_interval
+            .as_ref()
+            .map_or(Some(types::DEFAULT_PING_INTERVAL), |d| d.value.0),
         pong_timeout: gl.pong_timeout.0,
         http_per_ip,
     };
@@ -1492,18 +1495,32 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     }
     // Pongs count as the client's sign of life: with Pings rarer than the
     // idle timeout (or none), a client that only listens is closed as idle.
+    // The warning names where idle_timeout was written (the endpoint's spec
+    // or gateway.yaml), and where ping_interval was, if elsewhere.
+    let gw_idle =
+        (gw.limits.idle_timeout.as_ref()).map(|s| Origin::of(path, s, "limits.idle_timeout"));
+    let gw_ping =
+        (gw.limits.ping_interval.as_ref()).map(|s| Origin::of(path, s, "limits.ping_interval"));
     for ep in &endpoints {
         let l = &ep.limits;
         if let Some(idle) = l.idle_timeout
             && l.ping_interval.is_none_or(|p| p >= idle)
+            && let Some(idle_at) = ep.idle_at.as_ref().or(gw_idle.as_ref())
         {
+            let ping_at = match ep.ping_at.as_ref().or(gw_ping.as_ref()) {
+                None => ", the default".to_string(),
+                Some(o) if o.file == idle_at.file => format!(", line {}", o.line),
+                Some(o) => format!(", {}:{}", o.file.display(), o.line),
+            };
             let pings = match l.ping_interval {
-                Some(p) => format!("ping_interval ({p:?}) is not shorter"),
-                None => "ping_interval is off".to_string(),
+                Some(p) => format!("ping_interval ({p:?}{ping_at}) is not shorter"),
+                None => format!("ping_interval is off ({})", &ping_at[2..]),
             };
             warnings.push(format!(
-                "{}: endpoint {}: idle_timeout is {idle:?} and {pings}: a client that only listens sends nothing but Pongs, and is closed as idle; make ping_interval shorter than idle_timeout",
-                path.display(),
+                "{}:{}: {}: endpoint {}: idle_timeout is {idle:?} and {pings}: a client that only listens sends nothing but Pongs, and is closed as idle; make ping_interval shorter than idle_timeout",
+                idle_at.file.display(),
+                idle_at.line,
+                idle_at.field,
                 ep.paths.first().map(|p| p.as_str()).unwrap_or("?"),
             ));
         }

@@ -203,9 +203,11 @@ pub struct EndpointLimitsFile {
     /// Longest a connection may live.
     pub max_connection_duration: Option<DurationOrOff>,
     /// Longest a connection may stay silent.
-    pub idle_timeout: Option<DurationOrOff>,
+    #[schemars(with = "Option<DurationOrOff>")]
+    pub idle_timeout: Option<Spanned<DurationOrOff>>,
     /// Server WebSocket Ping interval.
-    pub ping_interval: Option<DurationOrOff>,
+    #[schemars(with = "Option<DurationOrOff>")]
+    pub ping_interval: Option<Spanned<DurationOrOff>>,
     /// How long a Pong may take.
     pub pong_timeout: Option<HumanDuration>,
     /// Shortest time between two writes of queued messages to one
@@ -530,10 +532,12 @@ pub struct LimitsFile {
     /// Longest a connection may live.
     pub max_connection_duration: Option<DurationOrOff>,
     /// Longest a connection may stay silent (no frame at all from the client).
-    pub idle_timeout: Option<DurationOrOff>,
-    /// Server WebSocket Ping interval (`off` to disable).
-    #[serde(default = "default_ping_interval")]
-    pub ping_interval: DurationOrOff,
+    #[schemars(with = "Option<DurationOrOff>")]
+    pub idle_timeout: Option<Spanned<DurationOrOff>>,
+    /// Server WebSocket Ping interval (`off` to disable; default 30s).
+    #[serde(default)]
+    #[schemars(with = "DurationOrOff")]
+    pub ping_interval: Option<Spanned<DurationOrOff>>,
     /// How long a Pong may take before the connection is closed.
     #[serde(default = "default_pong_timeout")]
     pub pong_timeout: HumanDuration,
@@ -541,9 +545,8 @@ pub struct LimitsFile {
     pub http_requests_per_ip: Option<Rate>,
 }
 
-fn default_ping_interval() -> DurationOrOff {
-    DurationOrOff(Some(Duration::from_secs(30)))
-}
+/// The server Ping interval when none is written.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 fn default_pong_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
@@ -564,7 +567,7 @@ impl Default for LimitsFile {
             on_inbound_limit: OnInboundLimit::Close,
             max_connection_duration: None,
             idle_timeout: None,
-            ping_interval: default_ping_interval(),
+            ping_interval: None,
             pong_timeout: default_pong_timeout(),
             http_requests_per_ip: None,
         }
