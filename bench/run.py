@@ -658,9 +658,22 @@ class Bare(Server):
     def check(self) -> None:
         if not os.access(self.binary(), os.X_OK):
             raise BenchError(f"{self.binary()} is missing: run `bench/run.py setup`")
+        # A binary older than its source may not know what it is asked
+        # (`--write-interval`) and would run unpaced, silently.
+        source = ROOT / "bench" / "loadgen" / "examples" / "bare_broadcast.rs"
+        if source.stat().st_mtime > self.binary().stat().st_mtime:
+            raise BenchError(f"{self.binary()} is older than {source.relative_to(ROOT)}: "
+                             "run `bench/run.py setup --only cargo`")
 
     def command(self) -> list:
-        return [self.binary(), str(self.port)]
+        # `--write-interval D` paces each of its clients as the gateway's
+        # `limits.write_interval` does: the floor of that setting.
+        interval = getattr(self.cfg, "write_interval", None)
+        return [self.binary(), str(self.port)] + ([interval] if interval else [])
+
+    def versions(self) -> dict:
+        interval = getattr(self.cfg, "write_interval", None)
+        return {"write_interval": interval} if interval else {}
 
 
 SERVER_CLASSES = {cls.name: cls for cls in (Gateway, Node, FastAPI, Nats, Bare)}
@@ -2607,7 +2620,8 @@ def main(argv=None) -> int:
     c.add_argument("--tag", help="file name prefix (default: today's date, + -quick)")
     c.add_argument("--linger", help="run the gateway's bench channel with this `linger` (e.g. 20ms)")
     c.add_argument("--write-interval",
-                   help="run the gateway with this `limits.write_interval` (e.g. 15ms)")
+                   help="run the gateway with this `limits.write_interval` (e.g. 15ms), "
+                        "and pace the bare loop's clients the same way")
     c.add_argument("--schema", type=Path,
                    help="run the gateway's bench channel with this JSON Schema file instead of "
                         "examples/bench/bench.schema.json (e.g. bench/accept-all.schema.json: validation off)")

@@ -5,6 +5,12 @@
 //!
 //! `cargo build --release -p loadgen --example bare_broadcast`, then
 //! `BENCH_RATE=1000 target/release/examples/bare_broadcast 9905`.
+//!
+//! A second argument (`15ms`) paces each client as the gateway's
+//! `limits.write_interval` does: after a write, the next waits until that
+//! long after it, and takes everything that arrived meanwhile; the first
+//! message after a quiet spell goes at once. It is the floor of that
+//! setting.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,6 +25,10 @@ async fn main() {
         .nth(1)
         .and_then(|p| p.parse().ok())
         .unwrap_or(9905);
+    let interval: Option<Duration> = std::env::args().nth(2).map(|d| {
+        humantime::parse_duration(&d)
+            .unwrap_or_else(|e| panic!("write interval {d:?}: {e} (write e.g. 15ms)"))
+    });
     // Fractions allowed (the idle runs use 0.001 msg/s).
     let rate: f64 = match std::env::var("BENCH_RATE") {
         Err(_) => 1000.0,
@@ -81,6 +91,9 @@ async fn main() {
                         }
                         if sink.flush().await.is_err() {
                             return;
+                        }
+                        if let Some(d) = interval {
+                            tokio::time::sleep(d).await;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
