@@ -124,6 +124,31 @@ fn empty_value_where_an_integer_is_expected() {
     );
 }
 
+/// A key written with nothing after it (or `~`) where text is expected: the
+/// error says so in the config's terms (serde's own message named Rust
+/// types), also for a key that has a default when it is not written.
+#[test]
+fn empty_value_where_a_duration_is_expected() {
+    let dep = deployment("limits:\n  ping_interval:\n  pong_timeout: ~\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:16: limits.ping_interval: expected a value, got an empty value",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+    let dep = deployment("limits:\n  pong_timeout: ~\n");
+    dep.write("specs/ticker.yaml", TICKER_SPEC);
+    assert_eq!(
+        errors(&dep),
+        [format!(
+            "{}:9:17: limits.pong_timeout: expected a value, got an empty value",
+            at(&dep, "gateway.yaml")
+        )]
+    );
+}
+
 #[test]
 fn list_where_a_single_value_is_expected() {
     let dep = deployment("log:\n  level: [info, debug]\n");

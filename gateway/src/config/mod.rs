@@ -784,6 +784,11 @@ fn friendlier_message(e: &serde_saphyr::Error, text: &str, line: u64, col: u64) 
             "boolean" => "true or false",
             _ => return None,
         },
+        // A duration, a name, a path: any text met `~` or nothing (where
+        // the parser puts an empty list item is not the value's place).
+        E::NullIntoString { .. } => {
+            return Some("expected a value, got an empty value".into());
+        }
         E::Unexpected { expected, .. } => match *expected {
             // Any scalar target (string, number, boolean) met a list or mapping.
             "string scalar" | "scalar" => "a single value",

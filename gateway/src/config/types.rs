@@ -535,7 +535,7 @@ pub struct LimitsFile {
     #[schemars(with = "Option<DurationOrOff>")]
     pub idle_timeout: Option<Spanned<DurationOrOff>>,
     /// Server WebSocket Ping interval (`off` to disable; default 30s).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "written")]
     #[schemars(with = "DurationOrOff")]
     pub ping_interval: Option<Spanned<DurationOrOff>>,
     /// How long a Pong may take before the connection is closed.
@@ -543,6 +543,13 @@ pub struct LimitsFile {
     pub pong_timeout: HumanDuration,
     /// HTTP route requests per client IP (refused with 429 and Retry-After).
     pub http_requests_per_ip: Option<Rate>,
+}
+
+/// A field with a default that, once written, must hold a value: `key: ~`
+/// or an empty value is that value's error, as before the field kept where
+/// it was written (not the default).
+fn written<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// The server Ping interval when none is written.
