@@ -390,23 +390,48 @@ async fn the_published_limits_are_enforced() {
             e.path.as_str()
         );
     }
-    // At most 10 connections per client IP; the 11th handshake is refused.
-    let mut held = Vec::new();
-    for _ in 0..10 {
-        held.push(
-            try_connect(chain, "/v1/events?api_key=test-key", &[])
+    // At most 10 connections per client IP on `addr`: ten are held (and
+    // returned), the 11th handshake is refused with 429.
+    async fn ten_then_refused(addr: std::net::SocketAddr, name: &str) -> Vec<Ws> {
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            held.push(
+                try_connect(addr, "/v1/events?api_key=test-key", &[])
+                    .await
+                    .unwrap_or_else(|e| panic!("{name}: within the per-IP limit: {e:?}")),
+            );
+        }
+        let (status, body) = try_connect(addr, "/v1/events?api_key=test-key", &[])
+            .await
+            .expect_err("the 11th connection is refused");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (429, Some("too_many_connections_per_ip")),
+            "{name}"
+        );
+        held
+    }
+    let mut held = ten_then_refused(chain, "chain").await;
+    // Each listener counts its own ten, as each of the reference's three
+    // servers does: the same client IP, at its limit on the chain listener,
+    // still gets ten on the market one and ten on the jobs one, each job
+    // its own path, and an 11th on neither.
+    let _market = ten_then_refused(gw.addr("market").unwrap(), "market").await;
+    let jobs = gw.addr("jobs").unwrap();
+    let job = |n: usize| format!("/v1/jobs/job-{n}/ws?api_key=test-key");
+    let mut job_streams = Vec::new();
+    for n in 0..10 {
+        job_streams.push(
+            try_connect(jobs, &job(n), &[])
                 .await
-                .expect("within the per-IP limit"),
+                .expect("the jobs listener counts its own connections"),
         );
     }
-    let (status, body) = try_connect(chain, "/v1/events?api_key=test-key", &[])
+    let (status, _) = try_connect(jobs, &job(10), &[])
         .await
-        .expect_err("the 11th connection is refused");
-    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (429, Some("too_many_connections_per_ip"))
-    );
+        .expect_err("the 11th job stream is refused");
+    assert_eq!(status, 429);
     // More than 100 messages a second terminate the connection.
     let mut chatty = held.pop().unwrap();
     for _ in 0..1000 {
