@@ -123,7 +123,7 @@ async fn next_of(ws: &mut Ws, ty: &str) -> Value {
 async fn configuration_matches_the_reference() {
     let cfg = load();
     assert_eq!(cfg.limits.max_connections, 1000);
-    assert_eq!(cfg.limits.max_message_size, 1000);
+    assert_eq!(cfg.limits.max_message_size, 1024);
     let mut names: Vec<&str> = cfg.channels.iter().map(|c| &*c.name).collect();
     names.sort();
     assert_eq!(names, ["alerts", "devices", "system", "telemetry"]);
@@ -801,9 +801,20 @@ async fn unsubscribe_errors_and_message_size() {
     assert_eq!(e["error"], "invalid_json");
     assert_schema(&control, "message", &e);
 
-    // Inbound messages are at most 1 KB: a larger one closes with 1009.
-    let big = json!({"type": "ping", "timestamp": "x".repeat(1000)});
-    send_json(&mut ws, &big).await;
+    // Inbound messages are at most 1 KB, read as 1024 bytes (a client
+    // counting either way fits): 1024 bytes are answered like a short
+    // message, 1025 close with 1009.
+    let ping = |n: usize| json!({"type": "ping", "timestamp": "x".repeat(n)});
+    send_json(&mut ws, &ping(1)).await;
+    let short = next_json(&mut ws).await;
+    let at_limit = ping(1024 - 30);
+    assert_eq!(at_limit.to_string().len(), 1024);
+    send_json(&mut ws, &at_limit).await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply["type"], short["type"], "{reply}");
+    let over = ping(1025 - 30);
+    assert_eq!(over.to_string().len(), 1025);
+    send_json(&mut ws, &over).await;
     assert_eq!(close_code(&mut ws).await, Some(1009));
 }
 
