@@ -317,11 +317,12 @@ async fn the_rest_api_answers_every_route() {
             "{method} {path}: {v}"
         );
     }
-    // A body over 10 MB (413) is answered as 400, as soon as its length is
-    // declared.
+    // A body over 10 MB, read as 10 MiB (413), is answered as 400 as soon as
+    // its length is declared.
     let mut tcp = tokio::net::TcpStream::connect(rest).await.unwrap();
     let head = format!(
-        "POST /sync/force HTTP/1.1\r\nHost: {rest}\r\nConnection: close\r\nContent-Length: 10000001\r\n\r\n{{\"sync_types\": [\""
+        "POST /sync/force HTTP/1.1\r\nHost: {rest}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{{\"sync_types\": [\"",
+        (10 << 20) + 1
     );
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tcp.write_all(head.as_bytes()).await.unwrap();
@@ -349,6 +350,14 @@ async fn the_published_limits_are_configured() {
     assert_eq!(ws.idle_timeout, Some(std::time::Duration::from_secs(60)));
     assert_eq!(ws.max_message_size, 1 << 20);
     assert_eq!(cfg.limits.max_connections, 1000);
+    // Bodies at most 10 MB, read as 10 MiB like the messages' 1 MB, so a
+    // client counting either way fits; only POST /sync/force takes one.
+    let force = cfg
+        .http
+        .iter()
+        .find(|h| h.path.as_str() == "/sync/force")
+        .expect("POST /sync/force");
+    assert_eq!(force.max_body, 10 << 20);
     assert!(
         cfg.http.iter().all(|h| h.per_ip.is_some()),
         "every HTTP route is rate-limited"
