@@ -1929,16 +1929,8 @@ pub fn compile_schema_json(
     // A misspelt keyword or format is not an error to a JSON Schema
     // validator (it is an annotation): the check it names silently does not
     // happen. Both are refused here.
-    let mut unknown = Vec::new();
-    unknown_keywords(&schema, "", &mut unknown);
-    if !unknown.is_empty() {
-        return Err(format!(
-            "schema {} uses {}: validation would ignore {}; correct {} (a custom annotation: prefix it with x-)",
-            file.display(),
-            unknown.join(", "),
-            if unknown.len() == 1 { "it" } else { "them" },
-            if unknown.len() == 1 { "it" } else { "them" },
-        ));
+    if let Some(uses) = misspelt(&schema, "") {
+        return Err(format!("schema {} {uses}", file.display()));
     }
     // The same for every schema file it refers to, and they to, by a
     // relative `$ref` ("common.json#/$defs/price").
@@ -2095,6 +2087,22 @@ fn unknown_keywords(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
     });
 }
 
+/// "uses unknown keyword `k` at /p, …: validation would ignore it; correct
+/// it (…)" for the unknown keywords of the schema `v` at `at`, if any.
+fn misspelt(v: &serde_json::Value, at: &str) -> Option<String> {
+    let mut unknown = Vec::new();
+    unknown_keywords(v, at, &mut unknown);
+    let it = match unknown.len() {
+        0 => return None,
+        1 => "it",
+        _ => "them",
+    };
+    Some(format!(
+        "uses {}: validation would ignore {it}; correct {it} (a custom annotation: prefix it with x-)",
+        unknown.join(", ")
+    ))
+}
+
 /// [`unknown_keywords`] for what `schema` (read from `file`) refers to by a
 /// `$ref` to another file (relative, or `file:`), and what that refers to in
 /// turn: the schema a `#/json/pointer` fragment points at (with what it
@@ -2126,7 +2134,8 @@ fn referenced_keywords(file: &Path, schema: &serde_json::Value) -> Result<(), St
     }
     let base = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     // Each file read: (real path, document).
-    let mut docs: Vec<(PathBuf, Value)> = vec![(base.clone(), schema.clone())];
+    let mut docs: Vec<(PathBuf, std::borrow::Cow<'_, Value>)> =
+        vec![(base.clone(), std::borrow::Cow::Borrowed(schema))];
     // Each schema checked: (real path, JSON Pointer in it); "" is the whole
     // file.
     let mut seen: Vec<(PathBuf, String)> = vec![(base.clone(), String::new())];
@@ -2194,7 +2203,7 @@ fn referenced_keywords(file: &Path, schema: &serde_json::Value) -> Result<(), St
                 let Ok(doc) = serde_json::from_slice::<Value>(&text) else {
                     continue;
                 };
-                docs.push((real.clone(), doc));
+                docs.push((real.clone(), std::borrow::Cow::Owned(doc)));
             }
             let Some((_, doc)) = docs.iter().find(|(p, _)| *p == real) else {
                 continue;
@@ -2211,16 +2220,11 @@ fn referenced_keywords(file: &Path, schema: &serde_json::Value) -> Result<(), St
                     path.display()
                 )
             };
-            let mut unknown = Vec::new();
-            unknown_keywords(schema, &fragment, &mut unknown);
-            if !unknown.is_empty() {
+            if let Some(uses) = misspelt(schema, &fragment) {
                 return Err(format!(
-                    "schema {}{step}: {} uses {}: validation would ignore {}; correct {} (a custom annotation: prefix it with x-)",
+                    "schema {}{step}: {} {uses}",
                     file.display(),
-                    path.display(),
-                    unknown.join(", "),
-                    if unknown.len() == 1 { "it" } else { "them" },
-                    if unknown.len() == 1 { "it" } else { "them" },
+                    path.display()
                 ));
             }
             todo.push((path, real, fragment, step));
