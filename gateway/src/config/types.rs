@@ -36,11 +36,14 @@ impl<'de> Deserialize<'de> for HumanDuration {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DurationOrOff(pub Option<Duration>);
 
+/// The words that turn a duration setting off.
+const OFF: [&str; 3] = ["off", "none", "never"];
+
 impl<'de> Deserialize<'de> for DurationOrOff {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         let t = s.trim();
-        if matches!(t, "off" | "none" | "never") {
+        if OFF.contains(&t) {
             return Ok(DurationOrOff(None));
         }
         match humantime::parse_duration(t) {
@@ -63,7 +66,7 @@ impl<'de> Deserialize<'de> for WriteInterval {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         let t = s.trim();
-        if matches!(t, "off" | "none" | "never") {
+        if OFF.contains(&t) {
             return Ok(WriteInterval(None));
         }
         let fix = "10ms to 20ms saves most of the CPU it can";
@@ -1278,7 +1281,7 @@ impl JsonSchema for DurationOrOff {
             "description": "A duration with a unit (30s, 1m, 24h), or `off`.",
             "anyOf": [
                 {"type": "string", "pattern": DURATION_PATTERN},
-                {"type": "string", "enum": ["off", "none", "never"]},
+                {"type": "string", "enum": OFF},
             ],
         })
     }
@@ -1293,7 +1296,7 @@ impl JsonSchema for WriteInterval {
             "description": "A duration with a unit of at most 1s (15ms), or `off`.",
             "anyOf": [
                 {"type": "string", "pattern": DURATION_PATTERN},
-                {"type": "string", "enum": ["off", "none", "never"]},
+                {"type": "string", "enum": OFF},
             ],
         })
     }
