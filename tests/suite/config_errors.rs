@@ -21,6 +21,11 @@ endpoints:
   - path: /ws/ticker
 ";
 
+/// A push channel on the `ticker` plugin validated by `schemas/main.json`
+/// (written by the test).
+const TICKER_ON_MAIN_JSON: &str =
+    "channel: ticker\nschema: schemas/main.json\nsource:\n  plugin: ticker\n  mode: push\n";
+
 /// A deployment with the harness gateway.yaml (plus `extra`) and the ticker schema.
 fn deployment(extra: &str) -> Deployment {
     let dep = Deployment::new();
@@ -466,10 +471,7 @@ fn a_misspelt_keyword_in_a_file_a_schema_refers_to_is_refused() {
         )
     };
     dep.write("specs/schemas/api.json", &api(r#""maxLength""#));
-    dep.write(
-        "specs/ticker.yaml",
-        "channel: ticker\nschema: schemas/main.json\nsource:\n  plugin: ticker\n  mode: push\n",
-    );
+    dep.write("specs/ticker.yaml", TICKER_ON_MAIN_JSON);
     let main = at(&dep, "specs/schemas/main.json");
     let spec = at(&dep, "specs/ticker.yaml");
     let money = format!("{}/units/money.json", at(&dep, "specs/schemas"));
@@ -494,10 +496,9 @@ fn a_misspelt_keyword_in_a_file_a_schema_refers_to_is_refused() {
         )]
     );
     dep.write("specs/schemas/api.json", &api(r#""maxLength""#));
-    let cfg = match config::load(&dep.path("gateway.yaml"), &LoadOptions::default()) {
-        Ok(cfg) => cfg,
-        Err(e) => panic!("the corrected schemas should load: {e}"),
-    };
+    let cfg = dep
+        .load()
+        .unwrap_or_else(|e| panic!("the corrected schemas should load: {e}"));
     // The `$ref`s resolve: the other files' `minimum` and `maxLength` are
     // checked.
     let v = &cfg.channels[0].validator;
@@ -521,10 +522,7 @@ fn a_misspelt_keyword_in_a_file_a_file_uri_refers_to_is_refused() {
             "specs/schemas/main.json",
             &format!(r#"{{"type": "object", "properties": {{"a": {{"$ref": "{uri}"}}}}}}"#),
         );
-        dep.write(
-            "specs/ticker.yaml",
-            "channel: ticker\nschema: schemas/main.json\nsource:\n  plugin: ticker\n  mode: push\n",
-        );
+        dep.write("specs/ticker.yaml", TICKER_ON_MAIN_JSON);
         assert_eq!(
             errors(&dep),
             [format!(
@@ -557,10 +555,7 @@ fn a_ref_through_a_symlinked_directory_is_followed_as_the_validator_does() {
         "specs/schemas/units.json",
         r#"{"type": "integer", "minimun": 1}"#,
     );
-    dep.write(
-        "specs/ticker.yaml",
-        "channel: ticker\nschema: schemas/main.json\nsource:\n  plugin: ticker\n  mode: push\n",
-    );
+    dep.write("specs/ticker.yaml", TICKER_ON_MAIN_JSON);
     let errs = errors(&dep);
     assert!(
         errs.len() == 1
@@ -574,10 +569,9 @@ fn a_ref_through_a_symlinked_directory_is_followed_as_the_validator_does() {
         "specs/schemas/units.json",
         r#"{"type": "integer", "minimum": 1}"#,
     );
-    let cfg = match config::load(&dep.path("gateway.yaml"), &LoadOptions::default()) {
-        Ok(cfg) => cfg,
-        Err(e) => panic!("the corrected schemas should load: {e}"),
-    };
+    let cfg = dep
+        .load()
+        .unwrap_or_else(|e| panic!("the corrected schemas should load: {e}"));
     let v = &cfg.channels[0].validator;
     assert!(v.is_valid(&serde_json::json!({"a": 1})));
     assert!(!v.is_valid(&serde_json::json!({"a": 0})));
@@ -599,14 +593,10 @@ fn the_ref_check_follows_only_what_the_validator_reads_from_files() {
         r#"{"$id": "https://example.com/with-id.json", "type": "integer", "not": {"$ref": "typo.json"}, "examples": [{"$ref": "typo.json"}], "$defs": {"embedded": {"$id": "typo.json", "minimum": 100}}}"#,
     );
     dep.write("specs/schemas/typo.json", r#"{"minimun": 1}"#);
-    dep.write(
-        "specs/ticker.yaml",
-        "channel: ticker\nschema: schemas/main.json\nsource:\n  plugin: ticker\n  mode: push\n",
-    );
-    let cfg = match config::load(&dep.path("gateway.yaml"), &LoadOptions::default()) {
-        Ok(cfg) => cfg,
-        Err(e) => panic!("nothing refers to the file typo.json as a schema: {e}"),
-    };
+    dep.write("specs/ticker.yaml", TICKER_ON_MAIN_JSON);
+    let cfg = dep
+        .load()
+        .unwrap_or_else(|e| panic!("nothing refers to the file typo.json as a schema: {e}"));
     // `with-id.json`'s `typo.json` is the schema embedded in it.
     let v = &cfg.channels[0].validator;
     assert!(v.is_valid(&serde_json::json!({"a": 99})));
